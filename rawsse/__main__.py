@@ -1,0 +1,5 @@
+"""``python -m rawsse`` → the same entry point as the ``rawsse`` console script."""
+
+from .cli import main
+
+raise SystemExit(main())

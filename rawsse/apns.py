@@ -1,0 +1,80 @@
+"""Facts of Apple's provider API that rawsse reproduces: reasons, statuses, push types, limits.
+
+Sources: Apple "Handling notification responses from APNs" (status/reason table) and "Sending
+notification requests to APNs" (headers, payload limits); sideshow/apns2 ``response.go`` carries
+the same table. See ``shared/reference/apns-and-sse.md`` §A.
+"""
+
+from __future__ import annotations
+
+# reason -> HTTP status, Apple's table (A.6).
+REASON_STATUS: dict[str, int] = {
+    "BadCollapseId": 400,
+    "BadDeviceToken": 400,
+    "BadExpirationDate": 400,
+    "BadMessageId": 400,
+    "BadPriority": 400,
+    "BadTopic": 400,
+    "DeviceTokenNotForTopic": 400,
+    "DuplicateHeaders": 400,
+    "IdleTimeout": 400,
+    "InvalidPushType": 400,
+    "MissingDeviceToken": 400,
+    "MissingTopic": 400,
+    "PayloadEmpty": 400,
+    "TopicDisallowed": 400,
+    "BadCertificate": 403,
+    "BadCertificateEnvironment": 403,
+    "ExpiredProviderToken": 403,
+    "Forbidden": 403,
+    "InvalidProviderToken": 403,
+    "MissingProviderToken": 403,
+    "UnrelatedKeyIdInToken": 403,
+    "BadEnvironmentKeyIdInToken": 403,
+    "BadPath": 404,
+    "MethodNotAllowed": 405,
+    "ExpiredToken": 410,
+    "Unregistered": 410,
+    "PayloadTooLarge": 413,
+    "TooManyProviderTokenUpdates": 429,
+    "TooManyRequests": 429,
+    "InternalServerError": 500,
+    "ServiceUnavailable": 503,
+    "Shutdown": 503,
+}
+
+# The reason used when a fault rule names only a status.
+DEFAULT_REASON: dict[int, str] = {
+    400: "BadDeviceToken",
+    403: "Forbidden",
+    404: "BadPath",
+    405: "MethodNotAllowed",
+    410: "Unregistered",
+    413: "PayloadTooLarge",
+    429: "TooManyRequests",
+    500: "InternalServerError",
+    503: "ServiceUnavailable",
+}
+
+# apns-push-type values Apple accepts (A.4), including the iOS 18 widgets/controls types.
+PUSH_TYPES = frozenset({
+    b"alert", b"background", b"location", b"voip", b"complication", b"fileprovider", b"mdm",
+    b"liveactivity", b"pushtotalk", b"widgets", b"controls",
+})
+
+PRIORITIES = frozenset({b"1", b"5", b"10"})
+
+# Payload limits (A.2): 4 KB for every type but VoIP, 5 KB for VoIP.
+MAX_PAYLOAD = 4096
+MAX_PAYLOAD_VOIP = 5120
+MAX_COLLAPSE_ID = 64
+# APNs stores a notification for at most 30 days (A.11).
+MAX_STORAGE_SECONDS = 30 * 24 * 3600
+# Apple's tokens are 32 bytes; --strict-tokens enforces it (Fleet's test tokens are shorter).
+STRICT_TOKEN_BYTES = 32
+
+# The apns-* request headers; a repeated one is DuplicateHeaders (A.3).
+APNS_HEADERS = frozenset({
+    b"apns-id", b"apns-push-type", b"apns-expiration", b"apns-priority", b"apns-topic",
+    b"apns-collapse-id", b"authorization",
+})

@@ -1,0 +1,59 @@
+"""Command line: ``rawsse serve | devices | push | tune``. Parses flags into config; no logic.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+this file only wires them together and turns ``ConfigError`` into a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .config import ConfigError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("rawsse.serve", "run the push simulator (APNs push API + SSE device streams)"),
+    "devices": ("rawsse.devices", "hold N simulated device streams and report what they receive"),
+    "push": ("rawsse.driver", "send pushes like Fleet does (or broadcasts) and report statuses"),
+    "tune": ("rawsse.tune", "check (or apply) the kernel and limit settings N connections need"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rawsse",
+        description="APNs-compatible push simulator: senders POST to /3/device/<token> as to "
+                    "api.push.apple.com; simulated devices receive each push on an SSE stream.",
+    )
+    parser.add_argument("--version", action="version", version=f"rawsse {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=help_text,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=getattr(module, "EPILOG", None))
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except ConfigError as exc:
+        print(f"rawsse {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

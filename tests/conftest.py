@@ -1,0 +1,110 @@
+"""Fixtures shared by every test: real ``rawsse serve`` processes on reserved loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Iterator
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reserve_port(host: str = "127.0.0.1") -> tuple[socket.socket, int]:
+    """Hold a free port: a SO_REUSEPORT socket bound but not listening takes no connections,
+    while the server's own SO_REUSEPORT listeners can still bind it (no free-port race)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock, sock.getsockname()[1]
+
+
+class Server:
+    """A ``rawsse serve`` subprocess in its own session; ``stop()`` ends it by PID."""
+
+    def __init__(self, args: list[str], port: int, host: str = "127.0.0.1",
+                 admin_port: int | None = None, env: dict[str, str] | None = None) -> None:
+        self.host, self.port, self.admin_port = host, port, admin_port
+        self.args = args
+        self.log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rawsse-test-{port}.log")
+        self._log = open(self.log_path, "wb")
+        full_env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rawsse", "serve", "--listen", f"{host}:{port}", *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.host}:{self.admin_port or self.port}"
+
+    def wait_ready(self, timeout: float = 15.0) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.admin_url + "/healthz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self._log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server() -> Iterator:
+    """``start_server(*flags, admin=False)`` → a ready ``Server``; all are stopped at teardown."""
+    started: list[tuple[Server, list[socket.socket]]] = []
+
+    def start(*args: str, admin: bool = False, env: dict[str, str] | None = None,
+              ready: bool = True) -> Server:
+        holders = []
+        holder, port = reserve_port()
+        holders.append(holder)
+        flags = list(args)
+        admin_port = None
+        if admin:
+            admin_holder, admin_port = reserve_port()
+            holders.append(admin_holder)
+            flags += ["--admin-listen", f"127.0.0.1:{admin_port}"]
+        server = Server(flags, port, admin_port=admin_port, env=env)
+        started.append((server, holders))
+        return server.wait_ready() if ready else server
+
+    yield start
+    for server, holders in started:
+        server.stop()
+        for holder in holders:
+            holder.close()
