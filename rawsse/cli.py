@@ -22,7 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the ``selected`` subcommand's module is imported (fast start, and one
+    command's imports never break another)."""
     parser = argparse.ArgumentParser(
         prog="rawsse",
         description="APNs-compatible push simulator: senders POST to /3/device/<token> as to "
@@ -31,17 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rawsse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(module_name) if name == selected else None
         command = sub.add_parser(name, help=help_text, description=help_text,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=getattr(module, "EPILOG", None))
-        module.add_arguments(command)
-        command.set_defaults(run=module.run)
+        if module is not None:
+            module.add_arguments(command)
+            command.set_defaults(run=module.run)
     return parser
 
 
+def _selected_command(argv: list[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_selected_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()

@@ -117,6 +117,8 @@ def parse_fault(text: str, flag: str = "--fault") -> FaultRule:
     if not 0.0 <= percent <= 100.0 or math.isnan(percent):
         raise ConfigError(flag, f"{text!r}: the percentage must be between 0 and 100")
     status_text, reason = parts[1], parts[2] if len(parts) == 3 else ""
+    if not status_text and not reason:
+        raise ConfigError(flag, f"{text!r}: name a status or a reason, e.g. 5%:503:ServiceUnavailable")
     if not status_text.isdigit():  # "5%:TooManyRequests": status from the reason
         reason, status_text = status_text, ""
     if reason and reason not in apns.REASON_STATUS:

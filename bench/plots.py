@@ -1,0 +1,92 @@
+"""PNG plots of a bench result: memory vs connections with the fitted slope, and latency CDFs.
+
+Imported only after matplotlib was found (``report.write_plots``), so the bench runs without it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+MB = 1024 * 1024
+
+
+def draw(plt: Any, result: dict[str, Any], out_dir: str, stem: str) -> dict[str, str]:
+    paths = {}
+    variants = result.get("variants", {})
+    if any(v.get("memory", {}).get("samples") for v in variants.values()):
+        paths["memory_png"] = memory_plot(plt, variants, os.path.join(out_dir, stem + "-memory.png"))
+    if any(latency_points(v.get("fanout", {})) for v in variants.values()):
+        paths["latency_png"] = latency_plot(plt, variants,
+                                            os.path.join(out_dir, stem + "-latency.png"))
+    return paths
+
+
+def memory_plot(plt: Any, variants: dict[str, Any], path: str) -> str:
+    """Left: server USS (sum over workers); right: kernel socket caches, both vs streams held."""
+    fig, (user_ax, kernel_ax) = plt.subplots(1, 2, figsize=(12, 5))
+    for name, variant in variants.items():
+        memory = variant.get("memory", {})
+        samples = memory.get("samples", [])
+        if not samples:
+            continue
+        xs = [s["connections"] for s in samples]
+        uss = [s["process"]["uss"] / MB for s in samples]
+        uss_fit = memory["slopes"]["uss"]
+        line = user_ax.plot(xs, uss, "o", label=None)[0]
+        user_ax.plot(xs, [(uss_fit["intercept_bytes"] + uss_fit["bytes_per_conn"] * x) / MB
+                          for x in xs], "-", color=line.get_color(),
+                     label=f"{name}: {uss_fit['bytes_per_conn']:,.0f} B/stream")
+        first = samples[0]["kernel"]["caches"]
+        kernel = [sum(s["kernel"]["caches"].values()) - sum(first.values()) for s in samples]
+        kernel_ax.plot(xs, [k / 2 / MB for k in kernel], "o-", color=line.get_color(),
+                       label=f"{name}: {memory['slopes']['socket_caches_total']:,.0f} B/socket")
+    user_ax.set(title="Server user memory (USS, all processes)", xlabel="streams held",
+                ylabel="MiB")
+    kernel_ax.set(title="Kernel socket caches, server half (delta from first level)",
+                  xlabel="streams held", ylabel="MiB")
+    for ax in (user_ax, kernel_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def latency_points(fanout: dict[str, Any]) -> list[tuple[float, float]]:
+    """(latency ms, cumulative fraction) points: from the merged histogram when the devices report
+    has one, else the reported percentiles (p50, p90, p99, max) alone."""
+    hist = fanout.get("histogram")
+    if isinstance(hist, dict) and hist.get("buckets"):
+        from rawsse.stamp import LatencyHistogram
+        histogram = LatencyHistogram.from_dict(hist)
+        total, seen, points = histogram.count, 0, []
+        for index in sorted(histogram.buckets):
+            seen += histogram.buckets[index]
+            upper_ms = histogram.GROWTH ** (index + 1) / 1000.0
+            points.append((min(upper_ms, histogram.max_ms), seen / total))
+        return points
+    latency = fanout.get("latency_ms") or {}
+    if not latency.get("count"):
+        return []
+    return [(latency[k], q) for k, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
+            if k in latency]
+
+
+def latency_plot(plt: Any, variants: dict[str, Any], path: str) -> str:
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, variant in variants.items():
+        points = latency_points(variant.get("fanout", {}))
+        if points:
+            streams = variant["fanout"].get("streams", 0)
+            ax.step([p[0] for p in points], [p[1] for p in points], where="post",
+                    label=f"{name} ({streams:,} streams)")
+    ax.set(title="Broadcast fan-out latency CDF (send stamp → device receipt)",
+           xlabel="latency (ms)", ylabel="fraction of events", xscale="log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,153 @@
+"""Turning a bench result into the one table, the JSON file and the PNG plots.
+
+The table has one column per server variant and one row per figure; a figure a variant did not
+measure shows "—". Plots need matplotlib (the ``[bench]`` extra); without it they are skipped with
+one line saying so, and the table and JSON are still written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+Result = dict[str, Any]
+
+
+def dig(data: Any, *path: str) -> Any:
+    """``data[path[0]][path[1]]...`` or None when any step is missing."""
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def fmt_bytes(value: Any) -> str:
+    return "—" if value is None else f"{value:,.0f} B"
+
+
+def fmt_ms(value: Any) -> str:
+    return "—" if value is None else f"{value:,.1f} ms"
+
+
+def fmt_rate(value: Any) -> str:
+    return "—" if value is None else f"{value:,.0f}/s"
+
+
+def fmt_us(value: Any) -> str:
+    return "—" if value is None else f"{value:,.1f} µs"
+
+
+def fmt_count(value: Any) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def fmt_latency(latency: Any) -> str:
+    if not isinstance(latency, dict) or not latency.get("count"):
+        return "—"
+    return f"{latency['p50']:.1f} / {latency['p99']:.1f} / {latency['max']:.1f} ms"
+
+
+def fmt_delivery(got: Any, expected: Any) -> str:
+    if got is None or expected is None:
+        return "—"
+    return f"{got:,} / {expected:,}"
+
+
+def total_per_stream(variant: Result) -> float | None:
+    uss = dig(variant, "memory", "slopes", "uss", "bytes_per_conn")
+    kernel = dig(variant, "memory", "slopes", "socket_caches_total")
+    return None if uss is None or kernel is None else uss + kernel
+
+
+# (row label, how to render it from one variant's result)
+ROWS: list[tuple[str, Callable[[Result], str]]] = [
+    ("Streams held (top level)", lambda v: fmt_count(dig(v, "memory", "top_connections"))),
+    ("Levels sampled", lambda v: ", ".join(f"{n:,}" for n in dig(v, "memory", "levels") or []) or "—"),
+    ("User memory / stream, RSS slope",
+     lambda v: fmt_bytes(dig(v, "memory", "slopes", "rss", "bytes_per_conn"))),
+    ("User memory / stream, USS slope (sum over workers)",
+     lambda v: fmt_bytes(dig(v, "memory", "slopes", "uss", "bytes_per_conn"))),
+    ("Kernel / server socket, slab socket caches",
+     lambda v: fmt_bytes(dig(v, "memory", "slopes", "socket_caches_total"))),
+    ("Kernel / server socket, /proc/meminfo Slab",
+     lambda v: fmt_bytes(dig(v, "memory", "slopes", "slab_total", "bytes_per_conn"))),
+    ("Kernel / server socket, sockstat mem (idle)",
+     lambda v: fmt_bytes(dig(v, "memory", "slopes", "sockstat_mem", "bytes_per_conn"))),
+    ("Total / stream (USS + socket caches)", lambda v: fmt_bytes(total_per_stream(v))),
+    ("Broadcast fan-out p50 / p99 / max", lambda v: fmt_latency(dig(v, "fanout", "latency_ms"))),
+    ("Broadcast events received / expected",
+     lambda v: fmt_delivery(dig(v, "fanout", "events"), dig(v, "fanout", "expected_events"))),
+    ("Broadcast: server answer time (mean)", lambda v: fmt_ms(dig(v, "fanout", "answer_ms_mean"))),
+    ("Targeted push, 5 keep-alive senders", lambda v: fmt_rate(dig(v, "targeted", "keepalive", "per_second"))),
+    ("Server CPU / push, 5 keep-alive senders", lambda v: fmt_us(dig(v, "targeted", "keepalive", "cpu_us_per_push"))),
+    ("Targeted push, pipelined", lambda v: fmt_rate(dig(v, "targeted", "pipelined", "per_second"))),
+    ("Server CPU / push, pipelined", lambda v: fmt_us(dig(v, "targeted", "pipelined", "cpu_us_per_push"))),
+    ("Targeted events received / accepted",
+     lambda v: fmt_delivery(dig(v, "targeted", "events"), dig(v, "targeted", "accepted"))),
+    ("Connect rate (unpaced)", lambda v: fmt_rate(dig(v, "targeted", "connect_rate_per_s"))),
+]
+
+
+def markdown_table(result: Result) -> str:
+    variants: dict[str, Result] = result.get("variants", {})
+    names = list(variants)
+    lines = ["| Figure | " + " | ".join(names) + " |",
+             "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    for label, render in ROWS:
+        lines.append(f"| {label} | " + " | ".join(render(variants[n]) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def headline(result: Result) -> str:
+    """The issue-2 figures, one line each, from the 1-worker rawsse variant at the 18k plan."""
+    lines = []
+    for name, variant in result.get("variants", {}).items():
+        if variant.get("kind") != "rawsse" or variant.get("workers") != 1:
+            continue
+        levels = dig(variant, "memory", "levels") or []
+        span = f"{levels[0]:,}–{levels[-1]:,}" if levels else "?"
+        lines.append(f"{name}: RSS slope {span} streams = "
+                     f"{fmt_bytes(dig(variant, 'memory', 'slopes', 'rss', 'bytes_per_conn'))}/stream "
+                     f"(target ≤ 400 B); broadcast to {fmt_count(dig(variant, 'fanout', 'streams'))} "
+                     f"streams p99 = {fmt_ms(dig(variant, 'fanout', 'latency_ms', 'p99'))} "
+                     f"(target ≤ 75 ms); CPU per targeted push, 5 keep-alive senders = "
+                     f"{fmt_us(dig(variant, 'targeted', 'keepalive', 'cpu_us_per_push'))} "
+                     f"(target ≤ 15 µs)")
+    return "\n".join(lines)
+
+
+def write_outputs(result: Result, out_dir: str, stem: str) -> dict[str, str]:
+    """JSON + markdown (+ PNGs when matplotlib is there). Returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, stem + ".json"),
+             "markdown": os.path.join(out_dir, stem + ".md")}
+    table = markdown_table(result)
+    result["table_markdown"] = table
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    with open(paths["markdown"], "w") as f:
+        f.write(f"# rawsse bench: {stem}\n\n{describe_run(result)}\n\n{table}\n\n"
+                f"{headline(result)}\n")
+    paths.update(write_plots(result, out_dir, stem))
+    return paths
+
+
+def describe_run(result: Result) -> str:
+    meta = result.get("meta", {})
+    return (f"Plan `{meta.get('plan')}`, {meta.get('started')}, kernel {meta.get('kernel')}, "
+            f"Python {meta.get('python')}, {meta.get('cpus')} CPUs, fd hard limit "
+            f"{meta.get('fd_hard_limit')}. Command: `{meta.get('command')}`")
+
+
+def write_plots(result: Result, out_dir: str, stem: str) -> dict[str, str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
+        return {}
+    from . import plots
+    return plots.draw(plt, result, out_dir, stem)

@@ -1,0 +1,212 @@
+"""One server variant through the bench's three phases, each bounded in count and time.
+
+1. Memory: one ``rawsse devices`` run ramps up to the top level at a fixed rate; each time the
+   server holds the next level, the devices are paused (SIGSTOP) so nothing is in flight, the
+   server and kernel are sampled, and the devices resume. Slopes are fitted over the levels.
+2. Fan-out: with the top level still connected, ``broadcasts`` stamped ``POST /broadcast`` requests
+   (apns-id from ``rawsse.stamp``, so devices measure send→receipt); then the devices stop and
+   their report gives the latency percentiles and the events received. Nothing else is sent to
+   these devices, so their latency figures are the broadcast's alone.
+3. Targeted: a second devices run connects unpaced (the connect rate), then ``rawsse push`` sends
+   targeted pushes with 5 keep-alive senders and then pipelined; server CPU per push is the
+   server processes' user+system CPU delta divided by the pushes accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import time
+import urllib.request
+from typing import Any
+
+from . import load, memory, procs
+
+PUSH_BODY = b'{"mdm":"bench"}'
+
+
+@dataclasses.dataclass
+class VariantSpec:
+    """What to run: a server kind and worker count, its memory levels, and which phases."""
+
+    name: str
+    kind: str  # "rawsse" | "baseline"
+    workers: int
+    levels: list[int]
+    fanout: bool = True
+    targeted: bool = True
+
+
+@dataclasses.dataclass
+class PhaseSettings:
+    """Sizes and pacing shared by every variant of a plan."""
+
+    ramp: float  # connections per second while stepping through memory levels
+    broadcasts: int
+    broadcast_gap: float  # seconds between broadcasts (devices drain the previous one)
+    targeted_devices: int
+    targeted_pushes: int
+    pipeline: int
+    senders: int = 5
+
+
+def run_variant(spec: VariantSpec, settings: PhaseSettings, log_dir: str) -> dict[str, Any]:
+    """Start the server, run the phases, stop everything this started. Errors are recorded in the
+    result (and the phases after them skipped) so one broken variant does not lose the others."""
+    result: dict[str, Any] = {"kind": spec.kind, "workers": spec.workers}
+    holder, port = procs.reserve_port()
+    server = procs.Server(spec.kind, spec.workers, "127.0.0.1", port, log_dir)
+    started = time.monotonic()
+    try:
+        server.wait_ready()
+        result["memory"], devices = memory_phase(server, spec, settings, log_dir)
+        try:
+            if spec.fanout:
+                result["fanout"] = fanout_phase(server, settings, result["memory"]["top_connections"])
+        finally:
+            result["memory"]["devices_report"] = stop_devices(devices)
+        if spec.fanout:
+            attach_device_report(result["fanout"], result["memory"]["devices_report"])
+        if spec.targeted:
+            result["targeted"] = targeted_phase(server, spec, settings, log_dir)
+    except Exception as exc:  # recorded, shown under the table; the other variants still run
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["server_log_tail"] = server.output_tail(1500)
+    finally:
+        server.stop()
+        holder.close()
+    result["duration_s"] = round(time.monotonic() - started, 2)
+    return result
+
+
+# ---- phase 1: memory levels ----
+
+def memory_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSettings,
+                 log_dir: str) -> tuple[dict[str, Any], procs.Child]:
+    time.sleep(0.3)  # workers finish importing before the idle baseline is read
+    base_fds = memory.open_fds(server.pid)
+    idle = memory.sample(server.pid, 0)
+    top = spec.levels[-1]
+    ramp_seconds = top / settings.ramp
+    report = f"{log_dir}/{spec.name}-memory-devices.json"
+    duration = ramp_seconds * 3 + settings.broadcasts * (settings.broadcast_gap + 1) + 120
+    devices = procs.Child(f"{spec.name}-memory-devices",
+                          load.devices_argv(server.url, top, report, duration, ramp=settings.ramp),
+                          log_dir, report_path=report)
+    samples = []
+    try:
+        for level in spec.levels:
+            held = load.wait_for_connections(server.pid, base_fds, level,
+                                             timeout=ramp_seconds * 2 + 30, alive=devices.running)
+            devices.pause()
+            try:
+                held = load.wait_settled(server.pid, base_fds)
+                samples.append(memory.sample(server.pid, held))
+            finally:
+                devices.resume()
+            if held < level * 0.98:  # stalled: the fit would extrapolate beyond what was held
+                break
+    except BaseException:
+        stop_devices(devices)
+        raise
+    return {"levels": [s.connections for s in samples], "top_connections": samples[-1].connections
+            if samples else 0, "idle": idle.as_dict(), "samples": [s.as_dict() for s in samples],
+            "slopes": memory.slopes(samples), "server_stats": server_stats(server)}, devices
+
+
+def stop_devices(devices: procs.Child) -> dict[str, Any]:
+    """SIGINT ends a devices run early; it writes its report on the way out."""
+    devices.stop(signal.SIGINT, timeout=30)
+    return devices.report()
+
+
+# ---- phase 2: broadcast fan-out ----
+
+def fanout_phase(server: procs.Server, settings: PhaseSettings, streams: int) -> dict[str, Any]:
+    from rawsse.stamp import new_stamped_id
+    answers = []
+    for _ in range(settings.broadcasts):
+        apns_id = new_stamped_id()
+        started = time.perf_counter()
+        request = urllib.request.Request(server.url + "/broadcast", data=PUSH_BODY, method="POST",
+                                         headers={"apns-id": apns_id})
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            body = json.loads(resp.read())
+        answers.append({"apns_id": apns_id, "streams": int(body.get("streams", 0)),
+                        "answer_ms": (time.perf_counter() - started) * 1000})
+        time.sleep(settings.broadcast_gap)
+    return {"streams": streams, "broadcasts": len(answers), "answers": answers,
+            "expected_events": sum(a["streams"] for a in answers),
+            "answer_ms_mean": sum(a["answer_ms"] for a in answers) / max(1, len(answers))}
+
+
+def attach_device_report(fanout: dict[str, Any], report: dict[str, Any]) -> None:
+    latency = report.get("latency_ms") or {}
+    fanout["events"] = report.get("events")
+    fanout["duplicates"] = report.get("duplicates")
+    fanout["latency_ms"] = {k: latency[k] for k in ("count", "p50", "p90", "p99", "max")
+                            if k in latency}
+    hist = latency.get("histogram") or report.get("latency_histogram")
+    if hist:
+        fanout["histogram"] = hist
+
+
+# ---- phase 3: targeted pushes ----
+
+def targeted_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSettings,
+                   log_dir: str) -> dict[str, Any]:
+    count = min(settings.targeted_devices, spec.levels[-1])
+    base_fds = memory.open_fds(server.pid)
+    report = f"{log_dir}/{spec.name}-targeted-devices.json"
+    pushes_time = 2 * (settings.targeted_pushes / 1000 + 30)
+    devices = procs.Child(f"{spec.name}-targeted-devices",
+                          load.devices_argv(server.url, count, report, duration=pushes_time + 120),
+                          log_dir, report_path=report)
+    result: dict[str, Any] = {"devices": count}
+    try:
+        started = time.monotonic()
+        held = load.wait_for_connections(server.pid, base_fds, count, timeout=120,
+                                         alive=devices.running)
+        result["connected"] = held
+        result["connect_rate_per_s_server"] = held / max(1e-6, time.monotonic() - started)
+        load.wait_settled(server.pid, base_fds)
+        result["keepalive"] = push_run(server, spec, settings, count, 1, log_dir)
+        result["pipelined"] = push_run(server, spec, settings, count, settings.pipeline, log_dir)
+        time.sleep(1.0)  # the last events reach the devices before they stop
+    finally:
+        device_report = stop_devices(devices)
+    result["devices_report"] = device_report
+    result["events"] = device_report.get("events")
+    result["accepted"] = sum((result.get(m) or {}).get("accepted") or 0
+                             for m in ("keepalive", "pipelined"))
+    result["connect_rate_per_s"] = device_report.get("connect_rate_per_s",
+                                                     result["connect_rate_per_s_server"])
+    return result
+
+
+def push_run(server: procs.Server, spec: VariantSpec, settings: PhaseSettings, tokens: int,
+             pipeline: int, log_dir: str) -> dict[str, Any]:
+    """One ``rawsse push`` run; CPU per push from the server's CPU time delta."""
+    report = f"{log_dir}/{spec.name}-push-p{pipeline}.json"
+    argv = load.push_argv(server.url, settings.targeted_pushes, tokens, report,
+                          senders=settings.senders, pipeline=pipeline, duration=60)
+    cpu_before = memory.cpu_seconds(server.pid)
+    code, output = procs.run_to_end(f"{spec.name}-push-p{pipeline}", argv, log_dir, timeout=90)
+    cpu = memory.cpu_seconds(server.pid) - cpu_before
+    push_report = procs.read_report(report)
+    accepted = push_report.get("accepted") or 0
+    return {"exit_code": code, "senders": settings.senders, "pipeline": pipeline,
+            "sent": push_report.get("sent"), "accepted": accepted,
+            "per_second": push_report.get("per_second"), "statuses": push_report.get("statuses"),
+            "response_latency_ms": push_report.get("latency_ms"),
+            "server_cpu_s": round(cpu, 4),
+            "cpu_us_per_push": cpu / accepted * 1e6 if accepted else None,
+            **({} if push_report else {"output_tail": output[-1500:]})}
+
+
+def server_stats(server: procs.Server) -> dict[str, Any] | None:
+    try:
+        return server.stats()
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,837 @@
+"""``rawsse devices``: N simulated devices holding SSE streams, as Fleet's apnsmock client does.
+
+Theory of operation
+-------------------
+The parent process plans the run and forks P children; each child owns a contiguous slice of the
+device tokens and 1/P of the connect ramp, and runs one ``rawsse.loop.Loop`` with one small
+``Device`` object per device (no task, no coroutine, no per-device buffer while idle). Children
+send counter snapshots to the parent over a pipe (JSON lines, every ``SNAPSHOT_SECONDS``); the
+parent prints the progress line, and merges the final snapshots (counters, latency histograms,
+timelines) into the report. Everything stops by itself at ``--duration``.
+
+Rules (each from Fleet's client, ``pkg/mdm/apnsmock/client.go``; reference fleet-apns-mock.md §5)
+------------------------------------------------------------------------------------------------
+- Request ``GET {base}/events?token={lowercase hex}`` with ``Accept: text/event-stream``; any
+  status but 200 is an error and is retried.
+- Parser: lines split on ``\\n`` with one trailing ``\\r`` dropped; blank line ends an event (one is
+  delivered only if it had ``data:``); ``:`` comment, ``event:``, ``id:``, ``retry:`` are ignored
+  by Fleet (``id:`` is read here for the latency stamp); any other line, or a line of 8192 bytes or
+  more (Go's ``bufio.Scanner`` with a max buffer of 8192), drops the stream: counted in errors.
+- Reconnect after every stream end, clean or not: sleep ``backoff + uniform[0, backoff/2]``, then
+  ``backoff = min(2 × backoff, max)``; a *healthy* stream (≥ 1 event, or up ≥ max backoff) resets
+  the backoff to the minimum first. So 300k devices cut at once come back spread over 1–1.5 s.
+- The first connect waits for its ramp slot (``--ramp`` per second, shared by the children) and
+  then ``uniform[0, --jitter)`` (Fleet's ``WithInitialJitter``).
+
+Tokens (``--token-scheme``): ``fleet`` is Fleet mdmtest's ``hex("token" + serial)``; mdmtest draws a
+random 12-character serial from ``0-9A-Z`` (``RandSerialNumber``), so rawsse uses the 12-digit
+decimal index, ``f"{i:012d}"``: same length and alphabet, so the same 34-hex-digit tokens, and
+reproducible, so ``rawsse push --tokens fleet:A-B`` reaches ``--token-start A``; the push payload
+is ``{"mdm":"pushmagic" + serial}`` like mdmtest's TokenUpdate PushMagic. ``random`` is 32-byte
+tokens derived from ``(--token-seed, index)`` so the push driver can derive the same ones.
+
+Ports: one (source IP, destination IP, destination port) tuple has only the ephemeral port range
+(``ip_local_port_range``, 28,232 ports on this VM) to give, so devices bind spread source addresses
+from 127.0.0.2 up with ``IP_BIND_ADDRESS_NO_PORT`` (ops.md §2.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import ipaddress
+import math
+import os
+import random
+import resource
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import orjson
+
+from .config import ConfigError
+from .loop import READ_EVENTS, WRITE_EVENTS, Loop
+from .stamp import LatencyHistogram, stamp_time
+
+EPILOG = """\
+examples:
+  rawsse devices --url http://127.0.0.1:8378 --count 1000 --duration 30 --report devices.json
+  rawsse devices --url http://127.0.0.1:8378 --count 300000 --ramp 5000 --duration 900
+  rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999     # reaches the 1000 above
+
+report (JSON): count, processes, connected (at end), peak_connected, events, duplicates,
+  latency_ms {count,p50,p90,p99,max,mean} (push's apns-id stamp → receipt), reconnects,
+  errors {kind: n}, duration_s, connect_rate_per_s, plus timeline {bin_s, attempts, connects,
+  drops} (per time bin since start) and unstamped (events whose id is not a rawsse stamp).
+"""
+
+FLEET_SERIAL_DIGITS = 12
+MAX_LINE = 8192  # Fleet's scanner.Buffer(..., 8192): a line needs len + 1 bytes of buffer
+MAX_HEAD = 16 * 1024
+RECV_SIZE = 16 * 1024
+# Duplicate check window: the last few ids per device, kept as one bytes object ("id|id|…").
+# A redelivered push arrives right after the one it repeats, so 4 is plenty and costs ≤ 150 B.
+RECENT_IDS = 4
+RECENT_BYTES = RECENT_IDS * 37
+FD_MARGIN = 100  # fds a child keeps for epoll, its wakeup pair, the pipe, stdio, imports
+SNAPSHOT_SECONDS = 0.25
+REAP_GRACE = 5.0
+MAX_TIMELINE_BINS = 100_000
+# Share of the ephemeral range one source address may use: headroom for TIME_WAIT and other
+# users of the same tuple. ops.md §2.3 says "~64k per tuple"; this VM's range is 28,232 ports.
+PORT_RANGE_SHARE = 0.8
+MAX_PORTS_PER_SOURCE = 50_000
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
+
+IDLE, CONNECTING, HEAD, STREAM, STOPPED = range(5)
+
+_ERRNO_KIND = {errno.ECONNREFUSED: "refused", errno.ECONNRESET: "reset", errno.EPIPE: "reset",
+               errno.ETIMEDOUT: "timeout", errno.EADDRNOTAVAIL: "no_ports",
+               errno.EADDRINUSE: "no_ports", errno.EMFILE: "emfile", errno.ENFILE: "enfile",
+               errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
+
+
+# -- token schemes (the push driver derives its targets with the same functions) --------------
+
+def fleet_serial(index: int) -> str:
+    return f"{index:0{FLEET_SERIAL_DIGITS}d}"
+
+
+def fleet_token(index: int) -> str:
+    """Fleet mdmtest's device token for serial ``fleet_serial(index)``: hex("token" + serial)."""
+    return ("token" + fleet_serial(index)).encode().hex()
+
+
+def random_token(index: int, seed: int = 0) -> str:
+    """A 32-byte token (Apple's size) that looks random but is reproducible from (seed, index)."""
+    return hashlib.sha256(b"rawsse-token:%d:%d" % (seed, index)).hexdigest()
+
+
+def read_token_file(path: str) -> list[str]:
+    """One hex token per line; blank lines and ``#`` comments are skipped."""
+    try:
+        with open(path, encoding="ascii") as f:
+            lines = [line.strip().lower() for line in f]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("--token-scheme", f"cannot read {path}: {exc}") from None
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def tokens_for(scheme: str, start: int, count: int, seed: int = 0) -> list[str]:
+    """``count`` tokens from index ``start`` of ``scheme`` (``fleet``, ``random``, ``file:PATH``)."""
+    if scheme == "fleet":
+        return [fleet_token(i) for i in range(start, start + count)]
+    if scheme == "random":
+        return [random_token(i, seed) for i in range(start, start + count)]
+    if scheme.startswith("file:"):
+        tokens = read_token_file(scheme[5:])
+        if start + count > len(tokens):
+            raise ConfigError("--token-scheme", f"{scheme[5:]} holds {len(tokens)} tokens; "
+                                                f"{start + count} are needed")
+        return tokens[start:start + count]
+    raise ConfigError("--token-scheme", f"{scheme!r}: use fleet, random or file:PATH")
+
+
+# -- addresses ----------------------------------------------------------------------------------
+
+def parse_url(url: str, flag: str = "--url") -> tuple[str, int, str]:
+    """``http://host[:port][/base]`` → (IPv4 address, port, base path without trailing /)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError(flag, f"{url!r} is not an http://HOST:PORT URL")
+    try:
+        port = parts.port or 80
+        host = socket.getaddrinfo(parts.hostname, port, socket.AF_INET)[0][4][0]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(flag, f"{url!r}: {exc}") from None
+    return host, port, parts.path.rstrip("/")
+
+
+def ports_per_source() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # the kernel default
+    return min(MAX_PORTS_PER_SOURCE, int((high - low + 1) * PORT_RANGE_SHARE))
+
+
+def loopback_sources(n: int) -> list[str]:
+    """``n`` loopback addresses from 127.0.0.2 up (all of 127/8 is local on Linux)."""
+    first = int(ipaddress.IPv4Address("127.0.0.2"))
+    return [str(ipaddress.IPv4Address(first + k)) for k in range(n)]
+
+
+def parse_sources(spec: str, count: int, dest_host: str) -> list[str]:
+    """``auto`` | ``none`` | N | ``A-B`` (IPv4 range) | ``a,b,c`` → source addresses ([] = any)."""
+    flag = "--source-addresses"
+    spec = spec.strip()
+    if spec == "none":
+        return []
+    if spec == "auto":
+        needed = math.ceil(count / ports_per_source())
+        if needed <= 1:
+            return []
+        if not dest_host.startswith("127."):
+            raise ConfigError(flag, f"{count} connections to one address need {needed} source "
+                                    f"addresses; name addresses this host owns")
+        return loopback_sources(needed)
+    if spec.isdigit():
+        return loopback_sources(int(spec))
+    try:
+        if "-" in spec:
+            low, high = (int(ipaddress.IPv4Address(p.strip())) for p in spec.split("-", 1))
+            if high < low:
+                raise ValueError("the range ends below its start")
+            return [str(ipaddress.IPv4Address(a)) for a in range(low, high + 1)]
+        return [str(ipaddress.IPv4Address(p.strip())) for p in spec.split(",")]
+    except ValueError as exc:
+        raise ConfigError(flag, f"{spec!r}: {exc} (auto, none, N, A-B or a,b,c)") from None
+
+
+# -- one device ---------------------------------------------------------------------------------
+
+class Device:
+    """One simulated device: connect, read the head, parse events, reconnect with backoff."""
+
+    __slots__ = ("group", "token", "source", "sock", "state", "partial", "event_id", "has_data",
+                 "stream_events", "backoff", "timer", "connected_at", "recent_ids", "attempts")
+
+    def __init__(self, group: "DeviceGroup", token: bytes, source: str | None) -> None:
+        self.group = group
+        self.token = token
+        self.source = source
+        self.sock: socket.socket | None = None
+        self.state = IDLE
+        self.partial = b""  # unparsed bytes: the head so far, then an incomplete line
+        self.event_id: bytes | None = None
+        self.has_data = False
+        self.stream_events = 0
+        self.backoff = group.backoff_min
+        self.timer: list | None = None
+        self.connected_at = 0.0
+        self.recent_ids = b""
+        self.attempts = 0
+
+    # connect ------------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        group = self.group
+        self.timer = None
+        if group.stopping:
+            return
+        group.on_attempt(self)
+        self.attempts += 1
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                                 | socket.SOCK_CLOEXEC)
+        except OSError as exc:
+            self._retry(_ERRNO_KIND.get(exc.errno or 0, "socket"), healthy=False)
+            return
+        self.sock = sock
+        try:
+            if self.source is not None:
+                # Defer the port choice to connect(), so the kernel can reuse a port across
+                # destinations and the 4-tuple, not the source address, is what must be unique.
+                sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((self.source, 0))
+            err = sock.connect_ex(group.address)
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+        if err not in (0, errno.EINPROGRESS):
+            self._fail(_ERRNO_KIND.get(err, errno.errorcode.get(err, "connect").lower()))
+            return
+        self.state = CONNECTING
+        group.loop.add(sock.fileno(), self, WRITE_EVENTS)
+        self.timer = group.loop.call_later(group.connect_timeout, self._on_timeout)
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        self._fail("timeout")
+
+    def handle_events(self, events: int) -> None:
+        if self.state == CONNECTING:
+            self._on_connected()
+        else:
+            self._on_readable()
+
+    def _on_connected(self) -> None:
+        sock = self.sock
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(_ERRNO_KIND.get(err, errno.errorcode.get(err, "connect").lower()))
+            return
+        request = self.group.request_prefix + self.token + self.group.request_suffix
+        try:
+            sent = sock.send(request)
+        except OSError as exc:
+            self._fail(_ERRNO_KIND.get(exc.errno or 0, "send"))
+            return
+        if sent != len(request):  # a fresh socket's send buffer holds far more than ~150 B
+            self._fail("short_send")
+            return
+        self.state = HEAD
+        self.group.loop.modify(sock.fileno(), READ_EVENTS)
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(_ERRNO_KIND.get(exc.errno or 0, "recv"))
+            return
+        if not data:
+            self._fail("eof" if self.state == STREAM else "eof_before_head")
+            return
+        error = self._on_head(data) if self.state == HEAD else self.feed(data)
+        if error is not None:
+            self._fail(error)
+
+    def _on_head(self, data: bytes) -> str | None:
+        head = self.partial + data if self.partial else data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            self.partial = head
+            return "head_too_large" if len(head) > MAX_HEAD else None
+        self.partial = b""
+        status_line, _, headers = head[:end].partition(b"\r\n")
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+            return "bad_response"
+        if parts[1] != b"200":
+            return _http_error(parts[1], head[end + 4:])
+        if b"chunked" in headers.lower():  # Fleet's non-hijacked fallback; rawsse never sends it
+            return "chunked_unsupported"
+        group = self.group
+        group.loop.cancel(self.timer)
+        self.timer = None
+        self.state = STREAM
+        self.connected_at = group.loop.now
+        self.stream_events = 0
+        group.on_stream_start(self)
+        rest = head[end + 4:]
+        return self.feed(rest) if rest else None
+
+    # parse --------------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> str | None:
+        """Parse stream bytes as Fleet's client does; returns an error kind to drop the stream."""
+        if self.partial:
+            data = self.partial + data
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        if len(tail) >= MAX_LINE:
+            return "line_too_long"
+        self.partial = tail
+        for line in lines:
+            if not line or line == b"\r":
+                if self.has_data:
+                    self._dispatch()
+                continue
+            if len(line) >= MAX_LINE:
+                return "line_too_long"
+            if line[0] == 0x3A:  # ":" comment (keepalive)
+                continue
+            if line.startswith(b"data:"):
+                self.has_data = True
+            elif line.startswith(b"id:"):
+                value = line[3:].rstrip(b"\r")
+                self.event_id = value[1:] if value.startswith(b" ") else value
+            elif not line.startswith((b"event:", b"retry:")):
+                return "unexpected_line"
+        return None
+
+    def _dispatch(self) -> None:
+        group = self.group
+        group.events += 1
+        self.stream_events += 1
+        self.has_data = False
+        event_id, self.event_id = self.event_id, None
+        if event_id is None:
+            group.unstamped += 1
+            return
+        if event_id in self.recent_ids:
+            group.duplicates += 1
+        self.recent_ids = (event_id + b"|" + self.recent_ids)[:RECENT_BYTES]
+        stamped = stamp_time(event_id)
+        if stamped is None:
+            group.unstamped += 1
+        else:
+            group.latency.record((time.time() - stamped) * 1000.0)
+
+    # end ----------------------------------------------------------------------------------------
+
+    def close(self, reason: str = "closed") -> None:
+        """The loop's handler interface: a handler that raised is closed with ``"error"``."""
+        self._fail("exception" if reason == "error" else reason)
+
+    def _fail(self, kind: str) -> None:
+        healthy = self.state == STREAM and (
+            self.stream_events > 0
+            or self.group.loop.now - self.connected_at >= self.group.backoff_max)
+        self._drop_socket()
+        self._retry(kind, healthy)
+
+    def _drop_socket(self) -> None:
+        group = self.group
+        group.loop.cancel(self.timer)
+        self.timer = None
+        if self.state == STREAM:
+            group.on_stream_end()
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            group.loop.remove(sock.fileno())
+            sock.close()
+        self.state = IDLE
+        self.partial = b""
+        self.event_id = None
+        self.has_data = False
+
+    def _retry(self, kind: str, healthy: bool) -> None:
+        group = self.group
+        group.errors[kind] = group.errors.get(kind, 0) + 1
+        if group.stopping:
+            return
+        if healthy:
+            self.backoff = group.backoff_min
+        delay = self.backoff + random.uniform(0.0, self.backoff / 2)
+        self.backoff = min(self.backoff * 2, group.backoff_max)
+        self.timer = group.loop.call_later(delay, self.connect)
+
+    def stop(self) -> None:
+        self._drop_socket()
+        self.state = STOPPED
+
+
+def _http_error(status: bytes, body: bytes) -> str:
+    """``http_400_BadDeviceToken`` when the JSON reason arrived with the head, else ``http_400``."""
+    kind = "http_" + status.decode("ascii", "replace")
+    try:
+        reason = orjson.loads(body).get("reason")
+    except (orjson.JSONDecodeError, AttributeError):
+        return kind
+    return f"{kind}_{reason}" if isinstance(reason, str) and reason.isalnum() else kind
+
+
+# -- one process's devices ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What every child needs, decided once by the parent."""
+
+    host: str
+    port: int
+    base_path: str
+    scheme: str
+    token_start: int
+    token_seed: int
+    count: int
+    processes: int
+    sources: tuple[str, ...]
+    ramp: float  # connections per second, all processes together; 0 = no pacing
+    jitter: float
+    duration: float
+    connect_timeout: float
+    backoff_min: float
+    backoff_max: float
+    timeline_bin: float
+    start: float  # time.monotonic() of the run's start, shared by every child
+
+
+class DeviceGroup:
+    """The devices of one process, its ramp, and its counters."""
+
+    def __init__(self, loop: Loop, plan: Plan, first: int, count: int) -> None:
+        self.loop = loop
+        self.plan = plan
+        self.address = (plan.host, plan.port)
+        host = plan.host if plan.port == 80 else f"{plan.host}:{plan.port}"
+        self.request_prefix = f"GET {plan.base_path}/events?token=".encode()
+        self.request_suffix = (f" HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
+                               .encode())
+        self.connect_timeout = plan.connect_timeout
+        self.backoff_min, self.backoff_max = plan.backoff_min, plan.backoff_max
+        self.stopping = False
+        tokens = tokens_for(plan.scheme, plan.token_start + first, count, plan.token_seed)
+        sources = plan.sources
+        self.devices = [Device(self, token.encode(), sources[(first + k) % len(sources)]
+                               if sources else None) for k, token in enumerate(tokens)]
+        self.released = 0
+        # counters
+        self.connected = self.peak_connected = self.connects = self.first_connects = 0
+        self.attempts = self.reconnects = 0
+        self.events = self.duplicates = self.unstamped = 0
+        self.last_first_connect = 0.0
+        self.errors: dict[str, int] = {}
+        self.latency = LatencyHistogram()
+        bins = min(MAX_TIMELINE_BINS, int(plan.duration / plan.timeline_bin) + 2)
+        self.timeline = {"attempts": [0] * bins, "connects": [0] * bins, "drops": [0] * bins}
+
+    def _bin(self) -> int:
+        index = int((self.loop.now - self.plan.start) / self.plan.timeline_bin)
+        return min(max(index, 0), len(self.timeline["attempts"]) - 1)
+
+    def on_attempt(self, device: Device) -> None:
+        self.attempts += 1
+        if device.attempts:
+            self.reconnects += 1
+        self.timeline["attempts"][self._bin()] += 1
+
+    def on_stream_start(self, device: Device) -> None:
+        self.connected += 1
+        self.connects += 1
+        if self.connected > self.peak_connected:
+            self.peak_connected = self.connected
+        if device.attempts == 1:
+            self.first_connects += 1
+            self.last_first_connect = self.loop.now - self.plan.start
+        self.timeline["connects"][self._bin()] += 1
+
+    def on_stream_end(self) -> None:
+        self.connected -= 1
+        self.timeline["drops"][self._bin()] += 1
+
+    def release_due(self) -> None:
+        """Start the devices whose ramp slot has come; re-arm until all are released."""
+        plan, devices = self.plan, self.devices
+        if self.stopping:
+            return
+        rate = plan.ramp / plan.processes
+        due = len(devices) if rate <= 0 else min(
+            len(devices), int((self.loop.now - plan.start) * rate) + 1)
+        for device in devices[self.released:due]:
+            if plan.jitter > 0:
+                device.timer = self.loop.call_later(random.uniform(0, plan.jitter), device.connect)
+            else:
+                device.connect()
+        self.released = max(self.released, due)
+        if self.released < len(devices):
+            self.loop.call_later(max(0.005, 1.0 / rate), self.release_due)
+
+    def stop(self) -> None:
+        self.stopping = True
+        for device in self.devices:
+            device.stop()
+
+    def snapshot(self, final: bool = False) -> dict[str, Any]:
+        snap: dict[str, Any] = {
+            "connected": self.connected, "peak_connected": self.peak_connected,
+            "events": self.events, "duplicates": self.duplicates, "unstamped": self.unstamped,
+            "attempts": self.attempts, "reconnects": self.reconnects, "connects": self.connects,
+            "first_connects": self.first_connects, "last_first_connect": self.last_first_connect,
+            "errors": self.errors, "final": final,
+        }
+        if final:
+            snap["latency"] = self.latency.to_dict()
+            snap["timeline"] = self.timeline
+        return snap
+
+
+# -- child process ------------------------------------------------------------------------------
+
+def _child_main(plan: Plan, first: int, count: int, write_fd: int, parent: int) -> NoReturn:
+    code = 1
+    try:
+        code = _run_child(plan, first, count, write_fd, parent)
+    except BaseException:  # the parent reports the failure; the traceback goes to stderr
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _run_child(plan: Plan, first: int, count: int, write_fd: int, parent: int) -> int:
+    loop = Loop()
+    group = DeviceGroup(loop, plan, first, count)
+    stop_requested = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_requested.append(signum)  # only a flag: the loop's wakeup hook acts on it
+
+    def finish() -> None:
+        connected_at_end = group.connected
+        group.stop()
+        snap = group.snapshot(final=True)
+        snap["connected"] = connected_at_end
+        os.write(write_fd, orjson.dumps(snap) + b"\n")  # blocking: the parent is reading
+        loop.stop()
+
+    def tick() -> None:
+        if group.stopping:
+            return
+        if stop_requested or os.getppid() != parent or loop.now >= plan.start + plan.duration:
+            finish()
+            return
+        os.write(write_fd, orjson.dumps(group.snapshot()) + b"\n")
+        loop.call_later(SNAPSHOT_SECONDS, tick)
+
+    loop.on_wakeup = lambda: finish() if stop_requested and not group.stopping else None
+    signal.set_wakeup_fd(loop.wakeup_fd())
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    loop.call_soon(group.release_due)
+    loop.call_soon(tick)
+    loop.run()
+    return 0
+
+
+# -- parent: plan, fork, collect, report --------------------------------------------------------
+
+def raise_nofile_limit() -> int:
+    """Raise the soft open-file limit to the hard one; returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+def default_processes(count: int) -> int:
+    per_process = max(1, raise_nofile_limit() - FD_MARGIN)
+    return max(1, math.ceil(count / per_process))
+
+
+class Collector:
+    """The parent's view: latest snapshot per child, the progress line, the merged report."""
+
+    def __init__(self, plan: Plan, quiet: bool) -> None:
+        self.plan = plan
+        self.quiet = quiet
+        self.latest: dict[int, dict[str, Any]] = {}
+        self.peak_connected = 0
+        self.tty = sys.stderr.isatty()
+        self._last_events = 0
+        self._last_print = time.monotonic()
+
+    def add(self, child: int, snap: dict[str, Any]) -> None:
+        self.latest[child] = snap
+        if not snap.get("final"):
+            self.peak_connected = max(self.peak_connected, self.total("connected"))
+
+    def total(self, key: str) -> int:
+        return sum(snap.get(key, 0) for snap in self.latest.values())
+
+    def errors(self) -> dict[str, int]:
+        merged: dict[str, int] = {}
+        for snap in self.latest.values():
+            for kind, n in snap.get("errors", {}).items():
+                merged[kind] = merged.get(kind, 0) + n
+        return dict(sorted(merged.items()))
+
+    def progress(self) -> None:
+        now = time.monotonic()
+        events = self.total("events")
+        rate = (events - self._last_events) / max(now - self._last_print, 1e-6)
+        self._last_events, self._last_print = events, now
+        if self.quiet:
+            return
+        errors = " ".join(f"{k}={v}" for k, v in self.errors().items()) or "0"
+        line = (f"devices t={now - self.plan.start:5.1f}s connected {self.total('connected')}"
+                f"/{self.plan.count} (peak {self.peak_connected}) events {events} "
+                f"({rate:.0f}/s) reconnects {self.total('reconnects')} errors {errors}")
+        print(("\r\x1b[K" + line) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def report(self, ended: float, failed_children: int) -> dict[str, Any]:
+        latency = LatencyHistogram()
+        bins = None
+        for snap in self.latest.values():
+            if "latency" in snap:
+                latency.merge(LatencyHistogram.from_dict(snap["latency"]))
+            if "timeline" in snap:
+                bins = _add_timelines(bins, snap["timeline"])
+        errors = self.errors()
+        if failed_children:
+            errors["child_failed"] = failed_children
+        first = self.total("first_connects")
+        last_first = max((s.get("last_first_connect", 0.0) for s in self.latest.values()),
+                         default=0.0)
+        return {
+            "count": self.plan.count, "processes": self.plan.processes,
+            "connected": self.total("connected"),
+            "peak_connected": max(self.peak_connected, self.total("connected")),
+            "events": self.total("events"), "duplicates": self.total("duplicates"),
+            "latency_ms": latency.summary(),
+            "reconnects": self.total("reconnects"), "errors": errors,
+            "duration_s": round(ended - self.plan.start, 3),
+            "connect_rate_per_s": round(first / last_first, 1) if last_first > 0 else 0.0,
+            "unstamped": self.total("unstamped"), "attempts": self.total("attempts"),
+            "connects": self.total("connects"), "first_connects": first,
+            "sources": len(self.plan.sources),
+            "timeline": {"bin_s": self.plan.timeline_bin, **(bins or {})},
+        }
+
+
+def _add_timelines(total: dict[str, list[int]] | None,
+                   more: dict[str, list[int]]) -> dict[str, list[int]]:
+    if total is None:
+        return {k: list(v) for k, v in more.items()}
+    return {k: [a + b for a, b in zip(total[k], more[k])] for k in total}
+
+
+def _fork_children(plan: Plan) -> dict[int, tuple[int, int]]:
+    """Fork one child per slice; returns {read fd: (child index, pid)}."""
+    children: dict[int, tuple[int, int]] = {}
+    parent = os.getpid()
+    base, extra = divmod(plan.count, plan.processes)
+    first = 0
+    for index in range(plan.processes):
+        count = base + (1 if index < extra else 0)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            for fd in children:  # other children's pipes are not ours to hold open
+                os.close(fd)
+            _child_main(plan, first, count, write_fd, parent)
+        os.close(write_fd)
+        children[read_fd] = (index, pid)
+        first += count
+    return children
+
+
+def _collect(plan: Plan, children: dict[int, tuple[int, int]], collector: Collector,
+             expect_events: int) -> int:
+    """Read snapshots until every child has closed its pipe; returns how many children failed."""
+    stop_flags: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, f: stop_flags.append(s))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    poller = select.poll()
+    buffers = {fd: b"" for fd in children}
+    for fd in children:
+        poller.register(fd, select.POLLIN)
+    deadline = plan.start + plan.duration + 15.0
+    signalled = False
+    next_print = time.monotonic() + 1.0
+    try:
+        while buffers and time.monotonic() < deadline:
+            for fd, _ in poller.poll(250):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    poller.unregister(fd)
+                    del buffers[fd]
+                    continue
+                *lines, buffers[fd] = (buffers[fd] + chunk).split(b"\n")
+                for line in lines:
+                    collector.add(children[fd][0], orjson.loads(line))
+            wants_stop = stop_flags or (expect_events and collector.total("events") >= expect_events)
+            if wants_stop and not signalled:
+                signalled = True
+                for _, pid in children.values():
+                    _signal_child(pid, signal.SIGTERM)
+            if time.monotonic() >= next_print:
+                collector.progress()
+                next_print += 1.0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return _reap(children)
+
+
+def _signal_child(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(children: dict[int, tuple[int, int]]) -> int:
+    """Wait for every child (a child that closed its pipe exits within moments); one still
+    running after ``REAP_GRACE`` seconds is ours to end, by PID. Returns how many failed."""
+    failed = 0
+    for fd, (_, pid) in children.items():
+        os.close(fd)
+        deadline = time.monotonic() + REAP_GRACE
+        done, status = os.waitpid(pid, os.WNOHANG)
+        while done == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+            done, status = os.waitpid(pid, os.WNOHANG)
+        if done == 0:
+            _signal_child(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        failed += os.waitstatus_to_exitcode(status) != 0
+    return failed
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8378", help="server base URL")
+    parser.add_argument("--count", type=int, default=100, help="devices (default 100)")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="child processes (default: enough to keep each under its open-file "
+                             "limit, after raising the soft limit to the hard one)")
+    parser.add_argument("--source-addresses", default="auto", metavar="SPEC",
+                        help="source IPs to spread connections over: auto (enough 127.0.0.x for "
+                             "the ephemeral port range), none, N, A-B or a,b,c (default auto)")
+    parser.add_argument("--ramp", type=float, default=2000.0, metavar="PER_SECOND",
+                        help="first connects per second, all processes together; 0 = at once "
+                             "(default 2000)")
+    parser.add_argument("--jitter", type=float, default=0.0, metavar="SECONDS",
+                        help="extra delay uniform in [0, SECONDS) before each first connect")
+    parser.add_argument("--token-scheme", default="fleet", metavar="SCHEME",
+                        help="fleet (hex('token'+f'{i:012d}'), like Fleet's mdmtest), random "
+                             "(32-byte, from --token-seed) or file:PATH (default fleet)")
+    parser.add_argument("--token-start", type=int, default=0, metavar="I",
+                        help="first token index (default 0)")
+    parser.add_argument("--token-seed", type=int, default=0, help="seed of the random scheme")
+    parser.add_argument("--duration", type=float, default=60.0, metavar="SECONDS",
+                        help="stop after this long (default 60)")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="connect + response head deadline (default 10)")
+    parser.add_argument("--backoff-min", type=float, default=1.0, help="seconds (default 1)")
+    parser.add_argument("--backoff-max", type=float, default=30.0, help="seconds (default 30)")
+    parser.add_argument("--expect-events", type=int, default=0, metavar="K",
+                        help="stop early once K events were received in all (for tests)")
+    parser.add_argument("--timeline-bin", type=float, default=1.0, metavar="SECONDS",
+                        help="bin width of the report's timeline (default 1)")
+    parser.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.count < 1:
+        raise ConfigError("--count", "must be at least 1")
+    if args.duration <= 0 or args.timeline_bin <= 0:
+        raise ConfigError("--duration", "--duration and --timeline-bin must be positive")
+    if not 0 < args.backoff_min <= args.backoff_max:
+        raise ConfigError("--backoff-min", "needs 0 < --backoff-min ≤ --backoff-max")
+    host, port, base = parse_url(args.url)
+    processes = args.processes or default_processes(args.count)
+    raise_nofile_limit()
+    tokens_for(args.token_scheme, args.token_start, 1, args.token_seed)  # fail early, in the parent
+    return Plan(host=host, port=port, base_path=base, scheme=args.token_scheme,
+                token_start=args.token_start, token_seed=args.token_seed, count=args.count,
+                processes=max(1, min(processes, args.count)),
+                sources=tuple(parse_sources(args.source_addresses, args.count, host)),
+                ramp=max(0.0, args.ramp), jitter=max(0.0, args.jitter), duration=args.duration,
+                connect_timeout=args.connect_timeout, backoff_min=args.backoff_min,
+                backoff_max=args.backoff_max,
+                timeline_bin=max(args.timeline_bin, args.duration / MAX_TIMELINE_BINS),
+                start=time.monotonic())
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = make_plan(args)
+    collector = Collector(plan, args.quiet)
+    children = _fork_children(plan)
+    failed = _collect(plan, children, collector, args.expect_events)
+    report = collector.report(time.monotonic(), failed)
+    if not args.quiet:
+        collector.progress()
+        if collector.tty:
+            print(file=sys.stderr)
+    if args.report:
+        with open(args.report, "wb") as f:
+            f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    return 1 if failed else 0

@@ -1,0 +1,109 @@
+"""``/metrics`` in the Prometheus text format (version 0.0.4) from a node's stats document.
+
+Conventions (prometheus.io naming, ops.md §3.1): prefix ``rawsse_``, counters end in ``_total``,
+base units (``_bytes``, ``_seconds``), a ``worker`` label per process so ``sum()`` gives the node,
+and never a token in a label (unbounded cardinality).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+# counter field in a worker snapshot -> (metric name, help)
+_COUNTERS = {
+    "connections_accepted": ("rawsse_connections_accepted_total", "Connections accepted."),
+    "pushes_received": ("rawsse_pushes_received_total", "Push requests on /3/device/."),
+    "delivered_on_connect": ("rawsse_delivered_on_connect_total",
+                             "Pending pushes written to a stream when its device connected."),
+    "coalesced": ("rawsse_coalesced_total", "Pending pushes replaced by a newer one (APNs coalescing)."),
+    "expired": ("rawsse_expired_total", "Pending pushes dropped at their apns-expiration."),
+    "requeued": ("rawsse_requeued_total", "Pushes taken back from a stream that ended before writing them."),
+    "faulted": ("rawsse_faulted_total", "Pushes answered by a fault rule."),
+    "queue_full": ("rawsse_queue_full_total", "Pushes answered 503 because a bounded queue was full."),
+    "broadcasts": ("rawsse_broadcasts_total", "Broadcasts handled."),
+    "broadcast_events": ("rawsse_broadcast_events_total", "Broadcast events written to streams."),
+    "keepalives": ("rawsse_keepalives_total", "Keepalive comments written."),
+    "slow_reader_closes": ("rawsse_slow_reader_closes_total", "Streams closed over their output buffer."),
+    "takeovers": ("rawsse_takeovers_total", "Streams replaced by a newer one for the same token."),
+    "http_requests": ("rawsse_http_requests_total", "HTTP requests parsed."),
+    "bad_requests": ("rawsse_bad_requests_total", "Malformed HTTP requests answered 4xx and closed."),
+}
+
+# outcome label of rawsse_pushes_total -> field
+_OUTCOMES = {"delivered_live": "delivered_live", "stored": "stored", "discarded": "discarded",
+             "rejected": "rejected"}
+
+_GAUGES = {
+    "pending": ("rawsse_pending_pushes", "Offline devices' pending pushes held."),
+    "delayed": ("rawsse_delayed_pushes", "Pushes waiting out their delivery delay."),
+    "rss_bytes": ("process_resident_memory_bytes", "Resident set size."),
+    "uss_bytes": ("rawsse_unique_memory_bytes", "Memory private to the process (USS)."),
+    "open_fds": ("process_open_fds", "Open file descriptors."),
+    "max_fds": ("process_max_fds", "Open file descriptor limit."),
+}
+
+
+def render_metrics(document: dict[str, Any]) -> bytes:
+    """The node document (``node`` totals, ``workers`` snapshots, optional ``master``) as text."""
+    return ("\n".join(_lines(document)) + "\n").encode()
+
+
+def _lines(document: dict[str, Any]) -> Iterator[str]:
+    workers = document.get("workers", [])
+    yield from _family("rawsse_connections", "gauge", "Open connections by kind.",
+                       ((w, {"kind": "stream"}, w["streams"]) for w in workers),
+                       ((w, {"kind": "http"}, w["http_connections"]) for w in workers))
+    yield from _family("rawsse_pushes_total", "counter", "Accepted or refused pushes by outcome.",
+                       ((w, {"outcome": label}, w[field]) for w in workers
+                        for label, field in _OUTCOMES.items()))
+    for field, (name, help_text) in _COUNTERS.items():
+        yield from _family(name, "counter", help_text, ((w, {}, w[field]) for w in workers))
+    yield from _family("rawsse_rejections_total", "counter", "Pushes refused, by status and reason.",
+                       ((w, dict(zip(("status", "reason"), key.split(" ", 1))), n)
+                        for w in workers for key, n in w["rejections"].items()))
+    yield from _family("rawsse_disconnects_total", "counter", "Connections ended, by reason.",
+                       ((w, {"reason": reason}, n) for w in workers
+                        for reason, n in w["disconnects"].items()))
+    yield from _family("rawsse_accept_errors_total", "counter", "accept() failures by errno.",
+                       ((w, {"errno": name}, n) for w in workers
+                        for name, n in w["accept_errors"].items()))
+    for field, (name, help_text) in _GAUGES.items():
+        yield from _family(name, "gauge", help_text, ((w, {}, w[field]) for w in workers))
+    node = document.get("node", {})
+    per_connection = node.get("user_bytes_per_connection")
+    if per_connection is not None:
+        yield from _family("rawsse_user_bytes_per_connection", "gauge",
+                           "Node user-space memory growth since start divided by connections.",
+                           iter([(None, {}, per_connection)]))
+    master = document.get("master")
+    if master:
+        yield from _family("rawsse_workers", "gauge", "Workers serving.",
+                           iter([(None, {}, master["workers_up"])]))
+        yield from _family("rawsse_worker_restarts_total", "counter", "Workers respawned after dying.",
+                           iter([(None, {}, master["worker_restarts"])]))
+    for name, value in document.get("extra_gauges", {}).items():
+        yield from _family(name, "gauge", "", iter([(None, {}, value)]))
+
+
+def _family(name: str, kind: str, help_text: str, *sources: Any) -> Iterator[str]:
+    samples = [sample for source in sources for sample in source]
+    if not samples:
+        return
+    yield f"# HELP {name} {help_text}"
+    yield f"# TYPE {name} {kind}"
+    for worker, labels, value in samples:
+        all_labels = dict(labels)
+        if worker is not None:
+            all_labels["worker"] = str(worker["worker"])
+        yield f"{name}{_format_labels(all_labels)} {value}"
+
+
+def _format_labels(labels: dict[str, str]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

@@ -1,0 +1,217 @@
+"""``rawsse serve``: flags → ``ServeConfig`` → one worker in this process, or a prefork node."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+from . import statefile
+from .config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
+                     parse_fault)
+from .drain import Drainer
+from .worker import Worker
+
+log = logging.getLogger("rawsse.serve")
+
+EPILOG = """\
+delays (--delivery-delay, --response-delay, and the per-push header rawsse-delivery-delay):
+  250ms | 2s            fixed
+  uniform:50ms-2s       uniform between the bounds
+  exp:200ms             exponential with that mean
+  normal:300ms,50ms     normal (mean, standard deviation), clamped at 0
+
+fault rules (--fault, repeatable; also POST /admin/faults at run time):
+  PERCENT%:STATUS[:REASON]   e.g. 5%:503:ServiceUnavailable, 1%:429:TooManyRequests, 2%:500
+
+routes: POST /3/device/<token> (APNs), GET /events?token=<hex> (SSE), POST /broadcast,
+        GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ServeConfig()
+    add = parser.add_argument
+    add("--listen", default="0.0.0.0:8378", metavar="HOST:PORT",
+        help="push API and device streams (default: %(default)s, the port of Fleet's mock)")
+    add("--admin-listen", metavar="HOST:PORT",
+        help="serve /stats, /metrics and /admin/* here only (default: on --listen)")
+    add("--keepalive", default="15", metavar="SECONDS",
+        help="SSE comment interval so proxies never see an idle stream; 0 disables (default: 15)")
+    add("--default-ttl", default="24h", metavar="DURATION",
+        help="how long a push without apns-expiration waits for an offline device (default: 24h)")
+    add("--max-connections", default=str(d.max_connections), metavar="N",
+        help="connections the node accepts before answering 503 (default: %(default)s)")
+    add("--delivery-delay", default="0", metavar="DELAY",
+        help="delay between accepting a push and writing it to the device (default: 0)")
+    add("--response-delay", default="0", metavar="DELAY",
+        help="delay before answering a push (default: 0)")
+    add("--fault", action="append", default=[], metavar="RULE",
+        help="answer a share of pushes with an error, e.g. 5%%:503:ServiceUnavailable (repeatable)")
+    add("--strict-tokens", action="store_true",
+        help="require Apple's 32-byte (64 hex) tokens; default accepts any even-length hex")
+    add("--retry", default=str(d.retry_ms), metavar="MS",
+        help="SSE retry: hint sent at connect, jittered ±50%% (default: %(default)s; 0 omits it)")
+    add("--max-pending", default=str(d.max_pending), metavar="N",
+        help="offline devices' pending pushes held per worker before pushes get 503 "
+             "(default: %(default)s)")
+    add("--max-delayed", default=str(d.max_delayed), metavar="N",
+        help="pushes waiting out a delivery delay per worker before pushes get 503 "
+             "(default: %(default)s)")
+    add("--stream-buffer", default=str(d.stream_buffer), metavar="BYTES",
+        help="unsent bytes a stream may hold before it is closed as a slow reader "
+             "(its push is kept) (default: %(default)s)")
+    add("--header-limit", default=str(d.header_limit), metavar="BYTES",
+        help="largest request head, else 431 (default: %(default)s)")
+    add("--header-timeout", default="10", metavar="SECONDS",
+        help="time to send a request head, and then its body, else 408 (default: 10)")
+    add("--idle-timeout", default="120", metavar="SECONDS",
+        help="idle keep-alive connection lifetime (default: 120)")
+    add("--workers", default="1", metavar="N",
+        help="worker processes (default: 1)")
+    add("--drain-seconds", default="10", metavar="SECONDS",
+        help="on SIGTERM, close streams spread over this window so devices do not reconnect "
+             "at once (default: 10)")
+    add("--state-file", metavar="PATH",
+        help="save pending pushes here on stop and load them on start")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="(default: %(default)s)")
+
+
+def build_config(args: argparse.Namespace) -> ServeConfig:
+    """Validate every flag once; raises ConfigError naming the flag."""
+    return ServeConfig(
+        listen=parse_address(args.listen, "--listen"),
+        admin_listen=parse_address(args.admin_listen, "--admin-listen") if args.admin_listen else None,
+        keepalive=parse_duration(args.keepalive, "--keepalive"),
+        default_ttl=parse_duration(args.default_ttl, "--default-ttl"),
+        max_connections=_int(args.max_connections, "--max-connections", 1),
+        delivery_delay=parse_distribution(args.delivery_delay, "--delivery-delay"),
+        response_delay=parse_distribution(args.response_delay, "--response-delay"),
+        faults=tuple(parse_fault(rule, "--fault") for rule in args.fault),
+        strict_tokens=args.strict_tokens,
+        retry_ms=_int(args.retry, "--retry", 0),
+        max_pending=_int(args.max_pending, "--max-pending", 1),
+        max_delayed=_int(args.max_delayed, "--max-delayed", 1),
+        stream_buffer=_int(args.stream_buffer, "--stream-buffer", 256),
+        header_limit=_int(args.header_limit, "--header-limit", 1024),
+        header_timeout=_positive(args.header_timeout, "--header-timeout"),
+        idle_timeout=_positive(args.idle_timeout, "--idle-timeout"),
+        workers=_int(args.workers, "--workers", 1),
+        drain_seconds=parse_duration(args.drain_seconds, "--drain-seconds"),
+        state_file=args.state_file,
+        log_level=args.log_level,
+    )
+
+
+def _int(text: str, flag: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(flag, f"{text!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(flag, f"{value} is below the minimum {minimum}")
+    return value
+
+
+def _positive(text: str, flag: str) -> float:
+    value = parse_duration(text, flag)
+    if value <= 0:
+        raise ConfigError(flag, "must be more than 0")
+    return value
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    setup_logging(config.log_level)
+    if config.workers > 1:
+        from .arbiter import Arbiter
+
+        return Arbiter(config).run()
+    return run_single(config)
+
+
+def run_single(config: ServeConfig) -> int:
+    """One worker in this process: no master, no routing between workers."""
+    pending = _load_state(config)
+    worker = Worker(config, pending=pending)
+    try:
+        worker.listen()
+    except OSError as exc:
+        print(f"rawsse serve: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    worker.start()
+    stopper = _SignalFlags(worker)
+    log.info("serving on %s:%d%s, 1 worker, capacity %d connections (open-file limit %d)",
+             *config.listen, _admin_text(config), worker.capacity, worker.max_fds)
+    try:
+        worker.loop.run()
+    finally:
+        stopper.restore()
+    if config.state_file:
+        saved = worker.save_state(config.state_file)
+        log.info("saved %d pending pushes to %s", saved, config.state_file)
+    return 0
+
+
+def _load_state(config: ServeConfig) -> dict[bytes, Any]:
+    if not config.state_file:
+        return {}
+    try:
+        pending = statefile.load(config.state_file)
+    except statefile.StateFileError as exc:
+        raise ConfigError("--state-file", str(exc)) from None
+    if pending:
+        log.info("loaded %d pending pushes from %s", len(pending), config.state_file)
+    return pending
+
+
+def _admin_text(config: ServeConfig) -> str:
+    if config.admin_listen is None:
+        return ""
+    return " (operator routes on %s:%d)" % config.admin_listen
+
+
+class _SignalFlags:
+    """TERM/INT start a graceful drain. Handlers only record the signal; the loop acts on it
+    after its wakeup fd fires (gunicorn #3198: no logging or I/O inside a handler)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.received: list[int] = []
+        self.drainer: Drainer | None = None
+        signal.set_wakeup_fd(worker.loop.wakeup_fd(), warn_on_full_buffer=False)
+        worker.loop.on_wakeup = self.on_wakeup
+        self._previous = {sig: signal.signal(sig, self._record)
+                          for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+    def on_wakeup(self) -> None:
+        received, self.received = self.received, []
+        for signum in received:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if self.drainer is None:
+                    log.info("%s: draining %d streams over %.0fs",
+                             signal.Signals(signum).name, len(self.worker.registry.streams),
+                             self.worker.config.drain_seconds)
+                    self.drainer = Drainer(self.worker, self.worker.config.drain_seconds,
+                                           self.worker.loop.stop)
+                else:
+                    log.info("second %s: stopping now", signal.Signals(signum).name)
+                    self.drainer.finish_now()
+            elif signum == signal.SIGHUP:
+                log.info("SIGHUP: nothing to reload with one worker (use --workers N)")
+
+    def restore(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

@@ -1,0 +1,135 @@
+"""A device's SSE stream once its request is answered: an fd, a token, and unsent bytes.
+
+Theory of operation
+-------------------
+An HTTP connection (``conn.py``) that completes a valid ``GET /events`` becomes a ``Stream``: the
+parser and every request field are dropped, and the fd's epoll entry is routed to this object.
+A stream never parses again; bytes a device sends are read and thrown away, and a read of 0
+(peer closed) or an error ends it at once, so a vanished device frees its token without waiting
+for the next keepalive (Fleet's mock only noticed on write, ``fleet-apns-mock.md`` §2).
+
+Rules
+-----
+- Send first, buffer the rest: ``os.write`` straight away; only what the kernel did not take is
+  copied into ``out`` and only then is ``EPOLLOUT`` requested (asyncio's write template).
+- ``held`` is the newest push whose bytes are not all in the kernel yet. A stream that ends with
+  ``held`` set hands it back to the registry as pending: nothing accepted is silently lost.
+- ``out`` is bounded (``--stream-buffer``): a reader that falls further behind is closed and its
+  push kept (SPEC §1, slow readers).
+- Per-stream state is four slots (measured ~64 B object + dict entries + token bytes); every byte
+  here is multiplied by 300,000. What all streams share (the worker, the limit) lives on the class.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS, WRITE_EVENTS
+
+# Errors that mean "the device went away": counted, never logged (tornado's errno sets).
+_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+_DISCARD_SIZE = 4096
+
+
+class Stream:
+    __slots__ = ("fd", "token", "out", "held")
+
+    # Shared by every stream of this process (set by the worker at startup).
+    worker: Any = None
+    limit: int = 64 * 1024
+
+    def __init__(self, fd: int, token: bytes) -> None:
+        self.fd = fd
+        self.token = token
+        self.out: bytearray | None = None
+        self.held: Any = None  # registry.Push not yet fully in the kernel
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def send(self, data: bytes, push: Any = None) -> bool:
+        """Write ``data`` (a frame); ``push`` when it carries one. False if the stream ended."""
+        out = self.out
+        if out is not None:
+            if push is not None:
+                self.held = push
+            if len(out) + len(data) > self.limit:
+                self.close("slow_reader")
+                return False
+            out += data
+            return True
+        try:
+            written = os.write(self.fd, data)
+        except BlockingIOError:
+            written = 0
+        except _GONE:
+            if push is not None:
+                self.held = push
+            self.close("client")
+            return False
+        if written == len(data):
+            return True
+        if push is not None:
+            self.held = push
+        self.out = bytearray(memoryview(data)[written:])
+        self.worker.loop.modify(self.fd, WRITE_EVENTS)
+        return True
+
+    def _flush(self) -> None:
+        out = self.out
+        if out is None:
+            return
+        try:
+            written = os.write(self.fd, out)
+        except BlockingIOError:
+            return
+        except _GONE:
+            self.close("client")
+            return
+        del out[:written]
+        if not out:
+            self.out = None
+            self.held = None
+            self.worker.loop.modify(self.fd, READ_EVENTS)
+
+    # -- events -------------------------------------------------------------------------------
+
+    def handle_events(self, events: int) -> None:
+        if events & EPOLLOUT:
+            self._flush()
+            if self.fd < 0:
+                return
+        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.fd, _DISCARD_SIZE)
+        except BlockingIOError:
+            return
+        except (_GONE + (OSError,)):
+            self.close("client")
+            return
+        if not data:
+            self.close("client")
+
+    # -- ending -------------------------------------------------------------------------------
+
+    def close(self, reason: str = "client") -> None:
+        """End the stream once: unregister, close the fd, give back an unsent push."""
+        fd = self.fd
+        if fd < 0:
+            return
+        self.fd = -1
+        worker = self.worker
+        worker.loop.remove(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        worker.stats.disconnect(reason)
+        worker.registry.detach(self)
+        held, self.held, self.out = self.held, None, None
+        if held is not None:
+            worker.registry.requeue(self.token, held)
