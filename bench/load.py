@@ -71,20 +71,22 @@ def devices_argv(url: str, count: int, report: str, duration: float, ramp: float
 
 
 def push_argv(url: str, count: int, tokens: int, report: str, senders: int = 5,
-              pipeline: int = 1, duration: float = 60.0) -> list[str]:
-    """``rawsse push`` sending ``count`` targeted pushes over ``tokens`` Fleet-scheme devices."""
-    return [sys.executable, "-m", "rawsse", "push", "--url", url, "--tokens", f"fleet:0-{tokens}",
-            "--senders", str(senders), "--pipeline", str(pipeline), "--count", str(count),
-            "--duration", f"{duration:g}", "--report", report]
+              pipeline: int = 1, max_time: float = 60.0) -> list[str]:
+    """``rawsse push`` sending ``count`` targeted pushes cycling over Fleet-scheme devices
+    0..tokens-1 (the range is inclusive), ended by ``--max-time`` at the latest."""
+    return [sys.executable, "-m", "rawsse", "push", "--url", url,
+            "--tokens", f"fleet:0-{tokens - 1}", "--senders", str(senders),
+            "--pipeline", str(pipeline), "--count", str(count), "--max-time", f"{max_time:g}",
+            "--report", report, "--quiet"]
 
 
-def held_connections(server_pid: int, base_fds: int) -> int:
+def held_connections(server_pids: list[int], base_fds: int) -> int:
     """Connections the server holds: its processes' open fds above what they had idle. Works for
     any worker layout and either server, and costs one readdir per process."""
-    return max(0, memory.open_fds(server_pid) - base_fds)
+    return max(0, memory.open_fds(server_pids) - base_fds)
 
 
-def wait_for_connections(server_pid: int, base_fds: int, target: int, timeout: float,
+def wait_for_connections(server_pids: list[int], base_fds: int, target: int, timeout: float,
                          stall: float = 20.0, alive: Callable[[], bool] = lambda: True,
                          poll: float = 0.02) -> int:
     """Poll until the server holds ``target`` connections; give up after ``timeout`` or when the
@@ -92,7 +94,7 @@ def wait_for_connections(server_pid: int, base_fds: int, target: int, timeout: f
     deadline = time.monotonic() + timeout
     best, best_at = -1, time.monotonic()
     while True:
-        held = held_connections(server_pid, base_fds)
+        held = held_connections(server_pids, base_fds)
         now = time.monotonic()
         if held >= target or now > deadline or not alive():
             return held
@@ -103,15 +105,26 @@ def wait_for_connections(server_pid: int, base_fds: int, target: int, timeout: f
         time.sleep(poll)
 
 
-def wait_settled(server_pid: int, base_fds: int, quiet: float = 0.3, timeout: float = 5.0) -> int:
+def wait_settled(server_pids: list[int], base_fds: int, quiet: float = 0.3,
+                 timeout: float = 5.0) -> int:
     """Wait until the held count stops moving for ``quiet`` seconds (connects in flight land)."""
     deadline = time.monotonic() + timeout
-    last, since = held_connections(server_pid, base_fds), time.monotonic()
+    last, since = held_connections(server_pids, base_fds), time.monotonic()
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        held = held_connections(server_pid, base_fds)
+        held = held_connections(server_pids, base_fds)
         if held != last:
             last, since = held, time.monotonic()
         elif time.monotonic() - since >= quiet:
             break
     return last
+
+
+def wait_for_fds_at_most(server_pids: list[int], fds: int, timeout: float) -> int:
+    """Wait until the server's open fds fall to ``fds`` (its idle count); returns the count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now_fds = memory.open_fds(server_pids)
+        if now_fds <= fds or time.monotonic() > deadline:
+            return now_fds
+        time.sleep(0.05)

@@ -13,10 +13,18 @@ interpreter baseline (~14-23 MB per process).
   lsm_* ~56, eventpoll_epi 128 per epoll registration), ``/proc/meminfo`` Slab (adds slab
   fragmentation) and ``/proc/net/sockstat`` ``mem`` (pages charged for queued data; ~0 when idle,
   about one page per socket holding any unread bytes, ops.md §2.2).
-  On loopback both ends of every connection live in this kernel and take the same objects (the
-  devices tool also registers its sockets in epoll), so a cache's slope per connection is halved
-  to give the cost per server socket. The machine is shared, so these deltas carry other
-  processes' noise; the fit over several levels is what keeps it small.
+  The kernel figures are system-wide and this machine is shared: other processes open and close
+  thousands of sockets during a run (a first version that fitted slab bytes against the bench's
+  own connection count read 1.5 KB of TCP slab per server socket in one run and 2.4 KB in the
+  next). So each cache is fitted against the number of TCP sockets allocated system-wide
+  (``/proc/net/sockstat`` ``TCP alloc``), which moves with every process's sockets, ours and
+  theirs alike: the slope is bytes per TCP socket. On loopback both ends of a connection live in
+  this kernel and take the same objects (the devices tool registers its sockets in epoll too), so
+  that is the cost of one server socket. ``tcp_sockets_per_connection`` (≈ 2 when no one else
+  was busy) says how much churn there was.
+  SLUB's ``active_objs`` counts objects still sitting free in per-CPU slabs as active, so a cache
+  with churn (``eventpoll_epi``, ``dentry``) reads up to a slab's worth high; treat its figure as
+  ± one object.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class KernelMemory:
     slab_total: int
     sockstat_mem: int
     tcp_inuse: int
+    tcp_alloc: int
 
 
 @dataclasses.dataclass
@@ -76,17 +85,22 @@ class Fit:
     points: int
 
 
-def tree(pid: int) -> list[psutil.Process]:
-    """The process and all its descendants (a prefork master and its workers)."""
+def tree(pid: int) -> list[int]:
+    """The PIDs of a process and all its descendants (a prefork master and its workers). Read once
+    per phase: walking /proc for descendants costs tens of ms, too slow to poll with."""
     root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
+    return [pid, *(child.pid for child in root.children(recursive=True))]
 
 
 def smaps_rollup(pid: int) -> tuple[int, int, int]:
     """(RSS, USS, PSS) in bytes from ``/proc/PID/smaps_rollup``: one small read however large the
     process. psutil's ``memory_full_info()`` walks every mapping in ``smaps`` and, on this kernel,
     gave a USS 4 MB below the rollup's Private_Clean + Private_Dirty for the same process, so the
-    kernel's own sums are used and psutil only where the rollup is missing (kernels < 4.14)."""
+    kernel's own sums are used and psutil only where the rollup is missing (kernels < 4.14).
+
+    PSS is recorded but not fitted: the devices are Python processes too, and each one started
+    takes a share of the interpreter's file pages off the server's PSS, so PSS grows *slower* than
+    USS as devices connect. USS (private pages) does not have that bias."""
     rss = uss = pss = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
@@ -98,43 +112,46 @@ def smaps_rollup(pid: int) -> tuple[int, int, int]:
                 elif line.startswith((b"Private_Clean:", b"Private_Dirty:")):
                     uss += int(line.split()[1]) * 1024
     except FileNotFoundError:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise ProcessLookupError(pid) from None
         info = psutil.Process(pid).memory_full_info()
         return info.rss, info.uss, info.pss
     return rss, uss, pss
 
 
-def process_memory(pid: int) -> ProcessMemory:
-    """RSS/USS/PSS and open fds summed over ``pid``'s tree. Skips processes that exit meanwhile."""
+def count_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except FileNotFoundError:
+        return 0
+
+
+def process_memory(pids: list[int]) -> ProcessMemory:
+    """RSS/USS/PSS and open fds summed over ``pids``. Skips processes that exit meanwhile."""
     rss = uss = pss = fds = count = 0
-    for proc in tree(pid):
+    for pid in pids:
         try:
-            proc_rss, proc_uss, proc_pss = smaps_rollup(proc.pid)
-            fds += proc.num_fds()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, PermissionError):
+            proc_rss, proc_uss, proc_pss = smaps_rollup(pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
             continue
+        fds += count_fds(pid)
         rss, uss, pss, count = rss + proc_rss, uss + proc_uss, pss + proc_pss, count + 1
     return ProcessMemory(rss, uss, pss, count, fds)
 
 
-def open_fds(pid: int) -> int:
-    """Open file descriptors over ``pid``'s tree: cheap (a readdir per process), used to count the
-    connections a server holds whatever its worker layout."""
-    total = 0
-    for proc in tree(pid):
-        try:
-            total += proc.num_fds()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total
+def open_fds(pids: list[int]) -> int:
+    """Open file descriptors over ``pids``: one readdir each, cheap enough to poll every 20 ms.
+    Used to count the connections a server holds, whatever its worker layout."""
+    return sum(count_fds(pid) for pid in pids)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds over ``pid``'s tree (live processes only)."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds over ``pids`` (live processes only)."""
     total = 0.0
-    for proc in tree(pid):
+    for pid in pids:
         try:
-            times = proc.cpu_times()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
             continue
         total += times.user + times.system
     return total
@@ -163,24 +180,35 @@ def read_meminfo_slab() -> int:
     return 0
 
 
-def read_sockstat() -> tuple[int, int]:
-    """(TCP inuse sockets, TCP mem in bytes) from ``/proc/net/sockstat``."""
+def read_sockstat_tcp() -> dict[str, int]:
+    """The ``TCP:`` line of ``/proc/net/sockstat``: inuse, orphan, tw, alloc, mem (pages)."""
     with open("/proc/net/sockstat") as f:
         for line in f:
             if line.startswith("TCP:"):
                 fields = line.split()
-                values = dict(zip(fields[1::2], map(int, fields[2::2])))
-                return values.get("inuse", 0), values.get("mem", 0) * PAGE_SIZE
-    return 0, 0
+                return dict(zip(fields[1::2], map(int, fields[2::2])))
+    return {}
+
+
+def sockstat_resolution() -> int:
+    """Bytes by which ``sockstat`` mem can be off: each CPU batches up to ``net.core.mem_pcpu_rsv``
+    pages (256 by default since Linux 6.0) before adding them to the global count it shows."""
+    try:
+        with open("/proc/sys/net/core/mem_pcpu_rsv") as f:
+            pages = int(f.read())
+    except (OSError, ValueError):
+        return 0
+    return pages * PAGE_SIZE * (os.cpu_count() or 1)
 
 
 def kernel_memory() -> KernelMemory:
-    inuse, mem = read_sockstat()
-    return KernelMemory(read_slab_caches(), read_meminfo_slab(), mem, inuse)
+    tcp = read_sockstat_tcp()
+    return KernelMemory(read_slab_caches(), read_meminfo_slab(), tcp.get("mem", 0) * PAGE_SIZE,
+                        tcp.get("inuse", 0), tcp.get("alloc", 0))
 
 
-def sample(pid: int, connections: int) -> Sample:
-    return Sample(connections, process_memory(pid), kernel_memory())
+def sample(pids: list[int], connections: int) -> Sample:
+    return Sample(connections, process_memory(pids), kernel_memory())
 
 
 def fit_line(xs: list[float], ys: list[float]) -> Fit:
@@ -200,28 +228,36 @@ def fit_line(xs: list[float], ys: list[float]) -> Fit:
 
 
 def slopes(samples: list[Sample]) -> dict[str, object]:
-    """Bytes per connection for every measured quantity, fitted over ``samples``.
+    """Bytes per stream (user memory, fitted against the server's connections) and bytes per
+    server socket (kernel caches, fitted against the system's TCP sockets, see the module doc).
 
-    Kernel figures are per server socket: the per-connection slope halved, since each loopback
-    connection puts two sockets (server's and device's) into the same caches.
+    ``sockstat`` mem is not fitted: samples are taken with the devices paused, so the streams that
+    connected last still hold their unread preamble (a page each, ops.md §2.2); ``variant.py``
+    reads it once the devices have read everything instead.
     """
-    xs = [float(s.connections) for s in samples]
+    conns = [float(s.connections) for s in samples]
+    sockets = [float(s.kernel.tcp_alloc) for s in samples]
 
-    def fitted(values: list[float], scale: float = 1.0) -> dict[str, float]:
+    def fitted(xs: list[float], values: list[float]) -> dict[str, float]:
         line = fit_line(xs, values)
-        return {"bytes_per_conn": line.slope * scale, "r2": line.r2,
-                "intercept_bytes": line.intercept * scale}
+        return {"bytes_per_conn": line.slope, "r2": line.r2, "intercept_bytes": line.intercept}
 
-    result: dict[str, object] = {
-        "rss": fitted([s.process.rss for s in samples]),
-        "uss": fitted([s.process.uss for s in samples]),
-        "pss": fitted([s.process.pss for s in samples]),
-        "slab_total": fitted([s.kernel.slab_total for s in samples], 0.5),
-        "sockstat_mem": fitted([s.kernel.sockstat_mem for s in samples], 0.5),
+    caches = list(samples[0].kernel.caches) if samples else []
+    per_socket = {name: fitted(sockets, [s.kernel.caches.get(name, 0) for s in samples])
+                  for name in caches}
+    # The same caches fitted against our own connections and halved: what the fit would say if no
+    # other process touched a socket meanwhile; kept to show how much the noise moved it.
+    per_pair = {name: fitted(conns, [s.kernel.caches.get(name, 0) for s in samples])
+                for name in caches}
+    return {
+        "rss": fitted(conns, [s.process.rss for s in samples]),
+        "uss": fitted(conns, [s.process.uss for s in samples]),
+        "pss": fitted(conns, [s.process.pss for s in samples]),
+        "slab_total": fitted(sockets, [s.kernel.slab_total for s in samples]),
+        "caches": {name: f["bytes_per_conn"] for name, f in per_socket.items()},
+        "caches_r2": {name: f["r2"] for name, f in per_socket.items()},
+        "socket_caches_total": sum(f["bytes_per_conn"] for f in per_socket.values()),
+        "socket_caches_total_vs_own_connections_halved":
+            sum(f["bytes_per_conn"] for f in per_pair.values()) / 2,
+        "tcp_sockets_per_connection": fit_line(conns, sockets).slope,
     }
-    caches = samples[0].kernel.caches.keys() if samples else ()
-    per_cache = {name: fitted([s.kernel.caches.get(name, 0) for s in samples], 0.5)["bytes_per_conn"]
-                 for name in caches}
-    result["caches"] = per_cache
-    result["socket_caches_total"] = sum(per_cache.values())
-    return result

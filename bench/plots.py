@@ -37,14 +37,16 @@ def memory_plot(plt: Any, variants: dict[str, Any], path: str) -> str:
         user_ax.plot(xs, [(uss_fit["intercept_bytes"] + uss_fit["bytes_per_conn"] * x) / MB
                           for x in xs], "-", color=line.get_color(),
                      label=f"{name}: {uss_fit['bytes_per_conn']:,.0f} B/stream")
-        first = samples[0]["kernel"]["caches"]
-        kernel = [sum(s["kernel"]["caches"].values()) - sum(first.values()) for s in samples]
-        kernel_ax.plot(xs, [k / 2 / MB for k in kernel], "o-", color=line.get_color(),
+        first = samples[0]["kernel"]
+        sockets = [s["kernel"]["tcp_alloc"] - first["tcp_alloc"] for s in samples]
+        kernel = [sum(s["kernel"]["caches"].values()) - sum(first["caches"].values())
+                  for s in samples]
+        kernel_ax.plot(sockets, [k / MB for k in kernel], "o-", color=line.get_color(),
                        label=f"{name}: {memory['slopes']['socket_caches_total']:,.0f} B/socket")
     user_ax.set(title="Server user memory (USS, all processes)", xlabel="streams held",
                 ylabel="MiB")
-    kernel_ax.set(title="Kernel socket caches, server half (delta from first level)",
-                  xlabel="streams held", ylabel="MiB")
+    kernel_ax.set(title="Kernel socket caches vs TCP sockets (system-wide, from first level)",
+                  xlabel="TCP sockets allocated (both ends)", ylabel="MiB")
     for ax in (user_ax, kernel_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -43,6 +43,7 @@ class Child:
 
     def __init__(self, name: str, argv: list[str], log_dir: str, report_path: str = "") -> None:
         self.name, self.argv, self.report_path = name, argv, report_path
+        self._tree: list[int] | None = None
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
@@ -57,7 +58,8 @@ class Child:
         return self.proc.poll() is None
 
     def output_tail(self, chars: int = 2000) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")[-chars:]
 
@@ -92,14 +94,19 @@ class Child:
         self._signal_tree(signal.SIGCONT)
 
     def _signal_tree(self, signum: int) -> None:
-        try:
-            procs = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        for proc in procs:
+        # The tree is read once (walking /proc takes tens of ms, and a paced child catches up on
+        # its schedule after a pause, so every ms paused overshoots the next level); a child that
+        # forks workers does so at start, before the first pause.
+        if self._tree is None:
             try:
-                proc.send_signal(signum)
+                self._tree = [self.pid, *(p.pid for p in
+                                          psutil.Process(self.pid).children(recursive=True))]
             except psutil.NoSuchProcess:
+                return
+        for pid in self._tree:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
                 pass
 
 
@@ -118,6 +125,8 @@ class Server(Child):
             raise ValueError(f"unknown server kind {kind!r}")
         super().__init__(f"{kind}-{workers}w-server", argv + list(extra or ()), log_dir)
         self.kind, self.workers, self.url = kind, workers, f"http://{listen}"
+        # The master and its workers, read once at readiness (``tree()`` walks all of /proc).
+        self.pids = [self.pid]
 
     def wait_ready(self, timeout: float = 30.0) -> "Server":
         deadline = time.monotonic() + timeout
@@ -128,6 +137,8 @@ class Server(Child):
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
                     if resp.status == 200 and self._workers_up():
+                        self.pids = [self.pid, *(p.pid for p in
+                                                 psutil.Process(self.pid).children(recursive=True))]
                         return self
             except OSError:
                 pass
@@ -149,15 +160,14 @@ class Server(Child):
 
 
 def run_to_end(name: str, argv: list[str], log_dir: str, timeout: float) -> tuple[int, str]:
-    """Run a bounded command (the push sender) to completion; kill it past ``timeout``."""
+    """Run a bounded command (the push sender) to completion; SIGINT it past ``timeout``, and
+    always leave it ended, even when the bench itself is interrupted."""
     child = Child(name, argv, log_dir)
-    code = child.wait(timeout)
-    if code is None:
+    try:
+        code = child.wait(timeout)
+    finally:
         child.stop(signal.SIGINT, timeout=5)
-        code = child.proc.returncode
-    else:
-        child.stop()
-    return code, child.output_tail()
+    return child.proc.returncode if code is None else code, child.output_tail()
 
 
 def read_report(path: str) -> dict[str, Any]:

@@ -27,6 +27,13 @@ def fmt_bytes(value: Any) -> str:
     return "—" if value is None else f"{value:,.0f} B"
 
 
+def fmt_bytes_within(value: Any, resolution: Any) -> str:
+    """``350 B (± 700)``: a figure the kernel only reports to ``resolution`` bytes."""
+    if value is None:
+        return "—"
+    return fmt_bytes(value) + (f" (± {resolution:,.0f})" if resolution else "")
+
+
 def fmt_ms(value: Any) -> str:
     return "—" if value is None else f"{value:,.1f} ms"
 
@@ -73,8 +80,12 @@ ROWS: list[tuple[str, Callable[[Result], str]]] = [
      lambda v: fmt_bytes(dig(v, "memory", "slopes", "socket_caches_total"))),
     ("Kernel / server socket, /proc/meminfo Slab",
      lambda v: fmt_bytes(dig(v, "memory", "slopes", "slab_total", "bytes_per_conn"))),
-    ("Kernel / server socket, sockstat mem (idle)",
-     lambda v: fmt_bytes(dig(v, "memory", "slopes", "sockstat_mem", "bytes_per_conn"))),
+    ("Kernel TCP mem / stream, idle (sockstat)",
+     lambda v: fmt_bytes_within(dig(v, "memory", "sockstat_mem_per_stream_idle"),
+                                dig(v, "memory", "sockstat_resolution_per_stream"))),
+    ("Kernel TCP mem / stream, broadcast in flight",
+     lambda v: fmt_bytes_within(dig(v, "fanout", "sockstat_mem_per_stream_peak"),
+                                dig(v, "memory", "sockstat_resolution_per_stream"))),
     ("Total / stream (USS + socket caches)", lambda v: fmt_bytes(total_per_stream(v))),
     ("Broadcast fan-out p50 / p99 / max", lambda v: fmt_latency(dig(v, "fanout", "latency_ms"))),
     ("Broadcast events received / expected",

@@ -24,6 +24,10 @@ from typing import Any
 from . import load, memory, procs
 
 PUSH_BODY = b'{"mdm":"bench"}'
+# Events per second the devices read in all, low side (18k events took ~0.2 s with one device
+# process here): broadcasts are spaced so the devices have read one before the next is sent,
+# otherwise the second broadcast's latency would include the first one's backlog.
+DEVICE_READ_RATE = 30_000
 
 
 @dataclasses.dataclass
@@ -56,7 +60,10 @@ def run_variant(spec: VariantSpec, settings: PhaseSettings, log_dir: str) -> dic
     result (and the phases after them skipped) so one broken variant does not lose the others."""
     result: dict[str, Any] = {"kind": spec.kind, "workers": spec.workers}
     holder, port = procs.reserve_port()
-    server = procs.Server(spec.kind, spec.workers, "127.0.0.1", port, log_dir)
+    # Keepalive comments off: they are not push cost, and 18k of them landing inside a push run
+    # would add ~2 µs to every push's CPU figure. Memory per stream does not depend on them.
+    server = procs.Server(spec.kind, spec.workers, "127.0.0.1", port, log_dir,
+                          extra=["--keepalive", "0"])
     started = time.monotonic()
     try:
         server.wait_ready()
@@ -69,7 +76,8 @@ def run_variant(spec: VariantSpec, settings: PhaseSettings, log_dir: str) -> dic
         if spec.fanout:
             attach_device_report(result["fanout"], result["memory"]["devices_report"])
         if spec.targeted:
-            result["targeted"] = targeted_phase(server, spec, settings, log_dir)
+            result["targeted"] = targeted_phase(server, spec, settings, log_dir,
+                                                result["memory"]["idle_fds"])
     except Exception as exc:  # recorded, shown under the table; the other variants still run
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["server_log_tail"] = server.output_tail(1500)
@@ -85,8 +93,8 @@ def run_variant(spec: VariantSpec, settings: PhaseSettings, log_dir: str) -> dic
 def memory_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSettings,
                  log_dir: str) -> tuple[dict[str, Any], procs.Child]:
     time.sleep(0.3)  # workers finish importing before the idle baseline is read
-    base_fds = memory.open_fds(server.pid)
-    idle = memory.sample(server.pid, 0)
+    base_fds = memory.open_fds(server.pids)
+    idle = memory.sample(server.pids, 0)
     top = spec.levels[-1]
     ramp_seconds = top / settings.ramp
     report = f"{log_dir}/{spec.name}-memory-devices.json"
@@ -97,22 +105,35 @@ def memory_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSetting
     samples = []
     try:
         for level in spec.levels:
-            held = load.wait_for_connections(server.pid, base_fds, level,
+            held = load.wait_for_connections(server.pids, base_fds, level,
                                              timeout=ramp_seconds * 2 + 30, alive=devices.running)
             devices.pause()
             try:
-                held = load.wait_settled(server.pid, base_fds)
-                samples.append(memory.sample(server.pid, held))
+                held = load.wait_settled(server.pids, base_fds, quiet=0.2)
+                samples.append(memory.sample(server.pids, held))
             finally:
                 devices.resume()
             if held < level * 0.98:  # stalled: the fit would extrapolate beyond what was held
                 break
+        if len(samples) < 2 or samples[-1].connections == 0:
+            raise RuntimeError(f"devices reached {held} of {spec.levels[0]}+ streams "
+                               f"(exit code {devices.proc.poll()}):\n{devices.output_tail(1500)}")
+        held = load.wait_settled(server.pids, base_fds, quiet=1.0, timeout=10.0)
+        settled = memory.kernel_memory()  # every device has read its preamble by now
     except BaseException:
         stop_devices(devices)
         raise
-    return {"levels": [s.connections for s in samples], "top_connections": samples[-1].connections
-            if samples else 0, "idle": idle.as_dict(), "samples": [s.as_dict() for s in samples],
-            "slopes": memory.slopes(samples), "server_stats": server_stats(server)}, devices
+    return {"levels": [s.connections for s in samples], "top_connections": held,
+            "idle": idle.as_dict(), "idle_fds": base_fds, "samples": [s.as_dict() for s in samples],
+            "slopes": memory.slopes(samples),
+            "sockstat_mem_per_stream_idle": per_stream(settled.sockstat_mem,
+                                                       idle.kernel.sockstat_mem, held),
+            "sockstat_resolution_per_stream": per_stream(memory.sockstat_resolution(), 0, held),
+            "server_stats": server_stats(server)}, devices
+
+
+def per_stream(value: int, baseline: int, streams: int) -> float | None:
+    return (value - baseline) / streams if streams else None
 
 
 def stop_devices(devices: procs.Child) -> dict[str, Any]:
@@ -124,8 +145,11 @@ def stop_devices(devices: procs.Child) -> dict[str, Any]:
 # ---- phase 2: broadcast fan-out ----
 
 def fanout_phase(server: procs.Server, settings: PhaseSettings, streams: int) -> dict[str, Any]:
+    """Stamped broadcasts, ``broadcast_gap`` apart. Right after each answer the kernel's TCP memory
+    is read: every stream then holds one unread event, the ``tcp_mem`` trap of ops.md §2.2."""
     from rawsse.stamp import new_stamped_id
-    answers = []
+    before = memory.kernel_memory().sockstat_mem
+    answers, peak = [], before
     for _ in range(settings.broadcasts):
         apns_id = new_stamped_id()
         started = time.perf_counter()
@@ -133,12 +157,15 @@ def fanout_phase(server: procs.Server, settings: PhaseSettings, streams: int) ->
                                          headers={"apns-id": apns_id})
         with urllib.request.urlopen(request, timeout=60) as resp:
             body = json.loads(resp.read())
+        answer_ms = (time.perf_counter() - started) * 1000
+        peak = max(peak, memory.kernel_memory().sockstat_mem)
         answers.append({"apns_id": apns_id, "streams": int(body.get("streams", 0)),
-                        "answer_ms": (time.perf_counter() - started) * 1000})
-        time.sleep(settings.broadcast_gap)
+                        "answer_ms": answer_ms})
+        time.sleep(max(settings.broadcast_gap, streams / DEVICE_READ_RATE))
     return {"streams": streams, "broadcasts": len(answers), "answers": answers,
             "expected_events": sum(a["streams"] for a in answers),
-            "answer_ms_mean": sum(a["answer_ms"] for a in answers) / max(1, len(answers))}
+            "answer_ms_mean": sum(a["answer_ms"] for a in answers) / max(1, len(answers)),
+            "sockstat_mem_per_stream_peak": per_stream(peak, before, streams)}
 
 
 def attach_device_report(fanout: dict[str, Any], report: dict[str, Any]) -> None:
@@ -155,9 +182,11 @@ def attach_device_report(fanout: dict[str, Any], report: dict[str, Any]) -> None
 # ---- phase 3: targeted pushes ----
 
 def targeted_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSettings,
-                   log_dir: str) -> dict[str, Any]:
+                   log_dir: str, base_fds: int) -> dict[str, Any]:
     count = min(settings.targeted_devices, spec.levels[-1])
-    base_fds = memory.open_fds(server.pid)
+    # The memory phase's streams are still being closed for a moment after its devices exit;
+    # counting from a base that includes them would never reach ``count``.
+    load.wait_for_fds_at_most(server.pids, base_fds, timeout=30)
     report = f"{log_dir}/{spec.name}-targeted-devices.json"
     pushes_time = 2 * (settings.targeted_pushes / 1000 + 30)
     devices = procs.Child(f"{spec.name}-targeted-devices",
@@ -166,11 +195,11 @@ def targeted_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSetti
     result: dict[str, Any] = {"devices": count}
     try:
         started = time.monotonic()
-        held = load.wait_for_connections(server.pid, base_fds, count, timeout=120,
+        held = load.wait_for_connections(server.pids, base_fds, count, timeout=120,
                                          alive=devices.running)
         result["connected"] = held
         result["connect_rate_per_s_server"] = held / max(1e-6, time.monotonic() - started)
-        load.wait_settled(server.pid, base_fds)
+        load.wait_settled(server.pids, base_fds)
         result["keepalive"] = push_run(server, spec, settings, count, 1, log_dir)
         result["pipelined"] = push_run(server, spec, settings, count, settings.pipeline, log_dir)
         time.sleep(1.0)  # the last events reach the devices before they stop
@@ -190,10 +219,10 @@ def push_run(server: procs.Server, spec: VariantSpec, settings: PhaseSettings, t
     """One ``rawsse push`` run; CPU per push from the server's CPU time delta."""
     report = f"{log_dir}/{spec.name}-push-p{pipeline}.json"
     argv = load.push_argv(server.url, settings.targeted_pushes, tokens, report,
-                          senders=settings.senders, pipeline=pipeline, duration=60)
-    cpu_before = memory.cpu_seconds(server.pid)
+                          senders=settings.senders, pipeline=pipeline, max_time=60)
+    cpu_before = memory.cpu_seconds(server.pids)
     code, output = procs.run_to_end(f"{spec.name}-push-p{pipeline}", argv, log_dir, timeout=90)
-    cpu = memory.cpu_seconds(server.pid) - cpu_before
+    cpu = memory.cpu_seconds(server.pids) - cpu_before
     push_report = procs.read_report(report)
     accepted = push_report.get("accepted") or 0
     return {"exit_code": code, "senders": settings.senders, "pipeline": pipeline,

@@ -23,41 +23,29 @@ Rules (each from Fleet's client, ``pkg/mdm/apnsmock/client.go``; reference fleet
 - The first connect waits for its ramp slot (``--ramp`` per second, shared by the children) and
   then ``uniform[0, --jitter)`` (Fleet's ``WithInitialJitter``).
 
-Tokens (``--token-scheme``): ``fleet`` is Fleet mdmtest's ``hex("token" + serial)``; mdmtest draws a
-random 12-character serial from ``0-9A-Z`` (``RandSerialNumber``), so rawsse uses the 12-digit
-decimal index, ``f"{i:012d}"``: same length and alphabet, so the same 34-hex-digit tokens, and
-reproducible, so ``rawsse push --tokens fleet:A-B`` reaches ``--token-start A``; the push payload
-is ``{"mdm":"pushmagic" + serial}`` like mdmtest's TokenUpdate PushMagic. ``random`` is 32-byte
-tokens derived from ``(--token-seed, index)`` so the push driver can derive the same ones.
-
-Ports: one (source IP, destination IP, destination port) tuple has only the ephemeral port range
-(``ip_local_port_range``, 28,232 ports on this VM) to give, so devices bind spread source addresses
-from 127.0.0.2 up with ``IP_BIND_ADDRESS_NO_PORT`` (ops.md §2.3).
+Tokens and source addresses: see ``rawsse.loadgen`` (Fleet mdmtest's ``hex("token" + serial)``
+with a 12-digit decimal serial; 127.0.0.x sources bound with ``IP_BIND_ADDRESS_NO_PORT`` so no
+(source, destination, port) tuple runs out of ephemeral ports, ops.md §2.3).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
-import ipaddress
 import math
 import os
 import random
-import resource
-import select
 import signal
 import socket
-import sys
 import time
-import traceback
-import urllib.parse
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import orjson
 
+from . import loadgen
 from .config import ConfigError
+from .loadgen import error_kind, fleet_serial, fleet_token, random_token  # noqa: F401 (API)
 from .loop import READ_EVENTS, WRITE_EVENTS, Loop
 from .stamp import LatencyHistogram, stamp_time
 
@@ -69,11 +57,11 @@ examples:
 
 report (JSON): count, processes, connected (at end), peak_connected, events, duplicates,
   latency_ms {count,p50,p90,p99,max,mean} (push's apns-id stamp → receipt), reconnects,
-  errors {kind: n}, duration_s, connect_rate_per_s, plus timeline {bin_s, attempts, connects,
-  drops} (per time bin since start) and unstamped (events whose id is not a rawsse stamp).
+  errors {kind: n}, duration_s, connect_rate_per_s; also unstamped (events whose id is not a
+  rawsse stamp), attempts, connects, latency_histogram (mergeable), and timeline {bin_s,
+  attempts, connects, drops} (counts per time bin since the start).
 """
 
-FLEET_SERIAL_DIGITS = 12
 MAX_LINE = 8192  # Fleet's scanner.Buffer(..., 8192): a line needs len + 1 bytes of buffer
 MAX_HEAD = 16 * 1024
 RECV_SIZE = 16 * 1024
@@ -83,118 +71,10 @@ RECENT_IDS = 4
 RECENT_BYTES = RECENT_IDS * 37
 FD_MARGIN = 100  # fds a child keeps for epoll, its wakeup pair, the pipe, stdio, imports
 SNAPSHOT_SECONDS = 0.25
-REAP_GRACE = 5.0
 MAX_TIMELINE_BINS = 100_000
-# Share of the ephemeral range one source address may use: headroom for TIME_WAIT and other
-# users of the same tuple. ops.md §2.3 says "~64k per tuple"; this VM's range is 28,232 ports.
-PORT_RANGE_SHARE = 0.8
-MAX_PORTS_PER_SOURCE = 50_000
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # linux/in.h
 
 IDLE, CONNECTING, HEAD, STREAM, STOPPED = range(5)
-
-_ERRNO_KIND = {errno.ECONNREFUSED: "refused", errno.ECONNRESET: "reset", errno.EPIPE: "reset",
-               errno.ETIMEDOUT: "timeout", errno.EADDRNOTAVAIL: "no_ports",
-               errno.EADDRINUSE: "no_ports", errno.EMFILE: "emfile", errno.ENFILE: "enfile",
-               errno.EHOSTUNREACH: "unreachable", errno.ENETUNREACH: "unreachable"}
-
-
-# -- token schemes (the push driver derives its targets with the same functions) --------------
-
-def fleet_serial(index: int) -> str:
-    return f"{index:0{FLEET_SERIAL_DIGITS}d}"
-
-
-def fleet_token(index: int) -> str:
-    """Fleet mdmtest's device token for serial ``fleet_serial(index)``: hex("token" + serial)."""
-    return ("token" + fleet_serial(index)).encode().hex()
-
-
-def random_token(index: int, seed: int = 0) -> str:
-    """A 32-byte token (Apple's size) that looks random but is reproducible from (seed, index)."""
-    return hashlib.sha256(b"rawsse-token:%d:%d" % (seed, index)).hexdigest()
-
-
-def read_token_file(path: str) -> list[str]:
-    """One hex token per line; blank lines and ``#`` comments are skipped."""
-    try:
-        with open(path, encoding="ascii") as f:
-            lines = [line.strip().lower() for line in f]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError("--token-scheme", f"cannot read {path}: {exc}") from None
-    return [line for line in lines if line and not line.startswith("#")]
-
-
-def tokens_for(scheme: str, start: int, count: int, seed: int = 0) -> list[str]:
-    """``count`` tokens from index ``start`` of ``scheme`` (``fleet``, ``random``, ``file:PATH``)."""
-    if scheme == "fleet":
-        return [fleet_token(i) for i in range(start, start + count)]
-    if scheme == "random":
-        return [random_token(i, seed) for i in range(start, start + count)]
-    if scheme.startswith("file:"):
-        tokens = read_token_file(scheme[5:])
-        if start + count > len(tokens):
-            raise ConfigError("--token-scheme", f"{scheme[5:]} holds {len(tokens)} tokens; "
-                                                f"{start + count} are needed")
-        return tokens[start:start + count]
-    raise ConfigError("--token-scheme", f"{scheme!r}: use fleet, random or file:PATH")
-
-
-# -- addresses ----------------------------------------------------------------------------------
-
-def parse_url(url: str, flag: str = "--url") -> tuple[str, int, str]:
-    """``http://host[:port][/base]`` → (IPv4 address, port, base path without trailing /)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ConfigError(flag, f"{url!r} is not an http://HOST:PORT URL")
-    try:
-        port = parts.port or 80
-        host = socket.getaddrinfo(parts.hostname, port, socket.AF_INET)[0][4][0]
-    except (OSError, ValueError) as exc:
-        raise ConfigError(flag, f"{url!r}: {exc}") from None
-    return host, port, parts.path.rstrip("/")
-
-
-def ports_per_source() -> int:
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low, high = map(int, f.read().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999  # the kernel default
-    return min(MAX_PORTS_PER_SOURCE, int((high - low + 1) * PORT_RANGE_SHARE))
-
-
-def loopback_sources(n: int) -> list[str]:
-    """``n`` loopback addresses from 127.0.0.2 up (all of 127/8 is local on Linux)."""
-    first = int(ipaddress.IPv4Address("127.0.0.2"))
-    return [str(ipaddress.IPv4Address(first + k)) for k in range(n)]
-
-
-def parse_sources(spec: str, count: int, dest_host: str) -> list[str]:
-    """``auto`` | ``none`` | N | ``A-B`` (IPv4 range) | ``a,b,c`` → source addresses ([] = any)."""
-    flag = "--source-addresses"
-    spec = spec.strip()
-    if spec == "none":
-        return []
-    if spec == "auto":
-        needed = math.ceil(count / ports_per_source())
-        if needed <= 1:
-            return []
-        if not dest_host.startswith("127."):
-            raise ConfigError(flag, f"{count} connections to one address need {needed} source "
-                                    f"addresses; name addresses this host owns")
-        return loopback_sources(needed)
-    if spec.isdigit():
-        return loopback_sources(int(spec))
-    try:
-        if "-" in spec:
-            low, high = (int(ipaddress.IPv4Address(p.strip())) for p in spec.split("-", 1))
-            if high < low:
-                raise ValueError("the range ends below its start")
-            return [str(ipaddress.IPv4Address(a)) for a in range(low, high + 1)]
-        return [str(ipaddress.IPv4Address(p.strip())) for p in spec.split(",")]
-    except ValueError as exc:
-        raise ConfigError(flag, f"{spec!r}: {exc} (auto, none, N, A-B or a,b,c)") from None
 
 
 # -- one device ---------------------------------------------------------------------------------
@@ -234,7 +114,7 @@ class Device:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                                  | socket.SOCK_CLOEXEC)
         except OSError as exc:
-            self._retry(_ERRNO_KIND.get(exc.errno or 0, "socket"), healthy=False)
+            self._retry(error_kind(exc.errno, "socket"), healthy=False)
             return
         self.sock = sock
         try:
@@ -247,7 +127,7 @@ class Device:
         except OSError as exc:
             err = exc.errno or errno.EIO
         if err not in (0, errno.EINPROGRESS):
-            self._fail(_ERRNO_KIND.get(err, errno.errorcode.get(err, "connect").lower()))
+            self._fail(error_kind(err, "connect"))
             return
         self.state = CONNECTING
         group.loop.add(sock.fileno(), self, WRITE_EVENTS)
@@ -258,22 +138,23 @@ class Device:
         self._fail("timeout")
 
     def handle_events(self, events: int) -> None:
-        if self.state == CONNECTING:
-            self._on_connected()
-        else:
-            self._on_readable()
-
-    def _on_connected(self) -> None:
         sock = self.sock
+        assert sock is not None  # registered with the loop only while it has a socket
+        if self.state == CONNECTING:
+            self._on_connected(sock)
+        else:
+            self._on_readable(sock)
+
+    def _on_connected(self, sock: socket.socket) -> None:
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._fail(_ERRNO_KIND.get(err, errno.errorcode.get(err, "connect").lower()))
+            self._fail(error_kind(err, "connect"))
             return
         request = self.group.request_prefix + self.token + self.group.request_suffix
         try:
             sent = sock.send(request)
         except OSError as exc:
-            self._fail(_ERRNO_KIND.get(exc.errno or 0, "send"))
+            self._fail(error_kind(exc.errno, "send"))
             return
         if sent != len(request):  # a fresh socket's send buffer holds far more than ~150 B
             self._fail("short_send")
@@ -281,13 +162,13 @@ class Device:
         self.state = HEAD
         self.group.loop.modify(sock.fileno(), READ_EVENTS)
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, sock: socket.socket) -> None:
         try:
-            data = self.sock.recv(RECV_SIZE)
+            data = sock.recv(RECV_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:
-            self._fail(_ERRNO_KIND.get(exc.errno or 0, "recv"))
+            self._fail(error_kind(exc.errno, "recv"))
             return
         if not data:
             self._fail("eof" if self.state == STREAM else "eof_before_head")
@@ -336,6 +217,8 @@ class Device:
             if not line or line == b"\r":
                 if self.has_data:
                     self._dispatch()
+                else:  # an event without data is dropped, its id with it
+                    self.event_id = None
                 continue
             if len(line) >= MAX_LINE:
                 return "line_too_long"
@@ -454,14 +337,14 @@ class DeviceGroup:
         self.loop = loop
         self.plan = plan
         self.address = (plan.host, plan.port)
-        host = plan.host if plan.port == 80 else f"{plan.host}:{plan.port}"
+        host = loadgen.host_header(plan.host, plan.port)
         self.request_prefix = f"GET {plan.base_path}/events?token=".encode()
         self.request_suffix = (f" HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n"
                                .encode())
         self.connect_timeout = plan.connect_timeout
         self.backoff_min, self.backoff_max = plan.backoff_min, plan.backoff_max
         self.stopping = False
-        tokens = tokens_for(plan.scheme, plan.token_start + first, count, plan.token_seed)
+        tokens = loadgen.tokens_for(plan.scheme, plan.token_start + first, count, plan.token_seed)
         sources = plan.sources
         self.devices = [Device(self, token.encode(), sources[(first + k) % len(sources)]
                                if sources else None) for k, token in enumerate(tokens)]
@@ -498,7 +381,8 @@ class DeviceGroup:
 
     def on_stream_end(self) -> None:
         self.connected -= 1
-        self.timeline["drops"][self._bin()] += 1
+        if not self.stopping:  # our own closes at the end are not drops
+            self.timeline["drops"][self._bin()] += 1
 
     def release_due(self) -> None:
         """Start the devices whose ramp slot has come; re-arm until all are released."""
@@ -538,30 +422,24 @@ class DeviceGroup:
 
 # -- child process ------------------------------------------------------------------------------
 
-def _child_main(plan: Plan, first: int, count: int, write_fd: int, parent: int) -> NoReturn:
-    code = 1
-    try:
-        code = _run_child(plan, first, count, write_fd, parent)
-    except BaseException:  # the parent reports the failure; the traceback goes to stderr
-        traceback.print_exc()
-    finally:
-        os._exit(code)
-
-
-def _run_child(plan: Plan, first: int, count: int, write_fd: int, parent: int) -> int:
+def run_child(plan: Plan, first: int, count: int, write_fd: int, parent: int) -> int:
+    """One child: its slice of devices on its own loop until the duration ends or SIGTERM/SIGINT;
+    a snapshot line every ``SNAPSHOT_SECONDS``, then the final one."""
     loop = Loop()
     group = DeviceGroup(loop, plan, first, count)
-    stop_requested = []
+    stop_requested: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
         stop_requested.append(signum)  # only a flag: the loop's wakeup hook acts on it
 
     def finish() -> None:
+        if group.stopping:
+            return
         connected_at_end = group.connected
         group.stop()
         snap = group.snapshot(final=True)
         snap["connected"] = connected_at_end
-        os.write(write_fd, orjson.dumps(snap) + b"\n")  # blocking: the parent is reading
+        loadgen.send_line(write_fd, snap)
         loop.stop()
 
     def tick() -> None:
@@ -570,10 +448,10 @@ def _run_child(plan: Plan, first: int, count: int, write_fd: int, parent: int) -
         if stop_requested or os.getppid() != parent or loop.now >= plan.start + plan.duration:
             finish()
             return
-        os.write(write_fd, orjson.dumps(group.snapshot()) + b"\n")
+        loadgen.send_line(write_fd, group.snapshot())
         loop.call_later(SNAPSHOT_SECONDS, tick)
 
-    loop.on_wakeup = lambda: finish() if stop_requested and not group.stopping else None
+    loop.on_wakeup = lambda: finish() if stop_requested else None
     signal.set_wakeup_fd(loop.wakeup_fd())
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -585,29 +463,20 @@ def _run_child(plan: Plan, first: int, count: int, write_fd: int, parent: int) -
 
 # -- parent: plan, fork, collect, report --------------------------------------------------------
 
-def raise_nofile_limit() -> int:
-    """Raise the soft open-file limit to the hard one; returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return hard
-    return soft
-
-
 def default_processes(count: int) -> int:
-    per_process = max(1, raise_nofile_limit() - FD_MARGIN)
+    """Enough children that none holds more sockets than its open-file limit allows."""
+    per_process = max(1, loadgen.raise_nofile_limit() - FD_MARGIN)
     return max(1, math.ceil(count / per_process))
 
 
 class Collector:
-    """The parent's view: latest snapshot per child, the progress line, the merged report."""
+    """The parent's view: the latest snapshot of each child, the progress line, the report."""
 
     def __init__(self, plan: Plan, quiet: bool) -> None:
         self.plan = plan
-        self.quiet = quiet
         self.latest: dict[int, dict[str, Any]] = {}
         self.peak_connected = 0
-        self.tty = sys.stderr.isatty()
+        self.progress_line = loadgen.ProgressLine(quiet)
         self._last_events = 0
         self._last_print = time.monotonic()
 
@@ -622,8 +491,7 @@ class Collector:
     def errors(self) -> dict[str, int]:
         merged: dict[str, int] = {}
         for snap in self.latest.values():
-            for kind, n in snap.get("errors", {}).items():
-                merged[kind] = merged.get(kind, 0) + n
+            loadgen.merge_counts(merged, snap.get("errors", {}))
         return dict(sorted(merged.items()))
 
     def progress(self) -> None:
@@ -631,23 +499,21 @@ class Collector:
         events = self.total("events")
         rate = (events - self._last_events) / max(now - self._last_print, 1e-6)
         self._last_events, self._last_print = events, now
-        if self.quiet:
-            return
         errors = " ".join(f"{k}={v}" for k, v in self.errors().items()) or "0"
-        line = (f"devices t={now - self.plan.start:5.1f}s connected {self.total('connected')}"
-                f"/{self.plan.count} (peak {self.peak_connected}) events {events} "
-                f"({rate:.0f}/s) reconnects {self.total('reconnects')} errors {errors}")
-        print(("\r\x1b[K" + line) if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
+        self.progress_line.show(
+            f"devices t={now - self.plan.start:5.1f}s connected {self.total('connected')}"
+            f"/{self.plan.count} (peak {self.peak_connected}) events {events} ({rate:.0f}/s) "
+            f"reconnects {self.total('reconnects')} errors {errors}")
 
     def report(self, ended: float, failed_children: int) -> dict[str, Any]:
         latency = LatencyHistogram()
-        bins = None
+        timeline: dict[str, list[int]] = {}
         for snap in self.latest.values():
             if "latency" in snap:
                 latency.merge(LatencyHistogram.from_dict(snap["latency"]))
-            if "timeline" in snap:
-                bins = _add_timelines(bins, snap["timeline"])
+            for name, counts in snap.get("timeline", {}).items():
+                timeline[name] = [a + b for a, b in zip(timeline[name], counts)] \
+                    if name in timeline else list(counts)
         errors = self.errors()
         if failed_children:
             errors["child_failed"] = failed_children
@@ -666,99 +532,16 @@ class Collector:
             "unstamped": self.total("unstamped"), "attempts": self.total("attempts"),
             "connects": self.total("connects"), "first_connects": first,
             "sources": len(self.plan.sources),
-            "timeline": {"bin_s": self.plan.timeline_bin, **(bins or {})},
+            "latency_histogram": latency.to_dict(),
+            "timeline": {"bin_s": self.plan.timeline_bin, **_trimmed(timeline)},
         }
 
 
-def _add_timelines(total: dict[str, list[int]] | None,
-                   more: dict[str, list[int]]) -> dict[str, list[int]]:
-    if total is None:
-        return {k: list(v) for k, v in more.items()}
-    return {k: [a + b for a, b in zip(total[k], more[k])] for k in total}
-
-
-def _fork_children(plan: Plan) -> dict[int, tuple[int, int]]:
-    """Fork one child per slice; returns {read fd: (child index, pid)}."""
-    children: dict[int, tuple[int, int]] = {}
-    parent = os.getpid()
-    base, extra = divmod(plan.count, plan.processes)
-    first = 0
-    for index in range(plan.processes):
-        count = base + (1 if index < extra else 0)
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            for fd in children:  # other children's pipes are not ours to hold open
-                os.close(fd)
-            _child_main(plan, first, count, write_fd, parent)
-        os.close(write_fd)
-        children[read_fd] = (index, pid)
-        first += count
-    return children
-
-
-def _collect(plan: Plan, children: dict[int, tuple[int, int]], collector: Collector,
-             expect_events: int) -> int:
-    """Read snapshots until every child has closed its pipe; returns how many children failed."""
-    stop_flags: list[int] = []
-    previous = {sig: signal.signal(sig, lambda s, f: stop_flags.append(s))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    poller = select.poll()
-    buffers = {fd: b"" for fd in children}
-    for fd in children:
-        poller.register(fd, select.POLLIN)
-    deadline = plan.start + plan.duration + 15.0
-    signalled = False
-    next_print = time.monotonic() + 1.0
-    try:
-        while buffers and time.monotonic() < deadline:
-            for fd, _ in poller.poll(250):
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    poller.unregister(fd)
-                    del buffers[fd]
-                    continue
-                *lines, buffers[fd] = (buffers[fd] + chunk).split(b"\n")
-                for line in lines:
-                    collector.add(children[fd][0], orjson.loads(line))
-            wants_stop = stop_flags or (expect_events and collector.total("events") >= expect_events)
-            if wants_stop and not signalled:
-                signalled = True
-                for _, pid in children.values():
-                    _signal_child(pid, signal.SIGTERM)
-            if time.monotonic() >= next_print:
-                collector.progress()
-                next_print += 1.0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return _reap(children)
-
-
-def _signal_child(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _reap(children: dict[int, tuple[int, int]]) -> int:
-    """Wait for every child (a child that closed its pipe exits within moments); one still
-    running after ``REAP_GRACE`` seconds is ours to end, by PID. Returns how many failed."""
-    failed = 0
-    for fd, (_, pid) in children.items():
-        os.close(fd)
-        deadline = time.monotonic() + REAP_GRACE
-        done, status = os.waitpid(pid, os.WNOHANG)
-        while done == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-            done, status = os.waitpid(pid, os.WNOHANG)
-        if done == 0:
-            _signal_child(pid, signal.SIGKILL)
-            _, status = os.waitpid(pid, 0)
-        failed += os.waitstatus_to_exitcode(status) != 0
-    return failed
+def _trimmed(timeline: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Drop the all-zero bins at the end (a run stopped early, or a day-long one)."""
+    used = max((i + 1 for counts in timeline.values() for i, n in enumerate(counts) if n),
+               default=0)
+    return {name: counts[:used] for name, counts in timeline.items()}
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -782,18 +565,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(32-byte, from --token-seed) or file:PATH (default fleet)")
     parser.add_argument("--token-start", type=int, default=0, metavar="I",
                         help="first token index (default 0)")
-    parser.add_argument("--token-seed", type=int, default=0, help="seed of the random scheme")
+    parser.add_argument("--token-seed", type=int, default=0, metavar="N",
+                        help="seed of the random scheme (default 0)")
     parser.add_argument("--duration", type=float, default=60.0, metavar="SECONDS",
                         help="stop after this long (default 60)")
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="connect + response head deadline (default 10)")
-    parser.add_argument("--backoff-min", type=float, default=1.0, help="seconds (default 1)")
-    parser.add_argument("--backoff-max", type=float, default=30.0, help="seconds (default 30)")
+    parser.add_argument("--backoff-min", type=float, default=1.0, metavar="SECONDS",
+                        help="first reconnect delay, before jitter (default 1, Fleet's)")
+    parser.add_argument("--backoff-max", type=float, default=30.0, metavar="SECONDS",
+                        help="reconnect delay cap (default 30, Fleet's)")
     parser.add_argument("--expect-events", type=int, default=0, metavar="K",
                         help="stop early once K events were received in all (for tests)")
     parser.add_argument("--timeline-bin", type=float, default=1.0, metavar="SECONDS",
                         help="bin width of the report's timeline (default 1)")
-    parser.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    parser.add_argument("--report", metavar="PATH", help="write the JSON report here (default: "
+                                                          "stdout)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 
@@ -803,15 +590,16 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.duration <= 0 or args.timeline_bin <= 0:
         raise ConfigError("--duration", "--duration and --timeline-bin must be positive")
     if not 0 < args.backoff_min <= args.backoff_max:
-        raise ConfigError("--backoff-min", "needs 0 < --backoff-min ≤ --backoff-max")
-    host, port, base = parse_url(args.url)
+        raise ConfigError("--backoff-min", "needs 0 < --backoff-min <= --backoff-max")
+    host, port, base = loadgen.parse_url(args.url)
     processes = args.processes or default_processes(args.count)
-    raise_nofile_limit()
-    tokens_for(args.token_scheme, args.token_start, 1, args.token_seed)  # fail early, in the parent
+    loadgen.raise_nofile_limit()
+    loadgen.tokens_for(args.token_scheme, args.token_start + args.count - 1, 1,
+                       args.token_seed)  # a bad scheme or short file fails here, once
     return Plan(host=host, port=port, base_path=base, scheme=args.token_scheme,
                 token_start=args.token_start, token_seed=args.token_seed, count=args.count,
                 processes=max(1, min(processes, args.count)),
-                sources=tuple(parse_sources(args.source_addresses, args.count, host)),
+                sources=tuple(loadgen.parse_sources(args.source_addresses, args.count, host)),
                 ramp=max(0.0, args.ramp), jitter=max(0.0, args.jitter), duration=args.duration,
                 connect_timeout=args.connect_timeout, backoff_min=args.backoff_min,
                 backoff_max=args.backoff_max,
@@ -822,16 +610,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def run(args: argparse.Namespace) -> int:
     plan = make_plan(args)
     collector = Collector(plan, args.quiet)
-    children = _fork_children(plan)
-    failed = _collect(plan, children, collector, args.expect_events)
+    base, extra = divmod(plan.count, plan.processes)
+    sizes = [base + (1 if k < extra else 0) for k in range(plan.processes)]
+    slices = [(sum(sizes[:k]), sizes[k]) for k in range(plan.processes)]
+    parent = os.getpid()
+    children = loadgen.fork_workers(
+        slices, lambda first, count, fd: run_child(plan, first, count, fd, parent))
+    failed = loadgen.collect_lines(
+        children, collector.add, collector.progress,
+        should_stop=lambda: bool(args.expect_events)
+        and collector.total("events") >= args.expect_events,
+        deadline=plan.start + plan.duration + 15.0)
     report = collector.report(time.monotonic(), failed)
-    if not args.quiet:
-        collector.progress()
-        if collector.tty:
-            print(file=sys.stderr)
-    if args.report:
-        with open(args.report, "wb") as f:
-            f.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
-    else:
-        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    collector.progress()
+    collector.progress_line.done()
+    loadgen.write_report(report, args.report)
     return 1 if failed else 0

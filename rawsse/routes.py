@@ -205,7 +205,7 @@ class Routes:
         if path.startswith(b"/admin/tokens/"):
             base, rest = b"/admin/tokens", path[len(b"/admin/tokens/"):]
         handler = self._operator.get(base)
-        if handler is None or (handler is not self.healthz and not (conn.operator or self.config.admin_listen is None)):
+        if handler is None or (base != b"/healthz" and not (conn.operator or self.config.admin_listen is None)):
             self._error(conn, 404, "BadPath")
             return
         handler(conn, method, rest, query)

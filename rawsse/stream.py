@@ -55,6 +55,7 @@ class Stream:
             if push is not None:
                 self.held = push
             if len(out) + len(data) > self.limit:
+                self.worker.stats.slow_reader_closes += 1
                 self.close("slow_reader")
                 return False
             out += data

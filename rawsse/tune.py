@@ -34,6 +34,7 @@ import sys
 from typing import Callable, Mapping
 
 from .config import ConfigError
+from .loadgen import MAX_PORTS_PER_SOURCE, PORT_RANGE_SHARE
 
 PROC_SYS = "/proc/sys"
 MEMINFO = "/proc/meminfo"
@@ -61,10 +62,10 @@ UNIT_LIMIT_NOFILE = 1048576
 # Up to this many connections the kernel's defaults for backlogs and TIME_WAIT reuse are enough:
 # a whole-fleet reconnect fits in the default 4096 accept backlog within the clients' backoff.
 SMALL_FLEET = 10_000
-# Plan on 90% of each source address's ports: connect() searches the range for a free port and
-# slows as it fills, and reconnects need room while old sockets sit in TIME_WAIT.
-PORT_USE = 0.9
-# tune/99-rawsse-devices.conf widens the range to this; 64,512 ports per source address.
+# Devices per source address: rawsse devices plans on PORT_RANGE_SHARE of the ephemeral range,
+# at most MAX_PORTS_PER_SOURCE (connect() slows as the range fills, and reconnects need room
+# while old sockets sit in TIME_WAIT). Imported so this check and the tool never disagree.
+# tune/99-rawsse-devices.conf widens the range to WIDE_PORT_RANGE: 64,512 ports per address.
 WIDE_PORT_RANGE = (1024, 65535)
 
 SERVER, DEVICES = "server", "devices"
@@ -143,10 +144,20 @@ def read_meminfo() -> dict[str, int]:
     return values
 
 
+def read_nofile() -> tuple[int, int]:
+    """RLIMIT_NOFILE (soft, hard); RLIM_INFINITY (-1) stands for "at most fs.nr_open"."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = UNIT_LIMIT_NOFILE
+    return (unlimited if soft == resource.RLIM_INFINITY else soft,
+            unlimited if hard == resource.RLIM_INFINITY else hard)
+
+
 def read_host() -> Host:
+    """Snapshot the live values. Run it before the fleet connects: MemAvailable already excludes
+    what connected streams use."""
     present = {name: value for name in SYSCTLS if (value := read_sysctl(name)) is not None}
     meminfo = read_meminfo()
-    return Host(sysctls=present, nofile=resource.getrlimit(resource.RLIMIT_NOFILE),
+    return Host(sysctls=present, nofile=read_nofile(),
                 mem_total=meminfo["MemTotal"],
                 mem_available=meminfo.get("MemAvailable", meminfo["MemFree"]))
 
@@ -202,7 +213,7 @@ def for_large_fleet(n: int, value: int) -> int | None:
     return value if n > SMALL_FLEET else None
 
 
-# --- Checks: each (host, n) -> Row, no I/O ------------------------------------------------------------
+# --- Checks: each (host, n) -> Row, no I/O ------------------------------------------------
 
 def check_file_max(host: Host, n: int) -> Row:
     # One fd per connection, +10% for push senders and reconnects that overlap the old socket,
@@ -293,13 +304,19 @@ def port_range_width(host: Host) -> int | None:
     return low_high[1] - low_high[0] + 1 if low_high and len(low_high) == 2 else None
 
 
+def devices_per_source(width: int) -> int:
+    """The same rule as ``rawsse devices --source-addresses auto``."""
+    return max(min(MAX_PORTS_PER_SOURCE, int(width * PORT_RANGE_SHARE)), 1)
+
+
 def check_port_range(host: Host, n: int) -> Row:
+    # LOW when one address could carry more devices with a wider range: widening is one sysctl,
+    # while every extra source address must be configured.
     name = "net.ipv4.ip_local_port_range"
     width = port_range_width(host)
     if width is None:
         return Row(name, "absent", "-", INFO, "cannot read the ephemeral port range")
-    wide = WIDE_PORT_RANGE[1] - WIDE_PORT_RANGE[0] + 1
-    needed = min(math.ceil(n / PORT_USE), int(wide * PORT_USE))
+    needed = math.ceil(min(n, MAX_PORTS_PER_SOURCE) / PORT_RANGE_SHARE)
     low, high = host.numbers(name) or [0, 0]
     widened = f"{min(low, WIDE_PORT_RANGE[0])} {max(high, WIDE_PORT_RANGE[1])}"
     return Row(name, f"{low} {high} ({width} ports)", f">= {needed} ports",
@@ -311,8 +328,7 @@ def check_port_range(host: Host, n: int) -> Row:
 def check_source_addresses(host: Host, n: int) -> Row:
     """How many source addresses the fleet needs: one (src, dst, dst port) tuple carries one
     connection per ephemeral port."""
-    width = port_range_width(host) or 1
-    usable = max(int(width * PORT_USE), 1)
+    usable = devices_per_source(port_range_width(host) or 1)
     count = math.ceil(n / usable)
     last = f"127.0.0.{count + 1}" if count < 254 else "..."
     return Row("source addresses", "-", f"{count} ({usable} devices each)", INFO,
@@ -330,7 +346,9 @@ def check_conntrack(host: Host, n: int) -> Row:
     row = at_least(host, name, math.ceil(n * 1.5),
                    "one entry per connection; when full the kernel drops packets")
     count = host.number("net.netfilter.nf_conntrack_count")
-    return dataclasses.replace(row, current=f"{row.current} (in use {count})") if count is not None else row
+    if count is None:
+        return row
+    return dataclasses.replace(row, current=f"{row.current} (in use {count})")
 
 
 def check_nofile(host: Host, n: int) -> Row:
@@ -448,8 +466,8 @@ def apply_rows(rows: list[Row]) -> bool:
 def run_apply(n: int, role: str) -> int:
     if os.geteuid() != 0:
         print("rawsse tune: --apply writes /proc/sys and needs root. Run it with sudo, or install "
-              f"tune/99-rawsse-{role}.conf in /etc/sysctl.d/ and run `sysctl --system`.",
-              file=sys.stderr)
+              f"tune/99-rawsse-{role}.conf in /etc/sysctl.d/ and run "
+              "`systemctl restart systemd-sysctl`.", file=sys.stderr)
         return 2
     print("rawsse tune: applying (until reboot; the sysctl.d file makes it permanent):")
     written = apply_rows(evaluate(read_host(), n, role))

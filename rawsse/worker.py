@@ -174,6 +174,8 @@ class Worker:
         self._keepalive_round: list[Stream] = []
         self._keepalive_pos = 0
         self._keepalive_next = 0.0
+        # Sub-second keepalives (tests, aggressive proxies) need a tick at least as fast.
+        self.tick_seconds = min(TICK_SECONDS, config.keepalive) if config.keepalive > 0 else TICK_SECONDS
         Stream.worker = self
         Stream.limit = config.stream_buffer
         Conn.worker = self
@@ -196,7 +198,7 @@ class Worker:
     def start(self) -> None:
         """Arm the periodic tick and the GC policy; call once before ``loop.run()``."""
         self._keepalive_next = self.loop.now + self.config.keepalive
-        self.loop.call_later(TICK_SECONDS, self._tick)
+        self.loop.call_later(self.tick_seconds, self._tick)
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
@@ -284,7 +286,7 @@ class Worker:
 
     def _tick(self) -> None:
         now = self.loop.now
-        self.loop.call_later(TICK_SECONDS, self._tick)
+        self.loop.call_later(self.tick_seconds, self._tick)
         for conn in [c for c in self.http_conns if c.deadline < now]:
             conn.timed_out()
         if self.config.keepalive > 0:
@@ -300,7 +302,7 @@ class Worker:
         round_ = self._keepalive_round
         if not round_:
             return
-        ticks = max(1, int(interval / TICK_SECONDS))
+        ticks = max(1, int(interval / self.tick_seconds))
         end = min(len(round_), self._keepalive_pos + math.ceil(len(round_) / ticks))
         sent = 0
         for stream in round_[self._keepalive_pos:end]:

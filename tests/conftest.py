@@ -83,6 +83,34 @@ class Server:
         return self.proc.returncode
 
 
+def launch(*args: str, admin: bool = False, env: dict[str, str] | None = None,
+           ready: bool = True) -> tuple[Server, list[socket.socket]]:
+    """Start a server on reserved ports; returns it with the port holders to close after."""
+    holders = []
+    holder, port = reserve_port()
+    holders.append(holder)
+    flags = list(args)
+    admin_port = None
+    if admin:
+        admin_holder, admin_port = reserve_port()
+        holders.append(admin_holder)
+        flags += ["--admin-listen", f"127.0.0.1:{admin_port}"]
+    server = Server(flags, port, admin_port=admin_port, env=env)
+    if ready:
+        server.wait_ready()
+    return server, holders
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """One default server shared by a test module (tests use distinct tokens)."""
+    srv, holders = launch("--keepalive", "0")
+    yield srv
+    srv.stop()
+    for holder in holders:
+        holder.close()
+
+
 @pytest.fixture
 def start_server() -> Iterator:
     """``start_server(*flags, admin=False)`` → a ready ``Server``; all are stopped at teardown."""
@@ -90,18 +118,9 @@ def start_server() -> Iterator:
 
     def start(*args: str, admin: bool = False, env: dict[str, str] | None = None,
               ready: bool = True) -> Server:
-        holders = []
-        holder, port = reserve_port()
-        holders.append(holder)
-        flags = list(args)
-        admin_port = None
-        if admin:
-            admin_holder, admin_port = reserve_port()
-            holders.append(admin_holder)
-            flags += ["--admin-listen", f"127.0.0.1:{admin_port}"]
-        server = Server(flags, port, admin_port=admin_port, env=env)
+        server, holders = launch(*args, admin=admin, env=env, ready=ready)
         started.append((server, holders))
-        return server.wait_ready() if ready else server
+        return server
 
     yield start
     for server, holders in started:

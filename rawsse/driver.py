@@ -1,0 +1,584 @@
+"""``rawsse push``: send pushes the way Fleet does (or broadcasts) and report what came back.
+
+Theory of operation
+-------------------
+One process, one ``rawsse.loop.Loop``, ``--senders`` keep-alive HTTP/1.1 connections (Fleet's
+push service runs 5 workers, fleet-apns-mock.md §6.1-6.2), each with up to ``--pipeline``
+requests in flight (the server answers pipelined requests in order, SPEC §2). Push ``k`` has a
+*scheduled* time: ``start + k / rate`` when rate-paced, its actual send time when not. ``pump()``
+hands every push whose time has come to senders with a free slot, one ``send()`` per sender per
+loop turn; it runs after each loop turn that freed a slot and on a timer at the next scheduled
+time. Responses are parsed by ``httptools`` and matched to requests in order.
+
+Latency is measured from the scheduled time, so a server that stalls is charged for every push
+that waited behind the stall, not only the one in flight (coordinated omission; ops.md §5.3, the
+wrk2/vegeta method). Each push's ``apns-id`` is a v7 UUID stamped with the same scheduled time
+(``rawsse.stamp``), so devices measure end to end from the same origin; ``--no-stamp`` sends no
+apns-id, i.e. exactly Fleet's request.
+
+Rules
+-----
+- Bounded: ``--count`` pushes, or ``--duration`` seconds, and a hard ``--max-time``; a push still
+  unanswered after ``--timeout`` ends its connection (counted as lost), and the sender reconnects.
+- Requests with ``--headers fleet`` are byte-for-byte what Go's net/http writes for Fleet's client
+  (Host, User-Agent, Content-Length, then headers sorted by canonical name, then the transport's
+  Accept-Encoding): ``Content-Type: application/json`` and no apns-* header, besides the stamp's
+  ``Apns-Id`` and ``--expiration``'s ``Apns-Expiration`` (nanopush, fleet-apns-mock.md §6.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import math
+import re
+import socket
+import time
+from typing import Any
+
+import httptools
+import orjson
+
+from . import loadgen
+from .config import ConfigError
+from .loop import EPOLLOUT, READ_EVENTS, WRITE_EVENTS, Loop
+from .stamp import LatencyHistogram, new_stamped_id
+
+EPILOG = """\
+targets (--tokens):
+  fleet:A-B          Fleet mdmtest tokens of serials A..B (inclusive), as `rawsse devices` makes
+  random:N           N 32-byte tokens, the same as `rawsse devices --token-scheme random`
+  file:PATH[:A-B]    hex tokens, one a line (lines A..B)
+examples:
+  rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --rate 500 --duration 10
+  rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --senders 5 --pipeline 16 --count 100000
+  rawsse push --url http://127.0.0.1:8378 --broadcast --count 3 --rate 1
+report (JSON): sent, accepted, per_second (accepted/s), statuses {"200": n, "400 BadDeviceToken": n},
+  latency_ms {count,p50,p90,p99,max,mean} (response, from the scheduled send time), duration_s;
+  also errors (connect failures; pushes lost in flight), unsent, and streams (broadcasts).
+"""
+
+DEFAULT_PAYLOAD = '{"mdm":"pushmagic<serial>"}'
+SERIAL_MARK = b"<serial>"
+RECV_SIZE = 64 * 1024
+RECONNECT_MIN, RECONNECT_MAX = 0.05, 2.0
+TICK_SECONDS = 0.25
+# Without --duration and --rate, nothing else bounds a run of --count pushes.
+UNPACED_MAX_TIME = 600.0
+
+CONNECTING, READY, CLOSED = range(3)
+
+
+class Targets:
+    """Device tokens to push to, in order, and the serial each one's payload names."""
+
+    def __init__(self, tokens: list[str], first_index: int) -> None:
+        self.paths = [token.encode() for token in tokens]
+        self.first_index = first_index
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def serial(self, k: int) -> bytes:
+        return loadgen.fleet_serial(self.first_index + k).encode()
+
+
+def parse_targets(spec: str, seed: int) -> Targets:
+    """``fleet:A-B`` | ``fleet:I`` | ``random:N`` | ``file:PATH[:A-B]`` → Targets."""
+    flag = "--tokens"
+    kind, _, rest = spec.partition(":")
+    if kind == "fleet":
+        first, last = _index_range(rest, flag, spec)
+        return Targets(loadgen.tokens_for("fleet", first, last - first + 1, flag=flag), first)
+    if kind == "random":
+        if not rest.isdigit() or int(rest) < 1:
+            raise ConfigError(flag, f"{spec!r}: random:N needs a count")
+        return Targets(loadgen.tokens_for("random", 0, int(rest), seed, flag=flag), 0)
+    if kind == "file":
+        path, _, span = rest.rpartition(":")
+        if not path or not re.fullmatch(r"\d+(-\d+)?", span):
+            path, span = rest, ""
+        tokens = loadgen.read_token_file(path, flag)
+        first, last = _index_range(span, flag, spec) if span else (0, len(tokens) - 1)
+        if not tokens or last >= len(tokens):
+            raise ConfigError(flag, f"{path} holds {len(tokens)} tokens; {spec!r} needs more")
+        return Targets(tokens[first:last + 1], first)
+    raise ConfigError(flag, f"{spec!r}: use fleet:A-B, random:N or file:PATH[:A-B]")
+
+
+def _index_range(text: str, flag: str, spec: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+    if not match:
+        raise ConfigError(flag, f"{spec!r}: expected an index range A-B (inclusive)")
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) else first
+    if last < first:
+        raise ConfigError(flag, f"{spec!r}: the range ends below its start")
+    return first, last
+
+
+class RequestBuilder:
+    """The bytes of one push request: a Fleet-shaped POST, optionally stamped."""
+
+    def __init__(self, args: argparse.Namespace, host: str, base_path: str) -> None:
+        self.fleet_headers = args.headers == "fleet"
+        self.stamp = not args.no_stamp
+        self.expiration: float | None = args.expiration
+        self.payload = args.payload.encode()
+        self.templated = SERIAL_MARK in self.payload
+        self.host = host.encode()
+        query = f"?prefix={args.prefix}" if args.broadcast and args.prefix else ""
+        self.broadcast_path = f"{base_path}/broadcast{query}".encode()
+        self.device_prefix = f"{base_path}/3/device/".encode()
+
+    def build(self, path_token: bytes | None, serial: bytes, stamp_at: float) -> bytes:
+        """``path_token`` None → the broadcast route. ``stamp_at``: Unix time for the apns-id."""
+        body = self.payload.replace(SERIAL_MARK, serial) if self.templated else self.payload
+        path = self.broadcast_path if path_token is None else self.device_prefix + path_token
+        apns = []
+        if self.expiration is not None:
+            value = 0 if self.expiration == 0 else int(time.time() + self.expiration)
+            apns.append(b"Apns-Expiration: %d\r\n" % value if self.fleet_headers
+                        else b"apns-expiration: %d\r\n" % value)
+        if self.stamp:
+            apns_id = new_stamped_id(stamp_at).encode()
+            apns.append(b"Apns-Id: %s\r\n" % apns_id if self.fleet_headers
+                        else b"apns-id: %s\r\n" % apns_id)
+        if self.fleet_headers:  # Go net/http's order (see the module doc)
+            return b"".join((b"POST ", path, b" HTTP/1.1\r\nHost: ", self.host,
+                             b"\r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: %d\r\n"
+                             % len(body), *apns,
+                             b"Content-Type: application/json\r\nAccept-Encoding: gzip\r\n\r\n",
+                             body))
+        return b"".join((b"POST ", path, b" HTTP/1.1\r\nHost: ", self.host,
+                         b"\r\nContent-Length: %d\r\n" % len(body), *apns, b"\r\n", body))
+
+
+class Sender:
+    """One keep-alive connection; the httptools protocol object for its responses."""
+
+    __slots__ = ("driver", "sock", "state", "parser", "inflight", "out", "body", "backoff",
+                 "timer", "closing")
+
+    def __init__(self, driver: "Driver") -> None:
+        self.driver = driver
+        self.sock: socket.socket | None = None
+        self.state = CLOSED
+        self.parser: Any = None
+        self.inflight: collections.deque[tuple[float, float]] = collections.deque()  # (sched, sent)
+        self.out: memoryview | None = None
+        self.body: list[bytes] = []
+        self.backoff = RECONNECT_MIN
+        self.timer: list | None = None
+        self.closing = False
+
+    def connect(self) -> None:
+        self.timer = None
+        driver = self.driver
+        if driver.finished:
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+                             | socket.SOCK_CLOEXEC)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        err = sock.connect_ex(driver.address)
+        if err not in (0, errno.EINPROGRESS):
+            self._fail(loadgen.error_kind(err, "connect"))
+            return
+        self.state = CONNECTING
+        self.parser = httptools.HttpResponseParser(self)
+        self.closing = False
+        driver.loop.add(sock.fileno(), self, WRITE_EVENTS)
+
+    def handle_events(self, events: int) -> None:
+        sock = self.sock
+        assert sock is not None  # registered with the loop only while it has a socket
+        if self.state == CONNECTING:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._fail(loadgen.error_kind(err, "connect"))
+                return
+            self.state = READY
+            self.backoff = RECONNECT_MIN
+            self.driver.loop.modify(sock.fileno(), READ_EVENTS)
+            self.driver.request_pump()
+            return
+        if events & EPOLLOUT and self.out is not None:
+            self._flush(sock, self.out, first=False)
+        if self.state == READY and events & ~EPOLLOUT:
+            self._read(sock)
+
+    def write(self, data: bytes) -> None:
+        assert self.sock is not None and self.out is None  # free_slots promised both
+        self._flush(self.sock, memoryview(data), first=True)
+
+    def _flush(self, sock: socket.socket, out: memoryview, first: bool) -> None:
+        """Send what is buffered; wait for EPOLLOUT only while bytes remain (rawsse.loop rules)."""
+        try:
+            sent = sock.send(out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._fail(loadgen.error_kind(exc.errno, "send"))
+            return
+        if sent < len(out):
+            self.out = out[sent:]
+            if first:
+                self.driver.loop.modify(sock.fileno(), WRITE_EVENTS)
+        else:
+            self.out = None
+            if not first:
+                self.driver.loop.modify(sock.fileno(), READ_EVENTS)
+
+    def _read(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(loadgen.error_kind(exc.errno, "recv"))
+            return
+        if not data:
+            self._fail("closed")
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail("bad_response")
+            return
+        if self.closing:  # the server said Connection: close
+            self._fail("closed")
+        else:
+            self.driver.request_pump()
+
+    # httptools callbacks
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if not self.inflight:  # an answer to nothing we asked: the connection is out of step
+            self.closing = True
+            return
+        scheduled, _ = self.inflight.popleft()
+        body = b"".join(self.body) if self.body else b""
+        self.body = []
+        self.driver.record(self.parser.get_status_code(), body, scheduled)
+        if not self.parser.should_keep_alive():
+            self.closing = True
+
+    def check_timeout(self, now: float, timeout: float) -> None:
+        if self.inflight and now - self.inflight[0][1] > timeout:
+            self._fail("timeout")
+
+    def close(self, reason: str = "closed") -> None:
+        """The loop's handler interface (a handler that raised is closed with "error")."""
+        self._fail(reason)
+
+    def _fail(self, kind: str) -> None:
+        driver = self.driver
+        if self.state != READY:
+            driver.count_error(f"connect_{kind}")
+        elif self.inflight:
+            driver.count_error(f"lost_{kind}", len(self.inflight))
+            self.inflight.clear()
+        else:  # an idle connection ended (the server's idle timeout, a restart)
+            driver.count_error(f"disconnect_{kind}")
+        self.shutdown()
+        if not driver.finished:
+            self.timer = driver.loop.call_later(self.backoff, self.connect)
+            self.backoff = min(self.backoff * 2, RECONNECT_MAX)
+        driver.check_done()
+
+    def shutdown(self) -> None:
+        self.driver.loop.cancel(self.timer)
+        self.timer = None
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            self.driver.loop.remove(sock.fileno())
+            sock.close()
+        self.state = CLOSED
+        self.out = None
+        self.body = []
+
+    @property
+    def free_slots(self) -> int:
+        if self.state != READY or self.out is not None or self.closing:
+            return 0
+        return self.driver.pipeline - len(self.inflight)
+
+
+class Driver:
+    """The schedule, the senders and the counters of one ``rawsse push`` run."""
+
+    def __init__(self, args: argparse.Namespace, loop: Loop) -> None:
+        host, port, base = loadgen.parse_url(args.url)
+        self.loop = loop
+        self.address = (host, port)
+        self.builder = RequestBuilder(args, loadgen.host_header(host, port), base)
+        self.targets = None if args.broadcast else parse_targets(args.tokens, args.token_seed)
+        self.pipeline = args.pipeline
+        self.rate = args.rate
+        self.timeout = args.timeout
+        if args.count is not None:
+            self.total: float = args.count
+        elif args.duration is not None:
+            self.total = math.inf
+        else:
+            self.total = 1 if self.targets is None else len(self.targets)
+        self.send_until = math.inf if args.duration is None else args.duration
+        self.max_time = args.max_time or default_max_time(args, self.total)
+        self.senders = [Sender(self) for _ in range(args.senders)]
+        self.progress_line = loadgen.ProgressLine(args.quiet)
+        # state
+        self.start = self.wall_start = 0.0
+        self.next_index = 0
+        self.rr = 0
+        self.pump_queued = False
+        self.wake_timer: list | None = None
+        self.finished = False
+        self.last_answer = self.next_progress = 0.0
+        # counters
+        self.sent = self.accepted = self.streams = 0
+        self.statuses: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.latency = LatencyHistogram()
+
+    # schedule -------------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self.start = self.last_answer = self.loop.now
+        self.next_progress = self.start + 1.0
+        self.wall_start = time.time() - (time.monotonic() - self.start)
+        for sender in self.senders:
+            sender.connect()
+        self.loop.call_later(self.max_time, self.abort)
+        self.loop.call_later(TICK_SECONDS, self.tick)
+
+    def due(self, now: float) -> float:
+        """How many pushes may have been handed out by ``now``."""
+        if now - self.start >= self.send_until:
+            return self.next_index
+        if self.rate <= 0:
+            return self.total
+        return min(self.total, math.floor((now - self.start) * self.rate) + 1)
+
+    def request_pump(self) -> None:
+        if not self.pump_queued:
+            self.pump_queued = True
+            self.loop.call_soon(self.pump)
+
+    def pump(self) -> None:
+        self.pump_queued = False
+        if self.finished:
+            return
+        now = self.loop.now
+        limit = self.due(now)
+        senders = self.senders
+        for i in range(len(senders)):
+            if self.next_index >= limit:
+                break
+            sender = senders[(self.rr + i) % len(senders)]
+            take = min(sender.free_slots, int(min(limit, self.next_index + self.pipeline))
+                       - self.next_index)
+            if take > 0:
+                sender.write(b"".join([self._request(sender, now) for _ in range(take)]))
+        self.rr = (self.rr + 1) % len(senders)
+        self._arm_wake(now)
+        self.check_done()
+
+    def _request(self, sender: Sender, now: float) -> bytes:
+        k = self.next_index
+        self.next_index += 1
+        self.sent += 1
+        scheduled = self.start + k / self.rate if self.rate > 0 else now
+        sender.inflight.append((scheduled, now))
+        stamp_at = self.wall_start + (scheduled - self.start)
+        if self.targets is None:
+            return self.builder.build(None, b"", stamp_at)
+        i = k % len(self.targets)
+        return self.builder.build(self.targets.paths[i], self.targets.serial(i), stamp_at)
+
+    def _arm_wake(self, now: float) -> None:
+        """A timer at the next push's scheduled time (rate-paced runs only)."""
+        if self.rate <= 0 or self.next_index >= self.total or self.wake_timer is not None:
+            return
+        when = self.start + self.next_index / self.rate
+        if when - self.start < self.send_until:
+            self.wake_timer = self.loop.call_later(max(0.0, when - now), self._wake)
+
+    def _wake(self) -> None:
+        self.wake_timer = None
+        self.pump()
+
+    # results --------------------------------------------------------------------------------------
+
+    def record(self, status: int, body: bytes, scheduled: float) -> None:
+        now = time.monotonic()
+        self.last_answer = now
+        self.latency.record((now - scheduled) * 1000.0)
+        if status == 200:
+            self.accepted += 1
+            key = "200"
+            if self.targets is None:
+                self.streams += _json_field(body, "streams", int) or 0
+        else:
+            reason = _json_field(body, "reason", str)
+            key = f"{status} {reason}" if reason else str(status)
+        self.statuses[key] = self.statuses.get(key, 0) + 1
+
+    def count_error(self, kind: str, n: int = 1) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + n
+
+    def check_done(self) -> None:
+        if self.finished or any(s.inflight for s in self.senders):
+            return
+        if self.next_index >= self.total or self.loop.now - self.start >= self.send_until:
+            self.finish()
+
+    def tick(self) -> None:
+        if self.finished:
+            return
+        now = time.monotonic()
+        for sender in self.senders:
+            sender.check_timeout(now, self.timeout)
+        self.request_pump()
+        if now >= self.next_progress:
+            self.next_progress += 1.0
+            self.show_progress()
+        self.loop.call_later(TICK_SECONDS, self.tick)
+
+    def abort(self) -> None:
+        """``--max-time`` passed: what is still in flight is lost, what is unsent stays unsent."""
+        for sender in self.senders:
+            if sender.inflight:
+                self.count_error("lost_max_time", len(sender.inflight))
+                sender.inflight.clear()
+        self.finish()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        for sender in self.senders:
+            sender.shutdown()
+        self.loop.stop()
+
+    def show_progress(self) -> None:
+        elapsed = max(1e-6, self.loop.now - self.start)
+        errors = sum(self.errors.values())
+        self.progress_line.show(
+            f"push t={elapsed:5.1f}s sent {self.sent} accepted {self.accepted} "
+            f"({self.accepted / elapsed:.0f}/s) in-flight "
+            f"{sum(len(s.inflight) for s in self.senders)} errors {errors} "
+            f"p99 {self.latency.percentile(99):.2f} ms")
+
+    def report(self) -> dict[str, Any]:
+        duration = max(1e-6, self.last_answer - self.start)
+        planned = self.total
+        if self.rate > 0 and not math.isinf(self.send_until):  # push k is due at k / rate
+            planned = min(planned, math.ceil(self.send_until * self.rate))
+        unsent = 0 if math.isinf(planned) else max(0, int(planned) - self.next_index)
+        report: dict[str, Any] = {
+            "sent": self.sent, "accepted": self.accepted,
+            "per_second": round(self.accepted / duration, 1),
+            "statuses": dict(sorted(self.statuses.items())),
+            "latency_ms": self.latency.summary(),
+            "duration_s": round(duration, 3),
+            "errors": dict(sorted(self.errors.items())), "unsent": unsent,
+            "mode": "broadcast" if self.targets is None else "targeted",
+            "senders": len(self.senders), "pipeline": self.pipeline, "rate": self.rate,
+        }
+        if self.targets is None:
+            report["streams"] = self.streams
+        return report
+
+
+def _json_field(body: bytes, name: str, kind: type) -> Any:
+    try:
+        value = orjson.loads(body).get(name)
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, kind) else None
+
+
+def default_max_time(args: argparse.Namespace, total: float) -> float:
+    grace = max(10.0, 2 * args.timeout)
+    if args.duration is not None:
+        return args.duration + grace
+    if args.rate > 0:
+        return total / args.rate + grace
+    return UNPACED_MAX_TIME
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8378", help="server base URL")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--tokens", metavar="SCHEME",
+                        help="fleet:A-B, random:N or file:PATH[:A-B] (see below)")
+    target.add_argument("--broadcast", action="store_true",
+                        help="POST /broadcast (every connected device) instead")
+    parser.add_argument("--prefix", metavar="HEX", help="broadcast only to tokens with this prefix")
+    parser.add_argument("--token-seed", type=int, default=0, metavar="N",
+                        help="seed of random:N tokens (default 0)")
+    parser.add_argument("--senders", type=int, default=5, metavar="W",
+                        help="keep-alive connections (default 5, Fleet's push workers)")
+    parser.add_argument("--pipeline", type=int, default=1, metavar="D",
+                        help="requests in flight per connection (default 1)")
+    parser.add_argument("--rate", type=float, default=0.0, metavar="R",
+                        help="pushes per second in all; 0 = as fast as answers come (default)")
+    parser.add_argument("--count", type=int, metavar="N",
+                        help="pushes to send, cycling over the targets (default: one per target, "
+                             "or one broadcast, unless --duration is given)")
+    parser.add_argument("--duration", type=float, metavar="SECONDS",
+                        help="stop sending after this long")
+    parser.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
+                        help="hard end of the run (default: the duration, or count/rate, plus "
+                             "a grace; 600 s when unpaced)")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="an answer later than this ends its connection (default 10)")
+    parser.add_argument("--payload", default=DEFAULT_PAYLOAD,
+                        help="request body; <serial> is replaced by the target's serial "
+                             f"(default {DEFAULT_PAYLOAD}, Fleet's PushMagic)")
+    parser.add_argument("--expiration", type=float, metavar="SECONDS",
+                        help="send apns-expiration = now + SECONDS (0: the literal 0, deliver "
+                             "now or never); default none, like Fleet's legacy client")
+    parser.add_argument("--headers", choices=("fleet", "none"), default="fleet",
+                        help="fleet: Go net/http's headers with Content-Type: application/json; "
+                             "none: Host and Content-Length only (default fleet)")
+    parser.add_argument("--no-stamp", action="store_true",
+                        help="send no apns-id (exactly Fleet's bytes; devices see no latency)")
+    parser.add_argument("--report", metavar="PATH", help="write the JSON report here (default: "
+                                                          "stdout)")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.senders < 1 or args.pipeline < 1:
+        raise ConfigError("--senders", "--senders and --pipeline must be at least 1")
+    if args.count is not None and args.count < 1:
+        raise ConfigError("--count", "must be at least 1")
+    if args.duration is not None and args.duration <= 0:
+        raise ConfigError("--duration", "must be positive")
+    if args.rate < 0 or args.timeout <= 0:
+        raise ConfigError("--rate", "--rate must be ≥ 0 and --timeout positive")
+    if args.prefix is not None and not re.fullmatch(r"[0-9a-fA-F]*", args.prefix):
+        raise ConfigError("--prefix", f"{args.prefix!r} is not hex")
+
+
+def run(args: argparse.Namespace) -> int:
+    validate(args)
+    loop = Loop()
+    driver = Driver(args, loop)
+    loop.call_soon(driver.begin)
+    try:
+        loop.run()
+    finally:
+        driver.finish()
+        loop.close()
+    driver.show_progress()
+    driver.progress_line.done()
+    loadgen.write_report(driver.report(), args.report)
+    return 0 if driver.sent else 1  # not one request went out: the server was never reached

@@ -1,0 +1,56 @@
+"""The bench's quick plan, end to end: servers, devices and sender really run, the table and the
+JSON come out with every variant and plausible counts. Figures are printed, never asserted as
+timings (this machine is shared; timings are the bench's business, not the test's)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+QUICK_VARIANTS = ("rawsse-1w", "rawsse-2w", "baseline-1w")
+QUICK_TOP = 3_000
+
+
+def test_quick_bench_end_to_end(tmp_path) -> None:
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick",
+                          "--out", str(tmp_path), "--name", "quick"],
+                         capture_output=True, text=True, timeout=150, cwd=ROOT)
+    print(run.stdout)
+    print(run.stderr, file=sys.stderr)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    result = json.loads((tmp_path / "quick.json").read_text())
+    assert list(result["variants"]) == list(QUICK_VARIANTS)
+    for name, variant in result["variants"].items():
+        memory = variant["memory"]
+        assert memory["top_connections"] >= QUICK_TOP * 0.98, name
+        assert len(memory["levels"]) >= 3, name
+        assert memory["slopes"]["uss"]["bytes_per_conn"] > 0, name
+        if os.access("/proc/slabinfo", os.R_OK):
+            assert memory["slopes"]["socket_caches_total"] > 0, name
+        fanout = variant["fanout"]
+        assert fanout["expected_events"] == fanout["broadcasts"] * memory["top_connections"], name
+        assert fanout["events"] == fanout["expected_events"], name
+        assert fanout["latency_ms"]["count"] == fanout["events"], name
+        targeted = variant["targeted"]
+        for mode in ("keepalive", "pipelined"):
+            assert targeted[mode]["accepted"] > 0, (name, mode)
+            assert targeted[mode]["cpu_us_per_push"] > 0, (name, mode)
+        assert targeted["events"] == targeted["accepted"], name
+        assert targeted["connect_rate_per_s"] > 0, name
+
+    table = (tmp_path / "quick.md").read_text()
+    assert "| Figure | rawsse-1w | rawsse-2w | baseline-1w |" in table
+    for row in ("User memory / stream, RSS slope", "Broadcast fan-out p50 / p99 / max",
+                "Server CPU / push, 5 keep-alive senders", "Connect rate (unpaced)"):
+        assert row in table and row in run.stdout
+    missing = [line for line in table.splitlines() if line.startswith("| ") and "| — " in line]
+    assert not missing, f"figures missing from the table: {missing}"
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "quick-memory.png").stat().st_size > 0
+        assert (tmp_path / "quick-latency.png").stat().st_size > 0

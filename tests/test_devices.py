@@ -1,0 +1,287 @@
+"""``rawsse devices``: the SSE parser on raw bytes (Fleet's client rules), token schemes, and runs
+against a real ``rawsse serve``: counts, latency stamps, processes and source addresses, HTTP
+errors, and reconnects after a server restart (backoff, no storm)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Iterator
+
+import psutil
+import pytest
+
+from conftest import Server, reserve_port
+from loadtools import Devices, run_push, wait_streams
+from rawsse import devices, loadgen
+from rawsse.config import ConfigError
+from rawsse.loop import Loop
+from rawsse.stamp import new_stamped_id
+
+
+# -- the parser, fed raw bytes ------------------------------------------------------------------
+
+_loops: list[Loop] = []
+
+
+@pytest.fixture(autouse=True)
+def close_loops() -> Iterator[None]:
+    yield
+    while _loops:
+        _loops.pop().close()
+
+
+def make_device() -> devices.Device:
+    plan = devices.Plan(host="127.0.0.1", port=9, base_path="", scheme="fleet", token_start=0,
+                        token_seed=0, count=1, processes=1, sources=(), ramp=0.0, jitter=0.0,
+                        duration=10.0, connect_timeout=1.0, backoff_min=1.0, backoff_max=30.0,
+                        timeline_bin=1.0, start=time.monotonic())
+    loop = Loop()
+    _loops.append(loop)
+    group = devices.DeviceGroup(loop, plan, 0, 1)
+    device = group.devices[0]
+    device.state = devices.STREAM
+    return device
+
+
+def event(apns_id: str, *data: str) -> bytes:
+    lines = [f"id: {apns_id}", "event: ping", *(f"data: {d}" for d in data), "", ""]
+    return "\n".join(lines).encode()
+
+
+def test_events_are_counted_with_their_latency() -> None:
+    device = make_device()
+    stream = b"retry: 5000\n\n: keepalive\n\n" + event(new_stamped_id(), '{"mdm":"pushmagicA"}') \
+        + event(new_stamped_id(time.time() - 0.25), "line one", "line two")
+    assert device.feed(stream) is None
+    group = device.group
+    assert group.events == 2
+    assert group.unstamped == 0
+    assert group.latency.count == 2
+    assert 240 < group.latency.max_ms < 1000
+    assert device.stream_events == 2
+
+
+def test_every_split_of_the_stream_parses_the_same() -> None:
+    """Fed in chunks of every size (h11's tiny-chunk method), the result never changes."""
+    ids = [new_stamped_id() for _ in range(3)]
+    stream = (b"retry: 2500\r\n\r\n" + event(ids[0], "a") + b": keepalive\n\n"
+              + event(ids[1], "b", "c").replace(b"\n", b"\r\n") + event(ids[2], "d"))
+    for size in range(1, 40):
+        device = make_device()
+        for start in range(0, len(stream), size):
+            assert device.feed(stream[start:start + size]) is None
+        assert device.group.events == 3, size
+        assert device.group.latency.count == 3
+        assert device.partial == b""
+
+
+def test_an_event_without_data_is_not_delivered() -> None:
+    device = make_device()
+    assert device.feed(b"id: x\nevent: ping\n\n\n\n") is None
+    assert device.group.events == 0
+    assert device.feed(b"data: later, without an id\n\n") is None  # x is not carried over
+    assert device.group.events == 1
+    assert device.group.unstamped == 1
+    assert device.recent_ids == b""
+
+
+def test_unstamped_and_duplicate_ids_are_counted() -> None:
+    device = make_device()
+    apns_id = new_stamped_id()
+    assert device.feed(b"data: no id\n\n" + event("4d42a7b2-5178-4cf3-b7ba-a062fcff3aca", "v4")
+                       + event(apns_id, "x") + event(new_stamped_id(), "y")
+                       + event(apns_id, "x again")) is None
+    group = device.group
+    assert group.events == 5
+    assert group.unstamped == 2
+    assert group.duplicates == 1
+
+
+@pytest.mark.parametrize("line", [b"hello", b"data", b"Data: x", b" data: x", b"id", b"{}"])
+def test_an_unexpected_line_drops_the_stream(line: bytes) -> None:
+    """Fleet's client: any line that is not blank, comment, data:, event:, id:, retry: is fatal."""
+    assert make_device().feed(b": ok\n" + line + b"\n") == "unexpected_line"
+
+
+def test_line_limit_is_fleets_scanner_buffer() -> None:
+    """bufio.Scanner with an 8192-byte max buffer: a line needs its length + 1 (the newline)."""
+    fits = b"data: " + b"x" * (devices.MAX_LINE - 7) + b"\n\n"
+    device = make_device()
+    assert device.feed(fits) is None
+    assert device.group.events == 1
+    too_long = b"data: " + b"x" * (devices.MAX_LINE - 6) + b"\n\n"
+    assert make_device().feed(too_long) == "line_too_long"
+    unterminated = make_device()
+    assert unterminated.feed(b"data: " + b"x" * 5000) is None
+    assert unterminated.feed(b"x" * 5000) == "line_too_long"
+
+
+# -- tokens and addresses -----------------------------------------------------------------------
+
+def test_fleet_tokens_follow_mdmtest() -> None:
+    assert devices.fleet_serial(42) == "000000000042"
+    assert bytes.fromhex(devices.fleet_token(42)) == b"token000000000042"
+    assert len(devices.fleet_token(0)) == 34  # like mdmtest's 12-character serials
+    assert devices.random_token(5, seed=1) == loadgen.random_token(5, seed=1)
+    assert len(bytes.fromhex(devices.random_token(5))) == 32
+    assert devices.random_token(5, seed=1) != devices.random_token(5, seed=2)
+
+
+def test_token_file_scheme(tmp_path) -> None:
+    path = tmp_path / "tokens.txt"
+    path.write_text("# comment\nAABB\n\nccdd\neeff\n")
+    assert loadgen.tokens_for(f"file:{path}", 1, 2) == ["ccdd", "eeff"]
+    with pytest.raises(ConfigError):
+        loadgen.tokens_for(f"file:{path}", 2, 2)
+    with pytest.raises(ConfigError):
+        loadgen.tokens_for("nope", 0, 1)
+
+
+def test_source_address_specs() -> None:
+    assert loadgen.parse_sources("none", 10**6, "127.0.0.1") == []
+    assert loadgen.parse_sources("auto", 100, "127.0.0.1") == []
+    spread = loadgen.parse_sources("auto", 300_000, "127.0.0.1")
+    assert len(spread) * loadgen.ports_per_source() >= 300_000
+    assert spread[0] == "127.0.0.2"
+    assert loadgen.parse_sources("3", 1, "127.0.0.1") == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert loadgen.parse_sources("127.0.0.254-127.0.1.1", 1, "127.0.0.1") == [
+        "127.0.0.254", "127.0.0.255", "127.0.1.0", "127.0.1.1"]
+    assert loadgen.parse_sources("10.0.0.1,10.0.0.2", 1, "10.0.0.9") == ["10.0.0.1", "10.0.0.2"]
+    with pytest.raises(ConfigError):
+        loadgen.parse_sources("127.0.0.5-127.0.0.2", 1, "127.0.0.1")
+    with pytest.raises(ConfigError):
+        loadgen.parse_sources("auto", 300_000, "10.0.0.9")
+
+
+# -- against a real server ----------------------------------------------------------------------
+
+@pytest.fixture
+def runs() -> Iterator[list[Devices]]:
+    started: list[Devices] = []
+    yield started
+    for run in started:
+        run.kill()
+
+
+def test_devices_receive_stamped_pushes(start_server, tmp_path, runs) -> None:
+    server = start_server("--keepalive", "1")
+    run = Devices(server.url, tmp_path, "--ramp", "0", "--expect-events", "300", count=300,
+                  duration=20)
+    runs.append(run)
+    assert wait_streams(server.url, 300) == 300
+    sent_at = time.time()
+    push = run_push(server.url, tmp_path, "--tokens", "fleet:0-299")
+    assert push["statuses"] == {"200": 300}
+    report = run.wait()
+    took_ms = (time.time() - sent_at) * 1000
+    assert report["count"] == 300
+    assert report["processes"] == 1
+    assert report["connected"] == 300
+    assert report["peak_connected"] == 300
+    assert report["events"] == 300
+    assert report["duplicates"] == 0
+    assert report["unstamped"] == 0
+    assert report["reconnects"] == 0
+    assert report["errors"] == {}
+    latency = report["latency_ms"]
+    assert latency["count"] == 300
+    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"] < took_ms
+    assert report["duration_s"] < 20  # --expect-events ended it early
+    assert report["connect_rate_per_s"] > 0
+    assert sum(report["timeline"]["connects"]) == 300
+    assert report["latency_histogram"]["count"] == 300
+
+
+def test_processes_and_source_addresses(start_server, tmp_path, runs) -> None:
+    server = start_server()
+    run = Devices(server.url, tmp_path, "--ramp", "0", "--processes", "2",
+                  "--source-addresses", "127.0.0.2-127.0.0.3", count=120, duration=20)
+    runs.append(run)
+    assert wait_streams(server.url, 120) == 120
+    children = psutil.Process(run.proc.pid).children()
+    assert len(children) == 2
+    sources: dict[str, int] = {}
+    for child in children:
+        for conn in child.net_connections(kind="tcp"):
+            if conn.raddr and conn.raddr.port == server.port:
+                sources[conn.laddr.ip] = sources.get(conn.laddr.ip, 0) + 1
+    assert sources == {"127.0.0.2": 60, "127.0.0.3": 60}
+    run.interrupt()  # SIGINT ends the run early, with its report
+    report = run.wait()
+    assert report["processes"] == 2
+    assert report["sources"] == 2
+    assert report["connected"] == 120
+    assert report["errors"] == {}
+
+
+def test_http_errors_are_counted_and_retried_with_backoff(start_server, tmp_path, runs) -> None:
+    server = start_server()
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("zz\nabc\n")  # not hex; odd length
+    run = Devices(server.url, tmp_path, "--ramp", "0", f"--token-scheme=file:{tokens}",
+                  count=2, duration=6)
+    runs.append(run)
+    report = run.wait()
+    assert report["connected"] == 0
+    # attempts at 0 s, 1-1.5 s, 3-4.5 s, then not before 7 s: 3 each, never a tight retry loop
+    assert report["errors"] == {"http_400_BadDeviceToken": 6}
+    assert report["attempts"] == 6
+    assert report["reconnects"] == 4
+
+
+# Timers fire late on a busy machine (2 shared cores): how late an attempt may land and still count.
+LATE = 0.25
+
+
+def test_reconnect_after_server_restart_is_spread_by_backoff(tmp_path, runs) -> None:
+    """A crashed server drops every stream at once; the devices come back after backoff + jitter
+    (1-1.5 s, refused while the server is down), then 2-3 s later, spread, not as one burst."""
+    holder, port = reserve_port()
+    flags = ["--keepalive", "1", "--drain-seconds", "0"]
+    server = Server(flags, port).wait_ready()
+    second: Server | None = None
+    count, bin_s = 200, 0.05
+    try:
+        run = Devices(server.url, tmp_path, "--ramp", "0", "--timeline-bin", str(bin_s),
+                      count=count, duration=9)
+        runs.append(run)
+        assert wait_streams(server.url, count) == count
+        os.killpg(server.proc.pid, signal.SIGKILL)  # a crash: ours to end, by its session
+        server.proc.wait()
+        killed_at = time.monotonic()
+        time.sleep(1.7)  # the first wave (1-1.5 s) is refused
+        second = Server(flags, port).wait_ready()
+        assert time.monotonic() - killed_at < 2.8, "restart too slow for the second wave"
+        report = run.wait()
+    finally:
+        server.stop()
+        if second is not None:
+            second.stop()
+        holder.close()
+
+    timeline = report["timeline"]
+    drops, attempts, connects = timeline["drops"], timeline["attempts"], timeline["connects"]
+    assert sum(drops) == count
+    drop_bins = [i for i, n in enumerate(drops) if n]
+    assert drop_bins[-1] - drop_bins[0] <= 2  # every stream dropped at the crash
+    crash = drop_bins[0] * bin_s
+
+    def between(series: list[int], low: float, high: float) -> int:
+        return sum(n for i, n in enumerate(series) if low <= (i * bin_s) - crash < high)
+
+    after = [(i * bin_s - crash, n) for i, n in enumerate(attempts) if n and i * bin_s > crash]
+    first_wave = [(t, n) for t, n in after if t < 2.0]
+    assert sum(n for _, n in first_wave) == count
+    assert min(t for t, _ in first_wave) >= 1.0 - 2 * bin_s  # nobody retried at once
+    assert max(t for t, _ in first_wave) <= 1.5 + LATE
+    # spread over the jitter window: ~10 bins of ~20 each, not one burst
+    assert max(n for _, n in first_wave) <= count * 0.3
+    assert max(t for t, _ in first_wave) - min(t for t, _ in first_wave) >= 0.3
+    assert between(attempts, 1.5 + LATE, 2.9) == 0  # backoff doubled: 2-3 s more
+    assert between(connects, 2.9, 4.5 + LATE) == count
+    assert report["connected"] == count
+    assert report["reconnects"] == 2 * count
+    assert report["errors"].get("refused") == count
+    assert report["errors"].get("eof", 0) + report["errors"].get("reset", 0) == count
