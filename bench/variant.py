@@ -98,7 +98,9 @@ def memory_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSetting
     top = spec.levels[-1]
     ramp_seconds = top / settings.ramp
     report = f"{log_dir}/{spec.name}-memory-devices.json"
-    duration = ramp_seconds * 3 + settings.broadcasts * (settings.broadcast_gap + 1) + 120
+    # A bound, not a schedule: the bench stops these devices (SIGINT) after the fan-out phase.
+    fanout_seconds = settings.broadcasts * (max(settings.broadcast_gap, top / DEVICE_READ_RATE) + 5)
+    duration = ramp_seconds * 3 + fanout_seconds + 120
     devices = procs.Child(f"{spec.name}-memory-devices",
                           load.devices_argv(server.url, top, report, duration, ramp=settings.ramp),
                           log_dir, report_path=report)

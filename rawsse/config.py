@@ -178,7 +178,7 @@ class ServeConfig:
     header_timeout: float = 10.0
     idle_timeout: float = 120.0
     backlog: int = 65535
-    workers: int = 1
+    workers: int = 0  # 0 = sized from --max-connections and the open-file limit
     drain_seconds: float = 10.0
     state_file: str | None = None
     log_level: str = "info"

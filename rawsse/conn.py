@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Every accepted socket starts as a ``Conn``. Reads go into the worker's one shared buffer and are
 fed to an ``httptools.HttpRequestParser`` whose callbacks fill the request slots; a complete
-request is handed to ``routes.dispatch``, which answers through ``respond``/``respond_later`` or
+request is handed to ``routes.dispatch``, which answers through ``respond``/``reserve``+``fill`` or
 turns the connection into a ``Stream`` (``become_stream``), after which this object, its parser and
 its request fields are garbage.
 
@@ -151,11 +151,21 @@ class Conn:
         self.responses.append([data, close])
         self._write_ready()
 
-    def respond_later(self, delay: float, data: bytes) -> None:
-        """Answer the current request after ``delay`` seconds (``--response-delay``)."""
+    def reserve(self) -> list[Any]:
+        """A response slot for the current request, filled later by ``fill`` (a push waiting
+        for its owner worker, a broadcast counting streams, ``--response-delay``)."""
         slot = [None, not self.keep_alive]
         self.responses.append(slot)
-        self.worker.loop.call_later(delay, self._fill, slot, data)
+        return slot
+
+    def fill(self, slot: list[Any], data: bytes, delay: float = 0.0) -> None:
+        """Put ``data`` in ``slot`` now or after ``delay`` seconds; written once it is first."""
+        if delay > 0:
+            self.worker.loop.call_later(delay, self.fill, slot, data)
+            return
+        slot[0] = data
+        if self.fd >= 0:
+            self._write_ready()
 
     def interim(self, data: bytes) -> None:
         """A 1xx response (100 Continue), in order with the final ones."""
@@ -166,11 +176,6 @@ class Conn:
         """After earlier responses are out, hand the socket to a ``Stream`` for ``token``."""
         self.responses.append([b"", "stream", token])
         self._write_ready()
-
-    def _fill(self, slot: list[Any], data: bytes) -> None:
-        slot[0] = data
-        if self.fd >= 0:
-            self._write_ready()
 
     def _write_ready(self) -> None:
         responses = self.responses

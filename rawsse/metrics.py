@@ -27,6 +27,10 @@ _COUNTERS = {
     "takeovers": ("rawsse_takeovers_total", "Streams replaced by a newer one for the same token."),
     "http_requests": ("rawsse_http_requests_total", "HTTP requests parsed."),
     "bad_requests": ("rawsse_bad_requests_total", "Malformed HTTP requests answered 4xx and closed."),
+    "forwarded": ("rawsse_forwarded_pushes_total", "Pushes forwarded to the worker owning the token."),
+    "handoffs": ("rawsse_stream_handoffs_total", "Device sockets handed to the worker owning the token."),
+    "handoff_failures": ("rawsse_stream_handoff_failures_total",
+                         "Devices answered 503 because the owning worker was down."),
 }
 
 # outcome label of rawsse_pushes_total -> field
@@ -81,6 +85,12 @@ def _lines(document: dict[str, Any]) -> Iterator[str]:
                            iter([(None, {}, master["workers_up"])]))
         yield from _family("rawsse_worker_restarts_total", "counter", "Workers respawned after dying.",
                            iter([(None, {}, master["worker_restarts"])]))
+        yield from _family("rawsse_crash_lost_streams_total", "counter",
+                           "Streams that died with a killed worker (their devices reconnect).",
+                           iter([(None, {}, master["lost_streams"])]))
+        yield from _family("rawsse_crash_lost_pending_total", "counter",
+                           "Pending pushes that died with a killed worker.",
+                           iter([(None, {}, master["lost_pending"])]))
     for name, value in document.get("extra_gauges", {}).items():
         yield from _family(name, "gauge", "", iter([(None, {}, value)]))
 

@@ -2,7 +2,7 @@
 
 ``dispatch(conn)`` runs once per complete request, inside httptools' ``on_message_complete``;
 ``headers_complete(conn)`` runs earlier for ``Expect: 100-continue`` and oversized bodies. Handlers
-answer through the connection (``respond``/``respond_later``/``become_stream``) and never touch a
+answer through the connection (``respond``, ``reserve``+``fill``, ``become_stream``) and never touch a
 socket themselves.
 
 Route map (SPEC §1–3):
@@ -135,11 +135,22 @@ class Routes:
             return
         push = Push(frames.encode_event(apns_id, request.payload), request.expires)
         delay = (request.delay or config.delivery_delay).sample()
-        if not worker.submit(request.token, push, delay):
+        slot = conn.reserve()
+        worker.submit(request.token, push, delay,
+                      lambda accepted: self._answer_push(conn, slot, apns_id, accepted))
+
+    def _answer_push(self, conn: Conn, slot: list[Any], apns_id: bytes, accepted: bool) -> None:
+        """200 once the owner of the token took the push; 503 when a bounded queue was full or
+        the owner is unreachable, so the sender retries (never a 200 that is then dropped)."""
+        if accepted:
+            data = frames.response(200, extra=b"apns-id: %s\r\n" % apns_id)
+        else:
             self.stats.queue_full += 1
-            self._push_error(conn, apns_id, 503, "ServiceUnavailable")
-            return
-        self._answer(conn, frames.response(200, extra=b"apns-id: %s\r\n" % apns_id))
+            self.stats.reject(503, "ServiceUnavailable")
+            data = frames.json_response(503, frames.reason_body("ServiceUnavailable"),
+                                        b"apns-id: %s\r\n" % apns_id)
+        delay = self.config.response_delay
+        conn.fill(slot, data, 0.0 if delay.is_zero else delay.sample())
 
     def _push_error(self, conn: Conn, apns_id: bytes, status: int, reason: str,
                     timestamp: int | None = None) -> None:
@@ -151,11 +162,7 @@ class Routes:
 
     def _answer(self, conn: Conn, data: bytes) -> None:
         delay = self.config.response_delay
-        seconds = 0.0 if delay.is_zero else delay.sample()
-        if seconds > 0:
-            conn.respond_later(seconds, data)
-        else:
-            conn.respond(data)
+        conn.fill(conn.reserve(), data, 0.0 if delay.is_zero else delay.sample())
 
     # -- GET /events?token= -------------------------------------------------------------------
 
@@ -189,12 +196,12 @@ class Routes:
             return
         frame = frames.encode_event(apns_id, conn.body)
 
+        slot = conn.reserve()
+
         def done(streams: int) -> None:
             body = orjson.dumps({"apns_id": apns_id.decode(), "streams": streams})
-            conn._fill(slot, frames.json_response(200, body))
+            conn.fill(slot, frames.json_response(200, body))
 
-        slot: list[Any] = [None, not conn.keep_alive]
-        conn.responses.append(slot)
         worker.broadcast(frame, prefix_text.decode(), done)
 
     # -- operator routes ----------------------------------------------------------------------
@@ -214,17 +221,15 @@ class Routes:
         conn.respond(frames.response(200, b"ok\n", b"text/plain; charset=utf-8"))
 
     def stats_route(self, conn: Conn, method: bytes, rest: bytes, query: bytes) -> None:
-        slot: list[Any] = [None, not conn.keep_alive]
-        conn.responses.append(slot)
-        self.worker.collect_stats(lambda doc: conn._fill(slot, frames.json_response(
+        slot = conn.reserve()
+        self.worker.collect_stats(lambda doc: conn.fill(slot, frames.json_response(
             200, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")))
 
     def metrics_route(self, conn: Conn, method: bytes, rest: bytes, query: bytes) -> None:
         from .metrics import render_metrics
 
-        slot: list[Any] = [None, not conn.keep_alive]
-        conn.responses.append(slot)
-        self.worker.collect_stats(lambda doc: conn._fill(slot, frames.response(
+        slot = conn.reserve()
+        self.worker.collect_stats(lambda doc: conn.fill(slot, frames.response(
             200, render_metrics(doc), b"text/plain; version=0.0.4; charset=utf-8")))
 
     def admin_tokens(self, conn: Conn, method: bytes, rest: bytes, query: bytes) -> None:
@@ -267,8 +272,9 @@ class Routes:
         except AdminError as exc:
             self._json(conn, 400, {"reason": "BadAdminRequest", "detail": str(exc)})
             return
-        self.worker.share_admin_command(command)
-        self._json(conn, 200, answer)
+        slot = conn.reserve()
+        self.worker.share_admin_command(
+            command, lambda: conn.fill(slot, frames.json_response(200, orjson.dumps(answer))))
 
     def _json_body(self, conn: Conn) -> dict[str, Any] | None:
         try:

@@ -1,18 +1,13 @@
-"""``rawsse serve``: flags → ``ServeConfig`` → one worker in this process, or a prefork node."""
+"""``rawsse serve``: flags → ``ServeConfig`` → a prefork node (a master and its workers)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-from typing import Any
 
-from . import statefile
 from .config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
                      parse_fault)
-from .drain import Drainer
-from .worker import Worker
 
 log = logging.getLogger("rawsse.serve")
 
@@ -69,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time to send a request head, and then its body, else 408 (default: 10)")
     add("--idle-timeout", default="120", metavar="SECONDS",
         help="idle keep-alive connection lifetime (default: 120)")
-    add("--workers", default="1", metavar="N",
-        help="worker processes (default: 1)")
+    add("--workers", default="auto", metavar="N",
+        help="worker processes; auto = enough to hold --max-connections under the open-file "
+             "limit, and at least one per CPU (default: auto)")
     add("--drain-seconds", default="10", metavar="SECONDS",
         help="on SIGTERM, close streams spread over this window so devices do not reconnect "
              "at once (default: 10)")
@@ -99,7 +95,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         header_limit=_int(args.header_limit, "--header-limit", 1024),
         header_timeout=_positive(args.header_timeout, "--header-timeout"),
         idle_timeout=_positive(args.idle_timeout, "--idle-timeout"),
-        workers=_int(args.workers, "--workers", 1),
+        workers=0 if args.workers == "auto" else _int(args.workers, "--workers", 1),
         drain_seconds=parse_duration(args.drain_seconds, "--drain-seconds"),
         state_file=args.state_file,
         log_level=args.log_level,
@@ -131,87 +127,6 @@ def setup_logging(level: str) -> None:
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     setup_logging(config.log_level)
-    if config.workers > 1:
-        from .arbiter import Arbiter
+    from .arbiter import Arbiter
 
-        return Arbiter(config).run()
-    return run_single(config)
-
-
-def run_single(config: ServeConfig) -> int:
-    """One worker in this process: no master, no routing between workers."""
-    pending = _load_state(config)
-    worker = Worker(config, pending=pending)
-    try:
-        worker.listen()
-    except OSError as exc:
-        print(f"rawsse serve: cannot listen: {exc}", file=sys.stderr)
-        return 1
-    worker.start()
-    stopper = _SignalFlags(worker)
-    log.info("serving on %s:%d%s, 1 worker, capacity %d connections (open-file limit %d)",
-             *config.listen, _admin_text(config), worker.capacity, worker.max_fds)
-    try:
-        worker.loop.run()
-    finally:
-        stopper.restore()
-    if config.state_file:
-        saved = worker.save_state(config.state_file)
-        log.info("saved %d pending pushes to %s", saved, config.state_file)
-    return 0
-
-
-def _load_state(config: ServeConfig) -> dict[bytes, Any]:
-    if not config.state_file:
-        return {}
-    try:
-        pending = statefile.load(config.state_file)
-    except statefile.StateFileError as exc:
-        raise ConfigError("--state-file", str(exc)) from None
-    if pending:
-        log.info("loaded %d pending pushes from %s", len(pending), config.state_file)
-    return pending
-
-
-def _admin_text(config: ServeConfig) -> str:
-    if config.admin_listen is None:
-        return ""
-    return " (operator routes on %s:%d)" % config.admin_listen
-
-
-class _SignalFlags:
-    """TERM/INT start a graceful drain. Handlers only record the signal; the loop acts on it
-    after its wakeup fd fires (gunicorn #3198: no logging or I/O inside a handler)."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.received: list[int] = []
-        self.drainer: Drainer | None = None
-        signal.set_wakeup_fd(worker.loop.wakeup_fd(), warn_on_full_buffer=False)
-        worker.loop.on_wakeup = self.on_wakeup
-        self._previous = {sig: signal.signal(sig, self._record)
-                          for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-
-    def _record(self, signum: int, frame: Any) -> None:
-        self.received.append(signum)
-
-    def on_wakeup(self) -> None:
-        received, self.received = self.received, []
-        for signum in received:
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                if self.drainer is None:
-                    log.info("%s: draining %d streams over %.0fs",
-                             signal.Signals(signum).name, len(self.worker.registry.streams),
-                             self.worker.config.drain_seconds)
-                    self.drainer = Drainer(self.worker, self.worker.config.drain_seconds,
-                                           self.worker.loop.stop)
-                else:
-                    log.info("second %s: stopping now", signal.Signals(signum).name)
-                    self.drainer.finish_now()
-            elif signum == signal.SIGHUP:
-                log.info("SIGHUP: nothing to reload with one worker (use --workers N)")
-
-    def restore(self) -> None:
-        signal.set_wakeup_fd(-1)
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+    return Arbiter(config).run()

@@ -32,6 +32,9 @@ COUNTERS = (
     "takeovers",
     "http_requests",
     "bad_requests",
+    "forwarded",
+    "handoffs",
+    "handoff_failures",
 )
 
 DISCONNECT_REASONS = ("client", "takeover", "slow_reader", "timeout", "shutdown", "error",

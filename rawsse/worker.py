@@ -227,13 +227,30 @@ class Worker:
         self.loop.replace(fd, stream)
         if events != READ_EVENTS:
             self.loop.modify(fd, READ_EVENTS)
+        self._start_stream(stream, leftover)
+
+    def adopt_stream(self, fd: int, token: bytes, leftover: bytes) -> None:
+        """A device socket handed over by another worker (this worker owns its token)."""
+        stream = Stream(fd, token)
+        self.loop.add(fd, stream, READ_EVENTS)
+        self._start_stream(stream, leftover)
+
+    def _start_stream(self, stream: Stream, leftover: bytes) -> None:
+        """Write the head (after any earlier pipelined response), then attach: newest wins and
+        a pending push follows the head at once."""
         head = random.choice(self.preambles)
         if stream.send(leftover + head if leftover else head):
             self.registry.attach(stream)
 
     # -- routing hooks (overridden by a prefork node) -----------------------------------------
 
-    def submit(self, token: bytes, push: Push, delay: float) -> bool:
+    def submit(self, token: bytes, push: Push, delay: float,
+               answer: Callable[[bool], None]) -> None:
+        """Hand ``push`` to the token's owner (here: this worker) and ``answer`` whether it
+        was accepted; a prefork node answers once the owner worker acknowledged it."""
+        answer(self.accept_push(token, push, delay))
+
+    def accept_push(self, token: bytes, push: Push, delay: float) -> bool:
         """Deliver now or after ``delay``; False when a bounded queue is full (→ 503)."""
         if delay > 0:
             if self.delayed >= self.config.max_delayed or not self._can_store(token, push):
@@ -274,8 +291,9 @@ class Worker:
     def collect_stats(self, done: Callable[[dict[str, Any]], None]) -> None:
         done(node_document([self.snapshot()]))
 
-    def share_admin_command(self, command: dict[str, Any]) -> None:
-        """Single process: nothing to share. A prefork node sends it to the other workers."""
+    def share_admin_command(self, command: dict[str, Any], done: Callable[[], None]) -> None:
+        """Apply ``command`` on the node's other workers, then ``done()``; alone, at once."""
+        done()
 
     def snapshot(self) -> dict[str, Any]:
         return snapshot(self.stats, worker=self.index, streams=len(self.registry.streams),
@@ -349,8 +367,10 @@ class Worker:
         return statefile.save(path, self.pending_items())
 
 
-def node_document(workers: list[dict[str, Any]]) -> dict[str, Any]:
-    """``/stats`` for a node: totals over workers plus each worker's own figures."""
+def node_document(workers: list[dict[str, Any]],
+                  master: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``/stats`` for a node: totals over workers, each worker's own figures, and what the
+    master knows (workers up, restarts, what died with a killed worker)."""
     totals: dict[str, Any] = {}
     for doc in workers:
         for key, value in doc.items():
@@ -365,5 +385,8 @@ def node_document(workers: list[dict[str, Any]]) -> dict[str, Any]:
     connections = totals.get("connections", 0)
     totals["user_bytes_per_connection"] = (
         round(totals.get("uss_bytes", 0) / connections) if connections else None)
-    return {"node": totals, "workers": workers}
+    document: dict[str, Any] = {"node": totals, "workers": workers}
+    if master:
+        document["master"] = {k: v for k, v in master.items() if k != "type"}
+    return document
 

@@ -95,6 +95,8 @@ def launch(*args: str, admin: bool = False, env: dict[str, str] | None = None,
         admin_holder, admin_port = reserve_port()
         holders.append(admin_holder)
         flags += ["--admin-listen", f"127.0.0.1:{admin_port}"]
+    if "--workers" not in flags:
+        flags += ["--workers", "2"]  # every test crosses the mesh between two workers
     server = Server(flags, port, admin_port=admin_port, env=env)
     if ready:
         server.wait_ready()

@@ -272,3 +272,10 @@ def get_json(host: str, port: int, path: str) -> dict:
         return client.request("GET", path).json()
     finally:
         client.close()
+
+
+def parse_responses(data: bytes) -> list[Response]:
+    """Every complete response in ``data`` (interim 1xx responses skipped), in order."""
+    collector = _ResponseCollector()
+    collector.parser.feed_data(data)
+    return collector.responses

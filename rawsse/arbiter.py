@@ -1,0 +1,461 @@
+"""The master of a node: spawns, watches, reaps and respawns workers; never touches a client.
+
+Theory of operation (gunicorn's arbiter is the model)
+-----------------------------------------------------
+The master forks ``N`` workers. Each binds the listen port itself with ``SO_REUSEPORT`` and owns
+token shard ``index`` (``mesh.owner_of``). The master keeps one ``SOCK_SEQPACKET`` socketpair per
+worker (``WorkerHandle``): a worker reports ``ready`` once and a heartbeat every tick; the master
+sends node facts (workers up, restarts, losses) for ``/stats``.
+
+Rules
+-----
+- Signal handlers only queue the signal; the loop handles it after its wakeup fd fires
+  (``handle_<signame>``), so nothing non-reentrant runs in a handler (gunicorn #3198).
+- A worker that dies is respawned into the same shard. What it held is counted from its last
+  heartbeat (streams whose devices will reconnect, pending pushes lost), never silent. Repeated
+  deaths back off (1 s doubling to 30 s) so a crash loop cannot hammer the devices.
+- A worker that exits with ``BOOT_ERROR`` before it ever served stops the master (exit 3) instead
+  of fork-looping on a port that cannot be bound.
+- A worker whose heartbeat stops for ``HEARTBEAT_TIMEOUT`` is killed and respawned; the systemd
+  watchdog is pinged only while every worker beats, so a wedged node is caught.
+- TERM/INT: graceful drain (each worker stops accepting, answers in-flight pushes, closes its
+  streams over ``--drain-seconds`` and saves its pending pushes); the master merges them into
+  ``--state-file``, which the next start loads and shards again. A second TERM/INT cuts the drain.
+- HUP: rolling restart, one worker at a time; its pending pushes pass to its successor.
+- TTIN/TTOU (add/remove a worker) are refused: the worker count is the shard modulus, so
+  changing it would move almost every token to another worker while its stream and pending push
+  stay behind. Restart with ``--workers N`` instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import signal
+import socket
+import tempfile
+import time
+from typing import Any
+
+import orjson
+
+from . import statefile
+from .child import BOOT_ERROR, run_worker
+from .config import ServeConfig
+from .loop import READ_EVENTS, Loop
+from .mesh import owner_of
+from .registry import Push
+from .systemd import Notifier
+from .worker import FD_RESERVE, raise_nofile_limit
+
+log = logging.getLogger("rawsse.arbiter")
+
+HEARTBEAT_TIMEOUT = 30.0
+STATUS_SECONDS = 5.0
+MAX_RESPAWN_DELAY = 30.0
+STOP_GRACE_SECONDS = 15.0
+
+
+def workers_needed(max_connections: int, fd_limit: int) -> int:
+    """Workers so that each holds its share of ``max_connections`` under its open-file limit."""
+    per_worker = max(1, fd_limit - FD_RESERVE)
+    return max(os.cpu_count() or 1, math.ceil(max_connections / per_worker))
+
+
+class WorkerHandle:
+    """The master's view of one worker slot: its process and its control socket."""
+
+    __slots__ = ("arbiter", "index", "pid", "sock", "fd", "ready", "last_beat", "beat",
+                 "started", "deaths", "restarting")
+
+    def __init__(self, arbiter: "Arbiter", index: int) -> None:
+        self.arbiter = arbiter
+        self.index = index
+        self.pid = 0
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.ready = False
+        self.last_beat = 0.0
+        self.beat: dict[str, Any] = {}
+        self.started = 0.0
+        self.deaths: list[float] = []
+        self.restarting = False
+
+    def handle_events(self, events: int) -> None:
+        for _ in range(64):
+            try:
+                data = self.sock.recv(65536)  # type: ignore[union-attr]
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.close_socket()
+                return
+            self.arbiter.on_message(self, orjson.loads(data))
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.send(orjson.dumps(message))
+            except OSError:
+                pass
+
+    def close_socket(self) -> None:
+        if self.sock is not None:
+            self.arbiter.loop.remove(self.fd)
+            self.sock.close()
+            self.sock, self.fd = None, -1
+
+    def close(self, reason: str = "") -> None:
+        self.close_socket()
+
+
+class Arbiter:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.fd_limit = raise_nofile_limit()
+        self.count = config.workers or workers_needed(config.max_connections, self.fd_limit)
+        self.loop = Loop()
+        self.notifier = Notifier()
+        self.handles = [WorkerHandle(self, i) for i in range(self.count)]
+        self.signals: list[int] = []
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.exit_code = 0
+        self.announced_ready = False
+        self.worker_restarts = 0
+        self.lost_streams = 0
+        self.lost_pending = 0
+        self.rolling: list[int] = []
+        self.last_pushes = 0
+        self.last_status = time.monotonic()
+        self.last_watchdog = 0.0
+        self.reloading = False
+        # Names the mesh sockets of this node's workers; fixed before any fork (a worker's own
+        # getpid() would differ).
+        self.node_id = os.getpid()
+        self.part_dir = os.path.dirname(os.path.abspath(config.state_file)) if config.state_file \
+            else tempfile.gettempdir()
+
+    # -- start --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._warn_if_capacity_short()
+        pending = self._load_state()
+        shards: list[dict[bytes, Push]] = [{} for _ in range(self.count)]
+        for token, push in pending.items():
+            shards[owner_of(token, self.count)][token] = push
+        self._install_signals()
+        for handle in self.handles:
+            self.spawn(handle, shards[handle.index])
+        del pending, shards
+        log.info("master %d: %d workers on %s:%d", os.getpid(), self.count, *self.config.listen)
+        self.loop.call_later(1.0, self._tick)
+        try:
+            self.loop.run()
+        finally:
+            signal.set_wakeup_fd(-1)
+        return self.exit_code
+
+    def _warn_if_capacity_short(self) -> None:
+        per_worker = self.fd_limit - FD_RESERVE
+        capacity = per_worker * self.count
+        if capacity < self.config.max_connections:
+            log.warning("capacity %d connections (%d workers x %d fds) is below --max-connections "
+                        "%d: raise the open-file limit (LimitNOFILE) or use --workers %d",
+                        capacity, self.count, per_worker, self.config.max_connections,
+                        workers_needed(self.config.max_connections, self.fd_limit))
+
+    def _load_state(self) -> dict[bytes, Push]:
+        if not self.config.state_file:
+            return {}
+        try:
+            pending = statefile.load(self.config.state_file)
+        except statefile.StateFileError as exc:
+            log.error("%s; starting without it", exc)
+            return {}
+        log.info("loaded %d pending pushes from %s", len(pending), self.config.state_file)
+        return pending
+
+    def part_path(self, index: int) -> str:
+        base = os.path.basename(self.config.state_file or f"rawsse-{os.getpid()}.state")
+        return os.path.join(self.part_dir, f".{base}.worker{index}")
+
+    def spawn(self, handle: WorkerHandle, pending: dict[bytes, Push]) -> None:
+        master_side, worker_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                master_side.close()
+                self._forget_master_fds()
+                code = run_worker(self.config, handle.index, self.count, self.node_id, worker_side,
+                                  pending, self.part_path(handle.index))
+            except BaseException:
+                logging.getLogger("rawsse.worker").exception("worker %d crashed", handle.index)
+            finally:
+                os._exit(code)
+        worker_side.close()
+        master_side.setblocking(False)
+        handle.pid, handle.sock, handle.fd = pid, master_side, master_side.fileno()
+        handle.ready = False
+        handle.started = handle.last_beat = time.monotonic()
+        handle.beat = {}
+        self.loop.add(handle.fd, handle, READ_EVENTS)
+
+    def _forget_master_fds(self) -> None:
+        """In a new worker: drop the master's loop and the other workers' control sockets."""
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+                    signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        for other in self.handles:
+            if other.sock is not None:
+                other.sock.close()
+        self.loop.close()
+        self.notifier.close()
+
+    # -- messages from workers ----------------------------------------------------------------
+
+    def on_message(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
+        handle.last_beat = time.monotonic()
+        kind = message.get("type")
+        if kind == "ready":
+            handle.ready = True
+            self._broadcast_info()
+            self._maybe_ready()
+        elif kind == "beat":
+            handle.beat = message
+
+    def _maybe_ready(self) -> None:
+        if all(h.ready for h in self.handles):
+            if not self.announced_ready:
+                self.announced_ready = True
+                log.info("all %d workers serving", self.count)
+                self.notifier.ready(self.status_line())
+            elif not self.rolling and self.reloading:
+                self.reloading = False
+                self.notifier.ready(self.status_line())
+                log.info("rolling restart finished")
+
+    def info(self) -> dict[str, Any]:
+        return {"type": "info", "workers": self.count,
+                "workers_up": sum(1 for h in self.handles if h.ready),
+                "worker_restarts": self.worker_restarts, "lost_streams": self.lost_streams,
+                "lost_pending": self.lost_pending, "master_pid": os.getpid()}
+
+    def _broadcast_info(self) -> None:
+        message = self.info()
+        for handle in self.handles:
+            handle.send(message)
+
+    def status_line(self) -> str:
+        streams = sum(h.beat.get("streams", 0) for h in self.handles)
+        pushes = sum(h.beat.get("pushes", 0) for h in self.handles)
+        now = time.monotonic()
+        rate = (pushes - self.last_pushes) / max(1e-3, now - self.last_status)
+        self.last_pushes, self.last_status = pushes, now
+        up = sum(1 for h in self.handles if h.ready)
+        return f"{streams} streams, {up}/{self.count} workers, {rate:.0f} pushes/s"
+
+    # -- periodic -----------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self.loop.call_later(1.0, self._tick)
+        now = time.monotonic()
+        self._reap()
+        if self.stopping:
+            self._tick_stopping(now)
+            return
+        for handle in self.handles:
+            if handle.pid and handle.ready and now - handle.last_beat > HEARTBEAT_TIMEOUT:
+                log.error("worker %d (pid %d) missed heartbeats for %.0fs: killing it",
+                          handle.index, handle.pid, now - handle.last_beat)
+                self._kill(handle.pid, signal.SIGKILL)
+        if now - self.last_status >= STATUS_SECONDS:
+            self.notifier.status(self.status_line())
+        self._watchdog(now)
+
+    def _watchdog(self, now: float) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        beating = all(h.pid and now - h.last_beat < 2 * interval for h in self.handles)
+        if beating and now - self.last_watchdog >= interval:
+            self.last_watchdog = now
+            self.notifier.watchdog()
+
+    def _tick_stopping(self, now: float) -> None:
+        alive = [h for h in self.handles if h.pid]
+        if not alive:
+            self._finish_stop()
+            return
+        remaining = self.stop_deadline - now
+        self.notifier.extend_timeout(max(5.0, remaining + 5.0))
+        if remaining <= 0:
+            for handle in alive:
+                log.error("worker %d did not drain in time: killing it", handle.index)
+                self._kill(handle.pid, signal.SIGKILL)
+
+    # -- children -----------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handle = next((h for h in self.handles if h.pid == pid), None)
+            if handle is not None:
+                self._on_exit(handle, os.waitstatus_to_exitcode(status))
+
+    def _on_exit(self, handle: WorkerHandle, code: int) -> None:
+        was_ready = handle.ready
+        handle.pid = 0
+        handle.ready = False
+        handle.close_socket()
+        if self.stopping:
+            log.info("worker %d exited (%d)", handle.index, code)
+            if not any(h.pid for h in self.handles):
+                self._finish_stop()
+            return
+        if handle.restarting:
+            handle.restarting = False
+            self._respawn(handle, self._take_part(handle.index))
+            return
+        if code == BOOT_ERROR and not was_ready:
+            log.error("worker %d failed to boot: stopping the node", handle.index)
+            self.exit_code = BOOT_ERROR
+            self.begin_stop(drain=False)
+            return
+        streams, pending = handle.beat.get("streams", 0), handle.beat.get("pending", 0)
+        self.worker_restarts += 1
+        self.lost_streams += streams
+        self.lost_pending += pending
+        log.error("worker %d (shard %d) died with exit code %d holding ~%d streams and ~%d "
+                  "pending pushes; respawning", handle.index, handle.index, code, streams, pending)
+        now = time.monotonic()
+        handle.deaths = [t for t in handle.deaths if now - t < 60.0] + [now]
+        delay = 0.0 if len(handle.deaths) <= 1 else min(MAX_RESPAWN_DELAY, 2.0 ** (len(handle.deaths) - 2))
+        self.loop.call_later(delay, self._respawn, handle, {})
+
+    def _respawn(self, handle: WorkerHandle, pending: dict[bytes, Push]) -> None:
+        if not self.stopping and not handle.pid:
+            self.spawn(handle, pending)
+            self._broadcast_info()
+
+    def _take_part(self, index: int) -> dict[bytes, Push]:
+        path = self.part_path(index)
+        try:
+            pending = statefile.load(path)
+            os.unlink(path)
+        except (statefile.StateFileError, OSError) as exc:
+            log.error("worker %d's pending pushes could not be passed on: %s", index, exc)
+            return {}
+        return pending
+
+    def _kill(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+
+    # -- signals ------------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self.loop.wakeup_fd(), warn_on_full_buffer=False)
+        self.loop.on_wakeup = self._on_wakeup
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+                    signal.SIGCHLD):
+            signal.signal(sig, self._queue_signal)
+
+    def _queue_signal(self, signum: int, frame: Any) -> None:
+        self.signals.append(signum)
+
+    def _on_wakeup(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            name = signal.Signals(signum).name.lower()
+            getattr(self, f"handle_{name}")()
+
+    def handle_sigchld(self) -> None:
+        self._reap()
+
+    def handle_sigterm(self) -> None:
+        if self.stopping:
+            log.info("second stop signal: cutting the drain short")
+            for handle in self.handles:
+                if handle.pid:
+                    self._kill(handle.pid, signal.SIGTERM)
+            return
+        self.begin_stop(drain=True)
+
+    handle_sigint = handle_sigterm
+
+    def handle_sighup(self) -> None:
+        if self.stopping or self.rolling:
+            return
+        log.info("SIGHUP: rolling restart of %d workers", self.count)
+        self.notifier.reloading()
+        self.reloading = True
+        self.rolling = list(range(self.count))
+        self._restart_next()
+
+    def handle_sigttin(self) -> None:
+        log.warning("SIGTTIN ignored: the worker count is the token shard modulus; "
+                    "restart with --workers N to change it")
+
+    handle_sigttou = handle_sigttin
+
+    def _restart_next(self) -> None:
+        if self.stopping:
+            return
+        if not self.rolling:
+            self._maybe_ready()
+            return
+        handle = self.handles[self.rolling[0]]
+        if handle.restarting or not handle.ready:
+            # wait for the previous one to be serving before touching the next
+            self.loop.call_later(0.2, self._restart_next)
+            return
+        self.rolling.pop(0)
+        handle.restarting = True
+        self._kill(handle.pid, signal.SIGTERM)
+        self.loop.call_later(0.2, self._restart_next)
+
+    # -- stopping -----------------------------------------------------------------------------
+
+    def begin_stop(self, drain: bool) -> None:
+        self.stopping = True
+        self.rolling = []
+        self.stop_deadline = time.monotonic() + (self.config.drain_seconds if drain else 0) \
+            + STOP_GRACE_SECONDS
+        self.notifier.stopping(f"draining {sum(h.beat.get('streams', 0) for h in self.handles)} streams")
+        self.notifier.extend_timeout(self.config.drain_seconds + STOP_GRACE_SECONDS)
+        log.info("stopping: draining workers over %.0fs", self.config.drain_seconds)
+        for handle in self.handles:
+            if handle.pid:
+                self._kill(handle.pid, signal.SIGTERM)
+        if not any(h.pid for h in self.handles):
+            self._finish_stop()
+
+    def _finish_stop(self) -> None:
+        if not self.loop.running:
+            return
+        merged: dict[bytes, Push] = {}
+        for handle in self.handles:
+            merged.update(self._take_part(handle.index) if os.path.exists(self.part_path(handle.index))
+                          else {})
+        if self.config.state_file:
+            saved = statefile.save(self.config.state_file, merged.items())
+            log.info("saved %d pending pushes to %s", saved, self.config.state_file)
+        elif merged:
+            log.warning("%d pending pushes dropped at stop: no --state-file", len(merged))
+        self.loop.stop()
+

@@ -1,0 +1,478 @@
+"""Routing between the workers of one node: token shards, batched messages, stream hand-off.
+
+Theory of operation
+-------------------
+Each worker owns a hash shard of tokens (``owner_of``: CRC-32 of the raw token, modulo the
+worker count). The kernel's SO_REUSEPORT hash decides which worker accepts a connection, so a
+push or a device can land anywhere; the mesh moves it to the owner:
+
+- a device's socket is handed to the owner with ``SCM_RIGHTS`` once its ``GET /events`` is
+  parsed (``HANDOFF``); the owner writes the head and any pending push, so every stream of a
+  token lives in exactly one process and "newest wins" stays a local decision;
+- a push is forwarded to the owner (``PUSH``), which stores or delivers it and acknowledges
+  (``ACK``); only then does the receiving worker answer 200. An owner that is full, dead or
+  unreachable makes the answer 503: a 200 always means the owner holds the push (SPEC §4);
+- a broadcast goes once to each worker (``BCAST``), which writes its own streams and replies with
+  a count (``BCAST_DONE``); ``/stats`` asks each worker once (``STATS``/``STATS_REPLY``); admin
+  commands are applied everywhere (``ADMIN``).
+
+Links: every worker listens on an abstract-namespace ``SOCK_SEQPACKET`` socket named after the
+master's pid and its index, and connects to a peer the first time it has something to send
+(an outbound link per direction, ``2 × (N−1)`` fds per worker). A respawned worker binds the same
+name; its peers notice the old link close and reconnect on their next send.
+
+Batching (the GenStage lesson, seed 004): records for one peer accumulate during a loop turn and
+leave as one ``sendmsg`` per peer per turn (split at ``MAX_MESSAGE`` bytes or ``MAX_FDS`` fds).
+Back-pressure: bytes a peer has not taken yet are bounded (``MAX_QUEUED``); over it, pushes for
+that peer are answered 503, never dropped.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import struct
+import zlib
+from typing import Any, Callable
+
+import orjson
+
+from .loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
+from .registry import Push
+
+log = logging.getLogger("rawsse.mesh")
+
+PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN = range(1, 9)
+
+_SENDER = struct.Struct("!H")  # each message starts with the sending worker's index
+_HEADER = struct.Struct("!BI")  # record type, body length
+_PUSH = struct.Struct("!IddB")  # request id, expires, delay, token length
+_ACK = struct.Struct("!I?")
+_HANDOFF = struct.Struct("!B")  # token length (then token, then leftover bytes)
+_BCAST = struct.Struct("!IB")  # request id, prefix length
+_BCAST_DONE = struct.Struct("!II")
+_REQUEST = struct.Struct("!I")
+
+MAX_MESSAGE = 60 * 1024  # under the default wmem/rmem (208 KiB) so one message always fits
+MAX_FDS = 64  # SCM_MAX_FD is 253 per message
+MAX_QUEUED = 8 * 1024 * 1024
+RECV_SIZE = 256 * 1024
+RETRY_CONNECT_SECONDS = 0.1
+REQUEST_TIMEOUT = 5.0
+
+
+def owner_of(token: bytes, workers: int) -> int:
+    """The worker that owns ``token``: stable across processes and restarts (not ``hash()``)."""
+    return zlib.crc32(token) % workers if workers > 1 else 0
+
+
+def address(node: int, index: int) -> str:
+    """Abstract-namespace name of worker ``index``'s mesh socket (no file to clean up)."""
+    return f"\0rawsse-mesh-{node}-{index}"
+
+
+class OutLink:
+    """The connection this worker sends on to one peer, with its unsent batch."""
+
+    __slots__ = ("mesh", "peer", "sock", "fd", "pending", "pending_fds", "queued", "events",
+                 "retry_at")
+
+    def __init__(self, mesh: "Mesh", peer: int) -> None:
+        self.mesh = mesh
+        self.peer = peer
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.pending: list[tuple[bytes, list[int]]] = []  # messages not yet accepted by the kernel
+        self.pending_fds = 0
+        self.queued = 0  # bytes in ``pending``
+        self.events = 0
+        self.retry_at = 0.0
+
+    def connect(self) -> bool:
+        if self.sock is not None:
+            return True
+        loop = self.mesh.worker.loop
+        if loop.now < self.retry_at:
+            return False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(address(self.mesh.node, self.peer))
+        except OSError:
+            sock.close()
+            self.retry_at = loop.now + RETRY_CONNECT_SECONDS
+            return False
+        sock.setblocking(False)
+        self.sock, self.fd = sock, sock.fileno()
+        self.events = READ_EVENTS
+        loop.add(self.fd, self, READ_EVENTS)
+        return True
+
+    def queue(self, message: bytes, fds: list[int]) -> None:
+        self.pending.append((message, fds))
+        self.queued += len(message)
+
+    def flush(self) -> None:
+        sock = self.sock
+        while self.pending and sock is not None:
+            message, fds = self.pending[0]
+            try:
+                if fds:
+                    sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              array.array("i", fds))])
+                else:
+                    sock.send(message)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.close("send failed")
+                return
+            self.pending.pop(0)
+            self.queued -= len(message)
+            for fd in fds:  # the peer has its own copy now
+                os.close(fd)
+        self._want_write(bool(self.pending))
+
+    def _want_write(self, on: bool) -> None:
+        events = READ_EVENTS | (EPOLLOUT if on else 0)
+        if self.fd >= 0 and events != self.events:
+            self.events = events
+            self.mesh.worker.loop.modify(self.fd, events)
+
+    def handle_events(self, events: int) -> None:
+        if events & (EPOLLHUP | EPOLLERR | EPOLLRDHUP):
+            self.close("peer closed")
+        elif events & EPOLLIN:
+            try:
+                if not self.sock.recv(1):  # type: ignore[union-attr]
+                    self.close("peer closed")
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.close("peer closed")
+        elif events & EPOLLOUT:
+            self.flush()
+
+    def close(self, why: str = "") -> None:
+        if self.sock is None:
+            return
+        log.info("link to worker %d lost (%s)", self.peer, why)
+        self.mesh.worker.loop.remove(self.fd)
+        self.sock.close()
+        self.sock, self.fd = None, -1
+        for _message, fds in self.pending:
+            for fd in fds:  # streams that never reached their owner: the device reconnects
+                os.close(fd)
+        self.pending = []
+        self.queued = 0
+        self.mesh.link_lost(self.peer)
+
+
+class InLink:
+    """A peer's connection to us: reads its messages."""
+
+    __slots__ = ("mesh", "sock", "fd")
+
+    def __init__(self, mesh: "Mesh", sock: socket.socket) -> None:
+        self.mesh = mesh
+        self.sock = sock
+        self.fd = sock.fileno()
+
+    def handle_events(self, events: int) -> None:
+        for _ in range(64):  # bounded per turn so one busy peer cannot starve the others
+            try:
+                data, ancdata, flags, _addr = self.sock.recvmsg(
+                    RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4))
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close()
+                return
+            if not data:
+                self.close()
+                return
+            fds = _received_fds(ancdata)
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                log.error("mesh message truncated (flags %#x): %d fds lost", flags, len(fds))
+                self.mesh.worker.stats.disconnect("error")
+            self.mesh.receive(data, fds)
+
+    def close(self, reason: str = "") -> None:
+        if self.fd >= 0:
+            self.mesh.worker.loop.remove(self.fd)
+            self.sock.close()
+            self.fd = -1
+
+
+class MeshListener:
+    __slots__ = ("mesh", "sock", "fd")
+
+    def __init__(self, mesh: "Mesh", sock: socket.socket) -> None:
+        self.mesh, self.sock, self.fd = mesh, sock, sock.fileno()
+
+    def handle_events(self, events: int) -> None:
+        while True:
+            try:
+                sock, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.error("mesh accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            link = InLink(self.mesh, sock)
+            self.mesh.worker.loop.add(link.fd, link, READ_EVENTS)
+
+    def close(self, reason: str = "") -> None:
+        self.mesh.worker.loop.remove(self.fd)
+        self.sock.close()
+
+
+def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+class Mesh:
+    """This worker's links to its peers and the requests waiting on them."""
+
+    def __init__(self, worker: Any, node: int) -> None:
+        self.worker = worker
+        self.node = node
+        self.index = worker.index
+        self.count = worker.count
+        self.links = {peer: OutLink(self, peer) for peer in range(self.count) if peer != self.index}
+        # peer -> records (bytes, fd or -1) queued during this loop turn
+        self.batches: dict[int, list[tuple[bytes, int]]] = {}
+        self._sender = _SENDER.pack(self.index)
+        self._reply_to = -1  # the peer whose message is being handled
+        self.flush_scheduled = False
+        self._next_id = 0
+        # request id -> (peer, callback, failure value, deadline); a callback gets the reply, or
+        # the failure value when the peer is lost or does not answer in REQUEST_TIMEOUT
+        self.waiting: dict[int, tuple[int, Callable[[Any], None], Any, float]] = {}
+        self.listener: MeshListener | None = None
+        self.forward_failures = 0
+
+    def listen(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.bind(address(self.node, self.index))
+        sock.listen(128)
+        sock.setblocking(False)
+        self.listener = MeshListener(self, sock)
+        self.worker.loop.add(self.listener.fd, self.listener, EPOLLIN)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        return self._next_id
+
+    def can_send(self, peer: int) -> bool:
+        link = self.links[peer]
+        return link.connect() and link.queued < MAX_QUEUED
+
+    def send(self, peer: int, kind: int, body: bytes, fd: int = -1) -> None:
+        """Queue one record for ``peer``; it leaves with this turn's batch."""
+        batch = self.batches.get(peer)
+        if batch is None:
+            batch = self.batches[peer] = []
+        batch.append((_HEADER.pack(kind, len(body)) + body, fd))
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.worker.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """One sendmsg per peer per loop turn (split only at the size and fd limits)."""
+        self.flush_scheduled = False
+        batches, self.batches = self.batches, {}
+        for peer, records in batches.items():
+            link = self.links[peer]
+            if link.sock is None:  # the link died after these were queued: the waiting
+                for _record, fd in records:  # requests already failed; drop the hand-offs
+                    if fd >= 0:
+                        os.close(fd)
+                continue
+            for message, fds in self._messages(records):
+                link.queue(message, fds)
+            link.flush()
+
+    def _messages(self, records: list[tuple[bytes, int]]) -> list[tuple[bytes, list[int]]]:
+        """Pack records into as few messages as the size and fd limits allow."""
+        messages: list[tuple[bytes, list[int]]] = []
+        parts: list[bytes] = [self._sender]
+        size, fds = len(self._sender), []
+        for record, fd in records:
+            if len(parts) > 1 and (size + len(record) > MAX_MESSAGE or (fd >= 0 and len(fds) >= MAX_FDS)):
+                messages.append((b"".join(parts), fds))
+                parts, size, fds = [self._sender], len(self._sender), []
+            parts.append(record)
+            size += len(record)
+            if fd >= 0:
+                fds.append(fd)
+        messages.append((b"".join(parts), fds))
+        return messages
+
+    def expect(self, peer: int, callback: Callable[[Any], None], failure: Any) -> int:
+        request_id = self._new_id()
+        deadline = self.worker.loop.now + REQUEST_TIMEOUT
+        self.waiting[request_id] = (peer, callback, failure, deadline)
+        return request_id
+
+    def expire_waiting(self, now: float) -> None:
+        """Fail requests a peer never answered (it hung, or its reply link could not form)."""
+        late = [rid for rid, entry in self.waiting.items() if entry[3] < now]
+        for rid in late:
+            _, callback, failure, _ = self.waiting.pop(rid)
+            self.forward_failures += 1
+            callback(failure)
+
+    def link_lost(self, peer: int) -> None:
+        """Every request waiting on ``peer`` fails now (a forwarded push becomes a 503)."""
+        lost = [rid for rid, entry in self.waiting.items() if entry[0] == peer]
+        for rid in lost:
+            _, callback, failure, _ = self.waiting.pop(rid)
+            self.forward_failures += 1
+            callback(failure)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def forward_push(self, peer: int, token: bytes, push: Push, delay: float,
+                     answer: Callable[[bool], None]) -> None:
+        if not self.can_send(peer):
+            answer(False)
+            return
+        rid = self.expect(peer, answer, False)
+        self.send(peer, PUSH, _PUSH.pack(rid, push.expires, delay, len(token)) + token + push.frame)
+
+    def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
+        if not self.can_send(peer):
+            return False
+        self.send(peer, HANDOFF, _HANDOFF.pack(len(token)) + token + leftover, fd)
+        return True
+
+    def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
+        """Ask every peer to write ``frame`` to its streams; ``done(total)`` after all replied
+        (a peer that is down counts 0)."""
+        state = {"remaining": 0, "total": 0}
+
+        def reply(count: int) -> None:
+            state["total"] += count
+            state["remaining"] -= 1
+            if state["remaining"] == 0:
+                done(state["total"])
+
+        prefix_bytes = prefix.encode()
+        peers = [peer for peer in self.links if self.links[peer].connect()]
+        state["remaining"] = len(peers) + 1
+        for peer in peers:
+            rid = self.expect(peer, reply, 0)
+            self.send(peer, BCAST, _BCAST.pack(rid, len(prefix_bytes)) + prefix_bytes + frame)
+        reply(self.worker.broadcast_local(frame, prefix))
+
+    def collect(self, kind: int, body: bytes, done: Callable[[list[Any]], None]) -> None:
+        """Ask every reachable peer (``STATS``, ``ADMIN``); ``done`` gets their JSON replies
+        once all answered (a peer lost meanwhile is left out)."""
+        replies: list[Any] = []
+        peers = [peer for peer in self.links if self.links[peer].connect()]
+        remaining = [len(peers)]
+
+        def reply(doc: Any) -> None:
+            if doc is not None:
+                replies.append(doc)
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                done(replies)
+
+        if not peers:
+            done(replies)
+            return
+        for peer in peers:
+            rid = self.expect(peer, reply, None)
+            self.send(peer, kind, _REQUEST.pack(rid) + body)
+
+    def share(self, command: dict[str, Any], done: Callable[[list[Any]], None]) -> None:
+        """Apply an admin command on every peer; ``done`` once all have it, so the change holds
+        for the very next push whichever worker takes it."""
+        self.collect(ADMIN, orjson.dumps(command), done)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def receive(self, data: bytes, fds: list[int]) -> None:
+        view = memoryview(data)
+        (self._reply_to,) = _SENDER.unpack_from(view)
+        offset = _SENDER.size
+        fd_index = 0
+        while offset < len(data):
+            kind, length = _HEADER.unpack_from(view, offset)
+            offset += _HEADER.size
+            body = view[offset:offset + length]
+            offset += length
+            if kind == HANDOFF:
+                fd = fds[fd_index] if fd_index < len(fds) else -1
+                fd_index += 1
+                self._on_handoff(body, fd)
+            else:
+                try:
+                    self._dispatch(kind, body)
+                except Exception:
+                    log.exception("mesh record %d failed", kind)
+        for fd in fds[fd_index:]:
+            os.close(fd)
+
+    def _dispatch(self, kind: int, body: memoryview) -> None:
+        if kind == PUSH:
+            rid, expires, delay, token_len = _PUSH.unpack_from(body)
+            start = _PUSH.size
+            token = bytes(body[start:start + token_len])
+            push = Push(bytes(body[start + token_len:]), expires)
+            accepted = self.worker.accept_push(token, push, delay)
+            self._reply(ACK, _ACK.pack(rid, accepted))
+        elif kind == ACK:
+            rid, accepted = _ACK.unpack_from(body)
+            self._resolve(rid, accepted)
+        elif kind == BCAST:
+            rid, prefix_len = _BCAST.unpack_from(body)
+            start = _BCAST.size
+            prefix = bytes(body[start:start + prefix_len]).decode()
+            count = self.worker.broadcast_local(bytes(body[start + prefix_len:]), prefix)
+            self._reply(BCAST_DONE, _BCAST_DONE.pack(rid, count))
+        elif kind == BCAST_DONE:
+            rid, count = _BCAST_DONE.unpack_from(body)
+            self._resolve(rid, count)
+        elif kind == STATS:
+            (rid,) = _REQUEST.unpack_from(body)
+            self._reply(REPLY, _REQUEST.pack(rid) + orjson.dumps(self.worker.snapshot()))
+        elif kind == REPLY:
+            (rid,) = _REQUEST.unpack_from(body)
+            self._resolve(rid, orjson.loads(body[_REQUEST.size:]))
+        elif kind == ADMIN:
+            (rid,) = _REQUEST.unpack_from(body)
+            self.worker.admin.apply(orjson.loads(body[_REQUEST.size:]))
+            self._reply(REPLY, _REQUEST.pack(rid) + b"true")
+        else:
+            log.error("unknown mesh record %d", kind)
+
+    def _on_handoff(self, body: memoryview, fd: int) -> None:
+        (token_len,) = _HANDOFF.unpack_from(body)
+        start = _HANDOFF.size
+        token = bytes(body[start:start + token_len])
+        if fd < 0:
+            log.error("stream hand-off for a token arrived without its socket")
+            return
+        self.worker.adopt_stream(fd, token, bytes(body[start + token_len:]))
+
+    def _reply(self, kind: int, body: bytes) -> None:
+        peer = self._reply_to
+        if peer in self.links and self.links[peer].connect():
+            self.send(peer, kind, body)
+
+    def _resolve(self, rid: int, value: Any) -> None:
+        entry = self.waiting.pop(rid, None)
+        if entry is not None:
+            entry[1](value)
