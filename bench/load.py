@@ -120,11 +120,18 @@ def wait_settled(server_pids: list[int], base_fds: int, quiet: float = 0.3,
     return last
 
 
-def wait_for_fds_at_most(server_pids: list[int], fds: int, timeout: float) -> int:
-    """Wait until the server's open fds fall to ``fds`` (its idle count); returns the count."""
+def wait_fds_steady(server_pids: list[int], quiet: float = 0.5, timeout: float = 30.0) -> int:
+    """Wait until the server's open fds stop changing for ``quiet`` seconds (streams of devices
+    that just exited are still being closed); returns that count, the base for the next phase.
+    Not "back to the idle count": a server may open fds of its own on first use (rawsse's
+    workers do), so the idle count is not a floor one can wait for."""
     deadline = time.monotonic() + timeout
-    while True:
-        now_fds = memory.open_fds(server_pids)
-        if now_fds <= fds or time.monotonic() > deadline:
-            return now_fds
+    last, since = memory.open_fds(server_pids), time.monotonic()
+    while time.monotonic() < deadline:
         time.sleep(0.05)
+        fds = memory.open_fds(server_pids)
+        if fds != last:
+            last, since = fds, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last

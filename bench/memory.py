@@ -4,10 +4,16 @@ Method (ops.md §5.2 and §2.5): take samples at several connection levels and r
 least-squares line (bytes per additional connection), never total/N, which would hide the fixed
 interpreter baseline (~14-23 MB per process).
 
-- User space: RSS, USS and PSS summed over the server's master and workers. RSS double-counts the
-  copy-on-write pages that forked workers share, so for several workers USS (private pages) and
-  PSS (shared pages split among sharers) are the honest sums; for one process the three agree on
-  the slope.
+- User space, summed over the server's master and workers (``/proc/PID/smaps_rollup``):
+  RSS, the issue's figure; for one process it is the honest one. With forked workers each sum is
+  biased by copy-on-write: when a worker writes to a page it shares with the master, physical
+  memory grows by one page, the RSS sum by nothing, the USS sum by two (the copy is private to the
+  worker and the original now private to the master), and the PSS sum by exactly one. But PSS
+  also counts file pages (the interpreter, shared libraries) shared with *other* processes, and
+  the devices are Python processes too: each one started takes a share of those pages off the
+  server's PSS (measured: PSS slope 1.2 KB vs USS 1.57 KB for one run). Anonymous PSS
+  (``Pss_Anon``) has neither bias: anonymous pages are shared only within the fork tree. It is
+  the figure to read for several workers; the others are kept.
 - Kernel: socket memory is not in RSS at all. ``/proc/slabinfo`` active objects x object size for the
   caches a TCP socket takes (ops.md §2.5: TCP 2368 B, sock_inode_cache 832, dentry 192, filp 192,
   lsm_* ~56, eventpoll_epi 128 per epoll registration), ``/proc/meminfo`` Slab (adds slab
@@ -15,8 +21,8 @@ interpreter baseline (~14-23 MB per process).
   about one page per socket holding any unread bytes, ops.md §2.2).
   The kernel figures are system-wide and this machine is shared: other processes open and close
   thousands of sockets during a run (a first version that fitted slab bytes against the bench's
-  own connection count read 1.5 KB of TCP slab per server socket in one run and 2.4 KB in the
-  next). So each cache is fitted against the number of TCP sockets allocated system-wide
+  own connection count read 1.5 KB of TCP slab per server socket for one variant and 2.4 KB
+  for the next, in the same run). So each cache is fitted against the number of TCP sockets allocated system-wide
   (``/proc/net/sockstat`` ``TCP alloc``), which moves with every process's sockets, ours and
   theirs alike: the slope is bytes per TCP socket. On loopback both ends of a connection live in
   this kernel and take the same objects (the devices tool registers its sockets in epoll too), so
@@ -48,6 +54,7 @@ class ProcessMemory:
     rss: int
     uss: int
     pss: int
+    anon_pss: int
     processes: int
     fds: int
 
@@ -92,31 +99,25 @@ def tree(pid: int) -> list[int]:
     return [pid, *(child.pid for child in root.children(recursive=True))]
 
 
-def smaps_rollup(pid: int) -> tuple[int, int, int]:
-    """(RSS, USS, PSS) in bytes from ``/proc/PID/smaps_rollup``: one small read however large the
-    process. psutil's ``memory_full_info()`` walks every mapping in ``smaps`` and, on this kernel,
-    gave a USS 4 MB below the rollup's Private_Clean + Private_Dirty for the same process, so the
-    kernel's own sums are used and psutil only where the rollup is missing (kernels < 4.14).
-
-    PSS is recorded but not fitted: the devices are Python processes too, and each one started
-    takes a share of the interpreter's file pages off the server's PSS, so PSS grows *slower* than
-    USS as devices connect. USS (private pages) does not have that bias."""
-    rss = uss = pss = 0
+def smaps_rollup(pid: int) -> tuple[int, int, int, int]:
+    """(RSS, USS, PSS, anonymous PSS) in bytes from ``/proc/PID/smaps_rollup``: one small read
+    however large the process. psutil's ``memory_full_info()`` walks every mapping in ``smaps``
+    and, on this kernel, gave a USS 4 MB below the rollup's Private_Clean + Private_Dirty for the
+    same process, so the kernel's own sums are used (psutil only where the rollup is missing)."""
+    values = {b"Rss:": 0, b"Pss:": 0, b"Pss_Anon:": 0, b"Private_Clean:": 0, b"Private_Dirty:": 0}
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             for line in f:
-                if line.startswith(b"Rss:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith(b"Pss:"):
-                    pss = int(line.split()[1]) * 1024
-                elif line.startswith((b"Private_Clean:", b"Private_Dirty:")):
-                    uss += int(line.split()[1]) * 1024
+                key, _, rest = line.partition(b" ")
+                if key in values:
+                    values[key] = int(rest.split()[0]) * 1024
     except FileNotFoundError:
         if not os.path.exists(f"/proc/{pid}"):
             raise ProcessLookupError(pid) from None
         info = psutil.Process(pid).memory_full_info()
-        return info.rss, info.uss, info.pss
-    return rss, uss, pss
+        return info.rss, info.uss, info.pss, info.uss
+    return (values[b"Rss:"], values[b"Private_Clean:"] + values[b"Private_Dirty:"],
+            values[b"Pss:"], values[b"Pss_Anon:"])
 
 
 def count_fds(pid: int) -> int:
@@ -127,16 +128,20 @@ def count_fds(pid: int) -> int:
 
 
 def process_memory(pids: list[int]) -> ProcessMemory:
-    """RSS/USS/PSS and open fds summed over ``pids``. Skips processes that exit meanwhile."""
-    rss = uss = pss = fds = count = 0
+    """RSS/USS/PSS/anon PSS and open fds summed over ``pids``; skips processes that exit meanwhile."""
+    total = ProcessMemory(0, 0, 0, 0, 0, 0)
     for pid in pids:
         try:
-            proc_rss, proc_uss, proc_pss = smaps_rollup(pid)
+            rss, uss, pss, anon_pss = smaps_rollup(pid)
         except (ProcessLookupError, PermissionError, psutil.Error):
             continue
-        fds += count_fds(pid)
-        rss, uss, pss, count = rss + proc_rss, uss + proc_uss, pss + proc_pss, count + 1
-    return ProcessMemory(rss, uss, pss, count, fds)
+        total.rss += rss
+        total.uss += uss
+        total.pss += pss
+        total.anon_pss += anon_pss
+        total.fds += count_fds(pid)
+        total.processes += 1
+    return total
 
 
 def open_fds(pids: list[int]) -> int:
@@ -146,15 +151,29 @@ def open_fds(pids: list[int]) -> int:
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds over ``pids`` (live processes only)."""
+    """CPU seconds consumed so far over ``pids`` (live processes only).
+
+    From ``/proc/PID/task/TID/schedstat`` (nanoseconds on CPU, user and system together, summed
+    over threads): psutil's ``cpu_times()`` counts in 10 ms clock ticks, which in a 3,000-push run
+    is 3.3 µs per push of quantisation. psutil where schedstat is missing."""
     total = 0.0
     for pid in pids:
+        try:
+            total += sum(task_cpu_ns(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")) / 1e9
+            continue
+        except (OSError, ValueError, IndexError):
+            pass
         try:
             times = psutil.Process(pid).cpu_times()
         except psutil.Error:
             continue
         total += times.user + times.system
     return total
+
+
+def task_cpu_ns(pid: int, tid: str) -> int:
+    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
 
 
 def read_slab_caches(names: Iterable[str] = SOCKET_CACHES) -> dict[str, int]:
@@ -253,6 +272,7 @@ def slopes(samples: list[Sample]) -> dict[str, object]:
         "rss": fitted(conns, [s.process.rss for s in samples]),
         "uss": fitted(conns, [s.process.uss for s in samples]),
         "pss": fitted(conns, [s.process.pss for s in samples]),
+        "anon_pss": fitted(conns, [s.process.anon_pss for s in samples]),
         "slab_total": fitted(sockets, [s.kernel.slab_total for s in samples]),
         "caches": {name: f["bytes_per_conn"] for name, f in per_socket.items()},
         "caches_r2": {name: f["r2"] for name, f in per_socket.items()},

@@ -23,7 +23,8 @@ def draw(plt: Any, result: dict[str, Any], out_dir: str, stem: str) -> dict[str,
 
 
 def memory_plot(plt: Any, variants: dict[str, Any], path: str) -> str:
-    """Left: server USS (sum over workers); right: kernel socket caches, both vs streams held."""
+    """Left: server anonymous PSS (sum over processes) vs streams held; right: kernel socket
+    caches vs TCP sockets allocated system-wide (see memory.py for why)."""
     fig, (user_ax, kernel_ax) = plt.subplots(1, 2, figsize=(12, 5))
     for name, variant in variants.items():
         memory = variant.get("memory", {})
@@ -31,19 +32,19 @@ def memory_plot(plt: Any, variants: dict[str, Any], path: str) -> str:
         if not samples:
             continue
         xs = [s["connections"] for s in samples]
-        uss = [s["process"]["uss"] / MB for s in samples]
-        uss_fit = memory["slopes"]["uss"]
-        line = user_ax.plot(xs, uss, "o", label=None)[0]
-        user_ax.plot(xs, [(uss_fit["intercept_bytes"] + uss_fit["bytes_per_conn"] * x) / MB
+        user = [s["process"]["anon_pss"] / MB for s in samples]
+        user_fit = memory["slopes"]["anon_pss"]
+        line = user_ax.plot(xs, user, "o", label=None)[0]
+        user_ax.plot(xs, [(user_fit["intercept_bytes"] + user_fit["bytes_per_conn"] * x) / MB
                           for x in xs], "-", color=line.get_color(),
-                     label=f"{name}: {uss_fit['bytes_per_conn']:,.0f} B/stream")
+                     label=f"{name}: {user_fit['bytes_per_conn']:,.0f} B/stream")
         first = samples[0]["kernel"]
         sockets = [s["kernel"]["tcp_alloc"] - first["tcp_alloc"] for s in samples]
         kernel = [sum(s["kernel"]["caches"].values()) - sum(first["caches"].values())
                   for s in samples]
         kernel_ax.plot(sockets, [k / MB for k in kernel], "o-", color=line.get_color(),
                        label=f"{name}: {memory['slopes']['socket_caches_total']:,.0f} B/socket")
-    user_ax.set(title="Server user memory (USS, all processes)", xlabel="streams held",
+    user_ax.set(title="Server user memory (anonymous PSS, all processes)", xlabel="streams held",
                 ylabel="MiB")
     kernel_ax.set(title="Kernel socket caches vs TCP sockets (system-wide, from first level)",
                   xlabel="TCP sockets allocated (both ends)", ylabel="MiB")

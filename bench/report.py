@@ -63,9 +63,9 @@ def fmt_delivery(got: Any, expected: Any) -> str:
 
 
 def total_per_stream(variant: Result) -> float | None:
-    uss = dig(variant, "memory", "slopes", "uss", "bytes_per_conn")
+    user = dig(variant, "memory", "slopes", "anon_pss", "bytes_per_conn")
     kernel = dig(variant, "memory", "slopes", "socket_caches_total")
-    return None if uss is None or kernel is None else uss + kernel
+    return None if user is None or kernel is None else user + kernel
 
 
 # (row label, how to render it from one variant's result)
@@ -74,8 +74,10 @@ ROWS: list[tuple[str, Callable[[Result], str]]] = [
     ("Levels sampled", lambda v: ", ".join(f"{n:,}" for n in dig(v, "memory", "levels") or []) or "—"),
     ("User memory / stream, RSS slope",
      lambda v: fmt_bytes(dig(v, "memory", "slopes", "rss", "bytes_per_conn"))),
-    ("User memory / stream, USS slope (sum over workers)",
+    ("User memory / stream, USS slope (sum over processes)",
      lambda v: fmt_bytes(dig(v, "memory", "slopes", "uss", "bytes_per_conn"))),
+    ("User memory / stream, anonymous PSS slope (sum)",
+     lambda v: fmt_bytes(dig(v, "memory", "slopes", "anon_pss", "bytes_per_conn"))),
     ("Kernel / server socket, slab socket caches",
      lambda v: fmt_bytes(dig(v, "memory", "slopes", "socket_caches_total"))),
     ("Kernel / server socket, /proc/meminfo Slab",
@@ -86,7 +88,7 @@ ROWS: list[tuple[str, Callable[[Result], str]]] = [
     ("Kernel TCP mem / stream, broadcast in flight",
      lambda v: fmt_bytes_within(dig(v, "fanout", "sockstat_mem_per_stream_peak"),
                                 dig(v, "memory", "sockstat_resolution_per_stream"))),
-    ("Total / stream (USS + socket caches)", lambda v: fmt_bytes(total_per_stream(v))),
+    ("Total / stream (anon PSS + socket caches)", lambda v: fmt_bytes(total_per_stream(v))),
     ("Broadcast fan-out p50 / p99 / max", lambda v: fmt_latency(dig(v, "fanout", "latency_ms"))),
     ("Broadcast events received / expected",
      lambda v: fmt_delivery(dig(v, "fanout", "events"), dig(v, "fanout", "expected_events"))),

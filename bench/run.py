@@ -120,6 +120,8 @@ def run_meta(plan: str, settings: PhaseSettings) -> dict[str, Any]:
             "cpus": os.cpu_count(), "fd_hard_limit": load.fd_limit(),
             "ephemeral_ports": load.ephemeral_ports(),
             "somaxconn": read_int("/proc/sys/net/core/somaxconn"),
+            "tcp_max_syn_backlog": read_int("/proc/sys/net/ipv4/tcp_max_syn_backlog"),
+            "netdev_max_backlog": read_int("/proc/sys/net/core/netdev_max_backlog"),
             "tcp_mem_pages": open("/proc/sys/net/ipv4/tcp_mem").read().split(),
             "load_average": os.getloadavg(), "settings": settings.__dict__}
 
@@ -139,6 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run only this variant (repeatable), e.g. rawsse-1w, baseline-1w")
     parser.add_argument("--out", default=RESULTS_DIR, help="results directory (default %(default)s)")
     parser.add_argument("--name", help="file name stem (default: PLAN-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--logs", help="directory for child logs and device/push reports "
+                                       "(default: a new temporary directory)")
     parser.add_argument("--force", action="store_true", help="run even when preflight complains")
     args = parser.parse_args(argv)
     args.plan = args.plan or "standard"
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if problems and top > 20_000 and not args.force:
         print("preflight failed; fix the above or pass --force", file=sys.stderr)
         return 2
-    log_dir = procs.make_log_dir()
+    log_dir = args.logs or procs.make_log_dir()
+    os.makedirs(log_dir, exist_ok=True)
     result: dict[str, Any] = {"meta": run_meta(args.plan, settings), "variants": {},
                               "preflight": problems + warnings, "log_dir": log_dir}
     for spec in variants:

@@ -181,7 +181,7 @@ class Arbiter:
         return pending
 
     def part_path(self, index: int) -> str:
-        base = os.path.basename(self.config.state_file or f"rawsse-{os.getpid()}.state")
+        base = os.path.basename(self.config.state_file or f"rawsse-{self.node_id}.state")
         return os.path.join(self.part_dir, f".{base}.worker{index}")
 
     def spawn(self, handle: WorkerHandle, pending: dict[bytes, Push]) -> None:
@@ -319,6 +319,7 @@ class Arbiter:
         handle.pid = 0
         handle.ready = False
         handle.close_socket()
+        self._broadcast_info()
         if self.stopping:
             log.info("worker %d exited (%d)", handle.index, code)
             if not any(h.pid for h in self.handles):

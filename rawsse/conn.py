@@ -55,7 +55,6 @@ _CHECK_DUPLICATES = frozenset({
     b"apns-collapse-id", b"authorization",
 })
 
-H2_PREFACE = b"PRI * HTTP/2.0"
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
@@ -63,7 +62,7 @@ class Conn:
     __slots__ = (
         # per connection
         "fd", "parser", "operator", "state", "deadline", "responses", "out", "events", "reading",
-        "closing", "head_bytes", "progress",
+        "closing", "head_bytes", "unparsed", "progress",
         # per request
         "url", "headers", "duplicate", "body", "body_size", "too_large", "keep_alive",
     )
@@ -82,6 +81,7 @@ class Conn:
         self.reading = True
         self.closing = False
         self.head_bytes = 0
+        self.unparsed = 0
         self.progress = False
         self._reset_request()
 
@@ -99,6 +99,7 @@ class Conn:
     def on_message_begin(self) -> None:
         self.state = HEAD
         self.head_bytes = 0
+        self.unparsed = 0
         self.deadline = self.worker.loop.now + self.worker.config.header_timeout
 
     def on_url(self, url: bytes) -> None:
@@ -108,6 +109,7 @@ class Conn:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
+        self.unparsed = 0  # those raw bytes are now counted exactly, in head_bytes
         self.progress = True
         name = name.lower()
         if name in _KEPT:
@@ -117,6 +119,12 @@ class Conn:
             headers[name] = value
 
     def on_headers_complete(self) -> None:
+        if self.head_bytes > self.worker.config.header_limit:
+            # A head that arrived whole in one read: _check_head_size only sees heads still in
+            # progress when feed_data returns, by then this request would have been served.
+            self.worker.routes.bad_request(self, 431, "RequestHeaderFieldsTooLarge",
+                                           "request head too large")
+            self.abort()
         self.state = BODY
         self.progress = True
         self.deadline = self.worker.loop.now + self.worker.config.header_timeout
@@ -141,7 +149,15 @@ class Conn:
         self.deadline = self.worker.loop.now + self.worker.config.idle_timeout
         self.worker.stats.http_requests += 1
         self.worker.routes.dispatch(self)
+        last = not self.keep_alive  # "close", HTTP/1.0, or a request that became a stream
         self._reset_request()
+        if last:
+            # RFC 9112 §9.6: after a request with "close" the server MUST NOT process further
+            # requests on the connection. Stop here, so pipelined bytes after it are neither
+            # answered nor counted as bad input (llhttp would raise "Data after Connection:
+            # close", D.4), and never parsed on a connection already handed to a stream.
+            self.parser = None
+            self.abort()
 
     # -- responses ----------------------------------------------------------------------------
 
@@ -174,6 +190,7 @@ class Conn:
 
     def become_stream(self, token: bytes) -> None:
         """After earlier responses are out, hand the socket to a ``Stream`` for ``token``."""
+        self.keep_alive = False  # the last request: what follows is not HTTP any more
         self.responses.append([b"", "stream", token])
         self._write_ready()
 
@@ -204,7 +221,9 @@ class Conn:
                 self.close("client")
                 return
             del out[:written]
-        if not out and self.closing and self.state != LINGER:
+        if not out and self.closing and not self.responses and self.state != LINGER:
+            # Half-close only once every answer is out: a client that shut down its side after
+            # sending may still be owed a push answer another worker has not acknowledged yet.
             self._start_linger()
             return
         self._update_events()
@@ -251,9 +270,6 @@ class Conn:
         data = worker.read_view[:n]
         if self.parser is None:
             return
-        if self.state == IDLE and not self.responses and data[:14] == H2_PREFACE:
-            worker.routes.reject_h2(self)
-            return
         self.progress = False
         try:
             self.parser.feed_data(data)
@@ -264,7 +280,7 @@ class Conn:
         except httptools.HttpParserCallbackError as exc:
             self._callback_failed(exc)
         except httptools.HttpParserError as exc:
-            worker.routes.bad_request(self, 400, "BadRequest", str(exc))
+            self._parse_failed(exc)
         if self.fd < 0 or self.state == LINGER or self.closing:
             return
         self._check_head_size(n)
@@ -272,14 +288,24 @@ class Conn:
     def _check_head_size(self, n: int) -> None:
         """431 once the head in progress is over the limit. Callback byte counts are exact for
         what httptools has delivered; a header still being accumulated inside httptools is
-        bounded by counting raw bytes read since the last callback (D.4: a 200 KB header value
-        is accepted by httptools, so the server must cap it)."""
+        bounded by counting raw bytes read since the last callback (``unparsed``, dropped once
+        the header arrives and is counted exactly, so a head sent in pieces is not counted
+        twice). D.4: a 200 KB header value is accepted by httptools, so the server must cap it."""
         if self.state != HEAD:
             return
         if not self.progress:
-            self.head_bytes += n
-        if self.head_bytes > self.worker.config.header_limit:
+            self.unparsed += n
+        if self.head_bytes + self.unparsed > self.worker.config.header_limit:
             self.worker.routes.bad_request(self, 431, "RequestHeaderFieldsTooLarge", "request head too large")
+
+    def _parse_failed(self, exc: Exception) -> None:
+        # llhttp stops on the HTTP/2 prior-knowledge preface "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        # (HPE_PAUSED_H2_UPGRADE, D.3) once all 24 bytes are in, however they were split over
+        # reads; PRI is accepted as a method only with that request line.
+        if self.parser is not None and self.parser.get_method() == b"PRI":
+            self.worker.routes.reject_h2(self)
+        else:
+            self.worker.routes.bad_request(self, 400, "BadRequest", str(exc))
 
     def _callback_failed(self, exc: Exception) -> None:
         cause = exc.__context__
@@ -306,7 +332,8 @@ class Conn:
         self._flush()
 
     def abort(self) -> None:
-        """Called from a parser callback that answered and closed: unwinds feed_data."""
+        """Called from a parser callback to stop parsing: the request was answered with a close,
+        or was the last one on this connection. Unwinds feed_data."""
         raise _Abort()
 
     # -- ending -------------------------------------------------------------------------------
@@ -366,4 +393,4 @@ class _TooLarge(Exception):
 
 
 class _Abort(Exception):
-    """Raised inside a callback that has already answered and closed the connection."""
+    """Raised inside a callback to stop feed_data (see ``Conn.abort``)."""

@@ -67,7 +67,10 @@ class Routes:
                 self._error(conn, 413, "PayloadTooLarge", close=True)
                 conn.abort()
         expect = headers.get(b"expect")
-        if expect is not None and expect.lower() == b"100-continue":
+        # RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request MUST be ignored
+        # (a 1.0 client does not know interim responses).
+        if (expect is not None and expect.lower() == b"100-continue"
+                and conn.parser.get_http_version() != "1.0"):
             conn.interim(frames.CONTINUE_100)
 
     def dispatch(self, conn: Conn) -> None:

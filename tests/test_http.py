@@ -129,11 +129,13 @@ def bad_requests(server) -> int:
 
 
 def assert_healthy(server) -> None:
+    """A new connection is served, and nothing so far raised inside the server."""
     client = HTTPClient(server.host, server.port)
     try:
         assert client.request("GET", "/healthz").status == 200
     finally:
         client.close()
+    assert "Traceback" not in server.output()
 
 
 def assert_json_error(response: Response, status: int, reason: str | None = None) -> dict:
@@ -169,6 +171,13 @@ MALFORMED = {
                                  b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc", 400),
     "bad-content-length": (b"POST /3/device/aabb HTTP/1.1\r\nHost: rawsse\r\n"
                            b"Content-Length: 3x\r\n\r\nabc", 400),
+    "negative-content-length": (b"POST /3/device/aabb HTTP/1.1\r\nHost: rawsse\r\n"
+                                b"Content-Length: -3\r\n\r\nabc", 400),
+    # RFC 9112 §6.3 (4): a request whose last transfer coding is not chunked has no knowable
+    # length: 400 and close.
+    "chunked-not-last": (b"POST /3/device/aabb HTTP/1.1\r\nHost: rawsse\r\n"
+                         b"Transfer-Encoding: chunked, gzip\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 400),
+    "nul-in-header-name": (b"GET /healthz HTTP/1.1\r\nHost: rawsse\r\nX-\x00: b\r\n\r\n", 400),
     "invalid-chunk-size": (b"POST /3/device/aabb HTTP/1.1\r\nHost: rawsse\r\n"
                            b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
     # A TLS ClientHello sent to the plain-text port (a sender configured with https://).
@@ -267,8 +276,7 @@ def test_pipelined_events_after_two_pushes_becomes_a_stream_after_both_answers(s
         sock.sendall(push_request(token, b'{"mdm":"first"}', first_id)
                      + push_request(token, b'{"mdm":"second"}', second_id)
                      + request("GET", f"/events?token={token}"))
-        raw = read_until(sock, b"data: ")
-        raw += read_until(sock, b"\n\n")
+        raw = read_until(sock, b'second"}\n\n')
     finally:
         sock.close()
     stream_at = raw.index(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream")
@@ -278,6 +286,26 @@ def test_pipelined_events_after_two_pushes_becomes_a_stream_after_both_answers(s
     # Both pushes waited for the device; the newest one wins (store-and-forward, SPEC §2).
     assert b"id: %s\nevent: ping\ndata: {\"mdm\":\"second\"}\n\n" % second_id.encode() in events
     assert b"first" not in events
+
+
+def test_bytes_pipelined_after_events_are_not_parsed_as_requests(server):
+    """Once ``GET /events`` is answered the connection is a stream: what the device sends after
+    it is read and dropped, never served (a push there would be answered into the stream)."""
+    token = new_token()
+    before = get_json(server.host, server.port, "/stats")["node"]
+    sock = connect(server)
+    try:
+        sock.sendall(request("GET", f"/events?token={token}") + push_request(new_token()) + HEALTHZ)
+        raw = read_until(sock, b"\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream")
+        raw += read_to_close(sock, timeout=0.5)[0]
+    finally:
+        sock.close()
+    assert b"HTTP/1.1" not in raw.split(b"\r\n\r\n", 1)[1], raw
+    after = get_json(server.host, server.port, "/stats")["node"]
+    assert after["pushes_received"] == before["pushes_received"]
+    assert after["bad_requests"] == before["bad_requests"]
+    assert_healthy(server)
 
 
 # -- Expect: 100-continue (RFC 9110 §10.1.1) ------------------------------------------------------
@@ -314,13 +342,33 @@ def test_expect_continue_with_oversized_length_gets_413_without_the_body(server)
     assert closed
 
 
+def test_expect_continue_is_ignored_on_http10(server):
+    """RFC 9110 §10.1.1: an HTTP/1.0 client knows no interim responses; the expectation is
+    ignored and only the final response is sent."""
+    body = b'{"mdm":"old"}'
+    head = (f"POST /3/device/{new_token()} HTTP/1.0\r\nHost: rawsse\r\nExpect: 100-continue\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock = connect(server)
+    try:
+        sock.sendall(head + body)
+        raw, closed = read_to_close(sock, timeout=2.0)
+    finally:
+        sock.close()
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw
+    assert [r.status for r in parse_responses(raw)] == [200] and closed
+
+
 # -- header byte cap (431, RFC 6585 §5) -----------------------------------------------------------
 
-def test_twenty_kb_header_gets_431(server):
+@pytest.mark.parametrize("headers", [
+    {"X-Pad": "a" * 20_000},
+    {f"X-Pad-{i}": "a" * 40 for i in range(500)},
+], ids=["one-20kb-header", "500-small-headers"])
+def test_head_over_the_cap_sent_whole_gets_431(server, headers):
     before = bad_requests(server)
     sock = connect(server)
     try:
-        sock.sendall(request("GET", "/healthz", headers={"X-Pad": "a" * 20_000}))
+        sock.sendall(request("GET", "/healthz", headers=headers))
         raw, closed = read_to_close(sock)
     finally:
         sock.close()
@@ -348,10 +396,16 @@ def test_header_dribbled_over_several_writes_gets_431(server):
     assert closed
 
 
-def test_header_under_the_cap_is_served(server):
+@pytest.mark.parametrize("piece", [None, 1000], ids=["whole", "1kb-writes"])
+def test_header_under_the_cap_is_served(server, piece):
+    """A 12 KB head is under the 16 KB cap however it is split (bytes of a header that arrives
+    over several reads must not be counted twice)."""
+    data = request("GET", "/healthz", headers={"X-Pad": "a" * 12_000})
     sock = connect(server)
     try:
-        sock.sendall(request("GET", "/healthz", headers={"X-Pad": "a" * 12_000}))
+        for start in range(0, len(data), piece or len(data)):
+            sock.sendall(data[start:start + (piece or len(data))])
+            time.sleep(0.005 if piece else 0)
         (response,) = read_responses(sock, 1)
     finally:
         sock.close()
@@ -489,7 +543,8 @@ def test_half_closed_client_still_gets_its_responses(server):
 # -- connection cap (503, uvicorn's limit_concurrency) --------------------------------------------
 
 def test_connection_cap_answers_503_and_keeps_the_others(start_server):
-    server = start_server("--keepalive", "0", "--max-connections", "5")
+    # One worker: the cap is split between workers, and SO_REUSEPORT spreads connections by hash.
+    server = start_server("--keepalive", "0", "--max-connections", "5", "--workers", "1")
     time.sleep(0.1)  # let the readiness probe's connection finish closing
     held = [HTTPClient(server.host, server.port) for _ in range(5)]
     try:
