@@ -82,7 +82,7 @@ def push_argv(url: str, count: int, tokens: int, report: str, senders: int = 5,
 
 def held_connections(server_pids: list[int], base_fds: int) -> int:
     """Connections the server holds: its processes' open fds above what they had idle. Works for
-    any worker layout and either server, and costs one readdir per process."""
+    any worker layout and either server, and costs one stat per process."""
     return max(0, memory.open_fds(server_pids) - base_fds)
 
 

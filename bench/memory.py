@@ -121,8 +121,14 @@ def smaps_rollup(pid: int) -> tuple[int, int, int, int]:
 
 
 def count_fds(pid: int) -> int:
+    """Open fds of ``pid`` from ``stat("/proc/PID/fd").st_size`` (Linux ≥ 6.2: the count, read
+    from the fd bitmap). Listing the directory instead (psutil's ``num_fds()``) costs a readdir
+    over every fd and instantiates a /proc dentry and inode per fd: polled at 300k connections it
+    took 40 % of a core, and it grew the very ``dentry`` slab being measured by one object per
+    socket. The listing is the fallback for older kernels, where ``st_size`` is 0."""
     try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
+        size = os.stat(f"/proc/{pid}/fd").st_size
+        return size if size > 0 else len(os.listdir(f"/proc/{pid}/fd"))
     except FileNotFoundError:
         return 0
 
@@ -145,7 +151,7 @@ def process_memory(pids: list[int]) -> ProcessMemory:
 
 
 def open_fds(pids: list[int]) -> int:
-    """Open file descriptors over ``pids``: one readdir each, cheap enough to poll every 20 ms.
+    """Open file descriptors over ``pids``: one stat each, cheap enough to poll every 20 ms.
     Used to count the connections a server holds, whatever its worker layout."""
     return sum(count_fds(pid) for pid in pids)
 

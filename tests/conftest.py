@@ -16,6 +16,15 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _die_with_parent() -> None:
+    """In the server's child process: SIGTERM it if the test process dies (PR_SET_PDEATHSIG), so
+    a killed pytest never leaves servers behind holding ports and CPU."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def reserve_port(host: str = "127.0.0.1") -> tuple[socket.socket, int]:
     """Hold a free port: a SO_REUSEPORT socket bound but not listening takes no connections,
     while the server's own SO_REUSEPORT listeners can still bind it (no free-port race)."""
@@ -39,6 +48,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rawsse", "serve", "--listen", f"{host}:{port}", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
     @property
