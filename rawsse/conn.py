@@ -18,7 +18,11 @@ Rules
   ``--header-timeout`` of their start (slowloris: 408), ``--idle-timeout`` between requests (quiet
   close). Deadlines are checked by the worker's once-a-second sweep, so no timer per request.
 - Bad input gets a 4xx and a close, never a traceback: parser errors are 400, a body over every
-  route's limit is 413, TE+CL and duplicate Content-Length are rejected by llhttp itself (D.3).
+  route's limit is 413, TE+CL and duplicate Content-Length are rejected by llhttp itself (D.3),
+  the HTTP/2 preface gets 505 however its bytes are split over reads.
+- The last request is the last one parsed: after ``close`` or an HTTP/1.0 request without
+  keep-alive (RFC 9112 §9.6), or a ``GET /events`` (the socket becomes a stream), the parser is
+  dropped and whatever follows is read and discarded, never answered.
 - A closing connection half-closes (``shutdown(SHUT_WR)``) after its last response and reads
   until EOF for up to ``LINGER_SECONDS``: closing with unread input would send an RST that can
   destroy the response before the client reads it (Apache's lingering close).
@@ -271,6 +275,13 @@ class Conn:
         if self.parser is None:
             return
         self.progress = False
+        self._feed(data)
+        if self.fd < 0 or self.state == LINGER or self.closing:
+            return
+        self._check_head_size(n)
+
+    def _feed(self, data: Any) -> None:
+        """Parse ``data``: malformed input is answered (4xx, 505) and closes; nothing raises."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -281,9 +292,6 @@ class Conn:
             self._callback_failed(exc)
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
-        if self.fd < 0 or self.state == LINGER or self.closing:
-            return
-        self._check_head_size(n)
 
     def _check_head_size(self, n: int) -> None:
         """431 once the head in progress is over the limit. Callback byte counts are exact for
@@ -320,7 +328,7 @@ class Conn:
         self.parser = httptools.HttpRequestParser(self)
         self.state = IDLE
         if rest and self.fd >= 0 and not self.closing:
-            self.parser.feed_data(rest)
+            self._feed(rest)  # the bytes after an Upgrade request get the same error handling
 
     def _end_of_input(self) -> None:
         if self.state == LINGER or (not self.responses and not self.out):

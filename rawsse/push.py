@@ -70,6 +70,11 @@ class IdGenerator:
         return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
+def is_apns_id(value: bytes) -> bool:
+    """A canonical UUID, as Apple requires of ``apns-id`` (A.3)."""
+    return _UUID.match(value) is not None
+
+
 def parse_token(text: bytes, strict: bool) -> bytes:
     """Hex token → raw bytes. Empty → MissingDeviceToken; odd length, non-hex, or (strict) not
     32 bytes → BadDeviceToken. ``unhexlify`` accepts either case, so tokens are normalised."""

@@ -29,7 +29,7 @@ import orjson
 from . import frames
 from .admin import AdminError
 from .conn import DISCARD_BODY, Conn
-from .push import PushRejected, parse_token, payload_limit, validate_push
+from .push import PushRejected, is_apns_id, parse_token, payload_limit, validate_push
 from .registry import Push
 
 log = logging.getLogger("rawsse.routes")
@@ -191,7 +191,17 @@ class Routes:
         if not conn.body:
             self._error(conn, 400, "PayloadEmpty")
             return
+        # A broadcast reaches every device as a push, so Apple's payload and apns-id rules hold
+        # for it too; they also keep every line of the event under the 8192 bytes Fleet's
+        # device client accepts (fleet-apns-mock.md §5.2), which a longer line would disconnect.
+        if len(conn.body) > payload_limit(conn.headers):
+            self.stats.reject(413, "PayloadTooLarge")
+            self._error(conn, 413, "PayloadTooLarge")
+            return
         given = conn.headers.get(b"apns-id")
+        if given is not None and not is_apns_id(given):
+            self._error(conn, 400, "BadMessageId")
+            return
         apns_id = given if given else worker.ids.new()
         prefix_text = _query_value(query, b"prefix").lower()
         if prefix_text and not all(c in b"0123456789abcdef" for c in prefix_text):

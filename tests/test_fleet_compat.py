@@ -132,7 +132,8 @@ def test_live_devices_get_each_of_their_pushes_exactly_once(server, variant):
 @pytest.mark.parametrize("variant", ["no-apns-headers", "apns-expiration"])
 def test_push_first_connect_later_delivers_each_magic_once(server, variant):
     devices = [fleet_device(f"LATER{i:03d}") for i in range(30)]
-    results = fleet_send(server, [(token, magic, expiration_for(variant)) for token, magic in devices])
+    jobs = [(token, magic, expiration_for(variant)) for token, magic in devices]
+    results = fleet_send(server, jobs)
     id_for = {job[0]: assert_accepted(response) for job, response in results}
 
     readers = [SSEReader(server.host, server.port, token) for token, _ in devices]
@@ -241,3 +242,26 @@ def test_connection_stays_usable_after_an_error(server):
     assert_accepted(accepted)
     stats = get_json(server.host, server.port, "/stats")["node"]
     assert stats["rejections"].get("413 PayloadTooLarge", 0) >= 1
+
+
+# -- broadcasts reach Fleet devices as pushes ---------------------------------------------------
+
+def test_broadcast_fits_fleets_line_limit_or_is_refused_as_json(server):
+    """Fleet's client drops a stream on any line over 8192 bytes (§5.2). A broadcast is a push
+    to every device, so Apple's payload limit and apns-id rule apply: the largest broadcast is
+    delivered intact, a larger one or a runaway apns-id is refused before any device sees it."""
+    token, _ = fleet_device("BCAST")
+    reader = SSEReader(server.host, server.port, token)
+    client = HTTPClient(server.host, server.port)
+    try:
+        too_large = client.request("POST", "/broadcast", b"y" * 4097)
+        long_id = client.request("POST", "/broadcast", b"z", {"apns-id": "a" * 9000})
+        largest = client.request("POST", "/broadcast", b"x" * 4096)
+        events = reader.events_for(0.5)
+    finally:
+        client.close()
+        reader.close()
+    assert_fleet_decodes_error(too_large, 413, "PayloadTooLarge")
+    assert_fleet_decodes_error(long_id, 400, "BadMessageId")
+    assert largest.status == 200 and largest.json()["streams"] >= 1
+    assert [e.data for e in events] == ["x" * 4096]

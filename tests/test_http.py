@@ -281,7 +281,8 @@ def test_pipelined_events_after_two_pushes_becomes_a_stream_after_both_answers(s
         sock.close()
     stream_at = raw.index(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream")
     answers = parse_responses(raw[:stream_at])
-    assert [(r.status, r.headers["apns-id"]) for r in answers] == [(200, first_id), (200, second_id)]
+    assert [(r.status, r.headers["apns-id"]) for r in answers] == [(200, first_id),
+                                                                   (200, second_id)]
     events = raw[stream_at:].split(b"\r\n\r\n", 1)[1]
     # Both pushes waited for the device; the newest one wins (store-and-forward, SPEC §2).
     assert b"id: %s\nevent: ping\ndata: {\"mdm\":\"second\"}\n\n" % second_id.encode() in events
@@ -305,6 +306,29 @@ def test_bytes_pipelined_after_events_are_not_parsed_as_requests(server):
     after = get_json(server.host, server.port, "/stats")["node"]
     assert after["pushes_received"] == before["pushes_received"]
     assert after["bad_requests"] == before["bad_requests"]
+    assert_healthy(server)
+
+
+UPGRADE_H2C = (b"GET /healthz HTTP/1.1\r\nHost: rawsse\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+               b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+
+
+@pytest.mark.parametrize("mode", ["whole", "slices10"])
+@pytest.mark.parametrize("after, statuses", [
+    (HEALTHZ, [200, 200]),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", [200, 505]),
+    (b"\x00\x01junk\r\n\r\n", [200, 400]),
+], ids=["then-healthz", "then-h2-preface", "then-junk"])
+def test_upgrade_is_ignored_and_what_follows_is_parsed_as_http11(server, mode, after, statuses):
+    """RFC 9110 §7.8: a server may ignore Upgrade. The request is answered over HTTP/1.1 and the
+    bytes after it are HTTP/1.1 again, with the same error handling as any other request."""
+    sock = connect(server)
+    try:
+        feed(sock, UPGRADE_H2C + after, mode)
+        responses = read_responses(sock, len(statuses))
+    finally:
+        sock.close()
+    assert [r.status for r in responses] == statuses
     assert_healthy(server)
 
 
@@ -443,7 +467,8 @@ def trickle(sock: socket.socket, data: bytes, interval: float, limit: float) -> 
     return received, time.monotonic() - started
 
 
-SLOW_HEAD = b"POST /3/device/aabbccdd HTTP/1.1\r\nHost: rawsse\r\nContent-Type: application/json\r\n"
+SLOW_HEAD = (b"POST /3/device/aabbccdd HTTP/1.1\r\nHost: rawsse\r\n"
+             b"Content-Type: application/json\r\n")
 
 
 def test_slowloris_head_gets_408_and_close(strict_server):

@@ -126,7 +126,8 @@ class Fleet:
                 if device.head and not had_head:
                     waiting -= 1
             if time.monotonic() > deadline:
-                pytest.fail(f"{next_index - waiting} of {STREAMS} streams open after {PHASE_SECONDS}s")
+                pytest.fail(f"{next_index - waiting} of {STREAMS} streams open "
+                            f"after {PHASE_SECONDS}s")
 
     def _open(self, index: int) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

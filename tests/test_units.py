@@ -16,7 +16,7 @@ from rawsse.config import (ConfigError, FaultRule, parse_address, parse_distribu
                            parse_duration, parse_fault)
 from rawsse.push import IdGenerator, PushRejected, PushRequest, validate_push
 
-# -- frames: golden bytes ---------------------------------------------------------------------------
+# -- frames: golden bytes --------------------------------------------------------------------------
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\n"
             b"Content-Type: text/event-stream\r\n"
@@ -106,7 +106,7 @@ def test_status_lines():
     assert frames.CONTINUE_100 == b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-# -- config: durations, distributions, faults, addresses --------------------------------------------
+# -- config: durations, distributions, faults, addresses -------------------------------------------
 
 @pytest.mark.parametrize("text, seconds", [
     ("250ms", 0.25), ("2s", 2.0), ("1.5", 1.5), ("15", 15.0), (".5s", 0.5), ("100us", 1e-4),
@@ -204,7 +204,7 @@ def test_bad_address_names_the_flag(text):
         parse_address(text, "--listen")
 
 
-# -- push validation (pure: validate_push with a predictable id source) -----------------------------
+# -- push validation (pure: validate_push with a predictable id source) ----------------------------
 
 class CountingIds(IdGenerator):
     """Ids ``…-000000000001``, ``…-000000000002``: a test can tell which one was generated."""
@@ -240,7 +240,8 @@ def test_fleet_push_is_accepted_with_a_fresh_id_and_the_default_ttl():
     apns_id, request = validate()
     assert apns_id == b"00000000-0000-4000-8000-000000000001"
     assert isinstance(request, PushRequest)
-    assert (request.token, request.payload, request.expires) == (b"token1", b'{"mdm":"m"}', NOW + TTL)
+    assert (request.token, request.payload) == (b"token1", b'{"mdm":"m"}')
+    assert request.expires == NOW + TTL
     assert request.delay is None
 
 
@@ -296,7 +297,7 @@ def test_duplicate_apns_header_is_rejected_first():
 @pytest.mark.parametrize("headers, body", [
     ({}, b"x" * 4096),
     ({b"apns-push-type": b"voip"}, b"x" * 5120),
-    ({b"apns-push-type": b"mdm", b"apns-priority": b"10", b"apns-topic": b"com.apple.mgmt.x"}, b"x"),
+    ({b"apns-push-type": b"mdm", b"apns-priority": b"10", b"apns-topic": b"com.apple.x"}, b"x"),
     ({b"apns-priority": b"5", b"apns-collapse-id": b"c" * 64}, b"x"),
     ({b"rawsse-delivery-delay": b"uniform:1s-2s"}, b"x"),
 ])
@@ -332,7 +333,7 @@ def test_generated_ids_are_distinct_lowercase_v4_uuids():
                             apns_id), apns_id
 
 
-# -- CLI: a bad flag value is one line on stderr naming the flag, exit status 2 ---------------------
+# -- CLI: a bad flag value is one line on stderr naming the flag, exit status 2 --------------------
 
 @pytest.mark.parametrize("flag, value", [
     ("--keepalive", "xyz"),
@@ -350,3 +351,13 @@ def test_cli_bad_flag_is_one_line_naming_the_flag(flag, value):
     assert len(lines) == 1, done.stderr
     assert flag in lines[0] and lines[0].startswith("rawsse serve: "), lines[0]
     assert done.stdout == ""
+
+
+def test_is_apns_id_accepts_canonical_uuids_only():
+    from rawsse.push import is_apns_id
+
+    assert is_apns_id(b"6f1a2b3c-0000-4000-8000-00000000abcd")
+    assert is_apns_id(GIVEN_ID)  # Fleet's README shows Apple echoing upper case
+    for bad in (b"", b"x", b"6f1a2b3c00004000800000000000abcd",
+                b"6f1a2b3c-0000-4000-8000-00000000abcd\n", b"a" * 9000):
+        assert not is_apns_id(bad), bad
