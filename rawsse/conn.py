@@ -203,15 +203,16 @@ class Conn:
         out = self.out
         while responses and responses[0][0] is not None:
             slot = responses.popleft()
-            out += slot[0]
             action = slot[1]
             if action == "stream":
                 self._hand_to_stream(slot[2])
                 return
             if action:
+                out += frames.with_connection_close(slot[0])
                 self.closing = True
                 responses.clear()
                 break
+            out += slot[0]
         self._flush()
 
     def _flush(self) -> None:

@@ -104,4 +104,14 @@ def reason_body(reason: str, timestamp_ms: int | None = None) -> bytes:
     return b'{"reason":"%s","timestamp":%d}' % (reason.encode(), timestamp_ms)
 
 
+def with_connection_close(data: bytes) -> bytes:
+    """The last response on a connection says so (RFC 9112 §9.6: a server that closes after a
+    response SHOULD send ``Connection: close``); most already do, this covers the rest."""
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0 or b"\r\nConnection: close\r\n" in data[:head_end + 2]:
+        return data
+    first_line = data.find(b"\r\n")
+    return data[:first_line + 2] + b"Connection: close\r\n" + data[first_line + 2:]
+
+
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -361,3 +361,14 @@ def test_is_apns_id_accepts_canonical_uuids_only():
     for bad in (b"", b"x", b"6f1a2b3c00004000800000000000abcd",
                 b"6f1a2b3c-0000-4000-8000-00000000abcd\n", b"a" * 9000):
         assert not is_apns_id(bad), bad
+
+
+def test_last_response_on_a_connection_says_connection_close():
+    from rawsse import frames
+
+    plain = frames.response(200, b"ok")
+    closing = frames.with_connection_close(plain)
+    assert closing.count(b"Connection: close\r\n") == 1
+    assert closing.endswith(b"\r\n\r\nok")
+    already = frames.response(200, b"ok", close=True)
+    assert frames.with_connection_close(already) == already
