@@ -37,14 +37,18 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import httptools
 
+new_event_loop: Callable[[], asyncio.AbstractEventLoop]
 try:
     import uvloop
-except ImportError:  # pragma: no cover - the [bench] extra installs it
-    uvloop = None
+    new_event_loop = uvloop.new_event_loop
+    LOOP_NAME = "uvloop"
+except ImportError:  # pragma: no cover - the [bench] extra installs it; /stats says which ran
+    new_event_loop = asyncio.new_event_loop
+    LOOP_NAME = "asyncio"
 
 # ---- preformatted bytes (shared by every connection) ----
 
@@ -148,7 +152,7 @@ class Node:
         return written
 
     def stats(self) -> dict[str, Any]:
-        return {"server": "baseline-asyncio" + ("-uvloop" if uvloop else ""), "pid": os.getpid(),
+        return {"server": f"baseline-asyncio-{LOOP_NAME}", "pid": os.getpid(),
                 "connections": len(self.streams), "pending": len(self.pending),
                 "uptime_s": round(time.time() - self.started, 3), **self.counters}
 
@@ -317,11 +321,16 @@ def raise_fd_limit() -> None:
 
 def serve(sock: socket.socket, keepalive: float) -> None:
     """Run one worker's event loop on ``sock`` until SIGTERM/SIGINT."""
-    loop = uvloop.new_event_loop() if uvloop else asyncio.new_event_loop()
+    loop = new_event_loop()
     asyncio.set_event_loop(loop)
     stop = loop.create_future()
+
+    def request_stop() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(signum, request_stop)
 
     async def main() -> None:
         server = await loop.create_server(Connection, sock=sock, backlog=65535)
