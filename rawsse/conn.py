@@ -66,7 +66,7 @@ class Conn:
     __slots__ = (
         # per connection
         "fd", "parser", "operator", "state", "deadline", "responses", "out", "events", "reading",
-        "closing", "head_bytes", "unparsed", "progress",
+        "closing", "head_bytes", "unparsed", "progress", "flush_scheduled",
         # per request
         "url", "headers", "duplicate", "body", "body_size", "too_large", "keep_alive",
     )
@@ -87,6 +87,7 @@ class Conn:
         self.head_bytes = 0
         self.unparsed = 0
         self.progress = False
+        self.flush_scheduled = False
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -213,7 +214,20 @@ class Conn:
                 responses.clear()
                 break
             out += slot[0]
-        self._flush()
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Write once per loop turn: a read of 32 pipelined requests, or a batch of acks from
+        the owner workers, fills many slots, and one write carries all their answers (one
+        write per answer was 22% of a pipelined push's CPU, py-spy)."""
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.worker.loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self.flush_scheduled = False
+        if self.fd >= 0:
+            self._flush()
 
     def _flush(self) -> None:
         out = self.out
