@@ -25,6 +25,10 @@ Rules
 - TTIN/TTOU (add/remove a worker) are refused: the worker count is the shard modulus, so
   changing it would move almost every token to another worker while its stream and pending push
   stay behind. Restart with ``--workers N`` instead.
+- Redis mode (``--redis``): one more child, the node's Redis agent (``redis_agent.py``), is
+  spawned first, watched and respawned like a worker (its death loses no stream: the workers keep
+  theirs and re-claim them when the new agent is up). On stop it is signalled with the workers and
+  leaves after them, because their draining streams still hand pushes back to Redis through it.
 """
 
 from __future__ import annotations
@@ -121,6 +125,8 @@ class Arbiter:
         self.loop = Loop()
         self.notifier = Notifier()
         self.handles = [WorkerHandle(self, i) for i in range(self.count)]
+        # Redis mode: the node's Redis agent, mesh peer number ``count``
+        self.agent = WorkerHandle(self, self.count) if config.redis_url else None
         self.signals: list[int] = []
         self.stopping = False
         self.stop_deadline = 0.0
@@ -149,6 +155,8 @@ class Arbiter:
         for token, push in pending.items():
             shards[owner_of(token, self.count)][token] = push
         self._install_signals()
+        if self.agent is not None:  # first, so the workers find it listening
+            self.spawn(self.agent, {})
         for handle in self.handles:
             self.spawn(handle, shards[handle.index])
         del pending, shards
@@ -180,6 +188,10 @@ class Arbiter:
         log.info("loaded %d pending pushes from %s", len(pending), self.config.state_file)
         return pending
 
+    def processes(self) -> list[WorkerHandle]:
+        """Every child: the workers and, in Redis mode, the agent."""
+        return self.handles if self.agent is None else [*self.handles, self.agent]
+
     def part_path(self, index: int) -> str:
         base = os.path.basename(self.config.state_file or f"rawsse-{self.node_id}.state")
         return os.path.join(self.part_dir, f".{base}.worker{index}")
@@ -192,8 +204,13 @@ class Arbiter:
             try:
                 master_side.close()
                 self._forget_master_fds()
-                code = run_worker(self.config, handle.index, self.count, self.node_id, worker_side,
-                                  pending, self.part_path(handle.index))
+                if handle is self.agent:
+                    from .redis_agent import run_agent
+
+                    code = run_agent(self.config, self.node_id, self.count, worker_side)
+                else:
+                    code = run_worker(self.config, handle.index, self.count, self.node_id,
+                                      worker_side, pending, self.part_path(handle.index))
             except BaseException:
                 logging.getLogger("rawsse.worker").exception("worker %d crashed", handle.index)
             finally:
@@ -212,7 +229,7 @@ class Arbiter:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
                     signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        for other in self.handles:
+        for other in self.processes():
             if other.sock is not None:
                 other.sock.close()
         self.loop.close()
@@ -231,7 +248,7 @@ class Arbiter:
             handle.beat = message
 
     def _maybe_ready(self) -> None:
-        if all(h.ready for h in self.handles):
+        if all(h.ready for h in self.processes()):
             if not self.announced_ready:
                 self.announced_ready = True
                 log.info("all %d workers serving", self.count)
@@ -270,7 +287,7 @@ class Arbiter:
         if self.stopping:
             self._tick_stopping(now)
             return
-        for handle in self.handles:
+        for handle in self.processes():
             if handle.pid and handle.ready and now - handle.last_beat > HEARTBEAT_TIMEOUT:
                 log.error("worker %d (pid %d) missed heartbeats for %.0fs: killing it",
                           handle.index, handle.pid, now - handle.last_beat)
@@ -283,13 +300,13 @@ class Arbiter:
         interval = self.notifier.watchdog_interval
         if interval is None:
             return
-        beating = all(h.pid and now - h.last_beat < 2 * interval for h in self.handles)
+        beating = all(h.pid and now - h.last_beat < 2 * interval for h in self.processes())
         if beating and now - self.last_watchdog >= interval:
             self.last_watchdog = now
             self.notifier.watchdog()
 
     def _tick_stopping(self, now: float) -> None:
-        alive = [h for h in self.handles if h.pid]
+        alive = [h for h in self.processes() if h.pid]
         if not alive:
             self._finish_stop()
             return
@@ -310,7 +327,7 @@ class Arbiter:
                 return
             if pid == 0:
                 return
-            handle = next((h for h in self.handles if h.pid == pid), None)
+            handle = next((h for h in self.processes() if h.pid == pid), None)
             if handle is not None:
                 self._on_exit(handle, os.waitstatus_to_exitcode(status))
 
@@ -321,9 +338,13 @@ class Arbiter:
         handle.close_socket()
         self._broadcast_info()
         if self.stopping:
-            log.info("worker %d exited (%d)", handle.index, code)
-            if not any(h.pid for h in self.handles):
+            log.info("%s exited (%d)", "agent" if handle is self.agent else f"worker {handle.index}",
+                     code)
+            if not any(h.pid for h in self.processes()):
                 self._finish_stop()
+            return
+        if handle is self.agent:
+            self._on_agent_exit(handle, code)
             return
         if handle.restarting:
             handle.restarting = False
@@ -343,6 +364,15 @@ class Arbiter:
         now = time.monotonic()
         handle.deaths = [t for t in handle.deaths if now - t < 60.0] + [now]
         delay = 0.0 if len(handle.deaths) <= 1 else min(MAX_RESPAWN_DELAY, 2.0 ** (len(handle.deaths) - 2))
+        self.loop.call_later(delay, self._respawn, handle, {})
+
+    def _on_agent_exit(self, handle: WorkerHandle, code: int) -> None:
+        """The Redis agent died: respawn it (backing off like a worker). Streams stay with the
+        workers; pushes needing Redis get 503 meanwhile; the new agent has them re-claimed."""
+        now = time.monotonic()
+        handle.deaths = [t for t in handle.deaths if now - t < 60.0] + [now]
+        delay = 0.0 if len(handle.deaths) <= 1 else min(MAX_RESPAWN_DELAY, 2.0 ** (len(handle.deaths) - 2))
+        log.error("redis agent died with exit code %d; respawning in %.0fs", code, delay)
         self.loop.call_later(delay, self._respawn, handle, {})
 
     def _respawn(self, handle: WorkerHandle, pending: dict[bytes, Push]) -> None:
@@ -391,7 +421,7 @@ class Arbiter:
     def handle_sigterm(self) -> None:
         if self.stopping:
             log.info("second stop signal: cutting the drain short")
-            for handle in self.handles:
+            for handle in self.processes():
                 if handle.pid:
                     self._kill(handle.pid, signal.SIGTERM)
             return
@@ -440,10 +470,10 @@ class Arbiter:
         self.notifier.stopping(f"draining {sum(h.beat.get('streams', 0) for h in self.handles)} streams")
         self.notifier.extend_timeout(self.config.drain_seconds + STOP_GRACE_SECONDS)
         log.info("stopping: draining workers over %.0fs", self.config.drain_seconds)
-        for handle in self.handles:
+        for handle in self.processes():
             if handle.pid:
                 self._kill(handle.pid, signal.SIGTERM)
-        if not any(h.pid for h in self.handles):
+        if not any(h.pid for h in self.processes()):
             self._finish_stop()
 
     def _finish_stop(self) -> None:

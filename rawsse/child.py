@@ -45,7 +45,7 @@ class NodeWorker(Worker):
                answer: Callable[[bool], None]) -> None:
         owner = owner_of(token, self.count)
         if owner == self.index:
-            answer(self.accept_push(token, push, delay))
+            self.take_push(token, push, delay, answer)
         else:
             self.stats.forwarded += 1
             self.mesh.forward_push(owner, token, push, delay, answer)
@@ -151,8 +151,13 @@ def run_worker(config: ServeConfig, index: int, count: int, node: int, control: 
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)  # the master decides; Ctrl-C reaches it alone
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    worker_class: type[NodeWorker] = NodeWorker
+    if config.redis_url:  # imported only in Redis mode: a single node needs no Redis
+        from .cluster import ClusterWorker
+
+        worker_class = ClusterWorker
     try:
-        worker = NodeWorker(config, index, count, node, control, pending, part_path)
+        worker = worker_class(config, index, count, node, control, pending, part_path)
         worker.listen()
         worker.mesh.listen()
     except OSError as exc:

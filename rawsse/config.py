@@ -182,3 +182,7 @@ class ServeConfig:
     drain_seconds: float = 10.0
     state_file: str | None = None
     log_level: str = "info"
+    # Redis mode (several nodes as one service); None = a single node, no Redis at all
+    redis_url: str | None = None
+    node_id: str = ""
+    redis_prefix: str = "rawsse:"

@@ -25,6 +25,10 @@ Batching (the GenStage lesson, seed 004): records for one peer accumulate during
 leave as one ``sendmsg`` per peer per turn (split at ``MAX_MESSAGE`` bytes or ``MAX_FDS`` fds).
 Back-pressure: bytes a peer has not taken yet are bounded (``MAX_QUEUED``); over it, pushes for
 that peer are answered 503, never dropped.
+
+Extra peers: in Redis mode the node's Redis agent is one more peer (index = worker count, see
+``agent_records.py``). ``add_peer`` links to it and ``handle`` routes its record kinds; it takes
+no part in broadcasts, ``/stats`` collection or admin commands, which go to workers only.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ MAX_QUEUED = 8 * 1024 * 1024
 RECV_SIZE = 256 * 1024
 RETRY_CONNECT_SECONDS = 0.1
 REQUEST_TIMEOUT = 5.0
+# A broadcast reply comes after the peer wrote to every one of its streams: ~18k loopback writes
+# per worker took 3-6 s at 300k streams on 2 shared cores (bench/results/full.md), so a 5 s
+# timeout under-counted; the answer waits longer rather than report a wrong count.
+BROADCAST_TIMEOUT = 120.0
 
 
 def owner_of(token: bytes, workers: int) -> int:
@@ -258,6 +266,20 @@ class Mesh:
         self.waiting: dict[int, tuple[int, Callable[[Any], None], Any, float]] = {}
         self.listener: MeshListener | None = None
         self.forward_failures = 0
+        # record kind -> handler(body) for kinds this module does not know (the Redis agent's)
+        self.handlers: dict[int, Callable[[memoryview], None]] = {}
+
+    def add_peer(self, peer: int) -> None:
+        """Link to a peer that is not a worker (the node's Redis agent)."""
+        self.links[peer] = OutLink(self, peer)
+
+    def handle(self, kind: int, handler: Callable[[memoryview], None]) -> None:
+        """Route records of ``kind`` (one not defined here) to ``handler(body)``."""
+        self.handlers[kind] = handler
+
+    def worker_peers(self) -> list[int]:
+        """The other workers that can be reached now."""
+        return [peer for peer in self.links if peer < self.count and self.links[peer].connect()]
 
     def listen(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -318,9 +340,10 @@ class Mesh:
         messages.append((b"".join(parts), fds))
         return messages
 
-    def expect(self, peer: int, callback: Callable[[Any], None], failure: Any) -> int:
+    def expect(self, peer: int, callback: Callable[[Any], None], failure: Any,
+               timeout: float = REQUEST_TIMEOUT) -> int:
         request_id = self._new_id()
-        deadline = self.worker.loop.now + REQUEST_TIMEOUT
+        deadline = self.worker.loop.now + timeout
         self.waiting[request_id] = (peer, callback, failure, deadline)
         return request_id
 
@@ -368,10 +391,10 @@ class Mesh:
                 done(state["total"])
 
         prefix_bytes = prefix.encode()
-        peers = [peer for peer in self.links if self.links[peer].connect()]
+        peers = self.worker_peers()
         state["remaining"] = len(peers) + 1
         for peer in peers:
-            rid = self.expect(peer, reply, 0)
+            rid = self.expect(peer, reply, 0, BROADCAST_TIMEOUT)
             self.send(peer, BCAST, _BCAST.pack(rid, len(prefix_bytes)) + prefix_bytes + frame)
         reply(self.worker.broadcast_local(frame, prefix))
 
@@ -379,7 +402,7 @@ class Mesh:
         """Ask every reachable peer (``STATS``, ``ADMIN``); ``done`` gets their JSON replies
         once all answered (a peer lost meanwhile is left out)."""
         replies: list[Any] = []
-        peers = [peer for peer in self.links if self.links[peer].connect()]
+        peers = self.worker_peers()
         remaining = [len(peers)]
 
         def reply(doc: Any) -> None:
@@ -431,11 +454,12 @@ class Mesh:
             start = _PUSH.size
             token = bytes(body[start:start + token_len])
             push = Push(bytes(body[start + token_len:]), expires)
-            accepted = self.worker.accept_push(token, push, delay)
-            self._reply(ACK, _ACK.pack(rid, accepted))
+            peer = self._reply_to  # the answer may come later (a cluster worker asks Redis)
+            self.worker.take_push(token, push, delay,
+                                  lambda accepted: self.reply(peer, ACK, _ACK.pack(rid, accepted)))
         elif kind == ACK:
             rid, accepted = _ACK.unpack_from(body)
-            self._resolve(rid, accepted)
+            self.resolve(rid, accepted)
         elif kind == BCAST:
             rid, prefix_len = _BCAST.unpack_from(body)
             start = _BCAST.size
@@ -444,17 +468,19 @@ class Mesh:
             self._reply(BCAST_DONE, _BCAST_DONE.pack(rid, count))
         elif kind == BCAST_DONE:
             rid, count = _BCAST_DONE.unpack_from(body)
-            self._resolve(rid, count)
+            self.resolve(rid, count)
         elif kind == STATS:
             (rid,) = _REQUEST.unpack_from(body)
             self._reply(REPLY, _REQUEST.pack(rid) + orjson.dumps(self.worker.snapshot()))
         elif kind == REPLY:
             (rid,) = _REQUEST.unpack_from(body)
-            self._resolve(rid, orjson.loads(body[_REQUEST.size:]))
+            self.resolve(rid, orjson.loads(body[_REQUEST.size:]))
         elif kind == ADMIN:
             (rid,) = _REQUEST.unpack_from(body)
             self.worker.admin.apply(orjson.loads(body[_REQUEST.size:]))
             self._reply(REPLY, _REQUEST.pack(rid) + b"true")
+        elif kind in self.handlers:
+            self.handlers[kind](body)
         else:
             log.error("unknown mesh record %d", kind)
 
@@ -468,11 +494,21 @@ class Mesh:
         self.worker.adopt_stream(fd, token, bytes(body[start + token_len:]))
 
     def _reply(self, kind: int, body: bytes) -> None:
-        peer = self._reply_to
-        if peer in self.links and self.links[peer].connect():
+        self.reply(self._reply_to, kind, body)
+
+    def reply(self, peer: int, kind: int, body: bytes) -> None:
+        link = self.links.get(peer)
+        if link is None:
+            return
+        # The peer just sent us a request, so it is listening: a refusal seen before it was
+        # (a worker starting) must not drop its reply for RETRY_CONNECT_SECONDS, or the peer
+        # waits REQUEST_TIMEOUT for nothing (seen as 5-second /stats at node start).
+        link.retry_at = 0.0
+        if link.connect():
             self.send(peer, kind, body)
 
-    def _resolve(self, rid: int, value: Any) -> None:
+    def resolve(self, rid: int, value: Any) -> None:
+        """Hand a reply to the request waiting for it (a reply after the timeout is dropped)."""
         entry = self.waiting.pop(rid, None)
         if entry is not None:
             entry[1](value)

@@ -91,8 +91,29 @@ def _lines(document: dict[str, Any]) -> Iterator[str]:
         yield from _family("rawsse_crash_lost_pending_total", "counter",
                            "Pending pushes that died with a killed worker.",
                            iter([(None, {}, master["lost_pending"])]))
+    yield from _redis_lines(document)
     for name, value in document.get("extra_gauges", {}).items():
         yield from _family(name, "gauge", "", iter([(None, {}, value)]))
+
+
+def _redis_lines(document: dict[str, Any]) -> Iterator[str]:
+    """Redis mode only (``cluster.py``): the agent's link to Redis and cross-node routing."""
+    redis = document.get("redis")
+    if redis is None:
+        return
+    yield from _family("rawsse_redis_up", "gauge", "1 while the node's Redis agent is connected to Redis.",
+                       iter([(None, {}, redis.get("up", 0))]))
+    yield from _family("rawsse_redis_errors_total", "counter",
+                       "Redis operations that failed (unreachable, lost mid-batch, error reply) "
+                       "and failed connection attempts.", iter([(None, {}, redis.get("errors", 0))]))
+    yield from _family("rawsse_cluster_nodes", "gauge", "Nodes reporting to the cluster in Redis.",
+                       iter([(None, {}, document.get("nodes", 1))]))
+    workers = [w for w in document.get("workers", []) if "redis_routing" in w]
+    yield from _family("rawsse_routed_pushes_total", "counter",
+                       "Pushes routed through Redis to the node holding the device (out) or "
+                       "from another node to this one (in).",
+                       ((w, {"direction": "out"}, w["redis_routing"]["routed_out"]) for w in workers),
+                       ((w, {"direction": "in"}, w["redis_routing"]["routed_in"]) for w in workers))
 
 
 def _family(name: str, kind: str, help_text: str, *sources: Any) -> Iterator[str]:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import os
+import socket
 import sys
+from typing import Any
 
 from .config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
                      parse_fault)
@@ -23,6 +27,11 @@ fault rules (--fault, repeatable; also POST /admin/faults at run time):
 
 routes: POST /3/device/<token> (APNs), GET /events?token=<hex> (SSE), POST /broadcast,
         GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults
+
+several nodes as one service (Redis >= 6.2, pip install 'rawsse[redis]'):
+  rawsse serve --listen :8378 --redis redis://redis.internal:6379 --node-id a
+  rawsse serve --listen :8378 --redis redis://redis.internal:6379 --node-id b
+  A push accepted by any node reaches the node holding the device; pending pushes live in Redis.
 """
 
 
@@ -38,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--default-ttl", default="24h", metavar="DURATION",
         help="how long a push without apns-expiration waits for an offline device (default: 24h)")
     add("--max-connections", default=str(d.max_connections), metavar="N",
-        help="connections the node accepts before answering 503 (default: %(default)s)")
+        help="connections the node is sized for; each worker answers 503 past its share "
+             "plus 10%% (tokens hash unevenly over workers) (default: %(default)s)")
     add("--delivery-delay", default="0", metavar="DELAY",
         help="delay between accepting a push and writing it to the device (default: 0)")
     add("--response-delay", default="0", metavar="DELAY",
@@ -72,6 +82,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "at once (default: 10)")
     add("--state-file", metavar="PATH",
         help="save pending pushes here on stop and load them on start")
+    add("--redis", metavar="URL", dest="redis_url",
+        help="Redis mode: cooperate with the other nodes using this Redis (redis://[:PASSWORD@]"
+             "HOST:PORT[/DB], rediss://, unix:///PATH); pending pushes and device ownership "
+             "live there (default: off, a single node needs no Redis)")
+    add("--node-id", metavar="ID",
+        help="this node's name in Redis, unique per node (default: HOSTNAME-PID)")
+    add("--redis-prefix", default=d.redis_prefix, metavar="P",
+        help="prefix of every Redis key and channel; nodes of one service share it, separate "
+             "services or test runs use different ones (default: %(default)s)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="(default: %(default)s)")
 
@@ -99,7 +118,29 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         drain_seconds=parse_duration(args.drain_seconds, "--drain-seconds"),
         state_file=args.state_file,
         log_level=args.log_level,
+        **_redis_options(args),
     )
+
+
+def _redis_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--redis, --node-id, --redis-prefix: checked here, Redis itself is reached later (by
+    the node's agent, which keeps retrying), so a node may start before its Redis."""
+    if not args.redis_url:
+        if args.node_id:
+            raise ConfigError("--node-id", "only means something with --redis")
+        return {}
+    url = args.redis_url.strip()
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("--redis", f"{url!r} is not a redis://, rediss:// or unix:// URL")
+    if importlib.util.find_spec("redis") is None:  # found, not imported: the agent imports it
+        raise ConfigError("--redis", "needs the redis extra: pip install 'rawsse[redis]'")
+    node_id = (args.node_id or f"{socket.gethostname()}-{os.getpid()}").strip()
+    if not node_id or any(c.isspace() or c == "|" for c in node_id):
+        raise ConfigError("--node-id", f"{node_id!r}: use a non-empty name without spaces or '|'")
+    prefix = args.redis_prefix
+    if any(c.isspace() for c in prefix):
+        raise ConfigError("--redis-prefix", f"{prefix!r} contains whitespace")
+    return {"redis_url": url, "node_id": node_id, "redis_prefix": prefix}
 
 
 def _int(text: str, flag: str, minimum: int) -> int:

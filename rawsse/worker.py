@@ -57,6 +57,10 @@ GC_FREEZE_SECONDS = 30.0
 GC_YOUNG_THRESHOLD = 20_000
 ACCEPTS_PER_WAKEUP = 256
 EMFILE_PAUSE_SECONDS = 0.1  # asyncio's accept backoff: retry later instead of spinning
+# Each worker may hold this much more than its share of --max-connections: tokens hash unevenly
+# over the shards (a few % at 300k), and a device refused below the node's target is worse than a
+# node briefly over it. The open-file limit stays the hard bound.
+CAPACITY_SLACK = 1.1
 FD_RESERVE = 64  # fds kept free for the listener, log files, the state file, inter-worker pipes
 EXPIRY_SWEEP_BUDGET = 20_000
 READ_BUFFER_SIZE = 64 * 1024
@@ -149,6 +153,8 @@ class Listener:
 class Worker:
     """Everything one process serves. ``index`` is its place among the node's workers."""
 
+    stream_type = Stream  # a Redis-mode worker's streams carry one more slot (cluster.py)
+
     def __init__(self, config: ServeConfig, index: int = 0, count: int = 1,
                  pending: dict[bytes, Push] | None = None) -> None:
         self.config = config
@@ -156,7 +162,7 @@ class Worker:
         self.count = count
         self.loop = Loop()
         self.stats = Stats()
-        self.registry = Registry(self.stats)
+        self.registry = self.new_registry()
         self.admin = AdminState(config.faults)
         self.ids = IdGenerator()
         self.routes = Routes(self)
@@ -169,8 +175,8 @@ class Worker:
         self.read_view = memoryview(self.read_buffer)
         self.read_buffers = [self.read_view]
         self.max_fds = raise_nofile_limit()
-        self.capacity = max(1, min(math.ceil(config.max_connections / count),
-                                   self.max_fds - FD_RESERVE))
+        share = config.max_connections / count * (CAPACITY_SLACK if count > 1 else 1.0)
+        self.capacity = max(1, min(math.ceil(share), self.max_fds - FD_RESERVE))
         self._keepalive_round: list[Stream] = []
         self._keepalive_pos = 0
         self._keepalive_next = 0.0
@@ -181,6 +187,9 @@ class Worker:
         Conn.worker = self
         if pending:
             self.registry.pending.update(pending)
+
+    def new_registry(self) -> Registry:
+        return Registry(self.stats)
 
     # -- startup ------------------------------------------------------------------------------
 
@@ -223,7 +232,7 @@ class Worker:
 
     def open_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         """A ``Conn`` finished a valid ``GET /events``: the fd now belongs to a ``Stream``."""
-        stream = Stream(fd, token)
+        stream = self.stream_type(fd, token)
         self.loop.replace(fd, stream)
         if events != READ_EVENTS:
             self.loop.modify(fd, READ_EVENTS)
@@ -231,7 +240,7 @@ class Worker:
 
     def adopt_stream(self, fd: int, token: bytes, leftover: bytes) -> None:
         """A device socket handed over by another worker (this worker owns its token)."""
-        stream = Stream(fd, token)
+        stream = self.stream_type(fd, token)
         self.loop.add(fd, stream, READ_EVENTS)
         self._start_stream(stream, leftover)
 
@@ -248,6 +257,12 @@ class Worker:
                answer: Callable[[bool], None]) -> None:
         """Hand ``push`` to the token's owner (here: this worker) and ``answer`` whether it
         was accepted; a prefork node answers once the owner worker acknowledged it."""
+        self.take_push(token, push, delay, answer)
+
+    def take_push(self, token: bytes, push: Push, delay: float,
+                  answer: Callable[[bool], None]) -> None:
+        """The owner's half of ``submit``: accept here and answer (a Redis-mode worker may
+        answer later, once Redis has routed or stored a push for a device it does not hold)."""
         answer(self.accept_push(token, push, delay))
 
     def accept_push(self, token: bytes, push: Push, delay: float) -> bool:

@@ -1,0 +1,431 @@
+"""A worker of a node in Redis mode: several rawsse nodes cooperating as one push service.
+
+Theory of operation
+-------------------
+Each node is a master, its workers (each owning a hash shard of tokens, ``mesh.py``) and one
+Redis agent (``redis_agent.py``), the only process holding Redis connections. This module is the
+workers' side: it decides what needs Redis and talks to the agent in mesh records
+(``agent_records.py``), never blocking its epoll loop. What lives in Redis and the scripts that
+change it are in ``redis_scripts.py``.
+
+Ownership. A device that connects here is attached at once (head written, newest stream on this
+node wins as before) and claimed in Redis: the CLAIM script takes a cluster-wide sequence number
+(``INCR``), records this node as the token's owner, tells the previous owner node (on its channel
+only) that its stream is superseded by connect ``seq``, and hands back the pending push stored for
+the device, which follows the head. A node told so closes its stream only if that stream's own
+connect number is lower, so a late message cannot evict a newer stream; a message that arrives
+while our own claim is still in flight is kept until the claim's number is known. When a stream
+ends, RELEASE deletes the owner key if it still names this node.
+
+Pushes. A push reaches the worker owning its token on the receiving node (as before). If that
+worker holds the device's stream, the push is written there: no Redis work at all. Otherwise one
+ROUTE script (one pipelined round trip, shared with whatever else the agent is sending) publishes
+it to the owner node's channel only, or, with no live owner, stores it as the device's pending
+push with its TTL (``apns-expiration`` past or 0: discarded, never stored). The push is answered
+200 once that happened, 503 if Redis could not be reached: never a 200 that is then lost.
+
+Giving back. A push must never be lost or duplicated once answered 200, so every push this worker
+holds but cannot write goes back through ROUTE: a routed push arriving after its stream ended (the
+device moved on: it is routed to the new owner or stored), a stream's unsent push (``requeue``),
+a claimed pending push whose stream ended meanwhile. If Redis cannot take it, it stays in this
+worker's own pending store (``registry.pending``, the state file at stop) and is given back when
+Redis returns, or delivered here if the device connects here first.
+
+Exactly once. Each decision is one atomic script, and a node's claims, routes and releases for a
+token come from one worker in order over one agent connection, so Redis runs them in that order:
+a push and a connect on different nodes are ordered by Redis (stored then claimed, or published to
+the claimer), and a push is at any time in exactly one place (in flight to one node, in one
+stream, or one pending key that ``GETDEL`` hands to one claimer).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any, Callable
+
+import orjson
+
+from . import agent_records as records
+from . import redis_scripts as scripts
+from .child import NodeWorker
+from .config import ServeConfig
+from .registry import Push, Registry
+from .stats import Stats
+from .stream import Stream
+
+log = logging.getLogger("rawsse.cluster")
+
+STATS_SECONDS = 2.0
+RESYNC_SLICE = 2000  # re-claims per loop turn: a resync of 150k streams must not stall the loop
+OUTBOX_SLICE = 2000  # locally kept pushes given back to Redis per tick
+DRAIN_WAIT_SECONDS = 2.0
+
+COUNTERS = ("routed_out", "routed_in", "given_back", "kept_local", "claims", "claimed",
+            "claim_failures", "route_failures", "evictions", "resyncs")
+
+
+class ClusterStream(Stream):
+    """A stream that knows which connect of the cluster it is (0 until its claim is answered)."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self, fd: int, token: bytes) -> None:
+        super().__init__(fd, token)
+        self.seq = 0
+
+
+class ClusterRegistry(Registry):
+    """The registry's hooks into Redis: attach claims, detach releases, and a push that cannot
+    be written here goes back through Redis instead of into the local pending store."""
+
+    __slots__ = ("worker",)
+
+    def __init__(self, stats: Stats, worker: "ClusterWorker") -> None:
+        super().__init__(stats)
+        self.worker = worker
+
+    def attach(self, stream: Any) -> None:
+        super().attach(stream)
+        self.worker.claim(stream, records.CLAIM_TAKE)
+
+    def detach(self, stream: Any) -> None:
+        token = stream.token
+        if self.streams.get(token) is stream:
+            del self.streams[token]
+            self.worker.agent.release(token)
+
+    def store(self, token: bytes, push: Push) -> None:
+        """A push for a device not held here (a delayed delivery whose stream went away)."""
+        self.worker.give_back(token, push, records.MODE_PUSH)
+
+    def requeue(self, token: bytes, push: Push) -> None:
+        """A stream ended before ``push`` was written: to a newer stream here, else back to
+        Redis, where a newer pending push wins (``nx``)."""
+        self.stats.requeued += 1
+        if push.expires <= 0 or push.expires < time.time():
+            self.stats.discarded += 1
+            return
+        if token in self.pending:
+            self.stats.coalesced += 1
+            return
+        stream = self.streams.get(token)
+        if stream is not None:
+            self.stats.delivered_live += 1
+            stream.send(push.frame, push)
+            return
+        self.worker.give_back(token, push, records.MODE_REQUEUE)
+
+    def keep(self, token: bytes, push: Push) -> None:
+        """Redis could not take ``push``: hold it here until it can (or the device comes)."""
+        if push.expires <= 0 or push.expires < time.time():
+            self.stats.discarded += 1
+        elif token in self.pending:
+            self.stats.coalesced += 1
+        else:
+            self.pending[token] = push
+
+
+class AgentClient:
+    """Requests to the node's Redis agent (mesh peer number ``workers``) and its replies."""
+
+    def __init__(self, worker: "ClusterWorker") -> None:
+        self.worker = worker
+        self.mesh = mesh = worker.mesh
+        self.peer = worker.count
+        mesh.add_peer(self.peer)
+        mesh.handle(records.ROUTED, self._on_routed)
+        mesh.handle(records.CLAIMED, self._on_claimed)
+        mesh.handle(records.CLUSTER_VIEW, self._on_view)
+        mesh.handle(records.DELIVER, self._on_deliver)
+        mesh.handle(records.EVICT, self._on_evict)
+        mesh.handle(records.STATE, self._on_state)
+
+    def waiting(self) -> int:
+        return sum(1 for entry in self.mesh.waiting.values() if entry[0] == self.peer)
+
+    def _request(self, kind: int, body: Callable[[int], bytes], done: Callable[[Any], None]) -> None:
+        if not self.mesh.can_send(self.peer):  # the agent is down (being respawned, starting)
+            done(None)
+            return
+        rid = self.mesh.expect(self.peer, done, None)
+        self.mesh.send(self.peer, kind, body(rid))
+
+    def route(self, token: bytes, push: Push, delay: float, mode: int,
+              done: Callable[[int], None]) -> None:
+        """``done(outcome)``: one of ``redis_scripts``' outcomes, FAILED when not run."""
+        self._request(records.ROUTE,
+                      lambda rid: records.route(rid, mode, push.expires, delay, token, push.frame),
+                      lambda reply: done(scripts.FAILED if reply is None else reply))
+
+    def claim(self, token: bytes, mode: int, done: Callable[[tuple[int, bytes] | None], None]) -> None:
+        """``done((seq, pending value))``, seq 0 = taken by another node; None = failed."""
+        self._request(records.CLAIM, lambda rid: records.claim(rid, mode, token), done)
+
+    def release(self, token: bytes) -> None:
+        if self.mesh.can_send(self.peer):
+            self.mesh.send(self.peer, records.RELEASE, token)
+
+    def put_stats(self, totals: dict[str, Any]) -> None:
+        if self.mesh.can_send(self.peer):
+            self.mesh.send(self.peer, records.STATS, orjson.dumps(totals))
+
+    def cluster_view(self, done: Callable[[dict[str, Any] | None], None]) -> None:
+        self._request(records.CLUSTER, records.request, done)
+
+    # -- replies and messages -----------------------------------------------------------------
+
+    def _on_routed(self, body: memoryview) -> None:
+        rid, outcome = records.parse_routed(body)
+        self.mesh.resolve(rid, outcome)
+
+    def _on_claimed(self, body: memoryview) -> None:
+        rid, seq, value = records.parse_claimed(body)
+        self.mesh.resolve(rid, None if seq < 0 else (seq, value))
+
+    def _on_view(self, body: memoryview) -> None:
+        rid, payload = records.parse_request(body)
+        self.mesh.resolve(rid, orjson.loads(payload))
+
+    def _on_deliver(self, body: memoryview) -> None:
+        expires, delay, token, frame = records.parse_deliver(body)
+        self.worker.routed_in(token, Push(frame, expires), delay)
+
+    def _on_evict(self, body: memoryview) -> None:
+        seq, token = records.parse_evict(body)
+        self.worker.evict(token, seq)
+
+    def _on_state(self, body: memoryview) -> None:
+        up, resync = records.parse_state(body)
+        self.worker.redis_state(up, resync)
+
+
+class ClusterWorker(NodeWorker):
+    """A node worker whose devices and pushes may be on other nodes (module docstring)."""
+
+    stream_type = ClusterStream
+
+    def __init__(self, config: ServeConfig, index: int, count: int, node: int,
+                 control: socket.socket, pending: dict[bytes, Push], part_path: str) -> None:
+        super().__init__(config, index, count, node, control, pending, part_path)
+        self.agent = AgentClient(self)
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.redis_up = False
+        # token -> highest superseding connect number heard while our claim was in flight
+        self.evict_pending: dict[bytes, int] = {}
+        # tokens whose claim failed while their stream stays open: claimed again next tick
+        self.unclaimed: set[bytes] = set()
+        self._last_stats = 0.0
+
+    def new_registry(self) -> Registry:
+        return ClusterRegistry(self.stats, self)
+
+    # -- pushes ---------------------------------------------------------------------------------
+
+    def take_push(self, token: bytes, push: Push, delay: float,
+                  answer: Callable[[bool], None]) -> None:
+        if token in self.registry.streams:  # held here: no Redis work at all
+            answer(self.accept_push(token, push, delay))
+            return
+        self.agent.route(token, push, delay, records.MODE_PUSH,
+                         lambda outcome: answer(self._count_route(outcome)))
+
+    def _count_route(self, outcome: int) -> bool:
+        """Count a ROUTE outcome as the single-node counters would; True if Redis took it."""
+        stats = self.stats
+        if outcome == scripts.ROUTED:
+            self.counters["routed_out"] += 1
+        elif outcome == scripts.STORED:
+            stats.stored += 1
+        elif outcome == scripts.COALESCED:
+            stats.coalesced += 1
+        elif outcome == scripts.DISCARDED:
+            stats.discarded += 1
+        else:
+            self.counters["route_failures"] += 1
+            return False
+        return True
+
+    def routed_in(self, token: bytes, push: Push, delay: float) -> None:
+        """A push another node routed here because this node owns the device."""
+        self.counters["routed_in"] += 1
+        if token not in self.registry.streams:
+            self.give_back(token, push, records.MODE_PUSH)  # the device moved on meanwhile
+        elif not self.accept_push(token, push, delay):  # the delay queue is full: deliver now
+            self.registry.deliver(token, push)
+
+    def give_back(self, token: bytes, push: Push, mode: int) -> None:
+        """Put a push this worker cannot write back into Redis (routed to the device's node,
+        or stored); kept here if Redis cannot take it."""
+        self.counters["given_back"] += 1
+
+        def done(outcome: int) -> None:
+            if outcome == scripts.FAILED:
+                self.counters["kept_local"] += 1
+                self.registry.keep(token, push)  # type: ignore[attr-defined]
+            elif outcome == scripts.DISCARDED:
+                self.stats.discarded += 1
+
+        self.agent.route(token, push, 0.0, mode, done)
+
+    # -- ownership ------------------------------------------------------------------------------
+
+    def claim(self, stream: ClusterStream, mode: int) -> None:
+        self.counters["claims"] += 1
+        self.agent.claim(stream.token, mode, lambda reply: self._claimed(stream, reply))
+
+    def _claimed(self, stream: ClusterStream, reply: tuple[int, bytes] | None) -> None:
+        token = stream.token
+        current = self.registry.streams.get(token) is stream
+        if current or token not in self.registry.streams:
+            superseded_by = self.evict_pending.pop(token, 0)
+        else:  # a newer local stream's own claim reply will settle it
+            superseded_by = 0
+        if reply is None:  # Redis or the agent unreachable: the stream stays, claimed later
+            self.counters["claim_failures"] += 1
+            if current:
+                self.unclaimed.add(token)
+            return
+        self.counters["claimed"] += 1
+        seq, value = reply
+        if current and (seq == scripts.SEQ_TAKEN or superseded_by > seq):
+            self._close_superseded(stream)  # another node holds a newer stream for the device
+        elif current:
+            stream.seq = seq
+        if value:
+            expires, frame = scripts.decode_value(value)
+            self._hand_claimed(token, Push(frame, expires))
+
+    def _hand_claimed(self, token: bytes, push: Push) -> None:
+        """A pending push claimed from Redis: to the token's stream here, or back."""
+        if push.expires < time.time():
+            self.stats.expired += 1
+            return
+        stream = self.registry.streams.get(token)
+        if stream is None:
+            self.give_back(token, push, records.MODE_REQUEUE)
+            return
+        self.stats.delivered_on_connect += 1
+        stream.send(push.frame, push)
+
+    def evict(self, token: bytes, seq: int) -> None:
+        """Another node's connect number ``seq`` claimed a device this node may still hold."""
+        stream = self.registry.streams.get(token)
+        if stream is None:
+            return
+        if stream.seq == 0:  # our claim is in flight: decide when its number is known
+            self.evict_pending[token] = max(seq, self.evict_pending.get(token, 0))
+        elif stream.seq < seq:
+            self._close_superseded(stream)
+
+    def _close_superseded(self, stream: Stream) -> None:
+        self.counters["evictions"] += 1
+        self.stats.takeovers += 1
+        stream.close("takeover")  # its unsent push goes to the new owner through Redis
+
+    # -- Redis up and down ----------------------------------------------------------------------
+
+    def redis_state(self, up: bool, resync: bool) -> None:
+        self.redis_up = up
+        if up and resync:
+            self.counters["resyncs"] += 1
+            self.unclaimed.clear()  # every held stream is claimed again now
+            self._resync(list(self.registry.streams.values()), 0)
+
+    def _resync(self, streams: list[ClusterStream], start: int) -> None:
+        """Re-claim every held stream after Redis came back (a slice per loop turn)."""
+        end = min(len(streams), start + RESYNC_SLICE)
+        for stream in streams[start:end]:
+            if stream.fd >= 0 and self.registry.streams.get(stream.token) is stream:
+                self.claim(stream, records.CLAIM_RESYNC)
+        if end < len(streams) and self.redis_up:
+            self.loop.call_later(0.0, self._resync, streams, end)
+
+    def _claim_again(self) -> None:
+        """Streams whose claim failed (the agent was starting or being respawned, a request
+        timed out) are claimed again, yielding to a node that claimed the device meanwhile."""
+        tokens, self.unclaimed = self.unclaimed, set()
+        for token in tokens:
+            stream = self.registry.streams.get(token)
+            if stream is not None and stream.seq == 0:
+                self.claim(stream, records.CLAIM_RESYNC)
+
+    def _give_back_kept(self) -> None:
+        """Pushes kept here while Redis was down (or loaded from the state file) go back."""
+        pending = self.registry.pending
+        for token in list(pending)[:OUTBOX_SLICE]:
+            if token in self.registry.streams:
+                continue  # attach already handed it over; never both
+            self.give_back(token, pending.pop(token), records.MODE_REQUEUE)
+
+    # -- periodic work, stats, stop ----------------------------------------------------------------
+
+    def _tick(self) -> None:
+        super()._tick()
+        if self.redis_up and self.unclaimed:
+            self._claim_again()
+        if self.redis_up and self.registry.pending:
+            self._give_back_kept()
+        if self.index == 0 and self.loop.now - self._last_stats >= STATS_SECONDS:
+            self._last_stats = self.loop.now
+            NodeWorker.collect_stats(self, lambda doc: self.agent.put_stats(doc["node"]))
+
+    def snapshot(self) -> dict[str, Any]:
+        doc = super().snapshot()
+        doc["redis_routing"] = dict(self.counters)
+        return doc
+
+    def collect_stats(self, done: Callable[[dict[str, Any]], None]) -> None:
+        """The node document plus ``node_id``, ``nodes``, ``cluster`` totals and ``redis``."""
+        def with_cluster(doc: dict[str, Any]) -> None:
+            self.agent.cluster_view(lambda view: done(cluster_document(doc, view)))
+
+        super().collect_stats(with_cluster)
+
+    def _drained(self) -> None:
+        """Wait (briefly) for the agent's answers to the pushes our closing streams gave back:
+        a failed one must be kept in the state file, not lost with the process."""
+        deadline = self.loop.now + DRAIN_WAIT_SECONDS
+
+        def finish() -> None:
+            if self.agent.waiting() and self.loop.now < deadline:
+                self.loop.call_later(0.05, finish)
+            else:
+                super(ClusterWorker, self)._drained()
+
+        finish()
+
+
+def cluster_document(doc: dict[str, Any], view: dict[str, Any] | None) -> dict[str, Any]:
+    """Add the cluster to a node's ``/stats``: other nodes' last totals plus ours, live."""
+    if view is None:  # the agent is down
+        doc.update(node_id=None, nodes=1, cluster=doc["node"], redis={"up": 0})
+        return doc
+    node_id = view["node_id"]
+    others = [totals for name, totals in view["nodes"].items() if name != node_id]
+    doc["node_id"] = node_id
+    doc["nodes"] = len(others) + 1
+    doc["cluster"] = sum_totals([doc["node"], *others])
+    doc["redis"] = view["redis"]
+    return doc
+
+
+def sum_totals(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    """Field-wise sum of node totals (numbers, and dicts of numbers one level down)."""
+    total: dict[str, Any] = {}
+    for doc in documents:
+        for key, value in doc.items():
+            if isinstance(value, bool) or value is None:
+                continue
+            if isinstance(value, dict):
+                merged = total.setdefault(key, {})
+                for k, v in value.items():
+                    if isinstance(v, (int, float)):
+                        merged[k] = merged.get(k, 0) + v
+            elif isinstance(value, (int, float)):
+                total[key] = total.get(key, 0) + value
+    connections = total.get("connections", 0)
+    total["user_bytes_per_connection"] = (
+        round(total.get("uss_bytes", 0) / connections) if connections else None)
+    return total

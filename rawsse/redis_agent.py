@@ -1,0 +1,456 @@
+"""The Redis agent: the one process of a node that talks to Redis (``rawsse serve --redis``).
+
+Theory of operation
+-------------------
+Several rawsse nodes act as one push service. Each node is a master, its workers (each owning a
+hash shard of tokens, ``mesh.py``) and this agent, which the master spawns first and respawns
+like a worker. The workers never block on Redis: they send the agent mesh records
+(``agent_records.py``) and get the answers back as records, in their epoll loops. The agent runs
+asyncio (uvloop when installed) and holds exactly two Redis connections for the whole node:
+
+- the command connection, a ``Pipeline``: every worker request becomes one ``EVALSHA`` of a
+  script in ``redis_scripts.py``, and requests queued while a batch is in flight leave together,
+  so a node pays one round trip per batch, not per push;
+- the subscriber, on the node's own channel ``P node:<id>``. One per node, not per worker, and
+  nothing is broadcast: a push is published to the channel of the node holding the device only.
+  The agent hands each message to the worker owning the token (``mesh.owner_of``).
+
+A push for a device this node holds never reaches the agent (the owning worker delivers it).
+Any other push costs one scripted round trip on the receiving node (route to the owner node's
+channel, or store it pending with its TTL) and no command at all on the delivering node.
+
+Redis down
+----------
+While Redis is unreachable every request fails at once (pushes needing Redis are answered 503,
+claims leave the stream open and unregistered, pushes given back by ending streams stay in the
+worker), and it is counted (``errors``). Streams and pushes between devices on this node are
+untouched. The supervisor reconnects with backoff (0.1 s doubling to 5 s, jittered, reset after a
+success; Fleet's never-reset backoff drifts to 60 s, fleet-apns-mock.md §9.6), loads the
+scripts, subscribes, and only then tells the workers ``STATE up, resync``: they re-claim every
+stream they hold (taking the pushes stored for them meanwhile, ``GETDEL`` inside the claim) and
+give back what they kept locally. Subscribing before re-claiming matters: a push routed to us
+between the two would otherwise be published to nobody.
+
+Stats
+-----
+Every ``STATS_SECONDS`` worker 0 sends the node's totals (``STATS``) and the agent writes them to
+``P stats:<node>`` with ``PX`` = 4 intervals, refreshes this node's entry in the ``P nodes``
+sorted set (score = when it lapses) and reads the others' (``ZRANGE`` + ``MGET``; no ``SCAN`` over
+a keyspace holding a key per device). ``/stats`` asks the agent for that view (``CLUSTER``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from typing import Any
+
+import orjson
+
+from . import agent_records as records
+from . import redis_scripts as scripts
+from .agent_mesh import AgentMesh
+from .config import ServeConfig
+from .mesh import owner_of
+from .redis_pipeline import Pipeline
+
+log = logging.getLogger("rawsse.agent")
+
+STATS_SECONDS = 2.0
+BEAT_SECONDS = 1.0
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+CONNECT_TIMEOUT = 2.0
+MIN_REDIS_VERSION = (6, 2)  # GETDEL and SET … GET (ops.md §4.5)
+DRAIN_GRACE_SECONDS = 5.0
+
+
+class Agent:
+    """The agent process: mesh records in, Redis commands out, channel messages to workers."""
+
+    def __init__(self, config: ServeConfig, mesh_node: int, workers: int,
+                 control: socket.socket) -> None:
+        self.config = config
+        self.workers = workers
+        self.control = control
+        self.keys = scripts.Keys(config.redis_prefix, config.node_id)
+        self.shas = {name: scripts.sha1(text).encode() for name, text in scripts.SCRIPTS.items()}
+        self.mesh = AgentMesh(mesh_node, workers, self.on_record, self.undeliverable)
+        self.pipeline = Pipeline(self.lost)
+        self.commands: Any = None  # the pipeline's connection, also while it is set up
+        self.subscriber: Any = None
+        self.reader: asyncio.Task[None] | None = None
+        self.up = False
+        self.down = asyncio.Event()
+        self.stopping = False
+        self.done = asyncio.Event()
+        self.cluster_view: dict[str, Any] = {}
+        self.counters = dict.fromkeys(
+            ("connects", "connect_failures", "disconnects", "routed_in", "evictions_in",
+             "rerouted_undeliverable", "lost_undeliverable", "errors"), 0)
+        self.last_error = ""
+
+    # -- records from the workers -------------------------------------------------------------
+
+    def on_record(self, sender: int, kind: int, body: memoryview) -> None:
+        if not 0 <= sender < self.workers:
+            return
+        if kind == records.ROUTE:
+            rid, mode, expires, delay, token, frame = records.parse_route(body)
+            self.route(token, expires, delay, frame, mode,
+                       lambda outcome: self.mesh.send(sender, records.ROUTED,
+                                                      records.routed(rid, outcome)))
+        elif kind == records.CLAIM:
+            rid, mode, token = records.parse_claim(body)
+            self.claim(sender, rid, mode, token)
+        elif kind == records.RELEASE:
+            token = bytes(body)
+            self.pipeline.call(("EVALSHA", self.shas["release"], 1, self.keys.owner(token),
+                                self.keys.node), self._check)
+        elif kind == records.STATS:
+            self.pipeline.call(("SET", self.keys.stats, bytes(body), "PX",
+                                int(4 * STATS_SECONDS * 1000)), self._check)
+        elif kind == records.CLUSTER:
+            rid, _ = records.parse_request(body)
+            self.mesh.send(sender, records.CLUSTER_VIEW, records.request(rid, self.view()))
+        else:
+            log.error("unknown agent record %d from worker %d", kind, sender)
+
+    def route(self, token: bytes, expires: float, delay: float, frame: bytes, mode: int,
+              done: Any) -> None:
+        """ROUTE script: publish to the owner node, or store pending; ``done(outcome)``."""
+        args = ("EVALSHA", self.shas["route"], 2, self.keys.owner(token), self.keys.pending(token),
+                self.keys.node, self.keys.channel_prefix, scripts.push_head(token, delay),
+                scripts.encode_value(expires, frame), scripts.ttl_ms(expires, time.time()),
+                records.ROUTE_MODES.get(mode, b"set"))
+
+        def routed(reply: Any) -> None:
+            done(reply if isinstance(reply, int) else self._failed(reply))
+
+        self.pipeline.call(args, routed)
+
+    def claim(self, sender: int, rid: int, mode: int, token: bytes) -> None:
+        args = ("EVALSHA", self.shas["claim"], 3, self.keys.owner(token), self.keys.pending(token),
+                self.keys.seq, self.keys.node, self.keys.channel_prefix, scripts.evict_head(token),
+                records.CLAIM_MODES.get(mode, b"take"))
+
+        def claimed(reply: Any) -> None:
+            if isinstance(reply, list) and reply:
+                body = records.claimed(rid, int(reply[0]), reply[1] if len(reply) > 1 else b"")
+            else:
+                body = records.claimed(rid, self._failed(reply))
+            self.mesh.send(sender, records.CLAIMED, body)
+
+        self.pipeline.call(args, claimed)
+
+    def _failed(self, error: Any) -> int:
+        """Count a failed command; a script missing from Redis (``SCRIPT FLUSH``, a failover)
+        is repaired the way a lost connection is: reconnect, load, resync."""
+        self.counters["errors"] += 1
+        if self.up:  # while down, last_error keeps why the link went down
+            self.last_error = str(error)
+            if "NOSCRIPT" in self.last_error:
+                self.lost(error)
+        return scripts.FAILED
+
+    def _check(self, reply: Any) -> None:
+        if isinstance(reply, BaseException):
+            self._failed(reply)
+
+    def view(self) -> bytes:
+        """What ``/stats`` shows of Redis and the other nodes (at most one interval old)."""
+        return orjson.dumps({
+            "node_id": self.config.node_id,
+            "nodes": self.cluster_view,
+            "redis": {"up": int(self.up), **self.counters, "batches": self.pipeline.batches,
+                      "commands": self.pipeline.commands, "last_error": self.last_error},
+        })
+
+    # -- messages on our channel --------------------------------------------------------------
+
+    def on_channel_message(self, data: bytes) -> None:
+        try:
+            kind, token, delay, value = scripts.parse_message(data)
+        except (ValueError, IndexError) as exc:
+            log.error("bad message on %s: %s", self.keys.channel.decode(), exc)
+            return
+        worker = owner_of(token, self.workers)
+        if kind == scripts.MSG_PUSH:
+            self.counters["routed_in"] += 1
+            expires, frame = scripts.decode_value(value)  # type: ignore[arg-type]
+            self.mesh.send(worker, records.DELIVER, records.deliver(expires, delay, token, frame))
+        else:
+            self.counters["evictions_in"] += 1
+            self.mesh.send(worker, records.EVICT, records.evict(value, token))  # type: ignore[arg-type]
+
+    def undeliverable(self, worker: int, kind: int, body: bytes) -> None:
+        """A record its worker could not take (being respawned): a routed push goes back into
+        Redis (the worker's streams died with it); replies and hints are moot."""
+        if kind != records.DELIVER:
+            return
+        expires, delay, token, frame = records.parse_deliver(memoryview(body))
+
+        def rerouted(outcome: int) -> None:
+            if outcome == scripts.FAILED:
+                self.counters["lost_undeliverable"] += 1
+                log.error("a routed push for a dead worker could not be put back in Redis")
+            else:
+                self.counters["rerouted_undeliverable"] += 1
+
+        self.route(token, expires, 0.0, frame, records.MODE_PUSH, rerouted)
+
+    # -- the connection -----------------------------------------------------------------------
+
+    async def supervise(self) -> None:
+        """Connect, serve until the connection is lost, reconnect with backoff; forever."""
+        delay = BACKOFF_FIRST
+        while not self.stopping:
+            try:
+                await self.connect()
+            except Exception as exc:  # any failure to come up is retried, never fatal
+                self.counters["connect_failures"] += 1
+                self.counters["errors"] += 1
+                if self.last_error != str(exc):
+                    log.warning("redis %s unreachable: %s (retrying)", self._where(), exc)
+                self.last_error = str(exc)
+                await self.disconnect()
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(BACKOFF_MAX, delay * 2)
+                continue
+            delay = BACKOFF_FIRST
+            self.set_up()
+            await self.down.wait()
+            await self.set_down()
+
+    async def connect(self) -> None:
+        """Both connections, scripts loaded and the channel subscribed, or an exception."""
+        from redis.asyncio import ConnectionPool
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # No socket_timeout: every exchange here is bounded by an asyncio.timeout of its own
+        # (below, and per batch in the pipeline), and with one set redis-py wraps each write in
+        # asyncio.wait_for, a task per batch. Never retried by redis-py: see redis_pipeline.py.
+        pool = ConnectionPool.from_url(
+            str(self.config.redis_url), socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=None,
+            retry=Retry(NoBackoff(), 0), client_name=f"rawsse-{self.config.node_id}")
+        self.commands = pool.make_connection()
+        self.subscriber = pool.make_connection()
+        async with asyncio.timeout(3 * CONNECT_TIMEOUT):
+            await self._prepare(self.commands)
+            await self._subscribe(self.subscriber)
+            await self._warn_if_not_alone(self.commands)
+        self.pipeline.attach(self.commands)
+        self.reader = asyncio.ensure_future(self.read_channel(self.subscriber))
+
+    async def _prepare(self, conn: Any) -> None:
+        await conn.connect()
+        await conn.send_command("INFO", "server")
+        self._check_version(await conn.read_response())
+        for name, text in scripts.SCRIPTS.items():
+            await conn.send_command("SCRIPT", "LOAD", text)
+            self.shas[name] = await conn.read_response()
+
+    async def _subscribe(self, conn: Any) -> None:
+        await conn.connect()
+        # hiredis ≥ 3.2 types pub/sub arrays as push notifications (RESP2 too), and redis-py's
+        # default handler formats a debug string of every message; ours passes them through
+        # (redis-py's own PubSub sets its handler the same way).
+        conn._parser.set_pubsub_push_handler(_as_is)
+        await conn.send_command("SUBSCRIBE", self.keys.channel)
+        await conn.read_response(push_request=True)  # the subscription is in place
+
+    async def _warn_if_not_alone(self, conn: Any) -> None:
+        await conn.send_command("PUBSUB", "NUMSUB", self.keys.channel)
+        subscribers = (await conn.read_response())[1]
+        if subscribers > 1:  # both would take every push routed to this node id
+            log.error("%d connections subscribe to %s: is --node-id %s used by two nodes? "
+                      "(or one of ours from before a network cut still lingers in Redis)",
+                      subscribers, self.keys.channel.decode(), self.config.node_id)
+
+    @staticmethod
+    def _check_version(info: bytes) -> None:
+        for line in info.decode(errors="replace").splitlines():
+            if line.startswith("redis_version:"):
+                version = tuple(int(p) for p in line.split(":", 1)[1].split(".")[:2])
+                if version < MIN_REDIS_VERSION:
+                    raise RuntimeError(f"Redis {line.split(':', 1)[1]} is older than 6.2 "
+                                       "(GETDEL, SET … GET)")
+
+    async def read_channel(self, conn: Any) -> None:
+        import math
+
+        from redis.exceptions import RedisError
+
+        try:
+            while True:
+                message = await conn.read_response(timeout=math.inf, push_request=True)
+                if isinstance(message, list) and message and message[0] == b"message":
+                    self.on_channel_message(message[2])
+        except (RedisError, OSError) as exc:
+            self.lost(exc)
+
+    def lost(self, error: BaseException) -> None:
+        if self.up and not self.down.is_set():
+            self.last_error = str(error)
+            self.down.set()
+
+    def set_up(self) -> None:
+        self.up = True
+        self.counters["connects"] += 1
+        self.down.clear()
+        log.info("redis %s up: node %s, channel %s", self._where(), self.config.node_id,
+                 self.keys.channel.decode())
+        # The workers re-claim what they hold and give back what they kept (module docstring).
+        self.mesh.send_all(records.STATE, records.state(True, True))
+        asyncio.ensure_future(self.refresh_cluster())
+
+    async def set_down(self) -> None:
+        self.up = False
+        self.counters["disconnects"] += 1
+        self.counters["errors"] += 1
+        log.warning("redis %s lost: %s; pushes needing it get 503 until it is back",
+                    self._where(), self.last_error)
+        self.pipeline.detach(RuntimeError(self.last_error))
+        self.mesh.send_all(records.STATE, records.state(False, False))
+        await self.disconnect()
+
+    async def disconnect(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            self.reader = None
+        conns = [self.commands, self.subscriber]
+        self.pipeline.conn = self.commands = self.subscriber = None
+        for conn in conns:
+            if conn is not None:
+                try:
+                    await conn.disconnect(nowait=True)
+                except Exception:
+                    pass
+
+    def _where(self) -> str:
+        url = self.config.redis_url or ""
+        return url.split("@")[-1]  # never log a password
+
+    # -- periodic -----------------------------------------------------------------------------
+
+    async def refresh_cluster(self) -> None:
+        """Our heartbeat in ``P nodes`` and every live node's last totals."""
+        if not self.up:
+            return
+        now_ms = int(time.time() * 1000)
+        nodes_key = self.keys.prefix + b"nodes"
+        try:
+            await self.pipeline.ask("ZADD", nodes_key, now_ms + int(4 * STATS_SECONDS * 1000),
+                                    self.keys.node)
+            await self.pipeline.ask("ZREMRANGEBYSCORE", nodes_key, "-inf", now_ms)
+            names = await self.pipeline.ask("ZRANGE", nodes_key, 0, -1)
+            values = await self.pipeline.ask(
+                "MGET", *[self.keys.prefix + b"stats:" + name for name in names]) if names else []
+        except Exception as exc:
+            self._failed(exc)
+            return
+        view = {}
+        for name, value in zip(names, values):
+            if value:
+                view[name.decode(errors="replace")] = orjson.loads(value)
+        self.cluster_view = view
+
+    async def tick(self) -> None:
+        last_stats = 0.0
+        while True:
+            await asyncio.sleep(BEAT_SECONDS)
+            self.send_control({"type": "beat", "redis_up": int(self.up),
+                               "errors": self.counters["errors"]})
+            # A beacon, so a worker started (or respawned) after the last change learns it.
+            self.mesh.send_all(records.STATE, records.state(self.up, False))
+            now = time.monotonic()
+            if now - last_stats >= STATS_SECONDS:
+                last_stats = now
+                await self.refresh_cluster()
+
+    # -- life -----------------------------------------------------------------------------------
+
+    def send_control(self, message: dict[str, Any]) -> None:
+        try:
+            self.control.send(orjson.dumps(message))
+        except OSError:
+            pass
+
+    def on_control(self) -> None:
+        try:
+            data = self.control.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            log.error("redis agent: master went away; exiting")
+            os._exit(1)
+
+    def on_term(self) -> None:
+        if self.stopping:  # a second TERM: no more waiting
+            self.done.set()
+            return
+        self.stopping = True
+        asyncio.ensure_future(self.drain())
+
+    async def drain(self) -> None:
+        """Stay while the workers drain: their ending streams give pushes back to Redis
+        through us. Leave once no worker is linked and nothing is queued, or at the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_seconds + DRAIN_GRACE_SECONDS
+        await asyncio.sleep(0.3)
+        while loop.time() < deadline:
+            if self.mesh.inbound == 0 and self.pipeline.idle():
+                break
+            await asyncio.sleep(0.05)
+        self.done.set()
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.control.setblocking(False)
+        loop.add_reader(self.control.fileno(), self.on_control)
+        loop.add_signal_handler(signal.SIGTERM, self.on_term)
+        tasks = [asyncio.ensure_future(coro) for coro in
+                 (self.mesh.serve(), self.pipeline.run(), self.supervise(), self.tick())]
+        self.send_control({"type": "ready"})
+        await self.done.wait()
+        for task in tasks:
+            task.cancel()
+        await self.disconnect()
+        self.mesh.close()
+        log.info("redis agent stopped")
+        return 0
+
+
+async def _as_is(message: Any) -> Any:
+    return message
+
+
+def run_agent(config: ServeConfig, mesh_node: int, workers: int, control: socket.socket) -> int:
+    """The agent process's main, called right after fork. Returns the exit code."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)  # the master decides
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        import uvloop
+        runner: Any = uvloop.run
+    except ImportError:  # uvloop is optional: plain asyncio works, slower (ops.md §4.4)
+        runner = asyncio.run
+
+    async def start() -> int:
+        agent = Agent(config, mesh_node, workers, control)
+        agent.mesh.listen()
+        return await agent.main()
+
+    try:
+        return runner(start())
+    except OSError as exc:
+        log.error("redis agent cannot start: %s", exc)
+        return 1
