@@ -139,6 +139,8 @@ class ControlLink:
         message = orjson.loads(data)
         if message.get("type") == "info":
             self.worker.master_info = message
+            if message.get("workers_up") == message.get("workers") and not self.worker.draining:
+                self.worker.start_accepting()
 
     def close(self, reason: str = "") -> None:
         self.worker.loop.remove(self.fd)
@@ -158,8 +160,10 @@ def run_worker(config: ServeConfig, index: int, count: int, node: int, control: 
         worker_class = ClusterWorker
     try:
         worker = worker_class(config, index, count, node, control, pending, part_path)
-        worker.listen()
         worker.mesh.listen()
+        # Accept only once every worker serves (the master's info says so): a push or a device
+        # that lands here while the owner of its token is still booting would get a 503.
+        worker.listen(accept=False)
     except OSError as exc:
         log.error("worker %d cannot start: %s", index, exc)
         return BOOT_ERROR

@@ -193,16 +193,25 @@ class Worker:
 
     # -- startup ------------------------------------------------------------------------------
 
-    def listen(self, sockets: list[tuple[socket.socket, bool]] | None = None) -> None:
-        """Bind (or adopt) the listeners: the public one and, if configured, the operator one."""
+    def listen(self, sockets: list[tuple[socket.socket, bool]] | None = None,
+               accept: bool = True) -> None:
+        """Bind (or adopt) the listeners: the public one and, if configured, the operator one.
+        With ``accept=False`` they are bound (a port clash fails now) but take connections
+        only after ``start_accepting``: meanwhile the kernel queues them in the backlog."""
         if sockets is None:
             sockets = [(bind_listener(self.config.listen, self.config.backlog), False)]
             if self.config.admin_listen is not None:
                 sockets.append((bind_listener(self.config.admin_listen, self.config.backlog), True))
         for sock, operator in sockets:
             listener = Listener(sock, self, operator)
+            listener.paused = True
             self.listeners.append(listener)
-            self.loop.add(listener.fd, listener)
+        if accept:
+            self.start_accepting()
+
+    def start_accepting(self) -> None:
+        for listener in self.listeners:
+            listener.resume()
 
     def start(self) -> None:
         """Arm the periodic tick and the GC policy; call once before ``loop.run()``."""
