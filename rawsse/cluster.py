@@ -100,21 +100,9 @@ class ClusterRegistry(Registry):
         """A push for a device not held here (a delayed delivery whose stream went away)."""
         self.worker.give_back(token, push, records.MODE_PUSH)
 
-    def requeue(self, token: bytes, push: Push) -> None:
-        """A stream ended before ``push`` was written: to a newer stream here, else back to
-        Redis, where a newer pending push wins (``nx``)."""
-        self.stats.requeued += 1
-        if push.expires <= 0 or push.expires < time.time():
-            self.stats.discarded += 1
-            return
-        if token in self.pending:
-            self.stats.coalesced += 1
-            return
-        stream = self.streams.get(token)
-        if stream is not None:
-            self.stats.delivered_live += 1
-            stream.send(push.frame, push)
-            return
+    def keep_requeued(self, token: bytes, push: Push) -> None:
+        """A push a stream here did not finish writing goes back to Redis, where a newer
+        pending push wins (``nx``)."""
         self.worker.give_back(token, push, records.MODE_REQUEUE)
 
     def keep(self, token: bytes, push: Push) -> None:

@@ -9,7 +9,6 @@ import dataclasses
 import math
 import random
 import re
-from typing import Callable
 
 from . import apns
 
@@ -145,16 +144,15 @@ def parse_address(text: str, flag: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port_text)
 
 
-def positive_int(flag: str, minimum: int = 1) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise ConfigError(flag, f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise ConfigError(flag, f"{value} is below the minimum {minimum}")
-        return value
-    return parse
+def parse_int(text: str, flag: str, minimum: int) -> int:
+    """A whole number not below ``minimum``; ConfigError naming the flag otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(flag, f"{text!r} is not a whole number") from None
+    if value < minimum:
+        raise ConfigError(flag, f"{value} is below the minimum {minimum}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -101,6 +101,10 @@ class Registry:
             self.stats.delivered_live += 1
             stream.send(push.frame, push)
             return
+        self.keep_requeued(token, push)
+
+    def keep_requeued(self, token: bytes, push: Push) -> None:
+        """Where a taken-back push waits for the device: here, pending (Redis mode: Redis)."""
         self.pending[token] = push
 
     def broadcast(self, frame: bytes, prefix: bytes | str = b"") -> int:

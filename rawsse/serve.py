@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from .config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
-                     parse_fault)
+                     parse_fault, parse_int)
 
 log = logging.getLogger("rawsse.serve")
 
@@ -102,19 +102,19 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         admin_listen=parse_address(args.admin_listen, "--admin-listen") if args.admin_listen else None,
         keepalive=parse_duration(args.keepalive, "--keepalive"),
         default_ttl=parse_duration(args.default_ttl, "--default-ttl"),
-        max_connections=_int(args.max_connections, "--max-connections", 1),
+        max_connections=parse_int(args.max_connections, "--max-connections", 1),
         delivery_delay=parse_distribution(args.delivery_delay, "--delivery-delay"),
         response_delay=parse_distribution(args.response_delay, "--response-delay"),
         faults=tuple(parse_fault(rule, "--fault") for rule in args.fault),
         strict_tokens=args.strict_tokens,
-        retry_ms=_int(args.retry, "--retry", 0),
-        max_pending=_int(args.max_pending, "--max-pending", 1),
-        max_delayed=_int(args.max_delayed, "--max-delayed", 1),
-        stream_buffer=_int(args.stream_buffer, "--stream-buffer", 256),
-        header_limit=_int(args.header_limit, "--header-limit", 1024),
+        retry_ms=parse_int(args.retry, "--retry", 0),
+        max_pending=parse_int(args.max_pending, "--max-pending", 1),
+        max_delayed=parse_int(args.max_delayed, "--max-delayed", 1),
+        stream_buffer=parse_int(args.stream_buffer, "--stream-buffer", 256),
+        header_limit=parse_int(args.header_limit, "--header-limit", 1024),
         header_timeout=_positive(args.header_timeout, "--header-timeout"),
         idle_timeout=_positive(args.idle_timeout, "--idle-timeout"),
-        workers=0 if args.workers == "auto" else _int(args.workers, "--workers", 1),
+        workers=0 if args.workers == "auto" else parse_int(args.workers, "--workers", 1),
         drain_seconds=parse_duration(args.drain_seconds, "--drain-seconds"),
         state_file=args.state_file,
         log_level=args.log_level,
@@ -141,16 +141,6 @@ def _redis_options(args: argparse.Namespace) -> dict[str, Any]:
     if any(c.isspace() for c in prefix):
         raise ConfigError("--redis-prefix", f"{prefix!r} contains whitespace")
     return {"redis_url": url, "node_id": node_id, "redis_prefix": prefix}
-
-
-def _int(text: str, flag: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(flag, f"{text!r} is not a whole number") from None
-    if value < minimum:
-        raise ConfigError(flag, f"{value} is below the minimum {minimum}")
-    return value
 
 
 def _positive(text: str, flag: str) -> float:
