@@ -57,6 +57,8 @@ from .stream import Stream
 
 log = logging.getLogger("rawsse.cluster")
 
+BOOT_REDIS_WAIT = 5.0  # longest a booting worker waits for the agent's first Redis state
+
 STATS_SECONDS = 2.0
 RESYNC_SLICE = 2000  # re-claims per loop turn: a resync of 150k streams must not stall the loop
 OUTBOX_SLICE = 2000  # locally kept pushes given back to Redis per tick
@@ -205,6 +207,12 @@ class ClusterWorker(NodeWorker):
         # tokens whose claim failed while their stream stays open: claimed again next tick
         self.unclaimed: set[bytes] = set()
         self._last_stats = 0.0
+        # Accepting waits for the agent's first word on Redis (or BOOT_REDIS_WAIT): a device
+        # whose connect claim fails because the agent is still connecting would be re-claimed
+        # in resync mode, which yields to an older stream on another node (newest must win).
+        self.redis_known = False
+        self.accept_wanted = False
+        self.loop.call_later(BOOT_REDIS_WAIT, self._redis_wait_over)
 
     def new_registry(self) -> Registry:
         return ClusterRegistry(self.stats, self)
@@ -314,8 +322,22 @@ class ClusterWorker(NodeWorker):
 
     # -- Redis up and down ----------------------------------------------------------------------
 
+    def start_accepting(self) -> None:
+        if self.redis_known:
+            super().start_accepting()
+        else:
+            self.accept_wanted = True
+
+    def _redis_wait_over(self) -> None:
+        """Redis unreachable at boot: serve anyway (streams work; pushes needing Redis get 503)."""
+        if not self.redis_known:
+            self.redis_known = True
+            if self.accept_wanted and not self.draining:
+                super().start_accepting()
+
     def redis_state(self, up: bool, resync: bool) -> None:
         self.redis_up = up
+        self._redis_wait_over()
         if up and resync:
             self.counters["resyncs"] += 1
             self.unclaimed.clear()  # every held stream is claimed again now
