@@ -41,6 +41,7 @@ from . import frames
 from .loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 
 IDLE, HEAD, BODY, LINGER = 0, 1, 2, 3
+KEEP_ALIVE_10 = "keep-alive"  # slot marker: an HTTP/1.0 keep-alive answer
 READABLE = EPOLLIN | EPOLLRDHUP
 
 MAX_QUEUED = 256  # unanswered pipelined requests before reading pauses
@@ -68,7 +69,7 @@ class Conn:
         "fd", "parser", "operator", "state", "deadline", "responses", "out", "events", "reading",
         "closing", "head_bytes", "unparsed", "progress", "flush_scheduled",
         # per request
-        "url", "headers", "duplicate", "body", "body_size", "too_large", "keep_alive",
+        "url", "headers", "duplicate", "body", "body_size", "too_large", "keep_alive", "http10",
     )
 
     worker: Any = None  # set by the worker: loop, stats, config, routes
@@ -98,6 +99,7 @@ class Conn:
         self.body_size = 0
         self.too_large = False
         self.keep_alive = True
+        self.http10 = False
 
     # -- httptools callbacks ------------------------------------------------------------------
 
@@ -149,6 +151,7 @@ class Conn:
 
     def on_message_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()
+        self.http10 = self.parser.get_http_version() == "1.0"
         self.state = IDLE
         self.progress = True
         self.deadline = self.worker.loop.now + self.worker.config.idle_timeout
@@ -168,16 +171,22 @@ class Conn:
 
     def respond(self, data: bytes, close: bool = False) -> None:
         """Answer the current request now (after any earlier unanswered one)."""
-        close = close or not self.keep_alive
-        self.responses.append([data, close])
+        self.responses.append([data, self._after_response(close)])
         self._write_ready()
 
     def reserve(self) -> list[Any]:
         """A response slot for the current request, filled later by ``fill`` (a push waiting
         for its owner worker, a broadcast counting streams, ``--response-delay``)."""
-        slot = [None, not self.keep_alive]
+        slot = [None, self._after_response(False)]
         self.responses.append(slot)
         return slot
+
+    def _after_response(self, close: bool) -> bool | str:
+        """A slot's second field: True closes after it; ``KEEP_ALIVE_10`` keeps an HTTP/1.0
+        connection open and says so (RFC 9112 §9.3: a 1.0 client otherwise expects a close)."""
+        if close or not self.keep_alive:
+            return True
+        return KEEP_ALIVE_10 if self.http10 else False
 
     def fill(self, slot: list[Any], data: bytes, delay: float = 0.0) -> None:
         """Put ``data`` in ``slot`` now or after ``delay`` seconds; written once it is first."""
@@ -208,6 +217,9 @@ class Conn:
             if action == "stream":
                 self._hand_to_stream(slot[2])
                 return
+            if action == KEEP_ALIVE_10:
+                out += frames.with_keep_alive(slot[0])
+                continue
             if action:
                 out += frames.with_connection_close(slot[0])
                 self.closing = True
@@ -382,7 +394,8 @@ class Conn:
             self.close("shutdown")
             return
         if self.responses:
-            self.responses[-1][1] = self.responses[-1][1] or True
+            if self.responses[-1][1] != "stream":  # a stream hand-off stays one
+                self.responses[-1][1] = True
         else:
             self.closing = True
             self._update_events()

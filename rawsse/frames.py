@@ -114,4 +114,12 @@ def with_connection_close(data: bytes) -> bytes:
     return data[:first_line + 2] + b"Connection: close\r\n" + data[first_line + 2:]
 
 
+def with_keep_alive(data: bytes) -> bytes:
+    """An answer to an HTTP/1.0 ``Connection: keep-alive`` request says it stays open."""
+    first_line = data.find(b"\r\n")
+    if first_line < 0:
+        return data
+    return data[:first_line + 2] + b"Connection: keep-alive\r\n" + data[first_line + 2:]
+
+
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"

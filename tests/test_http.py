@@ -533,6 +533,8 @@ def test_http10_with_keep_alive_stays_open_for_a_second_request(server):
     finally:
         sock.close()
     assert first.status == second.status == 200
+    # RFC 9112 §9.3: a 1.0 client closes unless the answer says the connection persists.
+    assert first.headers.get("connection") == second.headers.get("connection") == "keep-alive"
 
 
 @pytest.mark.parametrize("mode", ["whole", "slices10"])
