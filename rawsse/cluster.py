@@ -227,8 +227,9 @@ class ClusterWorker(NodeWorker):
         self.agent.route(token, push, delay, records.MODE_PUSH,
                          lambda outcome: answer(self._count_route(outcome)))
 
-    def _count_route(self, outcome: int) -> bool:
-        """Count a ROUTE outcome as the single-node counters would; True if Redis took it."""
+    def _count_route(self, outcome: int) -> bool | None:
+        """Count a ROUTE outcome as the single-node counters would; True if Redis took it,
+        None if Redis (or the agent) could not be reached."""
         stats = self.stats
         if outcome == scripts.ROUTED:
             self.counters["routed_out"] += 1
@@ -240,7 +241,7 @@ class ClusterWorker(NodeWorker):
             stats.discarded += 1
         else:
             self.counters["route_failures"] += 1
-            return False
+            return None
         return True
 
     def routed_in(self, token: bytes, push: Push, delay: float) -> None:

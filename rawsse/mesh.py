@@ -53,7 +53,9 @@ PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN = range(1, 9)
 _SENDER = struct.Struct("!H")  # each message starts with the sending worker's index
 _HEADER = struct.Struct("!BI")  # record type, body length
 _PUSH = struct.Struct("!IddB")  # request id, expires, delay, token length
-_ACK = struct.Struct("!I?")
+_ACK = struct.Struct("!Ib")  # request id, 1 accepted / 0 queue full / -1 owner unavailable
+_ACK_VALUE = {True: 1, False: 0, None: -1}
+_ACK_MEANING = {1: True, 0: False, -1: None}
 _HANDOFF = struct.Struct("!B")  # token length (then token, then leftover bytes)
 _BCAST = struct.Struct("!IB")  # request id, prefix length
 _BCAST_DONE = struct.Struct("!II")
@@ -366,11 +368,17 @@ class Mesh:
     # -- requests -----------------------------------------------------------------------------
 
     def forward_push(self, peer: int, token: bytes, push: Push, delay: float,
-                     answer: Callable[[bool], None]) -> None:
-        if not self.can_send(peer):
+                     answer: Callable[[bool | None], None]) -> None:
+        """``answer``: True (the owner holds it), False (a queue is full: back-pressure), None
+        (the owner could not be reached or did not answer)."""
+        link = self.links[peer]
+        if not link.connect():
+            answer(None)
+            return
+        if link.queued >= MAX_QUEUED:
             answer(False)
             return
-        rid = self.expect(peer, answer, False)
+        rid = self.expect(peer, answer, None)
         self.send(peer, PUSH, _PUSH.pack(rid, push.expires, delay, len(token)) + token + push.frame)
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
@@ -456,10 +464,11 @@ class Mesh:
             push = Push(bytes(body[start + token_len:]), expires)
             peer = self._reply_to  # the answer may come later (a cluster worker asks Redis)
             self.worker.take_push(token, push, delay,
-                                  lambda accepted: self.reply(peer, ACK, _ACK.pack(rid, accepted)))
+                                  lambda accepted: self.reply(peer, ACK,
+                                                              _ACK.pack(rid, _ACK_VALUE[accepted])))
         elif kind == ACK:
-            rid, accepted = _ACK.unpack_from(body)
-            self.resolve(rid, accepted)
+            rid, value = _ACK.unpack_from(body)
+            self.resolve(rid, _ACK_MEANING.get(value))
         elif kind == BCAST:
             rid, prefix_len = _BCAST.unpack_from(body)
             start = _BCAST.size

@@ -20,6 +20,9 @@ _COUNTERS = {
     "requeued": ("rawsse_requeued_total", "Pushes taken back from a stream that ended before writing them."),
     "faulted": ("rawsse_faulted_total", "Pushes answered by a fault rule."),
     "queue_full": ("rawsse_queue_full_total", "Pushes answered 503 because a bounded queue was full."),
+    "owner_unavailable": ("rawsse_owner_unavailable_total",
+                          "Pushes answered 503 because the worker, node or Redis owning the token "
+                          "could not be reached."),
     "broadcasts": ("rawsse_broadcasts_total", "Broadcasts handled."),
     "broadcast_events": ("rawsse_broadcast_events_total", "Broadcast events written to streams."),
     "keepalives": ("rawsse_keepalives_total", "Keepalive comments written."),

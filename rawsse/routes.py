@@ -142,13 +142,17 @@ class Routes:
         worker.submit(request.token, push, delay,
                       lambda accepted: self._answer_push(conn, slot, apns_id, accepted))
 
-    def _answer_push(self, conn: Conn, slot: list[Any], apns_id: bytes, accepted: bool) -> None:
+    def _answer_push(self, conn: Conn, slot: list[Any], apns_id: bytes,
+                     accepted: bool | None) -> None:
         """200 once the owner of the token took the push; 503 when a bounded queue was full or
         the owner is unreachable, so the sender retries (never a 200 that is then dropped)."""
         if accepted:
             data = frames.response(200, extra=b"apns-id: %s\r\n" % apns_id)
         else:
-            self.stats.queue_full += 1
+            if accepted is None:  # the owner worker, node or Redis could not be reached
+                self.stats.owner_unavailable += 1
+            else:  # a bounded queue is full: back-pressure
+                self.stats.queue_full += 1
             self.stats.reject(503, "ServiceUnavailable")
             data = frames.json_response(503, frames.reason_body("ServiceUnavailable"),
                                         b"apns-id: %s\r\n" % apns_id)

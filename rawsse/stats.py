@@ -25,6 +25,7 @@ COUNTERS = (
     "rejected",
     "faulted",
     "queue_full",
+    "owner_unavailable",
     "broadcasts",
     "broadcast_events",
     "keepalives",

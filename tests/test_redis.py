@@ -429,6 +429,9 @@ def test_redis_outage_gives_503s_keeps_streams_and_recovers_without_loss(own_red
     assert doc_a["redis"]["errors"] >= len(refused)
     assert doc_a["node"]["rejections"]["503 ServiceUnavailable"] == len(refused)
     assert doc_a["node"]["redis_routing"]["route_failures"] == len(refused)
+    # An outage is not back-pressure: counted apart, so the back-pressure alert stays quiet.
+    assert doc_a["node"]["owner_unavailable"] == len(refused)
+    assert doc_a["node"]["queue_full"] == 0
     metrics = metrics_text(a)
     assert "rawsse_redis_up 1" in metrics
     assert f"rawsse_redis_errors_total {doc_a['redis']['errors']}" in metrics
