@@ -16,6 +16,7 @@ import orjson
 
 from . import statefile
 from .config import ServeConfig
+from .control import receive_from_master
 from .drain import Drainer
 from .loop import READ_EVENTS
 from .mesh import STATS, Mesh, owner_of
@@ -126,18 +127,8 @@ class ControlLink:
                    "pushes": w.stats.pushes_received, "http": len(w.http_conns)})
 
     def handle_events(self, events: int) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            # The master is gone (killed): nobody will reap or respawn us; stop now.
-            log.error("worker %d: master went away; exiting", self.worker.index)
-            os._exit(1)
-        message = orjson.loads(data)
-        if message.get("type") == "info":
+        message = receive_from_master(self.sock, f"worker {self.worker.index}")
+        if message is not None and message.get("type") == "info":
             self.worker.master_info = message
             if message.get("workers_up") == message.get("workers") and not self.worker.draining:
                 self.worker.start_accepting()

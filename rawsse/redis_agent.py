@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import signal
 import socket
@@ -56,6 +55,7 @@ from . import agent_records as records
 from . import redis_scripts as scripts
 from .agent_mesh import AgentMesh
 from .config import ServeConfig
+from .control import receive_from_master
 from .mesh import owner_of
 from .redis_pipeline import Pipeline
 
@@ -383,15 +383,7 @@ class Agent:
             pass
 
     def on_control(self) -> None:
-        try:
-            data = self.control.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            log.error("redis agent: master went away; exiting")
-            os._exit(1)
+        receive_from_master(self.control, "redis agent")  # only its end matters: EOF exits
 
     def on_term(self) -> None:
         if self.stopping:  # a second TERM: no more waiting

@@ -241,3 +241,16 @@ def test_sd_notify_ready_status_watchdog_stopping(start_server, tmp_path):
     receive_until("EXTEND_TIMEOUT_USEC=")
     assert srv.proc.wait(20) == 0
     sock.close()
+
+
+def test_workers_exit_when_the_master_is_killed(start_server):
+    """Nobody would reap or respawn them: a worker that loses its master stops at once."""
+    import psutil
+
+    srv = start_server("--workers", "2")
+    workers = psutil.Process(srv.proc.pid).children()
+    assert len(workers) == 2
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait(5)
+    gone, alive = psutil.wait_procs(workers, timeout=5)
+    assert not alive, f"workers outlived their master: {[p.pid for p in alive]}"
