@@ -65,7 +65,6 @@ MAX_MESSAGE = 60 * 1024  # under the default wmem/rmem (208 KiB) so one message 
 MAX_FDS = 64  # SCM_MAX_FD is 253 per message
 MAX_QUEUED = 8 * 1024 * 1024
 RECV_SIZE = 256 * 1024
-RETRY_CONNECT_SECONDS = 0.1
 REQUEST_TIMEOUT = 5.0
 # A broadcast reply comes after the peer wrote to every one of its streams: ~18k loopback writes
 # per worker took 3-6 s at 300k streams on 2 shared cores (bench/results/full.md), so a 5 s
@@ -86,8 +85,7 @@ def address(node: int, index: int) -> str:
 class OutLink:
     """The connection this worker sends on to one peer, with its unsent batch."""
 
-    __slots__ = ("mesh", "peer", "sock", "fd", "pending", "pending_fds", "queued", "events",
-                 "retry_at")
+    __slots__ = ("mesh", "peer", "sock", "fd", "pending", "pending_fds", "queued", "events")
 
     def __init__(self, mesh: "Mesh", peer: int) -> None:
         self.mesh = mesh
@@ -98,20 +96,21 @@ class OutLink:
         self.pending_fds = 0
         self.queued = 0  # bytes in ``pending``
         self.events = 0
-        self.retry_at = 0.0
 
     def connect(self) -> bool:
+        """Link up now if the peer listens. A refused connect is not remembered: a peer is
+        reachable the moment it listens, which it does before it tells the master it is ready.
+        (A 100 ms retry pause here once answered 503 to pushes for a respawned worker that the
+        master already counted as up.) A refused connect to an abstract unix name costs ~17 us,
+        paid only while a peer is down, by requests that would otherwise get 503 anyway."""
         if self.sock is not None:
             return True
         loop = self.mesh.worker.loop
-        if loop.now < self.retry_at:
-            return False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.connect(address(self.mesh.node, self.peer))
         except OSError:
             sock.close()
-            self.retry_at = loop.now + RETRY_CONNECT_SECONDS
             return False
         sock.setblocking(False)
         self.sock, self.fd = sock, sock.fileno()
@@ -509,10 +508,6 @@ class Mesh:
         link = self.links.get(peer)
         if link is None:
             return
-        # The peer just sent us a request, so it is listening: a refusal seen before it was
-        # (a worker starting) must not drop its reply for RETRY_CONNECT_SECONDS, or the peer
-        # waits REQUEST_TIMEOUT for nothing (seen as 5-second /stats at node start).
-        link.retry_at = 0.0
         if link.connect():
             self.send(peer, kind, body)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 from typing import Iterator
 
@@ -111,6 +113,40 @@ def launch(*args: str, admin: bool = False, env: dict[str, str] | None = None,
     if ready:
         server.wait_ready()
     return server, holders
+
+
+FAILED_TRACEBACK = pytest.StashKey[types.TracebackType]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+    report = yield
+    if call.when == "call" and call.excinfo is not None:
+        item.stash[FAILED_TRACEBACK] = call.excinfo.tb
+    return report
+
+
+@pytest.fixture(autouse=True)
+def collect_leaks_here(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Collect garbage at the end of every test, so a socket a test leaves open is that test's
+    error (setup.cfg turns ResourceWarning into one) instead of going unseen or failing whichever
+    later test the collector happens to run in. A failed test's traceback would keep its frames,
+    and the sockets in them, alive past this point; its report is already written, so those
+    frames' locals are cleared first."""
+    yield
+    failed = request.node.stash.get(FAILED_TRACEBACK, None)
+    if failed is not None:
+        del request.node.stash[FAILED_TRACEBACK]
+    while failed is not None:
+        frame = failed.tb_frame
+        try:
+            frame.clear()
+        except RuntimeError:  # pytest's own frames, still running
+            pass
+        else:
+            frame.f_locals  # re-syncs the locals snapshot the report made: now empty
+        failed = failed.tb_next
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -41,13 +41,17 @@ def push_all(server, tokens: list[str], senders: int = 5) -> dict[str, str]:
     """One push per token over ``senders`` keep-alive connections; returns token -> apns-id."""
     clients = [HTTPClient(server.host, server.port) for _ in range(senders)]
     ids = {t: str(uuid.uuid4()) for t in tokens}
-    for n, client in enumerate(clients):
-        mine = tokens[n::senders]
-        client.send(b"".join(build_request("POST", f"/3/device/{t}", f'{{"mdm":"{t}"}}'.encode(),
-                                           {"apns-id": ids[t]}) for t in mine))
-        assert all(r.status == 200 for r in client.read_responses(len(mine), timeout=15))
-    for client in clients:
-        client.close()
+    try:
+        for n, client in enumerate(clients):
+            mine = tokens[n::senders]
+            client.send(b"".join(build_request("POST", f"/3/device/{t}", f'{{"mdm":"{t}"}}'.encode(),
+                                               {"apns-id": ids[t]}) for t in mine))
+            refused = [(r.status, r.body) for r in client.read_responses(len(mine), timeout=15)
+                       if r.status != 200]
+            assert not refused, f"{len(refused)} of {len(mine)} pushes refused: {refused[:3]}"
+    finally:
+        for client in clients:
+            client.close()
     return ids
 
 
