@@ -159,5 +159,21 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     setup_logging(config.log_level)
     from .arbiter import Arbiter
+    from .child import BOOT_ERROR
 
+    refusal = shared_port_refusal(config)
+    if refusal:
+        print(f"rawsse serve: {refusal}", file=sys.stderr)
+        return BOOT_ERROR  # what a worker that cannot bind would make the master exit with
     return Arbiter(config).run()
+
+
+def shared_port_refusal(config: ServeConfig) -> str | None:
+    """Checked here, in the master before any worker exists, and never by a worker: during a
+    HUP rolling restart new workers bind beside the old ones on purpose. A second server on
+    the port would not fail to bind but silently take a share of the connections
+    (``portcheck.py``)."""
+    from . import portcheck
+
+    return portcheck.check_addresses([("--listen", config.listen),
+                                      ("--admin-listen", config.admin_listen)])
