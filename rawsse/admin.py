@@ -1,7 +1,11 @@
 """Simulated outcomes set at run time: per-token states and fault rules. No I/O.
 
-Changes arrive as small JSON-able commands (``apply``) so the prefork master can hand the same
-command to every worker and all of them answer alike.
+Changes arrive as small JSON-able commands (``apply``) so the same command can be handed to
+every worker and all of them answer alike. What is handed on is the *replayable* form of a
+command (``replayable``): it names the resulting state, not the step (``add_fault`` becomes
+``set_faults`` with the whole list, ``set_token`` carries its timestamp), so applying it twice,
+or on a worker that already has it, changes nothing. The master keeps a copy of the state
+(``arbiter.py``): a worker respawned after a crash or a rolling restart starts from it.
 
 Token states (A.6): ``active`` (default), ``unregistered`` → ``410 Unregistered`` with the
 timestamp in ms, ``expired`` → ``410 ExpiredToken``, ``bad`` → ``400 BadDeviceToken``.
@@ -30,13 +34,30 @@ class AdminError(ValueError):
 
 
 class AdminState:
-    __slots__ = ("token_states", "faults", "_rng")
+    """Token states and fault rules, each change stamped (ns) so that workers and nodes that
+    receive the same changes in different orders (mesh, master, Redis) end in the same state:
+    the newest stamp wins, an older change arriving late is ignored."""
+
+    __slots__ = ("token_states", "faults", "_rng", "token_stamps", "tokens_cleared",
+                 "faults_stamp")
 
     def __init__(self, faults: tuple[FaultRule, ...] = ()) -> None:
         # raw token -> (state name, timestamp ms)
         self.token_states: dict[bytes, tuple[str, int]] = {}
         self.faults: list[FaultRule] = list(faults)
         self._rng = random.Random()
+        self.token_stamps: dict[bytes, int] = {}  # also for tokens set back to active
+        self.tokens_cleared = 0
+        self.faults_stamp = 0
+
+    def copy(self) -> "AdminState":
+        """The same states and rules with a random generator of its own: workers forked with
+        one generator state would draw the same faults in lockstep."""
+        other = AdminState(tuple(self.faults))
+        other.token_states = dict(self.token_states)
+        other.token_stamps = dict(self.token_stamps)
+        other.tokens_cleared, other.faults_stamp = self.tokens_cleared, self.faults_stamp
+        return other
 
     # -- the push path ------------------------------------------------------------------------
 
@@ -63,28 +84,71 @@ class AdminState:
     # -- commands -----------------------------------------------------------------------------
 
     def apply(self, command: dict[str, Any]) -> dict[str, Any]:
-        """Apply one admin command; returns the JSON answer. Raises AdminError."""
+        """Apply one admin command; returns the JSON answer. Raises AdminError. A command
+        without ``stamp`` is the operator's, stamped now (and after anything seen here, so it
+        wins even if the clock stepped back); one with a stamp is a replayed change."""
+        if not isinstance(command, dict):
+            raise AdminError("an admin command is a JSON object")
         op = command.get("op")
+        stamp = command.get("stamp")
+        if stamp is not None and (not isinstance(stamp, int) or stamp < 0):
+            raise AdminError('"stamp" must be nanoseconds since the epoch')
         if op == "set_token":
-            return self._set_token(command)
+            return self._set_token(command, stamp)
         if op == "clear_tokens":
-            self.token_states.clear()
-            return {"tokens": 0}
-        if op == "add_fault":
-            self.faults.append(_fault_from(command))
-            return self.describe_faults()
-        if op == "set_faults":
-            rules = command.get("rules")
-            if not isinstance(rules, list):
-                raise AdminError('"rules" must be a list of rules such as "5%:503:ServiceUnavailable"')
-            self.faults = [_fault_from(rule) for rule in rules]
-            return self.describe_faults()
-        if op == "clear_faults":
-            self.faults = []
-            return self.describe_faults()
+            self._clear_tokens(stamp if stamp is not None else self._now(self.tokens_cleared))
+            return {"tokens": len(self.token_states)}
+        if op in ("add_fault", "set_faults", "clear_faults"):
+            return self._set_faults(op, command, stamp)
         raise AdminError(f"unknown admin command {op!r}")
 
-    def _set_token(self, command: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _now(after: int) -> int:
+        return max(time.time_ns(), after + 1)
+
+    def replayable(self, command: dict[str, Any]) -> dict[str, Any]:
+        """The command that gives another worker or node the state ``command`` (already
+        applied here) left behind: idempotent, with the same stamp and timestamp everywhere."""
+        op = command.get("op")
+        if op == "set_token":
+            token = parse_admin_token(command.get("token"))
+            entry = self.token_states.get(token)
+            replay = {"op": "set_token", "token": token.hex(), "stamp": self.token_stamps[token]}
+            if entry is None:
+                return {**replay, "state": "active"}
+            return {**replay, "state": entry[0], "timestamp": entry[1]}
+        if op == "clear_tokens":
+            return {"op": "clear_tokens", "stamp": self.tokens_cleared}
+        return {"op": "set_faults", "stamp": self.faults_stamp, "rules": [
+            # not describe(): its %g drops digits
+            {"percent": rule.share * 100, "status": rule.status, "reason": rule.reason}
+            for rule in self.faults]}
+
+    def _clear_tokens(self, stamp: int) -> None:
+        if stamp <= self.tokens_cleared:
+            return
+        self.tokens_cleared = stamp
+        for token in [t for t, s in self.token_stamps.items() if s < stamp]:
+            del self.token_stamps[token]
+            self.token_states.pop(token, None)
+
+    def _set_faults(self, op: str, command: dict[str, Any], stamp: int | None) -> dict[str, Any]:
+        if op == "add_fault":
+            rules = [*self.faults, _fault_from(command)]
+        elif op == "set_faults":
+            given = command.get("rules")
+            if not isinstance(given, list):
+                raise AdminError('"rules" must be a list of rules such as "5%:503:ServiceUnavailable"')
+            rules = [_fault_from(rule) for rule in given]
+        else:
+            rules = []
+        if stamp is None:
+            stamp = self._now(self.faults_stamp)
+        if stamp >= self.faults_stamp:
+            self.faults, self.faults_stamp = rules, stamp
+        return self.describe_faults()
+
+    def _set_token(self, command: dict[str, Any], stamp: int | None) -> dict[str, Any]:
         token = parse_admin_token(command.get("token"))
         state = command.get("state", "active")
         if state not in TOKEN_STATES:
@@ -94,10 +158,15 @@ class AdminState:
             timestamp = int(time.time() * 1000)
         if not isinstance(timestamp, int) or timestamp < 0:
             raise AdminError('"timestamp" must be milliseconds since the epoch')
-        if state == "active":
-            self.token_states.pop(token, None)
-        else:
-            self.token_states[token] = (state, timestamp)
+        newest = max(self.token_stamps.get(token, 0), self.tokens_cleared)
+        if stamp is None:
+            stamp = self._now(newest)
+        if stamp >= newest:
+            self.token_stamps[token] = stamp
+            if state == "active":
+                self.token_states.pop(token, None)
+            else:
+                self.token_states[token] = (state, timestamp)
         return {"token": token.hex(), "state": state,
                 **({"timestamp": timestamp} if state != "active" else {})}
 

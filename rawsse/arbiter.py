@@ -22,6 +22,9 @@ Rules
   streams over ``--drain-seconds`` and saves its pending pushes); the master merges them into
   ``--state-file``, which the next start loads and shards again. A second TERM/INT cuts the drain.
 - HUP: rolling restart, one worker at a time; its pending pushes pass to its successor.
+- Admin changes made at run time (token states, fault rules) reach the master too (``admin``
+  messages, in replayable form): it keeps the node's ``AdminState``, forks every new worker with
+  it, and hands each change to the other workers (one still booting missed the mesh share).
 - TTIN/TTOU (add/remove a worker) are refused: the worker count is the shard modulus, so
   changing it would move almost every token to another worker while its stream and pending push
   stay behind. Restart with ``--workers N`` instead.
@@ -46,9 +49,10 @@ from typing import Any
 import orjson
 
 from . import statefile
+from .admin import AdminError, AdminState
 from .child import BOOT_ERROR, run_worker
 from .config import ServeConfig
-from .loop import READ_EVENTS, Loop
+from .loop import EPOLLOUT, READ_EVENTS, Loop
 from .mesh import owner_of
 from .registry import Push
 from .systemd import Notifier
@@ -72,7 +76,7 @@ class WorkerHandle:
     """The master's view of one worker slot: its process and its control socket."""
 
     __slots__ = ("arbiter", "index", "pid", "sock", "fd", "ready", "last_beat", "beat",
-                 "started", "deaths", "restarting")
+                 "started", "deaths", "restarting", "unsent")
 
     def __init__(self, arbiter: "Arbiter", index: int) -> None:
         self.arbiter = arbiter
@@ -86,8 +90,13 @@ class WorkerHandle:
         self.started = 0.0
         self.deaths: list[float] = []
         self.restarting = False
+        # Messages the socket did not take yet (a worker still booting reads nothing); sent in
+        # order once it drains, so no admin change is lost on the way to a new worker.
+        self.unsent: list[bytes] = []
 
     def handle_events(self, events: int) -> None:
+        if events & EPOLLOUT and self._flush():
+            self.arbiter.loop.modify(self.fd, READ_EVENTS)  # all sent: stop waiting to write
         for _ in range(64):
             try:
                 data = self.sock.recv(65536)  # type: ignore[union-attr]
@@ -102,12 +111,26 @@ class WorkerHandle:
 
     def send(self, message: dict[str, Any]) -> None:
         if self.sock is not None:
+            waiting = bool(self.unsent)
+            self.unsent.append(orjson.dumps(message))
+            if not waiting and not self._flush():
+                self.arbiter.loop.modify(self.fd, READ_EVENTS | EPOLLOUT)
+
+    def _flush(self) -> bool:
+        """Send what the socket takes, in order; True when nothing is left."""
+        while self.unsent and self.sock is not None:
             try:
-                self.sock.send(orjson.dumps(message))
-            except OSError:
-                pass
+                self.sock.send(self.unsent[0])
+            except BlockingIOError:
+                return False
+            except OSError:  # the worker is gone: its exit is reaped and handled
+                self.unsent.clear()
+                break
+            del self.unsent[0]
+        return True
 
     def close_socket(self) -> None:
+        self.unsent = []
         if self.sock is not None:
             self.arbiter.loop.remove(self.fd)
             self.sock.close()
@@ -125,6 +148,7 @@ class Arbiter:
         self.loop = Loop()
         self.notifier = Notifier()
         self.handles = [WorkerHandle(self, i) for i in range(self.count)]
+        self.admin = AdminState(config.faults)  # the node's run-time admin state (see above)
         # Redis mode: the node's Redis agent, mesh peer number ``count``
         self.agent = WorkerHandle(self, self.count) if config.redis_url else None
         self.signals: list[int] = []
@@ -210,7 +234,8 @@ class Arbiter:
                     code = run_agent(self.config, self.node_id, self.count, worker_side)
                 else:
                     code = run_worker(self.config, handle.index, self.count, self.node_id,
-                                      worker_side, pending, self.part_path(handle.index))
+                                      worker_side, pending, self.part_path(handle.index),
+                                      self.admin)
             except BaseException:
                 logging.getLogger("rawsse.worker").exception("worker %d crashed", handle.index)
             finally:
@@ -246,6 +271,32 @@ class Arbiter:
             self._maybe_ready()
         elif kind == "beat":
             handle.beat = message
+        elif kind == "admin":
+            self.on_admin(handle, message.get("commands") or [])
+
+    def on_admin(self, origin: WorkerHandle, commands: list[Any]) -> None:
+        """Keep admin changes (replayable, ``admin.py``) from a worker, or from other nodes
+        through the Redis agent, and hand them to every other worker; a worker's go to the
+        agent too, which stores and publishes them for the cluster."""
+        kept = []
+        for command in commands:
+            try:
+                self.admin.apply(command)
+            except AdminError as exc:
+                log.error("admin change from %s refused: %s", self._name(origin), exc)
+                continue
+            kept.append(command)
+        if not kept:
+            return
+        message = {"type": "admin", "commands": kept}
+        for handle in self.handles:
+            if handle is not origin:
+                handle.send(message)
+        if self.agent is not None and origin is not self.agent:
+            self.agent.send(message)
+
+    def _name(self, handle: WorkerHandle) -> str:
+        return "the Redis agent" if handle is self.agent else f"worker {handle.index}"
 
     def _maybe_ready(self) -> None:
         if all(h.ready for h in self.processes()):

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import orjson
 
 from . import statefile
+from .admin import AdminError, AdminState
 from .config import ServeConfig
 from .control import receive_from_master
 from .drain import Drainer
@@ -32,8 +33,9 @@ class NodeWorker(Worker):
     """A worker that owns one shard of tokens and routes the rest through the mesh."""
 
     def __init__(self, config: ServeConfig, index: int, count: int, node: int,
-                 control: socket.socket, pending: dict[bytes, Push], part_path: str) -> None:
-        super().__init__(config, index, count, pending)
+                 control: socket.socket, pending: dict[bytes, Push], part_path: str,
+                 admin: AdminState | None = None) -> None:
+        super().__init__(config, index, count, pending, admin)
         self.mesh = Mesh(self, node)
         self.control = ControlLink(self, control)
         self.master_info: dict[str, Any] = {}
@@ -82,6 +84,10 @@ class NodeWorker(Worker):
         self.mesh.collect(STATS, b"", finish)
 
     def share_admin_command(self, command: dict[str, Any], done: Callable[[], None]) -> None:
+        """The running workers get it through the mesh before the answer (so it holds for the
+        very next push wherever it lands); the master gets it too, keeps the node's state for
+        workers it spawns later and hands it to any worker still booting."""
+        self.control.send({"type": "admin", "commands": [command]})
         self.mesh.share(command, lambda replies: done())
 
     # -- life -----------------------------------------------------------------------------------
@@ -128,10 +134,19 @@ class ControlLink:
 
     def handle_events(self, events: int) -> None:
         message = receive_from_master(self.sock, f"worker {self.worker.index}")
-        if message is not None and message.get("type") == "info":
+        if message is None:
+            return
+        kind = message.get("type")
+        if kind == "info":
             self.worker.master_info = message
             if message.get("workers_up") == message.get("workers") and not self.worker.draining:
                 self.worker.start_accepting()
+        elif kind == "admin":
+            for command in message.get("commands") or []:
+                try:  # replayable: a worker that already has it is unchanged
+                    self.worker.admin.apply(command)
+                except AdminError as exc:
+                    log.error("admin change from the master refused: %s", exc)
 
     def close(self, reason: str = "") -> None:
         self.worker.loop.remove(self.fd)
@@ -139,7 +154,7 @@ class ControlLink:
 
 
 def run_worker(config: ServeConfig, index: int, count: int, node: int, control: socket.socket,
-               pending: dict[bytes, Push], part_path: str) -> int:
+               pending: dict[bytes, Push], part_path: str, admin: AdminState | None = None) -> int:
     """The worker process's main, called right after fork. Returns the exit code."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)  # the master decides; Ctrl-C reaches it alone
@@ -150,7 +165,7 @@ def run_worker(config: ServeConfig, index: int, count: int, node: int, control: 
 
         worker_class = ClusterWorker
     try:
-        worker = worker_class(config, index, count, node, control, pending, part_path)
+        worker = worker_class(config, index, count, node, control, pending, part_path, admin)
         worker.mesh.listen()
         # Accept only once every worker serves (the master's info says so): a push or a device
         # that lands here while the owner of its token is still booting would get a 503.

@@ -49,6 +49,7 @@ import orjson
 
 from . import agent_records as records
 from . import redis_scripts as scripts
+from .admin import AdminState
 from .child import NodeWorker
 from .config import ServeConfig
 from .registry import Push, Registry
@@ -197,8 +198,9 @@ class ClusterWorker(NodeWorker):
     stream_type = ClusterStream
 
     def __init__(self, config: ServeConfig, index: int, count: int, node: int,
-                 control: socket.socket, pending: dict[bytes, Push], part_path: str) -> None:
-        super().__init__(config, index, count, node, control, pending, part_path)
+                 control: socket.socket, pending: dict[bytes, Push], part_path: str,
+                 admin: AdminState | None = None) -> None:
+        super().__init__(config, index, count, node, control, pending, part_path, admin)
         self.agent = AgentClient(self)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.redis_up = False

@@ -31,6 +31,17 @@ stream they hold (taking the pushes stored for them meanwhile, ``GETDEL`` inside
 give back what they kept locally. Subscribing before re-claiming matters: a push routed to us
 between the two would otherwise be published to nobody.
 
+Admin changes
+-------------
+Token states and fault rules set at run time on any node hold for the whole cluster. A change
+made here reaches the agent from the master (``admin`` control messages, replayable and stamped,
+``admin.py``); one ADMIN script stores it (unless Redis holds a newer stamp) and publishes it on
+``P admin``, which every agent reads and hands to its master, which applies it and passes it to
+its workers. A change made while Redis is down is kept here and sent when it is back. Each time
+the agent (re)connects it subscribes first, sends what it kept, then reads the stored state and
+hands it to the master, so a node that starts or returns late answers like the others; applying a
+change twice or late is harmless (the newest stamp wins everywhere).
+
 Stats
 -----
 Every ``STATS_SECONDS`` worker 0 sends the node's totals (``STATS``) and the agent writes them to
@@ -68,6 +79,8 @@ BACKOFF_MAX = 5.0
 CONNECT_TIMEOUT = 2.0
 MIN_REDIS_VERSION = (6, 2)  # GETDEL and SET … GET (ops.md §4.5)
 DRAIN_GRACE_SECONDS = 5.0
+MAX_ADMIN_BACKLOG = 100_000  # admin changes kept while Redis is down
+ADMIN_CHUNK_BYTES = 32 * 1024  # per control message: the master reads 64 KiB at most
 
 
 class Agent:
@@ -92,7 +105,10 @@ class Agent:
         self.cluster_view: dict[str, Any] = {}
         self.counters = dict.fromkeys(
             ("connects", "connect_failures", "disconnects", "routed_in", "evictions_in",
-             "rerouted_undeliverable", "lost_undeliverable", "errors"), 0)
+             "rerouted_undeliverable", "lost_undeliverable", "errors", "admin_out", "admin_in",
+             "admin_lost"), 0)
+        self.admin_backlog: list[dict[str, Any]] = []  # changes made here while Redis is down
+        self.to_master: asyncio.Queue[bytes] = asyncio.Queue()
         self.last_error = ""
 
     # -- records from the workers -------------------------------------------------------------
@@ -245,6 +261,7 @@ class Agent:
             await self._prepare(self.commands)
             await self._subscribe(self.subscriber)
             await self._warn_if_not_alone(self.commands)
+            await self._sync_admin(self.commands)
         self.pipeline.attach(self.commands)
         self.reader = asyncio.ensure_future(self.read_channel(self.subscriber))
 
@@ -262,8 +279,94 @@ class Agent:
         # default handler formats a debug string of every message; ours passes them through
         # (redis-py's own PubSub sets its handler the same way).
         conn._parser.set_pubsub_push_handler(_as_is)
-        await conn.send_command("SUBSCRIBE", self.keys.channel)
-        await conn.read_response(push_request=True)  # the subscription is in place
+        await conn.send_command("SUBSCRIBE", self.keys.channel, self.keys.admin_channel)
+        for _ in range(2):  # one confirmation per channel: the subscriptions are in place
+            await conn.read_response(push_request=True)
+
+    async def _sync_admin(self, conn: Any) -> None:
+        """Send the admin changes kept while Redis was down, then hand the cluster's stored
+        admin state to the master (module docstring). Runs after subscribing, before the
+        channel is read: a change published meanwhile is applied after the stored state."""
+        kept, self.admin_backlog = self.admin_backlog, []
+        for command in kept:
+            await conn.send_command("EVALSHA", self.shas["admin"],
+                                    *scripts.admin_script_args(self.keys, command,
+                                                               self._admin_message(command)))
+            await conn.read_response()
+        self.counters["admin_out"] += len(kept)
+        await conn.send_command("HGETALL", self.keys.admin_tokens)
+        tokens = await conn.read_response()
+        await conn.send_command("MGET", self.keys.admin_faults, self.keys.admin_cleared)
+        faults, cleared = await conn.read_response()
+        if isinstance(tokens, dict):  # RESP3 maps
+            tokens = [item for pair in tokens.items() for item in pair]
+        self.send_admin_to_master(scripts.admin_commands_from(tokens, faults, cleared))
+
+    def _admin_message(self, command: dict[str, Any]) -> bytes:
+        return orjson.dumps({"node": self.config.node_id, "commands": [command]})
+
+    def publish_admin(self, commands: list[dict[str, Any]]) -> None:
+        """Admin changes made on this node (from the master): stored and published, or kept
+        until Redis is back."""
+        for command in commands:
+            if not self.up:
+                self._keep_admin(command)
+                continue
+
+            def done(reply: Any, command: dict[str, Any] = command) -> None:
+                if isinstance(reply, BaseException):
+                    self._failed(reply)
+                    self._keep_admin(command)
+                else:
+                    self.counters["admin_out"] += 1
+
+            self.pipeline.call(("EVALSHA", self.shas["admin"],
+                                *scripts.admin_script_args(self.keys, command,
+                                                           self._admin_message(command))), done)
+
+    def _keep_admin(self, command: dict[str, Any]) -> None:
+        if len(self.admin_backlog) >= MAX_ADMIN_BACKLOG:
+            self.counters["admin_lost"] += 1
+            log.error("admin change not sent to the cluster: %d already wait for Redis",
+                      MAX_ADMIN_BACKLOG)
+            return
+        self.admin_backlog.append(command)
+
+    def on_admin_message(self, data: bytes) -> None:
+        """A change another node published: to our master, which applies and passes it on."""
+        try:
+            message = orjson.loads(data)
+            node, commands = message["node"], message["commands"]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("bad message on %s: %s", self.keys.admin_channel.decode(), exc)
+            return
+        if node != self.config.node_id:
+            self.counters["admin_in"] += len(commands)
+            self.send_admin_to_master(commands)
+
+    def send_admin_to_master(self, commands: list[dict[str, Any]]) -> None:
+        """Queue ``admin`` control messages of at most ADMIN_CHUNK_BYTES each, in order."""
+        chunk: list[bytes] = []
+        size = 0
+        for command in commands:
+            encoded = orjson.dumps(command)
+            if chunk and size + len(encoded) > ADMIN_CHUNK_BYTES:
+                self.to_master.put_nowait(_admin_control(chunk))
+                chunk, size = [], 0
+            chunk.append(encoded)
+            size += len(encoded) + 1
+        if chunk:
+            self.to_master.put_nowait(_admin_control(chunk))
+
+    async def write_to_master(self) -> None:
+        """Admin messages to the master, waiting for room (a snapshot can be many messages)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await self.to_master.get()
+            try:
+                await loop.sock_sendall(self.control, data)
+            except OSError:
+                return  # the master is gone: on_control sees the EOF and exits
 
     async def _warn_if_not_alone(self, conn: Any) -> None:
         await conn.send_command("PUBSUB", "NUMSUB", self.keys.channel)
@@ -291,7 +394,10 @@ class Agent:
             while True:
                 message = await conn.read_response(timeout=math.inf, push_request=True)
                 if isinstance(message, list) and message and message[0] == b"message":
-                    self.on_channel_message(message[2])
+                    if message[1] == self.keys.admin_channel:
+                        self.on_admin_message(message[2])
+                    else:
+                        self.on_channel_message(message[2])
         except (RedisError, OSError) as exc:
             self.lost(exc)
 
@@ -383,7 +489,9 @@ class Agent:
             pass
 
     def on_control(self) -> None:
-        receive_from_master(self.control, "redis agent")  # only its end matters: EOF exits
+        message = receive_from_master(self.control, "redis agent")  # EOF exits
+        if message is not None and message.get("type") == "admin":
+            self.publish_admin(message.get("commands") or [])
 
     def on_term(self) -> None:
         if self.stopping:  # a second TERM: no more waiting
@@ -410,7 +518,8 @@ class Agent:
         loop.add_reader(self.control.fileno(), self.on_control)
         loop.add_signal_handler(signal.SIGTERM, self.on_term)
         tasks = [asyncio.ensure_future(coro) for coro in
-                 (self.mesh.serve(), self.pipeline.run(), self.supervise(), self.tick())]
+                 (self.mesh.serve(), self.pipeline.run(), self.supervise(), self.tick(),
+                  self.write_to_master())]
         self.send_control({"type": "ready"})
         await self.done.wait()
         for task in tasks:
@@ -423,6 +532,10 @@ class Agent:
 
 async def _as_is(message: Any) -> Any:
     return message
+
+
+def _admin_control(encoded_commands: list[bytes]) -> bytes:
+    return b'{"type":"admin","commands":[' + b",".join(encoded_commands) + b"]}"
 
 
 def run_agent(config: ServeConfig, mesh_node: int, workers: int, control: socket.socket) -> int:

@@ -16,6 +16,13 @@ Keys (``P`` is ``--redis-prefix``, ``<hex>`` the lower-case hex token, as in Fle
 - channel ``P node:<node>``  the node's own channel, read by its agent only. Messages:
   ``P`` + delay + token + value (a push routed to the node holding the device) and
   ``E`` + token + seq (your stream for this token was superseded by connect number ``seq``).
+- ``P admin:tokens``   hash ``<hex>`` → ``<stamp> <JSON state>``: run-time token states set on any
+  node (``admin.py``; ``active`` kept as a tombstone so an older change cannot revive a state).
+- ``P admin:faults``   ``<stamp> <JSON rules>``; ``P admin:cleared`` the stamp of the last
+  ``clear_tokens``. Stamps are 20-digit zero-padded nanoseconds, so Lua compares them as strings
+  (its numbers are doubles: 53 bits do not hold a nanosecond clock).
+- channel ``P admin``  every node's agent reads it: ``{"node", "commands"}``, replayable admin
+  changes made on ``node``, applied by the others.
 
 Scripts (one ``EVALSHA`` each, so every decision below is atomic against every other node)
 --------------------------------------------------------------------------------------------
@@ -29,12 +36,16 @@ Scripts (one ``EVALSHA`` each, so every decision below is atomic against every o
   previous owner node, ``GETDEL pending`` → ``{seq[, pending]}``. Mode ``resync`` (re-claiming held
   streams after Redis came back) yields to a live node that claimed meanwhile → ``{0}``.
 - RELEASE (our stream ended): delete the owner key if it still names us.
+- ADMIN (an admin change made on this node): store it unless Redis holds a newer stamp for the
+  same thing, then ``PUBLISH`` it on ``P admin``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+
+import orjson
 
 # ROUTE outcomes (the script's integer reply); FAILED is ours: Redis unreachable or an error.
 FAILED, DISCARDED, ROUTED, STORED, COALESCED = -1, 0, 1, 2, 3
@@ -106,7 +117,39 @@ end
 return 0
 """
 
-SCRIPTS = {"route": ROUTE_LUA, "claim": CLAIM_LUA, "release": RELEASE_LUA}
+ADMIN_LUA = """
+local op, stamp = ARGV[1], ARGV[2]
+local function newer(current)
+  return current and string.sub(current, 1, 20) > stamp
+end
+local cleared = redis.call('GET', KEYS[3])
+if op == 'token' then
+  if newer(redis.call('HGET', KEYS[1], ARGV[3])) or (cleared and cleared > stamp) then
+    return 0
+  end
+  redis.call('HSET', KEYS[1], ARGV[3], stamp .. ' ' .. ARGV[4])
+elseif op == 'clear' then
+  if cleared and cleared >= stamp then
+    return 0
+  end
+  redis.call('SET', KEYS[3], stamp)
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if string.sub(all[i + 1], 1, 20) < stamp then
+      redis.call('HDEL', KEYS[1], all[i])
+    end
+  end
+else
+  if newer(redis.call('GET', KEYS[2])) then
+    return 0
+  end
+  redis.call('SET', KEYS[2], stamp .. ' ' .. ARGV[4])
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+"""
+
+SCRIPTS = {"route": ROUTE_LUA, "claim": CLAIM_LUA, "release": RELEASE_LUA, "admin": ADMIN_LUA}
 
 
 def sha1(script: str) -> str:
@@ -118,7 +161,8 @@ class Keys:
     """Key and channel names for one prefix and node."""
 
     __slots__ = ("prefix", "node", "seq", "channel_prefix", "channel", "stats", "stats_pattern",
-                 "_owner", "_pending")
+                 "_owner", "_pending", "admin_tokens", "admin_faults", "admin_cleared",
+                 "admin_channel")
 
     def __init__(self, prefix: str, node: str) -> None:
         self.prefix = prefix.encode()
@@ -130,6 +174,10 @@ class Keys:
         self.stats_pattern = self.prefix + b"stats:*"
         self._owner = self.prefix + b"owner:"
         self._pending = self.prefix + b"pending:"
+        self.admin_tokens = self.prefix + b"admin:tokens"
+        self.admin_faults = self.prefix + b"admin:faults"
+        self.admin_cleared = self.prefix + b"admin:cleared"
+        self.admin_channel = self.prefix + b"admin"
 
     def owner(self, token: bytes) -> bytes:
         return self._owner + token.hex().encode()
@@ -186,3 +234,40 @@ def parse_message(data: bytes) -> tuple[bytes, bytes, float, bytes | int]:
         start = 1 + _TOKEN_LEN.size
         return kind, data[start:start + length], 0.0, int(data[start + length:])
     raise ValueError(f"unknown channel message kind {kind!r}")
+
+
+# -- run-time admin state (admin.py's replayable commands) ------------------------------------------
+
+def _stamp(value: int) -> bytes:
+    return b"%020d" % value
+
+
+def admin_script_args(keys: Keys, command: dict, message: bytes) -> tuple:
+    """The ADMIN script's KEYS and ARGV for one replayable command (after the script's sha)."""
+    op = command["op"]
+    stamp = _stamp(command["stamp"])
+    if op == "set_token":
+        state = {k: command[k] for k in ("state", "timestamp") if k in command}
+        what: tuple = (b"token", stamp, command["token"].encode(), orjson.dumps(state))
+    elif op == "clear_tokens":
+        what = (b"clear", stamp, b"", b"")
+    else:
+        what = (b"faults", stamp, b"", orjson.dumps(command["rules"]))
+    return (3, keys.admin_tokens, keys.admin_faults, keys.admin_cleared, *what,
+            keys.admin_channel, message)
+
+
+def admin_commands_from(tokens: list[bytes], faults: bytes | None, cleared: bytes | None) -> list[dict]:
+    """The replayable commands that rebuild the cluster's admin state from what Redis holds
+    (``HGETALL admin:tokens`` as a flat list, ``GET admin:faults``, ``GET admin:cleared``)."""
+    commands: list[dict] = []
+    if cleared:
+        commands.append({"op": "clear_tokens", "stamp": int(cleared)})
+    for field, value in zip(tokens[::2], tokens[1::2]):
+        stamp, _, state = value.partition(b" ")
+        commands.append({"op": "set_token", "token": field.decode(), "stamp": int(stamp),
+                         **orjson.loads(state)})
+    if faults:
+        stamp, _, rules = faults.partition(b" ")
+        commands.append({"op": "set_faults", "stamp": int(stamp), "rules": orjson.loads(rules)})
+    return commands

@@ -258,7 +258,7 @@ class Routes:
             body = self._json_body(conn)
             if body is None:
                 return
-            self._admin(conn, {"op": "set_token", "token": rest.decode("latin-1"), **body})
+            self._admin(conn, {**body, "op": "set_token", "token": rest.decode("latin-1")})
         elif method == b"DELETE" and rest:
             self._admin(conn, {"op": "set_token", "token": rest.decode("latin-1"), "state": "active"})
         elif method == b"DELETE":
@@ -273,17 +273,18 @@ class Routes:
         elif method == b"POST":
             body = self._json_body(conn)
             if body is not None:
-                self._admin(conn, {"op": "add_fault", **body})
+                self._admin(conn, {**body, "op": "add_fault"})
         elif method == b"PUT":
             body = self._json_body(conn)
             if body is not None:
-                self._admin(conn, {"op": "set_faults", **body})
+                self._admin(conn, {**body, "op": "set_faults"})
         elif method == b"DELETE":
             self._admin(conn, {"op": "clear_faults"})
         else:
             self._error(conn, 405, "MethodNotAllowed")
 
     def _admin(self, conn: Conn, command: dict[str, Any]) -> None:
+        command.pop("stamp", None)  # an operator's change is stamped when applied (admin.py)
         try:
             answer = self.worker.admin.apply(command)
         except AdminError as exc:
@@ -291,7 +292,8 @@ class Routes:
             return
         slot = conn.reserve()
         self.worker.share_admin_command(
-            command, lambda: conn.fill(slot, frames.json_response(200, orjson.dumps(answer))))
+            self.worker.admin.replayable(command),
+            lambda: conn.fill(slot, frames.json_response(200, orjson.dumps(answer))))
 
     def _json_body(self, conn: Conn) -> dict[str, Any] | None:
         try:

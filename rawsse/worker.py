@@ -156,14 +156,15 @@ class Worker:
     stream_type = Stream  # a Redis-mode worker's streams carry one more slot (cluster.py)
 
     def __init__(self, config: ServeConfig, index: int = 0, count: int = 1,
-                 pending: dict[bytes, Push] | None = None) -> None:
+                 pending: dict[bytes, Push] | None = None, admin: AdminState | None = None) -> None:
         self.config = config
         self.index = index
         self.count = count
         self.loop = Loop()
         self.stats = Stats()
         self.registry = self.new_registry()
-        self.admin = AdminState(config.faults)
+        # A worker (re)spawned by the master starts from the node's run-time admin state.
+        self.admin = admin.copy() if admin is not None else AdminState(config.faults)
         self.ids = IdGenerator()
         self.routes = Routes(self)
         self.http_conns: set[Conn] = set()
@@ -316,7 +317,8 @@ class Worker:
         done(node_document([self.snapshot()]))
 
     def share_admin_command(self, command: dict[str, Any], done: Callable[[], None]) -> None:
-        """Apply ``command`` on the node's other workers, then ``done()``; alone, at once."""
+        """Apply ``command`` (replayable, ``admin.py``) on the node's other workers, then
+        ``done()``; alone, at once."""
         done()
 
     def snapshot(self) -> dict[str, Any]:

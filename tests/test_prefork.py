@@ -3,6 +3,7 @@ Real processes, real signals, real sockets (SPEC §4)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -210,8 +211,10 @@ def test_ttin_is_refused_with_a_reason(start_server):
 
 def test_worker_that_cannot_boot_stops_the_master(start_server):
     blocker = socket.socket()
-    blocker.bind(("127.0.0.1", 0))  # no SO_REUSEPORT: the workers cannot bind this port
-    blocker.listen()
+    # No SO_REUSEPORT (nor SO_REUSEADDR): the workers cannot bind this port. Not listening, so
+    # the master's own port check (which refuses a port with a listener) lets the start through
+    # and the workers' bind is what fails.
+    blocker.bind(("127.0.0.1", 0))
     port = blocker.getsockname()[1]
     from conftest import Server
 
@@ -258,3 +261,50 @@ def test_workers_exit_when_the_master_is_killed(start_server):
     srv.proc.wait(5)
     gone, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive, f"workers outlived their master: {[p.pid for p in alive]}"
+
+
+def admin_call(server, method: str, path: str, body: dict | None = None):
+    client = HTTPClient(server.host, server.admin_port or server.port)
+    try:
+        return client.request(method, path, json.dumps(body).encode() if body is not None else b"")
+    finally:
+        client.close()
+
+
+def answers_on_fresh_connections(server, tok: str, connections: int = 12) -> set[tuple[int, bytes]]:
+    """(status, body) of one push per new connection: new connections land on every worker."""
+    seen = set()
+    for _ in range(connections):
+        client = HTTPClient(server.host, server.port)
+        try:
+            response = client.request("POST", f"/3/device/{tok}", b'{"mdm":"x"}')
+        finally:
+            client.close()
+        seen.add((response.status, response.body))
+    return seen
+
+
+def test_admin_changes_made_at_run_time_survive_worker_restarts(start_server):
+    """A worker respawned after a crash, or replaced by a rolling restart (systemctl reload),
+    answers with the token states and fault rules set at run time, like the workers it joins."""
+    srv = start_server("--workers", str(WORKERS), "--drain-seconds", "0.2")
+    gone, other = token(1, "adm"), token(2, "adm")
+    assert admin_call(srv, "PUT", f"/admin/tokens/{gone}",
+                      {"state": "unregistered", "timestamp": 1234}).status == 200
+    assert admin_call(srv, "PUT", "/admin/faults", {"rules": ["100%:429:TooManyRequests"]}).status == 200
+
+    old = set(worker_pids(srv))
+    srv.signal(signal.SIGHUP)
+    assert wait_for(lambda: len(pids := worker_pids(srv)) == WORKERS and not (set(pids) & old)
+                    and node_stats(srv)["master"]["workers_up"] == WORKERS, timeout=20)
+    os.kill(worker_pids(srv)[2], signal.SIGKILL)
+    assert wait_for(lambda: node_stats(srv)["master"]["worker_restarts"] == 1
+                    and node_stats(srv)["master"]["workers_up"] == WORKERS, timeout=15)
+
+    assert answers_on_fresh_connections(srv, gone) == {
+        (410, b'{"reason":"Unregistered","timestamp":1234}')}
+    assert answers_on_fresh_connections(srv, other) == {(429, b'{"reason":"TooManyRequests"}')}
+    listed = {json.dumps(admin_call(srv, "GET", "/admin/faults").json()) for _ in range(12)}
+    assert listed == {json.dumps({"faults": [{"percent": 100.0, "status": 429,
+                                              "reason": "TooManyRequests",
+                                              "rule": "100%:429:TooManyRequests"}]})}

@@ -6,6 +6,7 @@ ports, started with ``--save '' --appendonly no`` and stopped by PID; real ``raw
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -435,6 +436,53 @@ def test_redis_outage_gives_503s_keeps_streams_and_recovers_without_loss(own_red
     metrics = metrics_text(a)
     assert "rawsse_redis_up 1" in metrics
     assert f"rawsse_redis_errors_total {doc_a['redis']['errors']}" in metrics
+
+
+def admin(node, method: str, path: str, body: dict | None = None):
+    client = HTTPClient(node.host, node.port)
+    try:
+        return client.request(method, path, json.dumps(body).encode() if body is not None else b"")
+    finally:
+        client.close()
+
+
+def test_admin_changes_hold_for_the_whole_cluster(own_redis, cluster, start_server):
+    """Token states and fault rules set on one node answer alike on every node, on a node that
+    joins later, and after a change made while Redis was down once it is back."""
+    a, b = cluster(own_redis, 2, "--workers", "2")
+    gone, failing, other = token(1, "admgone"), token(2, "admfail"), token(3, "admok")
+    assert admin(a, "PUT", f"/admin/tokens/{gone}",
+                 {"state": "unregistered", "timestamp": 4321}).status == 200
+    assert admin(b, "PUT", "/admin/faults", {"rules": ["100%:429:TooManyRequests"]}).status == 200
+    unregistered = (410, b'{"reason":"Unregistered","timestamp":4321}')
+    throttled = (429, b'{"reason":"TooManyRequests"}')
+
+    def answer(node, tok):
+        response = push(node, tok)
+        return response.status, response.body
+
+    for node in (a, b):  # every worker of both nodes (new connections spread over workers)
+        assert wait_for(lambda: {answer(node, gone) for _ in range(6)} == {unregistered}, timeout=5)
+        assert wait_for(lambda: {answer(node, other) for _ in range(6)} == {throttled}, timeout=5)
+
+    late = start_node(start_server, own_redis, cluster.prefix, "nlate", "--workers", "2")
+    assert wait_for(lambda: stats(late).get("redis", {}).get("up") == 1, timeout=15)
+    assert {answer(late, gone) for _ in range(6)} == {unregistered}
+    assert {answer(late, other) for _ in range(6)} == {throttled}
+
+    own_redis.stop()  # a change made while Redis is down reaches the others when it is back
+    assert wait_for(lambda: stats(b)["redis"]["up"] == 0, timeout=10)
+    assert admin(b, "DELETE", "/admin/faults").status == 200
+    assert admin(b, "PUT", f"/admin/tokens/{failing}", {"state": "bad"}).status == 200
+    own_redis.start()
+    bad = (400, b'{"reason":"BadDeviceToken"}')
+    for node in (a, b, late):
+        assert wait_for(lambda: {answer(node, other) for _ in range(6)} == {(200, b"")}, timeout=15)
+        assert {answer(node, failing) for _ in range(6)} == {bad}
+        assert {answer(node, gone) for _ in range(6)} == {unregistered}
+    listed = admin(late, "GET", "/admin/tokens").json()["tokens"]
+    assert sorted((t["token"], t["state"]) for t in listed) == sorted(
+        [(gone, "unregistered"), (failing, "bad")])
 
 
 def test_a_killed_agent_is_respawned_and_its_node_rejoins(shared_redis, cluster, readers):
