@@ -96,7 +96,9 @@ class AdminState:
         if op == "set_token":
             return self._set_token(command, stamp)
         if op == "clear_tokens":
-            self._clear_tokens(stamp if stamp is not None else self._now(self.tokens_cleared))
+            if stamp is None:  # after every token change seen here, like the other commands
+                stamp = self._now(max(self.tokens_cleared, *self.token_stamps.values(), 0))
+            self._clear_tokens(stamp)
             return {"tokens": len(self.token_states)}
         if op in ("add_fault", "set_faults", "clear_faults"):
             return self._set_faults(op, command, stamp)

@@ -389,8 +389,7 @@ class Arbiter:
         handle.close_socket()
         self._broadcast_info()
         if self.stopping:
-            log.info("%s exited (%d)", "agent" if handle is self.agent else f"worker {handle.index}",
-                     code)
+            log.info("%s exited (%d)", self._name(handle), code)
             if not any(h.pid for h in self.processes()):
                 self._finish_stop()
             return

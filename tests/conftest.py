@@ -14,6 +14,7 @@ import urllib.request
 from typing import Iterator
 
 import pytest
+from wire import SSEReader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,6 +114,15 @@ def launch(*args: str, admin: bool = False, env: dict[str, str] | None = None,
     if ready:
         server.wait_ready()
     return server, holders
+
+
+@pytest.fixture
+def readers() -> Iterator[list]:
+    """SSE readers a test opens (append them); closed when it ends, passed or failed."""
+    opened: list[SSEReader] = []
+    yield opened
+    for reader in opened:
+        reader.close()
 
 
 FAILED_TRACEBACK = pytest.StashKey[types.TracebackType]()

@@ -70,6 +70,13 @@ def test_an_operator_change_wins_over_a_replay_stamped_in_the_future():
     assert local.faults == [] and local.faults_stamp == 2 ** 62 + 1
 
 
+def test_an_operator_clear_removes_a_token_state_stamped_in_the_future():
+    local = AdminState()
+    local.apply({"op": "set_token", "token": TOKEN, "state": "bad", "stamp": 2 ** 62})
+    local.apply({"op": "clear_tokens"})
+    assert local.token_states == {} and local.tokens_cleared == 2 ** 62 + 1
+
+
 def test_copies_draw_faults_independently():
     origin = AdminState((parse_fault("50%:503"),))
     first, second = origin.copy(), origin.copy()

@@ -10,8 +10,6 @@ import socket
 import time
 import uuid
 
-import pytest
-
 from wire import HTTPClient, SSEReader, build_request, get_json, wait_for
 
 WORKERS = 4
@@ -78,14 +76,6 @@ def peer_closed(reader: SSEReader) -> bool:
             reader.buffer += data
     finally:
         reader.sock.settimeout(timeout)
-
-
-@pytest.fixture
-def readers():
-    opened: list[SSEReader] = []
-    yield opened
-    for reader in opened:
-        reader.close()
 
 
 def test_every_push_and_broadcast_is_delivered_once_whichever_worker_takes_it(start_server, readers):

@@ -104,14 +104,6 @@ def own_redis():
 
 
 @pytest.fixture
-def readers():
-    opened: list[SSEReader] = []
-    yield opened
-    for reader in opened:
-        reader.close()
-
-
-@pytest.fixture
 def cluster(start_server):
     """``cluster(redis_server, n)`` → n nodes (na, nb, …) sharing one unique key prefix."""
     prefix = f"t{uuid.uuid4().hex[:8]}:"
