@@ -82,7 +82,7 @@ def latency_points(fanout: dict[str, Any]) -> list[tuple[float, float]]:
     has one, else the reported percentiles (p50, p90, p99, max) alone."""
     hist = fanout.get("histogram")
     if isinstance(hist, dict) and hist.get("buckets"):
-        from rawsse.stamp import LatencyHistogram
+        from rawsse.load.stamp import LatencyHistogram
         histogram = LatencyHistogram.from_dict(hist)
         total, seen, points = histogram.count, 0, []
         for index in sorted(histogram.buckets):

@@ -4,7 +4,7 @@
    server holds the next level, the devices are paused (SIGSTOP) so nothing is in flight, the
    server and kernel are sampled, and the devices resume. Slopes are fitted over the levels.
 2. Fan-out: with the top level still connected, ``broadcasts`` stamped ``POST /broadcast`` requests
-   (apns-id from ``rawsse.stamp``, so devices measure send→receipt); then the devices stop and
+   (apns-id from ``rawsse.load.stamp``, so devices measure send→receipt); then the devices stop and
    their report gives the latency percentiles and the events received. Nothing else is sent to
    these devices, so their latency figures are the broadcast's alone.
 3. Targeted: a second devices run connects unpaced (the connect rate), then ``rawsse push`` sends
@@ -152,7 +152,7 @@ def stop_devices(devices: procs.Child) -> dict[str, Any]:
 def fanout_phase(server: procs.Server, settings: PhaseSettings, streams: int) -> dict[str, Any]:
     """Stamped broadcasts, ``broadcast_gap`` apart. Right after each answer the kernel's TCP memory
     is read: every stream then holds one unread event, the ``tcp_mem`` trap of ops.md §2.2."""
-    from rawsse.stamp import new_stamped_id
+    from rawsse.load.stamp import new_stamped_id
     before = memory.kernel_memory().sockstat_mem
     answers: list[dict[str, Any]] = []
     peak = before

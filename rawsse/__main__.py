@@ -1,5 +1,5 @@
 """``python -m rawsse`` → the same entry point as the ``rawsse`` console script."""
 
-from .cli import main
+from rawsse.cli import main
 
 raise SystemExit(main())

@@ -10,15 +10,15 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
-from .config import ConfigError
+from rawsse import __version__
+from rawsse.config import ConfigError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("rawsse.serve", "run the push simulator (APNs push API + SSE device streams)"),
-    "devices": ("rawsse.devices", "hold N simulated device streams and report what they receive"),
-    "push": ("rawsse.driver", "send pushes like Fleet does (or broadcasts) and report statuses"),
-    "tune": ("rawsse.tune", "check (or apply) the kernel and limit settings N connections need"),
+    "serve": ("rawsse.node.serve", "run the push simulator (APNs push API + SSE device streams)"),
+    "devices": ("rawsse.load.devices", "hold N simulated device streams and report what they receive"),
+    "push": ("rawsse.load.driver", "send pushes like Fleet does (or broadcasts) and report statuses"),
+    "tune": ("rawsse.ops.tune", "check (or apply) the kernel and limit settings N connections need"),
 }
 
 

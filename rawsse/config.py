@@ -10,7 +10,7 @@ import math
 import random
 import re
 
-from . import apns
+from rawsse.apns import apple as apns
 
 
 class ConfigError(ValueError):

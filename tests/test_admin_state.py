@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from rawsse.admin import AdminError, AdminState
+from rawsse.apns.admin import AdminError, AdminState
 from rawsse.config import parse_fault
 
 TOKEN = "746f6b656e31"

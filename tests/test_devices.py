@@ -14,10 +14,11 @@ import pytest
 
 from conftest import Server, reserve_port
 from loadtools import Devices, run_push, wait_streams
-from rawsse import devices, loadgen
+from rawsse.load import devices
+from rawsse.load import loadgen
 from rawsse.config import ConfigError
-from rawsse.loop import Loop
-from rawsse.stamp import new_stamped_id
+from rawsse.server.loop import Loop
+from rawsse.load.stamp import new_stamped_id
 
 
 # -- the parser, fed raw bytes ------------------------------------------------------------------

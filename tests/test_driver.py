@@ -12,9 +12,10 @@ from typing import Iterator
 import pytest
 
 from loadtools import Devices, run_push, wait_streams
-from rawsse import devices, driver
+from rawsse.load import devices
+from rawsse.load import driver
 from rawsse.config import ConfigError
-from rawsse.stamp import stamp_time
+from rawsse.load.stamp import stamp_time
 
 
 # -- targets and request bytes ------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from rawsse import tune
+from rawsse.ops import tune
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = ROOT / "systemd" / "rawsse.service"

@@ -14,8 +14,8 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import pytest
 
 from conftest import ROOT, reserve_port
-from rawsse import portcheck
-from rawsse.portcheck import Listener
+from rawsse.node import portcheck
+from rawsse.node.portcheck import Listener
 
 
 def listening(host: str, family: int = socket.AF_INET) -> socket.socket:

@@ -518,10 +518,10 @@ def test_stats_and_metrics_show_the_node_and_the_cluster(shared_redis, cluster, 
 
 
 def test_single_node_never_imports_redis():
-    code = ("import sys, rawsse.serve, rawsse.arbiter, rawsse.child, rawsse.worker, rawsse.mesh\n"
+    code = ("import sys, rawsse.node.serve, rawsse.node.arbiter, rawsse.node.process, rawsse.server.worker, rawsse.node.mesh\n"
             "import argparse\n"
-            "p = argparse.ArgumentParser(); rawsse.serve.add_arguments(p)\n"
-            "rawsse.serve.build_config(p.parse_args([]))\n"
+            "p = argparse.ArgumentParser(); rawsse.node.serve.add_arguments(p)\n"
+            "rawsse.node.serve.build_config(p.parse_args([]))\n"
             "assert not [m for m in sys.modules if m.split('.')[0] in ('redis', 'hiredis')]\n")
     subprocess.run([os.environ.get("PYTHON", __import__("sys").executable), "-c", code],
                    check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

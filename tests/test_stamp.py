@@ -1,4 +1,4 @@
-"""rawsse.stamp: UUIDv7 latency stamps (RFC 9562 §5.7, method 3) and the latency histogram."""
+"""rawsse.load.stamp: UUIDv7 latency stamps (RFC 9562 §5.7, method 3) and the latency histogram."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from rawsse.stamp import LatencyHistogram, new_stamped_id, stamp_time
+from rawsse.load.stamp import LatencyHistogram, new_stamped_id, stamp_time
 
 CANONICAL = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 

@@ -11,10 +11,11 @@ import sys
 import pytest
 
 from conftest import ROOT
-from rawsse import apns, frames
+from rawsse.apns import apple as apns
+from rawsse.server import frames
 from rawsse.config import (ConfigError, FaultRule, parse_address, parse_distribution,
                            parse_duration, parse_fault)
-from rawsse.push import IdGenerator, PushRejected, PushRequest, validate_push
+from rawsse.apns.validation import IdGenerator, PushRejected, PushRequest, validate_push
 
 # -- frames: golden bytes --------------------------------------------------------------------------
 
@@ -354,7 +355,7 @@ def test_cli_bad_flag_is_one_line_naming_the_flag(flag, value):
 
 
 def test_is_apns_id_accepts_canonical_uuids_only():
-    from rawsse.push import is_apns_id
+    from rawsse.apns.validation import is_apns_id
 
     assert is_apns_id(b"6f1a2b3c-0000-4000-8000-00000000abcd")
     assert is_apns_id(GIVEN_ID)  # Fleet's README shows Apple echoing upper case
@@ -364,7 +365,7 @@ def test_is_apns_id_accepts_canonical_uuids_only():
 
 
 def test_last_response_on_a_connection_says_connection_close():
-    from rawsse import frames
+    from rawsse.server import frames
 
     plain = frames.response(200, b"ok")
     closing = frames.with_connection_close(plain)

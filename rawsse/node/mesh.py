@@ -43,10 +43,10 @@ from typing import Any, Callable
 
 import orjson
 
-from .loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
-from .registry import Push
+from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
+from rawsse.apns.registry import Push
 
-log = logging.getLogger("rawsse.mesh")
+log = logging.getLogger(__name__)
 
 PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN = range(1, 9)
 

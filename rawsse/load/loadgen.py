@@ -29,7 +29,7 @@ from typing import Any, Callable, NoReturn
 
 import orjson
 
-from .config import ConfigError
+from rawsse.config import ConfigError
 
 FLEET_SERIAL_DIGITS = 12
 # Share of the ephemeral range one source address may use. Past about half the range, Linux

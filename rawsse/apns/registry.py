@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator
 
-from .stats import Stats
+from rawsse.server.stats import Stats
 
 
 class Push:

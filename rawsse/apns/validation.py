@@ -13,8 +13,8 @@ import binascii
 import os
 import re
 
-from . import apns
-from .config import ConfigError, Distribution, parse_distribution
+from rawsse.apns import apple as apns
+from rawsse.config import ConfigError, Distribution, parse_distribution
 
 # Canonical UUID (A.3). Apple documents lowercase; Fleet's README shows Apple echoing uppercase,
 # so both cases are accepted and echoed as sent.

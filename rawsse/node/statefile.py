@@ -13,7 +13,7 @@ import os
 import time
 from typing import Iterable
 
-from .registry import Push
+from rawsse.apns.registry import Push
 
 VERSION = 1
 

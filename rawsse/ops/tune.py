@@ -33,8 +33,8 @@ import resource
 import sys
 from typing import Callable, Mapping
 
-from .config import ConfigError
-from .loadgen import MAX_PORTS_PER_SOURCE, PORT_RANGE_SHARE
+from rawsse.config import ConfigError
+from rawsse.load.loadgen import MAX_PORTS_PER_SOURCE, PORT_RANGE_SHARE
 
 PROC_SYS = "/proc/sys"
 MEMINFO = "/proc/meminfo"

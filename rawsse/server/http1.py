@@ -37,8 +37,8 @@ from typing import Any
 
 import httptools
 
-from . import frames
-from .loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from rawsse.server import frames
+from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 
 IDLE, HEAD, BODY, LINGER = 0, 1, 2, 3
 KEEP_ALIVE_10 = "keep-alive"  # slot marker: an HTTP/1.0 keep-alive answer

@@ -48,17 +48,17 @@ from typing import Any
 
 import orjson
 
-from . import statefile
-from .admin import AdminError, AdminState
-from .child import BOOT_ERROR, run_worker
-from .config import ServeConfig
-from .loop import EPOLLOUT, READ_EVENTS, Loop
-from .mesh import owner_of
-from .registry import Push
-from .systemd import Notifier
-from .worker import FD_RESERVE, raise_nofile_limit
+from rawsse.node import statefile
+from rawsse.apns.admin import AdminError, AdminState
+from rawsse.node.process import BOOT_ERROR, run_worker
+from rawsse.config import ServeConfig
+from rawsse.server.loop import EPOLLOUT, READ_EVENTS, Loop
+from rawsse.node.mesh import owner_of
+from rawsse.apns.registry import Push
+from rawsse.node.systemd import Notifier
+from rawsse.server.worker import FD_RESERVE, raise_nofile_limit
 
-log = logging.getLogger("rawsse.arbiter")
+log = logging.getLogger(__name__)
 
 HEARTBEAT_TIMEOUT = 30.0
 STATUS_SECONDS = 5.0
@@ -229,7 +229,7 @@ class Arbiter:
                 master_side.close()
                 self._forget_master_fds()
                 if handle is self.agent:
-                    from .redis_agent import run_agent
+                    from rawsse.cluster.agent import run_agent
 
                     code = run_agent(self.config, self.node_id, self.count, worker_side)
                 else:
@@ -237,7 +237,7 @@ class Arbiter:
                                       worker_side, pending, self.part_path(handle.index),
                                       self.admin)
             except BaseException:
-                logging.getLogger("rawsse.worker").exception("worker %d crashed", handle.index)
+                logging.getLogger(__name__).exception("worker %d crashed", handle.index)
             finally:
                 os._exit(code)
         worker_side.close()

@@ -33,7 +33,7 @@ import socket
 import struct
 from typing import Iterable, NamedTuple, Sequence
 
-log = logging.getLogger("rawsse.portcheck")
+log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -14,17 +14,17 @@ from typing import Any, Callable
 
 import orjson
 
-from . import statefile
-from .admin import AdminError, AdminState
-from .config import ServeConfig
-from .control import receive_from_master
-from .drain import Drainer
-from .loop import READ_EVENTS
-from .mesh import STATS, Mesh, owner_of
-from .registry import Push
-from .worker import SERVICE_UNAVAILABLE_CLOSE, Worker, node_document
+from rawsse.node import statefile
+from rawsse.apns.admin import AdminError, AdminState
+from rawsse.config import ServeConfig
+from rawsse.node.control import receive_from_master
+from rawsse.node.drain import Drainer
+from rawsse.server.loop import READ_EVENTS
+from rawsse.node.mesh import STATS, Mesh, owner_of
+from rawsse.apns.registry import Push
+from rawsse.server.worker import SERVICE_UNAVAILABLE_CLOSE, Worker, node_document
 
-log = logging.getLogger("rawsse.worker")
+log = logging.getLogger(__name__)
 
 BOOT_ERROR = 3
 
@@ -161,7 +161,7 @@ def run_worker(config: ServeConfig, index: int, count: int, node: int, control: 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     worker_class: type[NodeWorker] = NodeWorker
     if config.redis_url:  # imported only in Redis mode: a single node needs no Redis
-        from .cluster import ClusterWorker
+        from rawsse.cluster.routing import ClusterWorker
 
         worker_class = ClusterWorker
     try:

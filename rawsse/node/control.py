@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-log = logging.getLogger("rawsse.control")
+log = logging.getLogger(__name__)
 
 
 def receive_from_master(sock: socket.socket, who: str) -> dict[str, Any] | None:

@@ -47,16 +47,16 @@ from typing import Any, Callable
 
 import orjson
 
-from . import agent_records as records
-from . import redis_scripts as scripts
-from .admin import AdminState
-from .child import NodeWorker
-from .config import ServeConfig
-from .registry import Push, Registry
-from .stats import Stats
-from .stream import Stream
+from rawsse.cluster import records
+from rawsse.cluster import scripts
+from rawsse.apns.admin import AdminState
+from rawsse.node.process import NodeWorker
+from rawsse.config import ServeConfig
+from rawsse.apns.registry import Push, Registry
+from rawsse.server.stats import Stats
+from rawsse.server.stream import Stream
 
-log = logging.getLogger("rawsse.cluster")
+log = logging.getLogger(__name__)
 
 BOOT_REDIS_WAIT = 5.0  # longest a booting worker waits for the agent's first Redis state
 

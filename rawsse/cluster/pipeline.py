@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from redis.exceptions import RedisError, ResponseError
 
-log = logging.getLogger("rawsse.agent")
+log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
 BATCH_TIMEOUT = 3.0  # a batch not answered by then: Redis is hung (SIGSTOP, swap) → lost

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The parent process plans the run and forks P children; each child owns a contiguous slice of the
-device tokens and 1/P of the connect ramp, and runs one ``rawsse.loop.Loop`` with one small
+device tokens and 1/P of the connect ramp, and runs one ``rawsse.server.loop.Loop`` with one small
 ``Device`` object per device (no task, no coroutine, no per-device buffer while idle). Children
 send counter snapshots to the parent over a pipe (JSON lines, every ``SNAPSHOT_SECONDS``); the
 parent prints the progress line, and merges the final snapshots (counters, latency histograms,
@@ -23,7 +23,7 @@ Rules (each from Fleet's client, ``pkg/mdm/apnsmock/client.go``; reference fleet
 - The first connect waits for its ramp slot (``--ramp`` per second, shared by the children) and
   then ``uniform[0, --jitter)`` (Fleet's ``WithInitialJitter``).
 
-Tokens and source addresses: see ``rawsse.loadgen`` (Fleet mdmtest's ``hex("token" + serial)``
+Tokens and source addresses: see ``rawsse.load.loadgen`` (Fleet mdmtest's ``hex("token" + serial)``
 with a 12-digit decimal serial; 127.0.0.x sources bound with ``IP_BIND_ADDRESS_NO_PORT`` so no
 (source, destination, port) tuple runs out of ephemeral ports, ops.md §2.3).
 """
@@ -43,11 +43,11 @@ from typing import Any
 
 import orjson
 
-from . import loadgen
-from .config import ConfigError
-from .loadgen import error_kind, fleet_serial, fleet_token, random_token  # noqa: F401 (API)
-from .loop import READ_EVENTS, WRITE_EVENTS, Loop
-from .stamp import LatencyHistogram, stamp_time
+from rawsse.load import loadgen
+from rawsse.config import ConfigError
+from rawsse.load.loadgen import error_kind, fleet_serial, fleet_token, random_token  # noqa: F401 (API)
+from rawsse.server.loop import READ_EVENTS, WRITE_EVENTS, Loop
+from rawsse.load.stamp import LatencyHistogram, stamp_time
 
 EPILOG = """\
 examples:

@@ -19,7 +19,7 @@ import random
 import time
 from typing import Any
 
-from .config import ConfigError, FaultRule, parse_fault
+from rawsse.config import ConfigError, FaultRule, parse_fault
 
 TOKEN_STATES: dict[str, tuple[int, str] | None] = {
     "active": None,

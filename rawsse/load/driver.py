@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-One process, one ``rawsse.loop.Loop``, ``--senders`` keep-alive HTTP/1.1 connections (Fleet's
+One process, one ``rawsse.server.loop.Loop``, ``--senders`` keep-alive HTTP/1.1 connections (Fleet's
 push service runs 5 workers, fleet-apns-mock.md §6.1-6.2), each with up to ``--pipeline``
 requests in flight (the server answers pipelined requests in order, SPEC §2). Push ``k`` has a
 *scheduled* time: ``start + k / rate`` when rate-paced, its actual send time when not. ``pump()``
@@ -13,7 +13,7 @@ time. Responses are parsed by ``httptools`` and matched to requests in order.
 Latency is measured from the scheduled time, so a server that stalls is charged for every push
 that waited behind the stall, not only the one in flight (coordinated omission; ops.md §5.3, the
 wrk2/vegeta method). Each push's ``apns-id`` is a v7 UUID stamped with the same scheduled time
-(``rawsse.stamp``), so devices measure end to end from the same origin; ``--no-stamp`` sends no
+(``rawsse.load.stamp``), so devices measure end to end from the same origin; ``--no-stamp`` sends no
 apns-id, i.e. exactly Fleet's request.
 
 Rules
@@ -40,10 +40,10 @@ from typing import Any
 import httptools
 import orjson
 
-from . import loadgen
-from .config import ConfigError
-from .loop import EPOLLOUT, READ_EVENTS, WRITE_EVENTS, Loop
-from .stamp import LatencyHistogram, new_stamped_id
+from rawsse.load import loadgen
+from rawsse.config import ConfigError
+from rawsse.server.loop import EPOLLOUT, READ_EVENTS, WRITE_EVENTS, Loop
+from rawsse.load.stamp import LatencyHistogram, new_stamped_id
 
 EPILOG = """\
 targets (--tokens):
@@ -214,7 +214,7 @@ class Sender:
         self._flush(self.sock, memoryview(data), first=True)
 
     def _flush(self, sock: socket.socket, out: memoryview, first: bool) -> None:
-        """Send what is buffered; wait for EPOLLOUT only while bytes remain (rawsse.loop rules)."""
+        """Send what is buffered; wait for EPOLLOUT only while bytes remain (rawsse.server.loop rules)."""
         try:
             sent = sock.send(out)
         except BlockingIOError:

@@ -18,9 +18,9 @@ import logging
 import socket
 from typing import Callable, Iterator
 
-from .mesh import _HEADER, _SENDER, MAX_MESSAGE, RECV_SIZE, address
+from rawsse.node.mesh import _HEADER, _SENDER, MAX_MESSAGE, RECV_SIZE, address
 
-log = logging.getLogger("rawsse.agent")
+log = logging.getLogger(__name__)
 
 MAX_BACKLOG = 64 * 1024 * 1024  # bytes a worker has not taken yet before its link is cut
 

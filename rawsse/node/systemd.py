@@ -14,7 +14,7 @@ import os
 import socket
 import time
 
-log = logging.getLogger("rawsse.systemd")
+log = logging.getLogger(__name__)
 
 
 class Notifier:

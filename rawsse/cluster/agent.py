@@ -62,15 +62,15 @@ from typing import Any
 
 import orjson
 
-from . import agent_records as records
-from . import redis_scripts as scripts
-from .agent_mesh import AgentMesh
-from .config import ServeConfig
-from .control import receive_from_master
-from .mesh import owner_of
-from .redis_pipeline import Pipeline
+from rawsse.cluster import records
+from rawsse.cluster import scripts
+from rawsse.cluster.agent_mesh import AgentMesh
+from rawsse.config import ServeConfig
+from rawsse.node.control import receive_from_master
+from rawsse.node.mesh import owner_of
+from rawsse.cluster.pipeline import Pipeline
 
-log = logging.getLogger("rawsse.agent")
+log = logging.getLogger(__name__)
 
 STATS_SECONDS = 2.0
 BEAT_SECONDS = 1.0

@@ -10,10 +10,10 @@ import socket
 import sys
 from typing import Any
 
-from .config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
+from rawsse.config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
                      parse_fault, parse_int)
 
-log = logging.getLogger("rawsse.serve")
+log = logging.getLogger(__name__)
 
 EPILOG = """\
 delays (--delivery-delay, --response-delay, and the per-push header rawsse-delivery-delay):
@@ -158,8 +158,8 @@ def setup_logging(level: str) -> None:
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     setup_logging(config.log_level)
-    from .arbiter import Arbiter
-    from .child import BOOT_ERROR
+    from rawsse.node.arbiter import Arbiter
+    from rawsse.node.process import BOOT_ERROR
 
     refusal = shared_port_refusal(config)
     if refusal:
@@ -173,7 +173,7 @@ def shared_port_refusal(config: ServeConfig) -> str | None:
     HUP rolling restart new workers bind beside the old ones on purpose. A second server on
     the port would not fail to bind but silently take a share of the connections
     (``portcheck.py``)."""
-    from . import portcheck
+    from rawsse.node import portcheck
 
     return portcheck.check_addresses([("--listen", config.listen),
                                       ("--admin-listen", config.admin_listen)])

@@ -38,7 +38,7 @@ import socket
 import time
 from typing import Any, Callable, Protocol
 
-log = logging.getLogger("rawsse.loop")
+log = logging.getLogger(__name__)
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT

@@ -26,13 +26,13 @@ from urllib.parse import unquote_to_bytes
 
 import orjson
 
-from . import frames
-from .admin import AdminError
-from .conn import DISCARD_BODY, Conn
-from .push import PushRejected, is_apns_id, parse_token, payload_limit, validate_push
-from .registry import Push
+from rawsse.server import frames
+from rawsse.apns.admin import AdminError
+from rawsse.server.http1 import DISCARD_BODY, Conn
+from rawsse.apns.validation import PushRejected, is_apns_id, parse_token, payload_limit, validate_push
+from rawsse.apns.registry import Push
 
-log = logging.getLogger("rawsse.routes")
+log = logging.getLogger(__name__)
 
 PUSH_PREFIX = b"/3/device/"
 _JSON = b"application/json"
@@ -243,7 +243,7 @@ class Routes:
             200, orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")))
 
     def metrics_route(self, conn: Conn, method: bytes, rest: bytes, query: bytes) -> None:
-        from .metrics import render_metrics
+        from rawsse.server.metrics import render_metrics
 
         slot = conn.reserve()
         self.worker.collect_stats(lambda doc: conn.fill(slot, frames.response(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import resource
 
-from .procinfo import process_memory
+from rawsse.server.procinfo import process_memory
 
 COUNTERS = (
     "connections_accepted",

@@ -39,18 +39,19 @@ import socket
 import time
 from typing import Any, Callable
 
-from . import frames, statefile
-from .admin import AdminState
-from .config import ServeConfig
-from .conn import Conn
-from .loop import READ_EVENTS, Loop
-from .push import IdGenerator
-from .registry import Push, Registry
-from .routes import Routes
-from .stats import Stats, snapshot
-from .stream import Stream
+from rawsse.server import frames
+from rawsse.node import statefile
+from rawsse.apns.admin import AdminState
+from rawsse.config import ServeConfig
+from rawsse.server.http1 import Conn
+from rawsse.server.loop import READ_EVENTS, Loop
+from rawsse.apns.validation import IdGenerator
+from rawsse.apns.registry import Push, Registry
+from rawsse.apns.routes import Routes
+from rawsse.server.stats import Stats, snapshot
+from rawsse.server.stream import Stream
 
-log = logging.getLogger("rawsse.worker")
+log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
 GC_FREEZE_SECONDS = 30.0

@@ -1,0 +1,2 @@
+"""Operating a node: kernel and limit checks for N connections (``rawsse tune``).
+"""
