@@ -12,7 +12,10 @@ import pytest
 
 from conftest import ROOT
 from rawsse.apns import apple as apns
-from rawsse.server import frames
+from rawsse.apns import answers
+from rawsse.server import http1_wire
+from rawsse.server import sse as frames
+from rawsse.server.exchange import Answer
 from rawsse.config import (ConfigError, FaultRule, parse_address, parse_distribution,
                            parse_duration, parse_fault)
 from rawsse.apns.validation import IdGenerator, PushRejected, PushRequest, validate_push
@@ -87,24 +90,27 @@ def test_retry_zero_sends_the_head_alone():
 
 
 def test_response_golden_bytes():
-    data = frames.response(200, b"ok", b"text/plain", extra=b"apns-id: x\r\n", close=True)
-    assert re.fullmatch(rb"HTTP/1\.1 200 OK\r\nDate: [A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} "
-                        rb"\d\d:\d\d:\d\d GMT\r\napns-id: x\r\nContent-Type: text/plain\r\n"
-                        rb"Content-Length: 2\r\nConnection: close\r\n\r\nok", data), data
+    answer = Answer(200, b"ok", b"text/plain", ((b"apns-id", b"x"),))
+    data = http1_wire.serialize(answer, http1_wire.CLOSE)
+    assert re.fullmatch(rb"HTTP/1\.1 200 OK\r\nConnection: close\r\nDate: [A-Z][a-z]{2}, \d\d "
+                        rb"[A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT\r\napns-id: x\r\n"
+                        rb"Content-Type: text/plain\r\nContent-Length: 2\r\n\r\nok", data), data
 
 
 def test_error_bodies_are_apple_json():
-    assert frames.reason_body("BadDeviceToken") == b'{"reason":"BadDeviceToken"}'
-    assert frames.reason_body("Unregistered", 1700000000123) == \
+    assert answers.reason_body("BadDeviceToken") == b'{"reason":"BadDeviceToken"}'
+    assert answers.reason_body("Unregistered", 1700000000123) == \
         b'{"reason":"Unregistered","timestamp":1700000000123}'
-    assert b"Content-Type: application/json\r\n" in frames.json_response(400, b"{}")
+    error = answers.error(400, "BadDeviceToken", b"id-1")
+    assert b"Content-Type: application/json\r\n" in http1_wire.serialize(error)
+    assert error.headers == ((b"apns-id", b"id-1"),)
 
 
 def test_status_lines():
-    assert frames.STATUS_LINE[200] == b"HTTP/1.1 200 OK\r\n"
-    assert frames.STATUS_LINE[431] == b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-    assert frames.STATUS_LINE[505] == b"HTTP/1.1 505 HTTP Version Not Supported\r\n"
-    assert frames.CONTINUE_100 == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert http1_wire.STATUS_LINE[200] == b"HTTP/1.1 200 OK\r\n"
+    assert http1_wire.STATUS_LINE[431] == b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    assert http1_wire.STATUS_LINE[505] == b"HTTP/1.1 505 HTTP Version Not Supported\r\n"
+    assert http1_wire.CONTINUE_100 == b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 # -- config: durations, distributions, faults, addresses -------------------------------------------
@@ -364,12 +370,11 @@ def test_is_apns_id_accepts_canonical_uuids_only():
         assert not is_apns_id(bad), bad
 
 
-def test_last_response_on_a_connection_says_connection_close():
-    from rawsse.server import frames
-
-    plain = frames.response(200, b"ok")
-    closing = frames.with_connection_close(plain)
+def test_connection_header_is_said_once_and_only_when_asked():
+    answer = Answer(200, b"ok")
+    assert b"Connection" not in http1_wire.serialize(answer)
+    closing = http1_wire.serialize(answer, http1_wire.CLOSE)
     assert closing.count(b"Connection: close\r\n") == 1
     assert closing.endswith(b"\r\n\r\nok")
-    already = frames.response(200, b"ok", close=True)
-    assert frames.with_connection_close(already) == already
+    kept = http1_wire.serialize(answer, http1_wire.KEEP_ALIVE_10)
+    assert kept.count(b"Connection: keep-alive\r\n") == 1

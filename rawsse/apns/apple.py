@@ -73,8 +73,12 @@ MAX_STORAGE_SECONDS = 30 * 24 * 3600
 # Apple's tokens are 32 bytes; --strict-tokens enforces it (Fleet's test tokens are shorter).
 STRICT_TOKEN_BYTES = 32
 
-# The apns-* request headers; a repeated one is DuplicateHeaders (A.3).
-APNS_HEADERS = frozenset({
+# Request headers an APNs request may carry only once; a repeated one is DuplicateHeaders
+# (Apple, "Handling notification responses from APNs": 400 DuplicateHeaders).
+SINGLE_HEADERS = frozenset({
     b"apns-id", b"apns-push-type", b"apns-expiration", b"apns-priority", b"apns-topic",
     b"apns-collapse-id", b"authorization",
 })
+
+# Every request header a route reads; the protocols keep these and skip the rest without a copy.
+REQUEST_HEADERS = SINGLE_HEADERS | {b"content-length", b"expect", b"rawsse-delivery-delay"}

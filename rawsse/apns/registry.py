@@ -1,6 +1,7 @@
-"""Which device is online here, and the one pending push each offline device may have. No I/O.
+"""Which device is online here, and where a push waits while its device is not. No I/O.
 
-Rules (APNs store-and-forward, ``apns-and-sse.md`` §A.11; Fleet's mock §3.1):
+Rules (APNs store-and-forward: Apple, "Sending notification requests to APNs", apns-expiration;
+the same as Fleet's mock, fleetdm/fleet cmd/apple-apns-mock):
 - Device online → the push is written to its stream now ("delivered live").
 - Offline → kept as the token's single pending push; a newer push replaces it ("coalesced").
 - ``expires`` ≤ now (``apns-expiration: 0`` or a past time) → deliver now or discard, never kept.
@@ -8,14 +9,21 @@ Rules (APNs store-and-forward, ``apns-and-sse.md`` §A.11; Fleet's mock §3.1):
   ("delivered on connect"), unless it expired meanwhile ("expired").
 - Newest stream wins: attaching a stream closes the older one for the same token; a push the
   older stream had not finished writing comes back as pending and goes to the new stream.
+
+Where a push waits is the ``PendingStore``: in this worker (``LocalPending`` below),
+or in Redis for a node of a cluster (``rawsse.cluster.routing.RedisPending``). The registry
+decides *whether* a push waits; the store decides *where*.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 from rawsse.server.stats import Stats
+
+if TYPE_CHECKING:
+    from rawsse.server.stream import Stream
 
 
 class Push:
@@ -27,62 +35,91 @@ class Push:
         self.frame = frame
         self.expires = expires  # unix seconds; 0 = deliver now or discard
 
+    def expired(self, now: float) -> bool:
+        """Past its ``apns-expiration`` (always, for 0: deliver now or discard)."""
+        return self.expires < now
+
+
+class PendingStore(Protocol):
+    """Where a push waits for its device, and what a stream is handed when it attaches."""
+
+    def attached(self, stream: "Stream") -> None:
+        """``stream`` became its token's current stream: give it the push waiting for it."""
+
+    def detached(self, token: bytes) -> None:
+        """The token has no stream here any more."""
+
+    def store(self, token: bytes, push: Push) -> None:
+        """Keep ``push`` (not expired) for an offline device; newest wins."""
+
+    def store_requeued(self, token: bytes, push: Push) -> None:
+        """Keep ``push`` taken back from an ended stream, unless a newer one waits already."""
+
 
 class Registry:
-    __slots__ = ("streams", "pending", "stats", "_sweep_iter")
+    __slots__ = ("streams", "pending", "stats", "store", "_sweep_iter")
 
     def __init__(self, stats: Stats) -> None:
-        self.streams: dict[bytes, Any] = {}
+        self.streams: dict[bytes, Stream] = {}
+        # Pushes held in this process: every pending push (one worker, a prefork node), or the
+        # ones Redis could not take yet (a cluster node).
         self.pending: dict[bytes, Push] = {}
         self.stats = stats
+        self.store: PendingStore = LocalPending(self)
         self._sweep_iter: Iterator[bytes] | None = None
 
     # -- streams ------------------------------------------------------------------------------
 
-    def attach(self, stream: Any) -> None:
-        """Make ``stream`` the token's current stream and give it the pending push, if any."""
+    def attach(self, stream: "Stream") -> None:
+        """Make ``stream`` the token's current stream and give it what waits for it."""
         token = stream.token
         older = self.streams.get(token)
         if older is not None:
             self.stats.takeovers += 1
             older.close("takeover")  # detaches itself and requeues its unsent push
         self.streams[token] = stream
-        push = self.pending.pop(token, None)
+        self.store.attached(stream)
+
+    def detach(self, stream: "Stream") -> None:
+        """Forget ``stream`` if it is still the current one (a replaced stream must not evict
+        its successor: Fleet's StaleUnsubscribeDoesNotEvictReplacement test)."""
+        if self.streams.get(stream.token) is stream:
+            del self.streams[stream.token]
+            self.store.detached(stream.token)
+
+    def hand_pending(self, stream: "Stream") -> None:
+        """Write the push held here for ``stream``'s token, if any and not expired."""
+        push = self.pending.pop(stream.token, None)
         if push is None:
             return
-        if push.expires < time.time():
+        if push.expired(time.time()):
             self.stats.expired += 1
             return
         self.stats.delivered_on_connect += 1
         stream.send(push.frame, push)
 
-    def detach(self, stream: Any) -> None:
-        """Forget ``stream`` if it is still the current one (a replaced stream must not evict
-        its successor: Fleet's StaleUnsubscribeDoesNotEvictReplacement)."""
-        if self.streams.get(stream.token) is stream:
-            del self.streams[stream.token]
-
-    def online(self, token: bytes) -> bool:
-        return token in self.streams
-
     # -- pushes -------------------------------------------------------------------------------
 
     def deliver(self, token: bytes, push: Push) -> None:
-        """Write ``push`` to the token's stream, or keep it pending, or discard it."""
+        """Write ``push`` to the token's stream, or let it wait, or discard it."""
         stream = self.streams.get(token)
         if stream is not None:
             self.stats.delivered_live += 1
             stream.send(push.frame, push)
-            return
-        self.store(token, push)
+        elif push.expired(time.time()):
+            self.stats.discarded += 1
+        else:
+            self.store.store(token, push)
 
-    def store(self, token: bytes, push: Push) -> None:
-        if push.expires <= 0 or push.expires < time.time():
+    def keep(self, token: bytes, push: Push, newly_stored: bool = True) -> None:
+        """Hold ``push`` here (newest wins): the local store, and a cluster's fallback (whose
+        push was counted when Redis was first asked: ``newly_stored=False``)."""
+        if push.expired(time.time()):
             self.stats.discarded += 1
             return
-        if self.pending.get(token) is not None:
+        if token in self.pending:
             self.stats.coalesced += 1
-        else:
+        elif newly_stored:
             self.stats.stored += 1
         self.pending[token] = push
 
@@ -90,7 +127,7 @@ class Registry:
         """A stream ended before ``push`` was all written: keep it for the next stream, unless
         a newer push is already pending (newest wins) or it was deliver-now-or-discard."""
         self.stats.requeued += 1
-        if push.expires <= 0 or push.expires < time.time():
+        if push.expired(time.time()):
             self.stats.discarded += 1
             return
         if token in self.pending:
@@ -101,11 +138,7 @@ class Registry:
             self.stats.delivered_live += 1
             stream.send(push.frame, push)
             return
-        self.keep_requeued(token, push)
-
-    def keep_requeued(self, token: bytes, push: Push) -> None:
-        """Where a taken-back push waits for the device: here, pending (Redis mode: Redis)."""
-        self.pending[token] = push
+        self.store.store_requeued(token, push)
 
     def broadcast(self, frame: bytes, prefix: bytes | str = b"") -> int:
         """Write one shared ``frame`` to every stream (or those whose token starts with
@@ -137,8 +170,29 @@ class Registry:
                 self._sweep_iter = None
                 break
             push = pending.get(token)
-            if push is not None and push.expires < now:
+            if push is not None and push.expired(now):
                 del pending[token]
                 dropped += 1
         self.stats.expired += dropped
         return dropped
+
+
+class LocalPending:
+    """Pushes wait in this process (``Registry.pending``), one per token, newest wins."""
+
+    __slots__ = ("registry",)
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def attached(self, stream: "Stream") -> None:
+        self.registry.hand_pending(stream)
+
+    def detached(self, token: bytes) -> None:
+        pass
+
+    def store(self, token: bytes, push: Push) -> None:
+        self.registry.keep(token, push)
+
+    def store_requeued(self, token: bytes, push: Push) -> None:
+        self.registry.pending[token] = push

@@ -13,7 +13,7 @@ asyncio (uvloop when installed) and holds exactly two Redis connections for the 
   so a node pays one round trip per batch, not per push;
 - the subscriber, on the node's own channel ``P node:<id>``. One per node, not per worker, and
   nothing is broadcast: a push is published to the channel of the node holding the device only.
-  The agent hands each message to the worker owning the token (``mesh.owner_of``).
+  The agent hands each message to the worker owning the token (``rawsse.node.routing.owner_of``).
 
 A push for a device this node holds never reaches the agent (the owning worker delivers it).
 Any other push costs one scripted round trip on the receiving node (route to the owner node's
@@ -67,7 +67,7 @@ from rawsse.cluster import scripts
 from rawsse.cluster.agent_mesh import AgentMesh
 from rawsse.config import ServeConfig
 from rawsse.node.control import receive_from_master
-from rawsse.node.mesh import owner_of
+from rawsse.node.routing import owner_of
 from rawsse.cluster.pipeline import Pipeline
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,17 @@
 """A worker of a node in Redis mode: several rawsse nodes cooperating as one push service.
 
+``join_cluster(process)`` adds the cluster's parts to a prefork worker (``rawsse.node.process``)
+by composition: a ``ClusterOwner`` in its router (what the owning worker does with a push), a
+``RedisPending`` store in its registry (where a push waits), a stream class with one more slot,
+a tick hook, a snapshot hook, a gate on accepting, and the cluster view in ``/stats``.
+
 Theory of operation
 -------------------
 Each node is a master, its workers (each owning a hash shard of tokens, ``mesh.py``) and one
-Redis agent (``redis_agent.py``), the only process holding Redis connections. This module is the
+Redis agent (``agent.py``), the only process holding Redis connections. This module is the
 workers' side: it decides what needs Redis and talks to the agent in mesh records
-(``agent_records.py``), never blocking its epoll loop. What lives in Redis and the scripts that
-change it are in ``redis_scripts.py``.
+(``records.py``), never blocking its epoll loop. What lives in Redis and the scripts that
+change it are in ``scripts.py``.
 
 Ownership. A device that connects here is attached at once (head written, newest stream on this
 node wins as before) and claimed in Redis: the CLAIM script takes a cluster-wide sequence number
@@ -28,7 +33,7 @@ Giving back. A push must never be lost or duplicated once answered 200, so every
 holds but cannot write goes back through ROUTE: a routed push arriving after its stream ended (the
 device moved on: it is routed to the new owner or stored), a stream's unsent push (``requeue``),
 a claimed pending push whose stream ended meanwhile. If Redis cannot take it, it stays in this
-worker's own pending store (``registry.pending``, the state file at stop) and is given back when
+worker's own pending store (``Registry.pending``, the state file at stop) and is given back when
 Redis returns, or delivered here if the device connects here first.
 
 Exactly once. Each decision is one atomic script, and a node's claims, routes and releases for a
@@ -41,24 +46,25 @@ stream, or one pending key that ``GETDEL`` hands to one claimer).
 from __future__ import annotations
 
 import logging
-import socket
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
+from rawsse.apns.registry import Push
+from rawsse.apns.routing import Accepted, PushAnswer
 from rawsse.cluster import records
 from rawsse.cluster import scripts
-from rawsse.apns.admin import AdminState
-from rawsse.node.process import NodeWorker
-from rawsse.config import ServeConfig
-from rawsse.apns.registry import Push, Registry
-from rawsse.server.stats import Stats
+from rawsse.server.documents import sum_totals
 from rawsse.server.stream import Stream
+
+if TYPE_CHECKING:
+    from rawsse.node.process import NodeProcess
 
 log = logging.getLogger(__name__)
 
 BOOT_REDIS_WAIT = 5.0  # longest a booting worker waits for the agent's first Redis state
+REDIS_GATE = "redis"
 
 STATS_SECONDS = 2.0
 RESYNC_SLICE = 2000  # re-claims per loop turn: a resync of 150k streams must not stall the loop
@@ -79,52 +85,63 @@ class ClusterStream(Stream):
         self.seq = 0
 
 
-class ClusterRegistry(Registry):
-    """The registry's hooks into Redis: attach claims, detach releases, and a push that cannot
-    be written here goes back through Redis instead of into the local pending store."""
+def join_cluster(process: "NodeProcess") -> "ClusterNode":
+    """Make ``process``'s worker a node of the Redis cluster (module docstring)."""
+    return ClusterNode(process)
 
-    __slots__ = ("worker",)
 
-    def __init__(self, stats: Stats, worker: "ClusterWorker") -> None:
-        super().__init__(stats)
-        self.worker = worker
+class ClusterOwner:
+    """The owning worker's half of a push in Redis mode."""
 
-    def attach(self, stream: Any) -> None:
-        super().attach(stream)
-        self.worker.claim(stream, records.CLAIM_TAKE)
+    __slots__ = ("cluster",)
 
-    def detach(self, stream: Any) -> None:
-        token = stream.token
-        if self.streams.get(token) is stream:
-            del self.streams[token]
-            self.worker.agent.release(token)
+    def __init__(self, cluster: "ClusterNode") -> None:
+        self.cluster = cluster
+
+    def take(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
+        cluster = self.cluster
+        if token in cluster.registry.streams:  # held here: no Redis work at all
+            answer(cluster.worker.delivery.accept(token, push, delay))
+            return
+        cluster.agent.route(token, push, delay, records.MODE_PUSH,
+                            lambda outcome: answer(cluster.count_route(outcome)))
+
+
+class RedisPending:
+    """Where a push waits in Redis mode: in Redis, with this worker as the fallback."""
+
+    __slots__ = ("cluster",)
+
+    def __init__(self, cluster: "ClusterNode") -> None:
+        self.cluster = cluster
+
+    def attached(self, stream: Stream) -> None:
+        """Hand over what was kept here, and claim the device in Redis (which hands over what
+        waits there)."""
+        cluster = self.cluster
+        cluster.registry.hand_pending(stream)
+        if isinstance(stream, ClusterStream):  # always, in a cluster worker
+            cluster.claim(stream, records.CLAIM_TAKE)
+
+    def detached(self, token: bytes) -> None:
+        self.cluster.agent.release(token)
 
     def store(self, token: bytes, push: Push) -> None:
         """A push for a device not held here (a delayed delivery whose stream went away)."""
-        self.worker.give_back(token, push, records.MODE_PUSH)
+        self.cluster.give_back(token, push, records.MODE_PUSH)
 
-    def keep_requeued(self, token: bytes, push: Push) -> None:
+    def store_requeued(self, token: bytes, push: Push) -> None:
         """A push a stream here did not finish writing goes back to Redis, where a newer
         pending push wins (``nx``)."""
-        self.worker.give_back(token, push, records.MODE_REQUEUE)
-
-    def keep(self, token: bytes, push: Push) -> None:
-        """Redis could not take ``push``: hold it here until it can (or the device comes)."""
-        if push.expires <= 0 or push.expires < time.time():
-            self.stats.discarded += 1
-        elif token in self.pending:
-            self.stats.coalesced += 1
-        else:
-            self.pending[token] = push
-
+        self.cluster.give_back(token, push, records.MODE_REQUEUE)
 
 class AgentClient:
     """Requests to the node's Redis agent (mesh peer number ``workers``) and its replies."""
 
-    def __init__(self, worker: "ClusterWorker") -> None:
-        self.worker = worker
-        self.mesh = mesh = worker.mesh
-        self.peer = worker.count
+    def __init__(self, cluster: "ClusterNode") -> None:
+        self.cluster = cluster
+        self.mesh = mesh = cluster.process.mesh
+        self.peer = cluster.worker.count
         mesh.add_peer(self.peer)
         mesh.handle(records.ROUTED, self._on_routed)
         mesh.handle(records.CLAIMED, self._on_claimed)
@@ -181,26 +198,26 @@ class AgentClient:
 
     def _on_deliver(self, body: memoryview) -> None:
         expires, delay, token, frame = records.parse_deliver(body)
-        self.worker.routed_in(token, Push(frame, expires), delay)
+        self.cluster.routed_in(token, Push(frame, expires), delay)
 
     def _on_evict(self, body: memoryview) -> None:
         seq, token = records.parse_evict(body)
-        self.worker.evict(token, seq)
+        self.cluster.evict(token, seq)
 
     def _on_state(self, body: memoryview) -> None:
         up, resync = records.parse_state(body)
-        self.worker.redis_state(up, resync)
+        self.cluster.redis_state(up, resync)
 
 
-class ClusterWorker(NodeWorker):
-    """A node worker whose devices and pushes may be on other nodes (module docstring)."""
+class ClusterNode:
+    """The cluster's parts of one worker, and what it does with Redis (module docstring)."""
 
-    stream_type = ClusterStream
-
-    def __init__(self, config: ServeConfig, index: int, count: int, node: int,
-                 control: socket.socket, pending: dict[bytes, Push], part_path: str,
-                 admin: AdminState | None = None) -> None:
-        super().__init__(config, index, count, node, control, pending, part_path, admin)
+    def __init__(self, process: "NodeProcess") -> None:
+        self.process = process
+        self.worker = worker = process.worker
+        self.registry = worker.registry
+        self.stats = worker.stats
+        self.loop = worker.loop
         self.agent = AgentClient(self)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.redis_up = False
@@ -209,29 +226,25 @@ class ClusterWorker(NodeWorker):
         # tokens whose claim failed while their stream stays open: claimed again next tick
         self.unclaimed: set[bytes] = set()
         self._last_stats = 0.0
+        owner = ClusterOwner(self)
+        process.router.owner = process.mesh.owner = owner
+        process.router.finish_document = self.with_cluster
+        process.finish_drain = self.finish_drain
+        worker.registry.store = RedisPending(self)
+        worker.stream_type = ClusterStream
+        worker.tick_hooks.append(self._tick)
+        worker.snapshot_hooks.append(self._extend_snapshot)
         # Accepting waits for the agent's first word on Redis (or BOOT_REDIS_WAIT): a device
         # whose connect claim fails because the agent is still connecting would be re-claimed
         # in resync mode, which yields to an older stream on another node (newest must win).
-        self.redis_known = False
-        self.accept_wanted = False
+        worker.hold(REDIS_GATE)
         self.loop.call_later(BOOT_REDIS_WAIT, self._redis_wait_over)
-
-    def new_registry(self) -> Registry:
-        return ClusterRegistry(self.stats, self)
 
     # -- pushes ---------------------------------------------------------------------------------
 
-    def take_push(self, token: bytes, push: Push, delay: float,
-                  answer: Callable[[bool], None]) -> None:
-        if token in self.registry.streams:  # held here: no Redis work at all
-            answer(self.accept_push(token, push, delay))
-            return
-        self.agent.route(token, push, delay, records.MODE_PUSH,
-                         lambda outcome: answer(self._count_route(outcome)))
-
-    def _count_route(self, outcome: int) -> bool | None:
-        """Count a ROUTE outcome as the single-node counters would; True if Redis took it,
-        None if Redis (or the agent) could not be reached."""
+    def count_route(self, outcome: int) -> Accepted:
+        """Count a ROUTE outcome as the single-node counters would; HELD if Redis took it,
+        UNREACHABLE if Redis (or the agent) could not be reached."""
         stats = self.stats
         if outcome == scripts.ROUTED:
             self.counters["routed_out"] += 1
@@ -243,16 +256,16 @@ class ClusterWorker(NodeWorker):
             stats.discarded += 1
         else:
             self.counters["route_failures"] += 1
-            return None
-        return True
+            return Accepted.UNREACHABLE
+        return Accepted.HELD
 
     def routed_in(self, token: bytes, push: Push, delay: float) -> None:
         """A push another node routed here because this node owns the device."""
         self.counters["routed_in"] += 1
         if token not in self.registry.streams:
             self.give_back(token, push, records.MODE_PUSH)  # the device moved on meanwhile
-        elif not self.accept_push(token, push, delay):  # the delay queue is full: deliver now
-            self.registry.deliver(token, push)
+        elif self.worker.delivery.accept(token, push, delay) != Accepted.HELD:
+            self.registry.deliver(token, push)  # the delay queue is full: deliver now
 
     def give_back(self, token: bytes, push: Push, mode: int) -> None:
         """Put a push this worker cannot write back into Redis (routed to the device's node,
@@ -262,7 +275,7 @@ class ClusterWorker(NodeWorker):
         def done(outcome: int) -> None:
             if outcome == scripts.FAILED:
                 self.counters["kept_local"] += 1
-                self.registry.keep(token, push)  # type: ignore[attr-defined]
+                self.registry.keep(token, push, newly_stored=False)
             elif outcome == scripts.DISCARDED:
                 self.stats.discarded += 1
 
@@ -298,7 +311,7 @@ class ClusterWorker(NodeWorker):
 
     def _hand_claimed(self, token: bytes, push: Push) -> None:
         """A pending push claimed from Redis: to the token's stream here, or back."""
-        if push.expires < time.time():
+        if push.expired(time.time()):
             self.stats.expired += 1
             return
         stream = self.registry.streams.get(token)
@@ -308,9 +321,14 @@ class ClusterWorker(NodeWorker):
         self.stats.delivered_on_connect += 1
         stream.send(push.frame, push)
 
+    def held(self, token: bytes) -> ClusterStream | None:
+        """The token's stream here (every stream of a cluster worker is a ClusterStream)."""
+        stream = self.registry.streams.get(token)
+        return stream if isinstance(stream, ClusterStream) else None
+
     def evict(self, token: bytes, seq: int) -> None:
         """Another node's connect number ``seq`` claimed a device this node may still hold."""
-        stream = self.registry.streams.get(token)
+        stream = self.held(token)
         if stream is None:
             return
         if stream.seq == 0:  # our claim is in flight: decide when its number is known
@@ -318,25 +336,16 @@ class ClusterWorker(NodeWorker):
         elif stream.seq < seq:
             self._close_superseded(stream)
 
-    def _close_superseded(self, stream: Stream) -> None:
+    def _close_superseded(self, stream: ClusterStream) -> None:
         self.counters["evictions"] += 1
         self.stats.takeovers += 1
         stream.close("takeover")  # its unsent push goes to the new owner through Redis
 
     # -- Redis up and down ----------------------------------------------------------------------
 
-    def start_accepting(self) -> None:
-        if self.redis_known:
-            super().start_accepting()
-        else:
-            self.accept_wanted = True
-
     def _redis_wait_over(self) -> None:
         """Redis unreachable at boot: serve anyway (streams work; pushes needing Redis get 503)."""
-        if not self.redis_known:
-            self.redis_known = True
-            if self.accept_wanted and not self.draining:
-                super().start_accepting()
+        self.worker.release(REDIS_GATE)
 
     def redis_state(self, up: bool, resync: bool) -> None:
         self.redis_up = up
@@ -344,7 +353,8 @@ class ClusterWorker(NodeWorker):
         if up and resync:
             self.counters["resyncs"] += 1
             self.unclaimed.clear()  # every held stream is claimed again now
-            self._resync(list(self.registry.streams.values()), 0)
+            streams = [s for s in self.registry.streams.values() if isinstance(s, ClusterStream)]
+            self._resync(streams, 0)
 
     def _resync(self, streams: list[ClusterStream], start: int) -> None:
         """Re-claim every held stream after Redis came back (a slice per loop turn)."""
@@ -360,7 +370,7 @@ class ClusterWorker(NodeWorker):
         timed out) are claimed again, yielding to a node that claimed the device meanwhile."""
         tokens, self.unclaimed = self.unclaimed, set()
         for token in tokens:
-            stream = self.registry.streams.get(token)
+            stream = self.held(token)
             if stream is not None and stream.seq == 0:
                 self.claim(stream, records.CLAIM_RESYNC)
 
@@ -375,28 +385,23 @@ class ClusterWorker(NodeWorker):
     # -- periodic work, stats, stop ----------------------------------------------------------------
 
     def _tick(self) -> None:
-        super()._tick()
         if self.redis_up and self.unclaimed:
             self._claim_again()
         if self.redis_up and self.registry.pending:
             self._give_back_kept()
-        if self.index == 0 and self.loop.now - self._last_stats >= STATS_SECONDS:
+        worker = self.worker
+        if worker.index == 0 and self.loop.now - self._last_stats >= STATS_SECONDS:
             self._last_stats = self.loop.now
-            NodeWorker.collect_stats(self, lambda doc: self.agent.put_stats(doc["node"]))
+            self.process.router.node_stats(lambda doc: self.agent.put_stats(doc["node"]))
 
-    def snapshot(self) -> dict[str, Any]:
-        doc = super().snapshot()
+    def _extend_snapshot(self, doc: dict[str, Any]) -> None:
         doc["redis_routing"] = dict(self.counters)
-        return doc
 
-    def collect_stats(self, done: Callable[[dict[str, Any]], None]) -> None:
+    def with_cluster(self, doc: dict[str, Any], done: Callable[[dict[str, Any]], None]) -> None:
         """The node document plus ``node_id``, ``nodes``, ``cluster`` totals and ``redis``."""
-        def with_cluster(doc: dict[str, Any]) -> None:
-            self.agent.cluster_view(lambda view: done(cluster_document(doc, view)))
+        self.agent.cluster_view(lambda view: done(cluster_document(doc, view)))
 
-        super().collect_stats(with_cluster)
-
-    def _drained(self) -> None:
+    def finish_drain(self, then: Callable[[], None]) -> None:
         """Wait (briefly) for the agent's answers to the pushes our closing streams gave back:
         a failed one must be kept in the state file, not lost with the process."""
         deadline = self.loop.now + DRAIN_WAIT_SECONDS
@@ -405,7 +410,7 @@ class ClusterWorker(NodeWorker):
             if self.agent.waiting() and self.loop.now < deadline:
                 self.loop.call_later(0.05, finish)
             else:
-                super(ClusterWorker, self)._drained()
+                then()
 
         finish()
 
@@ -422,23 +427,3 @@ def cluster_document(doc: dict[str, Any], view: dict[str, Any] | None) -> dict[s
     doc["cluster"] = sum_totals([doc["node"], *others])
     doc["redis"] = view["redis"]
     return doc
-
-
-def sum_totals(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    """Field-wise sum of node totals (numbers, and dicts of numbers one level down)."""
-    total: dict[str, Any] = {}
-    for doc in documents:
-        for key, value in doc.items():
-            if isinstance(value, bool) or value is None:
-                continue
-            if isinstance(value, dict):
-                merged = total.setdefault(key, {})
-                for k, v in value.items():
-                    if isinstance(v, (int, float)):
-                        merged[k] = merged.get(k, 0) + v
-            elif isinstance(value, (int, float)):
-                total[key] = total.get(key, 0) + value
-    connections = total.get("connections", 0)
-    total["user_bytes_per_connection"] = (
-        round(total.get("uss_bytes", 0) / connections) if connections else None)
-    return total

@@ -44,6 +44,7 @@ from typing import Any
 import orjson
 
 from rawsse.load import loadgen
+from rawsse.limits import raise_nofile_limit
 from rawsse.config import ConfigError
 from rawsse.load.loadgen import error_kind, fleet_serial, fleet_token, random_token  # noqa: F401 (API)
 from rawsse.server.loop import READ_EVENTS, WRITE_EVENTS, Loop
@@ -465,7 +466,7 @@ def run_child(plan: Plan, first: int, count: int, write_fd: int, parent: int) ->
 
 def default_processes(count: int) -> int:
     """Enough children that none holds more sockets than its open-file limit allows."""
-    per_process = max(1, loadgen.raise_nofile_limit() - FD_MARGIN)
+    per_process = max(1, raise_nofile_limit() - FD_MARGIN)
     return max(1, math.ceil(count / per_process))
 
 
@@ -593,7 +594,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError("--backoff-min", "needs 0 < --backoff-min <= --backoff-max")
     host, port, base = loadgen.parse_url(args.url)
     processes = args.processes or default_processes(args.count)
-    loadgen.raise_nofile_limit()
+    raise_nofile_limit()
     loadgen.tokens_for(args.token_scheme, args.token_start + args.count - 1, 1,
                        args.token_seed)  # a bad scheme or short file fails here, once
     return Plan(host=host, port=port, base_path=base, scheme=args.token_scheme,

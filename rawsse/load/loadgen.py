@@ -17,7 +17,6 @@ import hashlib
 import ipaddress
 import math
 import os
-import resource
 import select
 import signal
 import socket
@@ -155,15 +154,6 @@ def parse_sources(spec: str, count: int, dest_host: str,
         return [str(ipaddress.IPv4Address(p.strip())) for p in spec.split(",")]
     except ValueError as exc:
         raise ConfigError(flag, f"{spec!r}: {exc} (auto, none, N, A-B or a,b,c)") from None
-
-
-def raise_nofile_limit() -> int:
-    """Raise the soft open-file limit to the hard one; returns the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return hard
-    return soft
 
 
 # -- forked workers reporting JSON lines over pipes ----------------------------------------------

@@ -3,7 +3,7 @@
 Theory of operation (gunicorn's arbiter is the model)
 -----------------------------------------------------
 The master forks ``N`` workers. Each binds the listen port itself with ``SO_REUSEPORT`` and owns
-token shard ``index`` (``mesh.owner_of``). The master keeps one ``SOCK_SEQPACKET`` socketpair per
+token shard ``index`` (``rawsse.node.routing.owner_of``). The master keeps one ``SOCK_SEQPACKET`` socketpair per
 worker (``WorkerHandle``): a worker reports ``ready`` once and a heartbeat every tick; the master
 sends node facts (workers up, restarts, losses) for ``/stats``.
 
@@ -53,10 +53,11 @@ from rawsse.apns.admin import AdminError, AdminState
 from rawsse.node.process import BOOT_ERROR, run_worker
 from rawsse.config import ServeConfig
 from rawsse.server.loop import EPOLLOUT, READ_EVENTS, Loop
-from rawsse.node.mesh import owner_of
+from rawsse.node.routing import owner_of
 from rawsse.apns.registry import Push
 from rawsse.node.systemd import Notifier
-from rawsse.server.worker import FD_RESERVE, raise_nofile_limit
+from rawsse.limits import raise_nofile_limit
+from rawsse.server.worker import FD_RESERVE
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Graceful stop of one worker: stop accepting, finish in-flight pushes, spread stream closes.
 
 300,000 devices told to go at the same instant come back at the same instant (a reconnect storm
-is the main operational hazard, ops.md §1.5), so streams are closed in equal slices over
+that the listen backlog and the devices' backoff must absorb), so streams are closed in equal slices over
 ``--drain-seconds``. Pushes still waiting out a delivery delay are delivered or kept pending first
 (they were answered 200); a stream's unsent push becomes pending when it closes, and pending
 pushes are then saved by the caller (state file or the master).
@@ -10,7 +10,10 @@ pushes are then saved by the caller (state file or the master).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from rawsse.server.worker import Worker
 
 STEP_SECONDS = 0.1
 # In-flight requests (a delayed response, a body still arriving) get this long after the
@@ -19,12 +22,12 @@ HTTP_GRACE_SECONDS = 5.0
 
 
 class Drainer:
-    def __init__(self, worker: Any, seconds: float, done: Callable[[], None]) -> None:
+    def __init__(self, worker: "Worker", seconds: float, done: Callable[[], None]) -> None:
         self.worker = worker
         self.done = done
         self.finished = False
         worker.stop_accepting()
-        worker.flush_delayed()
+        worker.delivery.flush_delayed()
         for conn in list(worker.http_conns):
             conn.finish_then_close()
         steps = max(1, int(seconds / STEP_SECONDS))

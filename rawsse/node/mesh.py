@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Each worker owns a hash shard of tokens (``owner_of``: CRC-32 of the raw token, modulo the
+Each worker owns a hash shard of tokens (``routing.owner_of``: CRC-32 of the raw token, modulo the
 worker count). The kernel's SO_REUSEPORT hash decides which worker accepts a connection, so a
 push or a device can land anywhere; the mesh moves it to the owner:
 
@@ -38,13 +38,13 @@ import logging
 import os
 import socket
 import struct
-import zlib
 from typing import Any, Callable
 
 import orjson
 
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
 from rawsse.apns.registry import Push
+from rawsse.apns.routing import Accepted, Owner, PushAnswer
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ _SENDER = struct.Struct("!H")  # each message starts with the sending worker's i
 _HEADER = struct.Struct("!BI")  # record type, body length
 _PUSH = struct.Struct("!IddB")  # request id, expires, delay, token length
 _ACK = struct.Struct("!Ib")  # request id, 1 accepted / 0 queue full / -1 owner unavailable
-_ACK_VALUE = {True: 1, False: 0, None: -1}
-_ACK_MEANING = {1: True, 0: False, -1: None}
 _HANDOFF = struct.Struct("!B")  # token length (then token, then leftover bytes)
 _BCAST = struct.Struct("!IB")  # request id, prefix length
 _BCAST_DONE = struct.Struct("!II")
@@ -70,11 +68,6 @@ REQUEST_TIMEOUT = 5.0
 # per worker took 3-6 s at 300k streams on 2 shared cores (bench/results/full.md), so a 5 s
 # timeout under-counted; the answer waits longer rather than report a wrong count.
 BROADCAST_TIMEOUT = 120.0
-
-
-def owner_of(token: bytes, workers: int) -> int:
-    """The worker that owns ``token``: stable across processes and restarts (not ``hash()``)."""
-    return zlib.crc32(token) % workers if workers > 1 else 0
 
 
 def address(node: int, index: int) -> str:
@@ -269,6 +262,7 @@ class Mesh:
         self.forward_failures = 0
         # record kind -> handler(body) for kinds this module does not know (the Redis agent's)
         self.handlers: dict[int, Callable[[memoryview], None]] = {}
+        self.owner: Owner  # what this worker does with a push for its own shard (set by the node)
 
     def add_peer(self, peer: int) -> None:
         """Link to a peer that is not a worker (the node's Redis agent)."""
@@ -367,17 +361,17 @@ class Mesh:
     # -- requests -----------------------------------------------------------------------------
 
     def forward_push(self, peer: int, token: bytes, push: Push, delay: float,
-                     answer: Callable[[bool | None], None]) -> None:
-        """``answer``: True (the owner holds it), False (a queue is full: back-pressure), None
-        (the owner could not be reached or did not answer)."""
+                     answer: PushAnswer) -> None:
+        """``answer``: HELD, QUEUE_FULL (back-pressure), or UNREACHABLE (the owner could not
+        be reached or did not answer)."""
         link = self.links[peer]
         if not link.connect():
-            answer(None)
+            answer(Accepted.UNREACHABLE)
             return
         if link.queued >= MAX_QUEUED:
-            answer(False)
+            answer(Accepted.QUEUE_FULL)
             return
-        rid = self.expect(peer, answer, None)
+        rid = self.expect(peer, answer, Accepted.UNREACHABLE)
         self.send(peer, PUSH, _PUSH.pack(rid, push.expires, delay, len(token)) + token + push.frame)
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
@@ -462,12 +456,11 @@ class Mesh:
             token = bytes(body[start:start + token_len])
             push = Push(bytes(body[start + token_len:]), expires)
             peer = self._reply_to  # the answer may come later (a cluster worker asks Redis)
-            self.worker.take_push(token, push, delay,
-                                  lambda accepted: self.reply(peer, ACK,
-                                                              _ACK.pack(rid, _ACK_VALUE[accepted])))
+            self.owner.take(token, push, delay,
+                            lambda accepted: self.reply(peer, ACK, _ACK.pack(rid, accepted)))
         elif kind == ACK:
             rid, value = _ACK.unpack_from(body)
-            self.resolve(rid, _ACK_MEANING.get(value))
+            self.resolve(rid, Accepted(value))
         elif kind == BCAST:
             rid, prefix_len = _BCAST.unpack_from(body)
             start = _BCAST.size

@@ -2,46 +2,56 @@
 
 Theory of operation
 -------------------
-Every accepted socket starts as a ``Conn``. Reads go into the worker's one shared buffer and are
-fed to an ``httptools.HttpRequestParser`` whose callbacks fill the request slots; a complete
-request is handed to ``routes.dispatch``, which answers through ``respond``/``reserve``+``fill`` or
-turns the connection into a ``Stream`` (``become_stream``), after which this object, its parser and
-its request fields are garbage.
+Every accepted socket starts as an ``Http1Connection`` over a transport (``transport.py``).
+Reads go into the worker's one shared buffer and are fed to an ``httptools.HttpRequestParser``
+whose callbacks fill a protocol-neutral ``Request`` (``exchange.py``); a complete request is
+handed to the application (``rawsse.apns.routes.Routes.handle``), which answers through
+``request.answer(Answer)`` now or later, or turns the connection into a device stream
+(``request.become_stream``), after which this object and its parser are garbage. Everything
+HTTP/1.1 means stays here: pipelining order, ``Connection``, ``100 Continue``, lingering close,
+and the bytes of each answer (``http1_wire.py``).
 
 Rules
 -----
-- Pipelining (RFC 9112 §9.3.2): responses leave in request order. Each request takes a slot in
-  ``responses``; a slot is filled now or by a timer (``--response-delay``); only the filled prefix
-  is written. More than ``MAX_QUEUED`` unanswered requests or ``MAX_OUT`` unsent bytes pause
-  reading (TCP pushes back on the sender) until they drain.
+- Pipelining (RFC 9112 §9.3.2): answers leave in request order. Each request is queued in
+  ``responses`` as it completes; its answer fills ``request.slot`` now or later (a push waiting
+  for its owner worker, ``--response-delay``); only the answered prefix is written. More than
+  ``MAX_QUEUED`` unanswered requests or ``MAX_OUT`` unsent bytes pause reading (TCP pushes back
+  on the sender) until they drain.
 - Limits: request head ≤ ``--header-limit`` bytes (431), head and body each within
   ``--header-timeout`` of their start (slowloris: 408), ``--idle-timeout`` between requests (quiet
   close). Deadlines are checked by the worker's once-a-second sweep, so no timer per request.
 - Bad input gets a 4xx and a close, never a traceback: parser errors are 400, a body over every
-  route's limit is 413, TE+CL and duplicate Content-Length are rejected by llhttp itself (D.3),
-  the HTTP/2 preface gets 505 however its bytes are split over reads.
+  route's limit is 413, TE+CL and duplicate Content-Length are rejected by llhttp itself
+  (``nodejs/llhttp``, ``src/llhttp/http.ts``), and the HTTP/2 preface gets 505 however its bytes
+  are split over reads.
 - The last request is the last one parsed: after ``close`` or an HTTP/1.0 request without
   keep-alive (RFC 9112 §9.6), or a ``GET /events`` (the socket becomes a stream), the parser is
   dropped and whatever follows is read and discarded, never answered.
-- A closing connection half-closes (``shutdown(SHUT_WR)``) after its last response and reads
-  until EOF for up to ``LINGER_SECONDS``: closing with unread input would send an RST that can
-  destroy the response before the client reads it (Apache's lingering close).
+- A closing connection half-closes after its last response and reads until EOF for up to
+  ``LINGER_SECONDS``: closing with unread input would send an RST that can destroy the response
+  before the client reads it (RFC 9112 §9.6; Apache's lingering close).
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from rawsse.server import frames
+from rawsse.apns import answers
+from rawsse.server import http1_wire as wire
+from rawsse.server.exchange import Answer, Request
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from rawsse.server.transport import SocketTransport
+
+if TYPE_CHECKING:
+    from rawsse.server.worker import Worker
 
 IDLE, HEAD, BODY, LINGER = 0, 1, 2, 3
-KEEP_ALIVE_10 = "keep-alive"  # slot marker: an HTTP/1.0 keep-alive answer
+# What the connection does once a request's answer is written (``Request.after``).
+KEEP, CLOSE, KEEP_10, STREAM, INTERIM = 0, 1, 2, 3, 4
 READABLE = EPOLLIN | EPOLLRDHUP
 
 MAX_QUEUED = 256  # unanswered pipelined requests before reading pauses
@@ -50,37 +60,31 @@ MAX_BODY = 64 * 1024  # largest body any route reads (admin JSON); pushes stop a
 DISCARD_BODY = 1024 * 1024  # beyond this an oversized body is not drained: 413 and close
 LINGER_SECONDS = 2.0
 
-# Request headers a route reads; everything else is skipped without a copy.
-_KEPT = frozenset({
-    b"apns-id", b"apns-push-type", b"apns-expiration", b"apns-priority", b"apns-topic",
-    b"apns-collapse-id", b"authorization", b"content-length", b"expect", b"rawsse-delivery-delay",
-})
-_CHECK_DUPLICATES = frozenset({
-    b"apns-id", b"apns-push-type", b"apns-expiration", b"apns-priority", b"apns-topic",
-    b"apns-collapse-id", b"authorization",
-})
-
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+_CONNECTION = {KEEP: wire.KEEP, CLOSE: wire.CLOSE, KEEP_10: wire.KEEP_ALIVE_10}
+_HTTP2_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
+                                    "detail": "rawsse speaks HTTP/1.1 only"})
 
 
-class Conn:
+class Http1Connection:
     __slots__ = (
         # per connection
-        "fd", "parser", "operator", "state", "deadline", "responses", "out", "events", "reading",
-        "closing", "head_bytes", "unparsed", "progress", "flush_scheduled",
+        "host", "transport", "fd", "parser", "operator", "state", "deadline", "responses",
+        "out", "events", "reading", "closing", "head_bytes", "unparsed", "progress",
+        "flush_scheduled", "stopping",
         # per request
-        "url", "headers", "duplicate", "body", "body_size", "too_large", "keep_alive", "http10",
+        "request", "target", "body_size",
     )
 
-    worker: Any = None  # set by the worker: loop, stats, config, routes
-
-    def __init__(self, fd: int, operator: bool) -> None:
+    def __init__(self, host: "Worker", fd: int, operator: bool) -> None:
+        self.host = host
+        self.transport = SocketTransport(fd)
         self.fd = fd
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.operator = operator  # accepted on the operator (admin) listener
         self.state = IDLE
-        self.deadline = self.worker.loop.now + self.worker.config.header_timeout
-        self.responses: deque[list[Any]] = deque()
+        self.deadline = host.loop.now + host.config.header_timeout
+        self.responses: deque[Request] = deque()
         self.out = bytearray()
         self.events = READABLE
         self.reading = True
@@ -89,17 +93,10 @@ class Conn:
         self.unparsed = 0
         self.progress = False
         self.flush_scheduled = False
-        self._reset_request()
-
-    def _reset_request(self) -> None:
-        self.url = b""
-        self.headers: dict[bytes, bytes] = {}
-        self.duplicate = False
-        self.body = b""
+        self.stopping = False  # the worker drains: the request in progress is the last one
+        self.request = Request(self, operator)
+        self.target = b""
         self.body_size = 0
-        self.too_large = False
-        self.keep_alive = True
-        self.http10 = False
 
     # -- httptools callbacks ------------------------------------------------------------------
 
@@ -107,10 +104,10 @@ class Conn:
         self.state = HEAD
         self.head_bytes = 0
         self.unparsed = 0
-        self.deadline = self.worker.loop.now + self.worker.config.header_timeout
+        self.deadline = self.host.loop.now + self.host.config.header_timeout
 
     def on_url(self, url: bytes) -> None:
-        self.url += url  # fragments when the request line arrives in pieces (D.4)
+        self.target += url  # fragments when the request line arrives in pieces
         self.head_bytes += len(url)
         self.progress = True
 
@@ -118,123 +115,142 @@ class Conn:
         self.head_bytes += len(name) + len(value) + 4
         self.unparsed = 0  # those raw bytes are now counted exactly, in head_bytes
         self.progress = True
-        name = name.lower()
-        if name in _KEPT:
-            headers = self.headers
-            if name in headers and name in _CHECK_DUPLICATES:
-                self.duplicate = True
-            headers[name] = value
+        self.request.add_header(name.lower(), value)
 
     def on_headers_complete(self) -> None:
-        if self.head_bytes > self.worker.config.header_limit:
+        if self.head_bytes > self.host.config.header_limit:
             # A head that arrived whole in one read: _check_head_size only sees heads still in
             # progress when feed_data returns, by then this request would have been served.
-            self.worker.routes.bad_request(self, 431, "RequestHeaderFieldsTooLarge",
-                                           "request head too large")
+            self.refuse(431, "RequestHeaderFieldsTooLarge", "request head too large")
             self.abort()
         self.state = BODY
         self.progress = True
-        self.deadline = self.worker.loop.now + self.worker.config.header_timeout
-        self.worker.routes.headers_complete(self)
+        self.deadline = self.host.loop.now + self.host.config.header_timeout
+        request = self.request
+        request.set_target(self.target)
+        request.method = self.parser.get_method()  # type: ignore[union-attr]
+        self._expectations(request)
+
+    def _expectations(self, request: Request) -> None:
+        """Refuse an oversized body before reading it; send 100 Continue when asked."""
+        headers = request.headers
+        length_text = headers.get(b"content-length")
+        expect = headers.get(b"expect")
+        if length_text is not None and length_text.isdigit():
+            length = int(length_text)
+            if length > DISCARD_BODY or (expect and length > self.host.routes.body_limit(request)):
+                self.host.stats.reject(413, "PayloadTooLarge")
+                self._queue_answer(answers.error(413, "PayloadTooLarge"), CLOSE)
+                self.abort()
+        # RFC 9110 §10.1.1: a 100-continue expectation in an HTTP/1.0 request MUST be ignored
+        # (a 1.0 client does not know interim responses).
+        if (expect is not None and expect.lower() == b"100-continue"
+                and self.parser.get_http_version() != "1.0"):  # type: ignore[union-attr]
+            interim = Request(self, self.operator)
+            interim.slot, interim.after = wire.CONTINUE_100, INTERIM
+            self.responses.append(interim)
+            self._write_ready()
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
-        if self.too_large:
+        request = self.request
+        if request.body_too_large:
             if self.body_size > DISCARD_BODY:
                 raise _TooLarge()
             return
         if self.body_size > MAX_BODY:
-            self.too_large = True
-            self.body = b""
+            request.body_too_large = True
+            request.body = b""
             return
-        self.body = self.body + body if self.body else body
+        request.body = request.body + body if request.body else body
 
     def on_message_complete(self) -> None:
-        self.keep_alive = self.parser.should_keep_alive()
-        self.http10 = self.parser.get_http_version() == "1.0"
+        parser = self.parser
+        keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
+        request = self.request
+        if not keep_alive or self.stopping:
+            request.after = CLOSE
+        elif parser.get_http_version() == "1.0":  # type: ignore[union-attr]
+            request.after = KEEP_10
+        else:
+            request.after = KEEP
         self.state = IDLE
         self.progress = True
-        self.deadline = self.worker.loop.now + self.worker.config.idle_timeout
-        self.worker.stats.http_requests += 1
-        self.worker.routes.dispatch(self)
-        last = not self.keep_alive  # "close", HTTP/1.0, or a request that became a stream
-        self._reset_request()
-        if last:
+        self.deadline = self.host.loop.now + self.host.config.idle_timeout
+        self.host.stats.http_requests += 1
+        self.responses.append(request)
+        self.request = Request(self, self.operator)
+        self.target = b""
+        self.body_size = 0
+        self.host.routes.handle(request)
+        if request.after in (CLOSE, STREAM):
             # RFC 9112 §9.6: after a request with "close" the server MUST NOT process further
             # requests on the connection. Stop here, so pipelined bytes after it are neither
             # answered nor counted as bad input (llhttp would raise "Data after Connection:
-            # close", D.4), and never parsed on a connection already handed to a stream.
+            # close"), and never parsed on a connection already handed to a stream.
             self.parser = None
             self.abort()
 
-    # -- responses ----------------------------------------------------------------------------
+    # -- answers (the Channel of exchange.py) -----------------------------------------------
 
-    def respond(self, data: bytes, close: bool = False) -> None:
-        """Answer the current request now (after any earlier unanswered one)."""
-        self.responses.append([data, self._after_response(close)])
-        self._write_ready()
-
-    def reserve(self) -> list[Any]:
-        """A response slot for the current request, filled later by ``fill`` (a push waiting
-        for its owner worker, a broadcast counting streams, ``--response-delay``)."""
-        slot = [None, self._after_response(False)]
-        self.responses.append(slot)
-        return slot
-
-    def _after_response(self, close: bool) -> bool | str:
-        """A slot's second field: True closes after it; ``KEEP_ALIVE_10`` keeps an HTTP/1.0
-        connection open and says so (RFC 9112 §9.3: a 1.0 client otherwise expects a close)."""
-        if close or not self.keep_alive:
-            return True
-        return KEEP_ALIVE_10 if self.http10 else False
-
-    def fill(self, slot: list[Any], data: bytes, delay: float = 0.0) -> None:
-        """Put ``data`` in ``slot`` now or after ``delay`` seconds; written once it is first."""
-        if delay > 0:
-            self.worker.loop.call_later(delay, self.fill, slot, data)
+    def answer(self, request: Request, answer: Answer) -> None:
+        """Fill ``request``'s place in the queue; written once every earlier one is."""
+        if request.slot is not None:
             return
-        slot[0] = data
+        request.slot = answer
+        if answer.close:
+            request.after = CLOSE
         if self.fd >= 0:
             self._write_ready()
 
-    def interim(self, data: bytes) -> None:
-        """A 1xx response (100 Continue), in order with the final ones."""
-        self.responses.append([data, False])
+    def become_stream(self, request: Request, token: bytes) -> None:
+        """After earlier answers are out, hand the socket to a device stream for ``token``."""
+        request.slot, request.after = token, STREAM
         self._write_ready()
 
-    def become_stream(self, token: bytes) -> None:
-        """After earlier responses are out, hand the socket to a ``Stream`` for ``token``."""
-        self.keep_alive = False  # the last request: what follows is not HTTP any more
-        self.responses.append([b"", "stream", token])
-        self._write_ready()
+    def refuse(self, status: int, reason: str, detail: str) -> None:
+        """Malformed HTTP: a JSON 4xx and a close. Counted, logged at debug only."""
+        self.host.stats.bad_requests += 1
+        self._queue_answer(answers.error(status, reason), CLOSE)
+
+    def _queue_answer(self, answer: Answer, after: int) -> None:
+        """An answer that belongs to no complete request (a protocol error, a refusal)."""
+        request = Request(self, self.operator)
+        request.after = after
+        self.responses.append(request)
+        self.answer(request, answer)
+
+    def refuse_now(self, answer: Answer) -> None:
+        """Answer a connection the worker will not serve (over capacity, draining) and close."""
+        self.parser = None  # nothing it sends is served
+        self._queue_answer(answer, CLOSE)
 
     def _write_ready(self) -> None:
         responses = self.responses
         out = self.out
-        while responses and responses[0][0] is not None:
-            slot = responses.popleft()
-            action = slot[1]
-            if action == "stream":
-                self._hand_to_stream(slot[2])
+        while responses and responses[0].slot is not None:
+            request = responses.popleft()
+            after = request.after
+            if after == STREAM:
+                self._hand_to_stream(request.slot)
                 return
-            if action == KEEP_ALIVE_10:
-                out += frames.with_keep_alive(slot[0])
+            if after == INTERIM:
+                out += request.slot
                 continue
-            if action:
-                out += frames.with_connection_close(slot[0])
+            out += wire.serialize(request.slot, _CONNECTION[after])
+            if after == CLOSE:
                 self.closing = True
                 responses.clear()
                 break
-            out += slot[0]
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         """Write once per loop turn: a read of 32 pipelined requests, or a batch of acks from
         the owner workers, fills many slots, and one write carries all their answers (one
-        write per answer was 22% of a pipelined push's CPU, py-spy)."""
+        write per answer was 22% of a pipelined push's CPU, measured with py-spy)."""
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.worker.loop.call_soon(self._flush_soon)
+            self.host.loop.call_soon(self._flush_soon)
 
     def _flush_soon(self) -> None:
         self.flush_scheduled = False
@@ -245,7 +261,7 @@ class Conn:
         out = self.out
         if out:
             try:
-                written = os.write(self.fd, out)
+                written = self.transport.write(out)
             except BlockingIOError:
                 written = 0
             except _GONE:
@@ -266,13 +282,14 @@ class Conn:
         events = (READABLE if self.reading or self.state == LINGER else 0) | (EPOLLOUT if self.out else 0)
         if events != self.events:
             self.events = events
-            self.worker.loop.modify(self.fd, events)
+            self.host.loop.modify(self.fd, events)
 
     def _hand_to_stream(self, token: bytes) -> None:
-        fd, self.fd = self.fd, -1
+        self.fd = -1
+        fd = self.transport.detach()
         self.parser = None  # breaks the parser <-> protocol cycle at once (no GC needed)
-        self.worker.http_conns.discard(self)
-        self.worker.open_stream(fd, token, bytes(self.out), self.events)
+        self.host.http_conns.discard(self)
+        self.host.place_stream(fd, token, bytes(self.out), self.events)
 
     # -- events -------------------------------------------------------------------------------
 
@@ -285,24 +302,21 @@ class Conn:
             self._read()
 
     def _read(self) -> None:
-        worker = self.worker
+        host = self.host
         try:
-            n = os.readv(self.fd, worker.read_buffers)
+            n = self.transport.readv(host.read_buffers)
         except BlockingIOError:
             return
-        except (_GONE + (OSError,)):
+        except OSError:
             self.close("client")
             return
         if n == 0:
             self._end_of_input()
             return
-        if self.state == LINGER:
-            return
-        data = worker.read_view[:n]
-        if self.parser is None:
+        if self.state == LINGER or self.parser is None:
             return
         self.progress = False
-        self._feed(data)
+        self._feed(host.read_view[:n])
         if self.fd < 0 or self.state == LINGER or self.closing:
             return
         self._check_head_size(n)
@@ -310,7 +324,7 @@ class Conn:
     def _feed(self, data: Any) -> None:
         """Parse ``data``: malformed input is answered (4xx, 505) and closes; nothing raises."""
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as upgrade:
             # Upgrade (e.g. h2c) is ignored, as RFC 9110 §7.8 allows: the request was answered
             # over HTTP/1.1; parse what follows with a fresh parser.
@@ -325,27 +339,28 @@ class Conn:
         what httptools has delivered; a header still being accumulated inside httptools is
         bounded by counting raw bytes read since the last callback (``unparsed``, dropped once
         the header arrives and is counted exactly, so a head sent in pieces is not counted
-        twice). D.4: a 200 KB header value is accepted by httptools, so the server must cap it."""
+        twice). httptools 0.6 accepts a 200 KB header value, so the server must cap it."""
         if self.state != HEAD:
             return
         if not self.progress:
             self.unparsed += n
-        if self.head_bytes + self.unparsed > self.worker.config.header_limit:
-            self.worker.routes.bad_request(self, 431, "RequestHeaderFieldsTooLarge", "request head too large")
+        if self.head_bytes + self.unparsed > self.host.config.header_limit:
+            self.refuse(431, "RequestHeaderFieldsTooLarge", "request head too large")
 
     def _parse_failed(self, exc: Exception) -> None:
         # llhttp stops on the HTTP/2 prior-knowledge preface "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-        # (HPE_PAUSED_H2_UPGRADE, D.3) once all 24 bytes are in, however they were split over
-        # reads; PRI is accepted as a method only with that request line.
+        # (HPE_PAUSED_H2_UPGRADE in nodejs/llhttp) once all 24 bytes are in, however they were
+        # split over reads; PRI is accepted as a method only with that request line.
         if self.parser is not None and self.parser.get_method() == b"PRI":
-            self.worker.routes.reject_h2(self)
+            self.host.stats.bad_requests += 1
+            self._queue_answer(_HTTP2_REFUSED, CLOSE)
         else:
-            self.worker.routes.bad_request(self, 400, "BadRequest", str(exc))
+            self.refuse(400, "BadRequest", str(exc))
 
     def _callback_failed(self, exc: Exception) -> None:
         cause = exc.__context__
         if isinstance(cause, _TooLarge):
-            self.worker.routes.bad_request(self, 413, "PayloadTooLarge", "body too large")
+            self.refuse(413, "PayloadTooLarge", "body too large")
         elif isinstance(cause, _Abort):
             return  # the callback already answered and closed
         else:
@@ -375,13 +390,9 @@ class Conn:
 
     def _start_linger(self) -> None:
         self.state = LINGER
-        self.deadline = self.worker.loop.now + LINGER_SECONDS
+        self.deadline = self.host.loop.now + LINGER_SECONDS
         try:
-            sock = socket.socket(fileno=self.fd)
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            finally:
-                sock.detach()
+            self.transport.shutdown_write()
         except OSError:
             self.close("client")
             return
@@ -389,13 +400,14 @@ class Conn:
 
     def finish_then_close(self) -> None:
         """Drain: answer what was asked, then close; close at once if nothing is in flight."""
-        self.keep_alive = False
         if not self.responses and not self.out and self.state == IDLE:
             self.close("shutdown")
             return
+        self.stopping = True
         if self.responses:
-            if self.responses[-1][1] != "stream":  # a stream hand-off stays one
-                self.responses[-1][1] = True
+            last = self.responses[-1]
+            if last.after != STREAM:  # a stream hand-off stays one
+                last.after = CLOSE
         else:
             self.closing = True
             self._update_events()
@@ -403,7 +415,7 @@ class Conn:
     def timed_out(self) -> None:
         """The sweep found this connection past its deadline."""
         if self.state in (HEAD, BODY) and not self.closing:
-            self.worker.routes.bad_request(self, 408, "RequestTimeout", "request not received in time")
+            self.refuse(408, "RequestTimeout", "request not received in time")
         elif not self.responses:
             self.close("timeout")
 
@@ -413,14 +425,11 @@ class Conn:
             return
         self.fd = -1
         self.parser = None
-        worker = self.worker
-        worker.loop.remove(fd)
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        worker.http_conns.discard(self)
-        worker.stats.disconnect(reason)
+        host = self.host
+        host.loop.remove(fd)
+        self.transport.close()
+        host.http_conns.discard(self)
+        host.stats.disconnect(reason)
         self.responses.clear()
 
 
@@ -429,4 +438,4 @@ class _TooLarge(Exception):
 
 
 class _Abort(Exception):
-    """Raised inside a callback to stop feed_data (see ``Conn.abort``)."""
+    """Raised inside a callback to stop feed_data (see ``Http1Connection.abort``)."""

@@ -2,11 +2,11 @@
 
 Theory of operation
 -------------------
-An HTTP connection (``conn.py``) that completes a valid ``GET /events`` becomes a ``Stream``: the
+An HTTP/1.1 connection (``http1.py``) that completes a valid ``GET /events`` becomes a ``Stream``: the
 parser and every request field are dropped, and the fd's epoll entry is routed to this object.
 A stream never parses again; bytes a device sends are read and thrown away, and a read of 0
 (peer closed) or an error ends it at once, so a vanished device frees its token without waiting
-for the next keepalive (Fleet's mock only noticed on write, ``fleet-apns-mock.md`` §2).
+for the next keepalive (Fleet's mock, fleetdm/fleet cmd/apple-apns-mock, notices only on write).
 
 Rules
 -----
@@ -15,17 +15,22 @@ Rules
 - ``held`` is the newest push whose bytes are not all in the kernel yet. A stream that ends with
   ``held`` set hands it back to the registry as pending: nothing accepted is silently lost.
 - ``out`` is bounded (``--stream-buffer``): a reader that falls further behind is closed and its
-  push kept (SPEC §1, slow readers).
+  push kept (nothing accepted is lost).
 - Per-stream state is four slots (measured ~64 B object + dict entries + token bytes); every byte
-  here is multiplied by 300,000. What all streams share (the worker, the limit) lives on the class.
+  here is multiplied by 300,000. What all streams of a process share (its worker, the buffer
+  limit) lives on the class, set once by ``Stream.bind``: a slot for it would cost 2.4 MB at
+  300,000 streams.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS, WRITE_EVENTS
+
+if TYPE_CHECKING:
+    from rawsse.server.worker import Worker
 
 # Errors that mean "the device went away": counted, never logged (tornado's errno sets).
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
@@ -36,9 +41,16 @@ _DISCARD_SIZE = 4096
 class Stream:
     __slots__ = ("fd", "token", "out", "held")
 
-    # Shared by every stream of this process (set by the worker at startup).
-    worker: Any = None
-    limit: int = 64 * 1024
+    # Shared by every stream of this process (``bind``).
+    worker: ClassVar["Worker"]
+    limit: ClassVar[int] = 64 * 1024
+
+    @classmethod
+    def bind(cls, worker: "Worker", limit: int) -> None:
+        """The worker whose loop, stats and registry this process's streams use; the most
+        unsent bytes a stream may hold (``--stream-buffer``)."""
+        cls.worker = worker
+        cls.limit = limit
 
     def __init__(self, fd: int, token: bytes) -> None:
         self.fd = fd

@@ -1,0 +1,104 @@
+"""Routing by composition: what the routes ask of a worker, whichever topology it is part of.
+
+Theory of operation
+-------------------
+The routes (``routes.py``) know one ``Router`` per worker and nothing of the topology behind it.
+A router offers: submit a push, place a device's stream, broadcast, collect ``/stats``, share an
+admin change. Three compose the same parts:
+
+- ``LocalRouter`` (below): one process owns every token.
+- ``rawsse.node.routing.MeshRouter``: a prefork worker owns one hash shard of tokens and reaches
+  the other workers through the mesh.
+- the same ``MeshRouter`` with a cluster ``Owner`` and pending store (``rawsse.cluster.routing``):
+  a node of several, where a device may be held by another node, reached through Redis.
+
+The part that differs between a node and a cluster is the ``Owner``: what the worker owning a
+token does with a push for it. ``LocalOwner`` accepts it into this worker's queues
+(``delivery.py``); a cluster's owner writes it here if the device is held here and otherwise
+routes it through Redis. Every answer is an ``Accepted``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from rawsse.server.documents import node_document
+
+if TYPE_CHECKING:
+    from rawsse.apns.delivery import Delivery
+    from rawsse.apns.registry import Push
+    from rawsse.server.worker import Worker
+
+
+class Accepted(enum.IntEnum):
+    """What became of a submitted push; the values are also its mesh wire encoding."""
+
+    HELD = 1  # the token's owner holds it (stream, pending, delay queue, or Redis): 200
+    QUEUE_FULL = 0  # a bounded queue is full: 503, back-pressure, the sender retries
+    UNREACHABLE = -1  # the owner (worker, node's agent, Redis) could not be reached: 503
+
+
+PushAnswer = Callable[[Accepted], None]
+
+
+class Owner(Protocol):
+    """The owning worker's half of a push."""
+
+    def take(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None: ...
+
+
+class Router(Protocol):
+    """What the routes need from the worker's place in the node and the cluster."""
+
+    def submit(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None:
+        """Hand ``push`` to the token's owner; ``answer`` once it is held or refused."""
+
+    def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
+        """A device's ``GET /events`` is answered: its socket goes to the token's owner."""
+
+    def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
+        """Write ``frame`` to every stream (or those under ``prefix``); ``done(streams)``."""
+
+    def collect_stats(self, done: Callable[[dict[str, Any]], None]) -> None:
+        """``done(document)``: ``/stats`` for the node (and the cluster)."""
+
+    def share_admin(self, command: dict[str, Any], done: Callable[[], None]) -> None:
+        """Apply an admin change (replayable, ``admin.py``) everywhere, then ``done()``."""
+
+
+class LocalOwner:
+    """Accept into this worker's own queues (``Delivery``)."""
+
+    __slots__ = ("delivery",)
+
+    def __init__(self, delivery: "Delivery") -> None:
+        self.delivery = delivery
+
+    def take(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None:
+        answer(self.delivery.accept(token, push, delay))
+
+
+class LocalRouter:
+    """One process owns every token: everything happens here, at once."""
+
+    __slots__ = ("worker", "owner")
+
+    def __init__(self, worker: "Worker", owner: Owner) -> None:
+        self.worker = worker
+        self.owner = owner
+
+    def submit(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None:
+        self.owner.take(token, push, delay, answer)
+
+    def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
+        self.worker.open_stream(fd, token, leftover, events)
+
+    def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
+        done(self.worker.broadcast_local(frame, prefix))
+
+    def collect_stats(self, done: Callable[[dict[str, Any]], None]) -> None:
+        done(node_document([self.worker.snapshot()]))
+
+    def share_admin(self, command: dict[str, Any], done: Callable[[], None]) -> None:
+        done()

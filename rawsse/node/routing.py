@@ -1,0 +1,106 @@
+"""The router of a prefork worker: its own token shard here, every other shard through the mesh.
+
+Each worker owns a hash shard of tokens (``owner_of``: CRC-32 of the raw token, modulo the
+worker count), stable across processes and restarts. The kernel's SO_REUSEPORT hash decides
+which worker accepts a connection, so a push or a device can land anywhere; this router sends
+it to the owner: a push is forwarded (``Mesh.forward_push``) and answered once the owner holds
+it; a device's socket is handed over (``Mesh.hand_off``). What the owner then does with a push is
+its ``Owner``'s business (``rawsse.apns.routing``): the same router serves a node of a Redis
+cluster with a cluster owner.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from typing import TYPE_CHECKING, Any, Callable
+
+from rawsse.apns.registry import Push
+from rawsse.apns.routing import Owner, PushAnswer
+from rawsse.node.mesh import STATS
+from rawsse.server import http1_wire
+from rawsse.server.documents import node_document
+from rawsse.server.worker import SERVICE_UNAVAILABLE_CLOSE
+
+if TYPE_CHECKING:
+    from rawsse.node.mesh import Mesh
+    from rawsse.server.worker import Worker
+
+Document = dict[str, Any]
+
+
+def owner_of(token: bytes, workers: int) -> int:
+    """The worker that owns ``token``: stable across processes and restarts (not ``hash()``)."""
+    return zlib.crc32(token) % workers if workers > 1 else 0
+
+
+_OWNER_DOWN = http1_wire.serialize(SERVICE_UNAVAILABLE_CLOSE, http1_wire.CLOSE)
+
+
+class MeshRouter:
+    """Routes between the workers of one node."""
+
+    def __init__(self, worker: "Worker", mesh: "Mesh", owner: Owner,
+                 share_with_master: Callable[[Document], None]) -> None:
+        self.worker = worker
+        self.mesh = mesh
+        self.owner = owner
+        self.share_with_master = share_with_master
+        self.master_info: Document = {}  # the master's last word on the node, for /stats
+        # The last step of /stats: the node document as is, or (Redis mode) with the cluster.
+        self.finish_document: Callable[[Document, Callable[[Document], None]], None] = \
+            _as_is
+
+    def submit(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
+        owner = owner_of(token, self.worker.count)
+        if owner == self.worker.index:
+            self.owner.take(token, push, delay, answer)
+        else:
+            self.worker.stats.forwarded += 1
+            self.mesh.forward_push(owner, token, push, delay, answer)
+
+    def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
+        worker = self.worker
+        owner = owner_of(token, worker.count)
+        if owner == worker.index:
+            worker.open_stream(fd, token, leftover, events)
+            return
+        worker.loop.remove(fd)
+        if self.mesh.hand_off(owner, fd, token, leftover):
+            worker.stats.handoffs += 1
+            return
+        # The owner is down (being respawned): the device is told to come back later.
+        worker.stats.handoff_failures += 1
+        worker.stats.disconnect("rejected")
+        try:
+            os.write(fd, leftover + _OWNER_DOWN)
+        except OSError:
+            pass
+        os.close(fd)
+
+    def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
+        self.mesh.broadcast(frame, prefix, done)
+
+    def node_stats(self, done: Callable[[Document], None]) -> None:
+        """``done(document)`` for this node: every worker's snapshot and the master's facts."""
+        own = self.worker.snapshot()
+
+        def finish(replies: list[Any]) -> None:
+            workers = sorted([own, *replies], key=lambda doc: doc["worker"])
+            done(node_document(workers, self.master_info))
+
+        self.mesh.collect(STATS, b"", finish)
+
+    def collect_stats(self, done: Callable[[Document], None]) -> None:
+        self.node_stats(lambda doc: self.finish_document(doc, done))
+
+    def share_admin(self, command: Document, done: Callable[[], None]) -> None:
+        """The running workers get it through the mesh before the answer (so it holds for the
+        very next push wherever it lands); the master gets it too, keeps the node's state for
+        workers it spawns later and hands it to any worker still booting."""
+        self.share_with_master(command)
+        self.mesh.share(command, lambda replies: done())
+
+
+def _as_is(doc: Document, done: Callable[[Document], None]) -> None:
+    done(doc)

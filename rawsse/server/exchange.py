@@ -1,0 +1,95 @@
+"""The protocol seam: a request and its answer as the routes see them, whatever the wire.
+
+Theory of operation
+-------------------
+A protocol object (HTTP/1.1 today in ``http1.py``; an HTTP/2 stream next) turns bytes into a
+``Request`` and hands it to the application (``rawsse.apns.routes.Routes``), which answers by
+calling ``request.answer(Answer(...))`` now or later (a push waits for the worker owning its
+token), or ``request.become_stream(token)`` for a device. The request carries its ``channel``,
+the protocol object that serializes the answer onto its own wire; the routes never see a socket,
+a parser or a status line, so they are tested in-process by feeding a ``Request`` whose channel
+records answers (``tests/test_routes.py``).
+
+This is hypercorn's shape (``pgjones/hypercorn src/hypercorn/protocol/events.py``: one small
+vocabulary between every protocol and the application) without its cost: one slotted object per
+request, and the HTTP/1.1 connection keeps that same object as the request's place in its
+pipelining queue, so a push allocates no separate event or response slot.
+
+Rules
+-----
+- ``headers`` holds only the headers a route reads (``apple.REQUEST_HEADERS``), lower-cased;
+  ``duplicate`` is set when one that may appear once (``apple.SINGLE_HEADERS``) came twice.
+  Both are decided here, once, for every protocol (``add_header``).
+- ``body_too_large``: the body went past what any route reads; it was discarded, not kept.
+- ``operator``: the request came in on the operator listener (``--admin-listen``).
+- An answer is given once; ``channel`` ignores a second one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
+
+
+class Answer:
+    """A response as the routes give it: status, extra header lines, body and content type."""
+
+    __slots__ = ("status", "body", "content_type", "headers", "close")
+
+    def __init__(self, status: int, body: bytes = b"", content_type: bytes | None = None,
+                 headers: tuple[tuple[bytes, bytes], ...] = (), close: bool = False) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers  # (name, value) pairs beyond Date, Content-Type, Content-Length
+        self.close = close  # the connection ends after this answer (malformed input)
+
+
+class Channel(Protocol):
+    """What a protocol object offers the requests it made."""
+
+    def answer(self, request: "Request", answer: Answer) -> None: ...
+
+    def become_stream(self, request: "Request", token: bytes) -> None: ...
+
+
+class Request:
+    """One request: what it asks (method, path, query, the kept headers, body) and where its
+    answer goes (``channel``). ``slot`` and ``after`` belong to the channel (HTTP/1.1: the
+    serialized answer once given, and what the connection does after writing it)."""
+
+    __slots__ = ("method", "path", "query", "headers", "duplicate", "body", "body_too_large",
+                 "operator", "channel", "slot", "after")
+
+    def __init__(self, channel: Channel, operator: bool) -> None:
+        self.channel = channel
+        self.operator = operator
+        self.method = b""
+        self.path = b""
+        self.query = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.duplicate = False
+        self.body = b""
+        self.body_too_large = False
+        self.slot: Any = None
+        self.after: Any = None
+
+    def set_target(self, target: bytes) -> None:
+        """Split a request target (``/3/device/abc?x=1``) into path and query."""
+        self.path, _, self.query = target.partition(b"?")
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        """Keep a header a route reads (``name`` lower-case); flag a repeated single one."""
+        if name in REQUEST_HEADERS:
+            headers = self.headers
+            if name in headers and name in SINGLE_HEADERS:
+                self.duplicate = True
+            headers[name] = value
+
+    def answer(self, answer: Answer) -> None:
+        self.channel.answer(self, answer)
+
+    def become_stream(self, token: bytes) -> None:
+        """The device's SSE stream for ``token`` starts on this connection after this request."""
+        self.channel.become_stream(self, token)

@@ -1,0 +1,49 @@
+"""HTTP/1.1 bytes: status lines, the cached ``Date`` header, and an ``Answer`` serialized. No I/O.
+
+Everything here is HTTP/1.1's alone; an HTTP/2 stream serializes the same ``Answer`` as HEADERS
+and DATA frames instead.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from http import HTTPStatus
+
+from rawsse.server.exchange import Answer
+
+# RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ] CRLF
+STATUS_LINE: dict[int, bytes] = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus
+}
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# What the connection says about itself after an answer (RFC 9112 §9.3, §9.6).
+KEEP = b""
+CLOSE = b"Connection: close\r\n"
+KEEP_ALIVE_10 = b"Connection: keep-alive\r\n"  # an HTTP/1.0 client expects a close otherwise
+
+_date_cache: list = [0, b""]
+
+
+def date_header() -> bytes:
+    """``Date:`` (RFC 9110 §6.6.1: an origin server with a clock sends it), cached per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
+    return _date_cache[1]
+
+
+def serialize(answer: Answer, connection: bytes = KEEP) -> bytes:
+    """The whole response: status line, ``connection`` (one of the constants above), Date, the
+    answer's own header lines, Content-Type, Content-Length, the body."""
+    head = [STATUS_LINE[answer.status], connection, date_header()]
+    for name, value in answer.headers:
+        head.append(b"%s: %s\r\n" % (name, value))
+    if answer.content_type is not None:
+        head.append(b"Content-Type: %s\r\n" % answer.content_type)
+    head.append(b"Content-Length: %d\r\n\r\n" % len(answer.body))
+    head.append(answer.body)
+    return b"".join(head)
