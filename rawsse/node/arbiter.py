@@ -44,13 +44,13 @@ import signal
 import socket
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
 from rawsse.node import statefile
 from rawsse.apns.admin import AdminError, AdminState
-from rawsse.node.process import BOOT_ERROR, run_worker
+from rawsse.node.process import BOOT_ERROR, NodeProcess, run_worker
 from rawsse.config import ServeConfig
 from rawsse.server.loop import EPOLLOUT, READ_EVENTS, Loop
 from rawsse.node.routing import owner_of
@@ -236,7 +236,7 @@ class Arbiter:
                 else:
                     code = run_worker(self.config, handle.index, self.count, self.node_id,
                                       worker_side, pending, self.part_path(handle.index),
-                                      self.admin)
+                                      self.admin, self._topology())
             except BaseException:
                 logging.getLogger(__name__).exception("worker %d crashed", handle.index)
             finally:
@@ -248,6 +248,15 @@ class Arbiter:
         handle.started = handle.last_beat = time.monotonic()
         handle.beat = {}
         self.loop.add(handle.fd, handle, READ_EVENTS)
+
+    def _topology(self) -> Callable[[NodeProcess], Any] | None:
+        """What a worker adds to the node's parts: Redis mode's cluster parts, or nothing (a
+        single node never imports the cluster, nor Redis)."""
+        if not self.config.redis_url:
+            return None
+        from rawsse.cluster.routing import join_cluster
+
+        return join_cluster
 
     def _forget_master_fds(self) -> None:
         """In a new worker: drop the master's loop and the other workers' control sockets."""

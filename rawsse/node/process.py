@@ -2,8 +2,8 @@
 
 ``NodeProcess`` composes a ``Worker`` (rawsse/server/worker.py) with the node's parts: the mesh to
 the other workers, a ``MeshRouter`` (routing.py), the control link to the master, the drain. In
-Redis mode the cluster's parts are added on top (``rawsse.cluster.routing.join_cluster``), by
-composition too: no worker subclass.
+Redis mode the master hands ``run_worker`` the cluster's ``join_cluster``, which adds its parts
+on top by composition too: no worker subclass, and this module never imports the cluster.
 
 Exit codes are the API with the master (gunicorn's convention, benoitc/gunicorn
 gunicorn/arbiter.py): 0 after a drain, ``BOOT_ERROR`` when the worker could not start serving
@@ -132,17 +132,17 @@ class ControlLink:
 
 
 def run_worker(config: ServeConfig, index: int, count: int, node: int, control: socket.socket,
-               pending: dict[bytes, Push], part_path: str, admin: AdminState | None = None) -> int:
-    """The worker process's main, called right after fork. Returns the exit code."""
+               pending: dict[bytes, Push], part_path: str, admin: AdminState | None = None,
+               join: Callable[[NodeProcess], Any] | None = None) -> int:
+    """The worker process's main, called right after fork; ``join`` adds a topology's parts
+    (Redis mode: ``rawsse.cluster.routing.join_cluster``). Returns the exit code."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)  # the master decides; Ctrl-C reaches it alone
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         process = NodeProcess(config, index, count, node, control, pending, part_path, admin)
-        if config.redis_url:  # imported only in Redis mode: a single node needs no Redis
-            from rawsse.cluster.routing import join_cluster
-
-            join_cluster(process)
+        if join is not None:
+            join(process)
         process.mesh.listen()
         process.worker.listen()
     except OSError as exc:

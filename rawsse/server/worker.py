@@ -48,7 +48,6 @@ from rawsse.apns.routing import LocalOwner, LocalRouter, Router
 from rawsse.apns.validation import IdGenerator
 from rawsse.config import ServeConfig
 from rawsse.limits import raise_nofile_limit
-from rawsse.node import statefile
 from rawsse.server import sse
 from rawsse.server.http1 import Http1Connection
 from rawsse.server.listener import Listener, bind_listener
@@ -262,6 +261,3 @@ class Worker:
 
     def pending_items(self) -> list[tuple[bytes, Push]]:
         return list(self.registry.pending.items())
-
-    def save_state(self, path: str) -> int:
-        return statefile.save(path, self.pending_items())
