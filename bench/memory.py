@@ -92,13 +92,6 @@ class Fit:
     points: int
 
 
-def tree(pid: int) -> list[int]:
-    """The PIDs of a process and all its descendants (a prefork master and its workers). Read once
-    per phase: walking /proc for descendants costs tens of ms, too slow to poll with."""
-    root = psutil.Process(pid)
-    return [pid, *(child.pid for child in root.children(recursive=True))]
-
-
 def smaps_rollup(pid: int) -> tuple[int, int, int, int]:
     """(RSS, USS, PSS, anonymous PSS) in bytes from ``/proc/PID/smaps_rollup``: one small read
     however large the process. psutil's ``memory_full_info()`` walks every mapping in ``smaps``

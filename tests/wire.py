@@ -60,7 +60,6 @@ class HTTPClient:
     def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.collector = _ResponseCollector()
-        self.interims = 0
         self.closed = False
 
     def send(self, data: bytes) -> None:

@@ -54,14 +54,12 @@ class Pipeline:
         self.busy = False
         self.batches = 0
         self.commands = 0
-        self.failed = 0  # commands that failed: not run, or outcome unknown, or an error reply
 
     # -- queueing ---------------------------------------------------------------------------
 
     def call(self, args: tuple[Any, ...], done: Done) -> None:
         """Run ``args`` with the next batch; ``done(reply or exception)`` afterwards."""
         if self.conn is None:
-            self.failed += 1
             done(Unavailable("redis is not connected"))
             return
         self.queue.append((args, done, time.monotonic()))
@@ -136,8 +134,6 @@ class Pipeline:
         self.batches += 1
         self.commands += len(replies)
         for (_, done, _), reply in zip(batch, replies):
-            if isinstance(reply, ResponseError):
-                self.failed += 1
             self._call(done, reply)
         if error is not None:
             self.conn = None  # nothing more is sent on it; the agent reconnects
@@ -145,7 +141,6 @@ class Pipeline:
             self.on_lost(error)
 
     def _fail(self, items: list[tuple[tuple[Any, ...], Done, float]], error: BaseException) -> None:
-        self.failed += len(items)
         for _, done, _ in items:
             self._call(done, error)
 

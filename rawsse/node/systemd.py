@@ -29,10 +29,6 @@ class Notifier:
         self.sock: socket.socket | None = None
         self.watchdog_interval = _watchdog_interval(env)
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def notify(self, *assignments: str) -> bool:
         """Send ``KEY=VALUE`` lines as one datagram; False if not sent."""
         if self.address is None:
