@@ -1,4 +1,5 @@
-"""The APNs wire contract, case by case, against a real ``rawsse serve`` (SPEC §1–3)."""
+"""The APNs wire contract, case by case, against a real ``rawsse serve`` (Apple, "Sending
+notification requests to APNs" and "Handling notification responses from APNs")."""
 
 from __future__ import annotations
 

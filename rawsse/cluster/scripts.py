@@ -1,7 +1,7 @@
 """What rawsse keeps in Redis and sends through it: key names, values, channel messages, scripts.
 
-Pure data, no I/O: the Redis agent (``redis_agent.py``) builds commands from these, the workers
-(``cluster.py``) decode what comes back.
+Pure data, no I/O: the Redis agent (``agent.py``) builds commands from these, the workers
+(``routing.py``) decode what comes back.
 
 Keys (``P`` is ``--redis-prefix``, ``<hex>`` the lower-case hex token, as in Fleet's layout)
 --------------------------------------------------------------------------------------------

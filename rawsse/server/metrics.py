@@ -1,8 +1,8 @@
 """``/metrics`` in the Prometheus text format (version 0.0.4) from a node's stats document.
 
-Conventions (prometheus.io naming, ops.md §3.1): prefix ``rawsse_``, counters end in ``_total``,
-base units (``_bytes``, ``_seconds``), a ``worker`` label per process so ``sum()`` gives the node,
-and never a token in a label (unbounded cardinality).
+Conventions (Prometheus, "Metric and label naming", prometheus.io/docs/practices/naming): prefix
+``rawsse_``, counters end in ``_total``, base units (``_bytes``, ``_seconds``), a ``worker`` label
+per process so ``sum()`` gives the node, and never a token in a label (unbounded cardinality).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _lines(document: dict[str, Any]) -> Iterator[str]:
 
 
 def _redis_lines(document: dict[str, Any]) -> Iterator[str]:
-    """Redis mode only (``cluster.py``): the agent's link to Redis and cross-node routing."""
+    """Redis mode only (``rawsse.cluster``): the agent's link to Redis and cross-node routing."""
     redis = document.get("redis")
     if redis is None:
         return
