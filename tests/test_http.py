@@ -542,16 +542,20 @@ def test_http10_with_keep_alive_stays_open_for_a_second_request(server):
 @pytest.mark.parametrize("mode", ["whole", "slices10"])
 def test_connection_close_ends_the_connection_and_ignores_what_follows(server, mode):
     """RFC 9112 §9.6: after a request with ``close`` the server MUST NOT process further
-    requests on that connection; it answers the first one and closes (not a 400, not a reset)."""
+    requests on that connection; it answers it and closes (not a 400, not a reset). A server that
+    closes after a response SHOULD say ``Connection: close`` in it: the last answer carries the
+    header, the keep-alive answer before it does not."""
     before = bad_requests(server)
+    closing = request("GET", "/healthz", headers={"Connection": "close"})
     sock = connect(server)
     try:
-        feed(sock, request("GET", "/healthz", headers={"Connection": "close"}) + HEALTHZ, mode)
+        feed(sock, HEALTHZ + closing + HEALTHZ, mode)
         raw, closed = read_to_close(sock, timeout=3.0)
     finally:
         sock.close()
     responses = parse_responses(raw)
-    assert [(r.status, r.body) for r in responses] == [(200, b"ok\n")], raw
+    assert [(r.status, r.body) for r in responses] == [(200, b"ok\n")] * 2, raw
+    assert [r.headers.get("connection") for r in responses] == [None, "close"], raw
     assert closed
     assert bad_requests(server) == before
 
