@@ -57,8 +57,8 @@ DEFAULT_REASON: dict[int, str] = {
     503: "ServiceUnavailable",
 }
 
-# apns-push-type values Apple accepts (Apple, "Sending notification requests to APNs"; sideshow/apns2
-# ``notification.go``), including the iOS 18 widgets/controls types.
+# apns-push-type values Apple accepts (Apple, "Sending notification requests to APNs";
+# sideshow/apns2 ``notification.go``), including the iOS 18 widgets/controls types.
 PUSH_TYPES = frozenset({
     b"alert", b"background", b"location", b"voip", b"complication", b"fileprovider", b"mdm",
     b"liveactivity", b"pushtotalk", b"widgets", b"controls",

@@ -45,7 +45,8 @@ DISCONNECT_REASONS = ("client", "takeover", "slow_reader", "timeout", "shutdown"
 
 @dataclass(slots=True, eq=False)
 class Stats:
-    connections_accepted: int = _counter("rawsse_connections_accepted_total", "Connections accepted.")
+    connections_accepted: int = _counter("rawsse_connections_accepted_total",
+                                         "Connections accepted.")
     pushes_received: int = _counter("rawsse_pushes_received_total", "Push requests on /3/device/.")
     delivered_live: int = _outcome()
     delivered_on_connect: int = _counter(
@@ -54,7 +55,8 @@ class Stats:
     stored: int = _outcome()
     coalesced: int = _counter("rawsse_coalesced_total",
                               "Pending pushes replaced by a newer one (APNs coalescing).")
-    expired: int = _counter("rawsse_expired_total", "Pending pushes dropped at their apns-expiration.")
+    expired: int = _counter("rawsse_expired_total",
+                            "Pending pushes dropped at their apns-expiration.")
     discarded: int = _outcome()
     requeued: int = _counter("rawsse_requeued_total",
                              "Pushes taken back from a stream that ended before writing them.")
