@@ -1,7 +1,7 @@
 """The load side: sizing to the machine's limits, the ``rawsse devices`` and ``rawsse push`` command
 lines, and waiting for a server to hold a number of connections.
 
-Limits that shape a run (ops.md §2.3):
+Limits that shape a run:
 - the open-file hard limit per process (20,000 on the project's machines, not raisable): every
   process, server worker or device process, keeps ``FD_HEADROOM`` below it;
 - one (source address, destination, port) tuple yields at most the ephemeral port range

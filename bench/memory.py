@@ -1,11 +1,11 @@
 """Memory per connection: process samples (psutil), kernel samples (/proc), and the slope fit.
 
-Method (ops.md §5.2 and §2.5): take samples at several connection levels and report the slope of a
+Method: take samples at several connection levels and report the slope of a
 least-squares line (bytes per additional connection), never total/N, which would hide the fixed
 interpreter baseline (~14-23 MB per process).
 
 - User space, summed over the server's master and workers (``/proc/PID/smaps_rollup``):
-  RSS, the issue's figure; for one process it is the honest one. With forked workers each sum is
+  RSS, the headline figure; for one process it is the honest one. With forked workers each sum is
   biased by copy-on-write: when a worker writes to a page it shares with the master, physical
   memory grows by one page, the RSS sum by nothing, the USS sum by two (the copy is private to the
   worker and the original now private to the master), and the PSS sum by exactly one. But PSS
@@ -14,11 +14,11 @@ interpreter baseline (~14-23 MB per process).
   server's PSS (measured: PSS slope 1.2 KB vs USS 1.57 KB for one run). Anonymous PSS
   (``Pss_Anon``) has neither bias: anonymous pages are shared only within the fork tree. It is
   the figure to read for several workers; the others are kept.
-- Kernel: socket memory is not in RSS at all. ``/proc/slabinfo`` active objects x object size for the
-  caches a TCP socket takes (ops.md §2.5: TCP 2368 B, sock_inode_cache 832, dentry 192, filp 192,
-  lsm_* ~56, eventpoll_epi 128 per epoll registration), ``/proc/meminfo`` Slab (adds slab
-  fragmentation) and ``/proc/net/sockstat`` ``mem`` (pages charged for queued data; ~0 when idle,
-  about one page per socket holding any unread bytes, ops.md §2.2).
+- Kernel: socket memory is not in RSS at all. ``/proc/slabinfo`` active objects x object size for
+  the caches a TCP socket takes (measured on kernel 6.18: TCP 2368 B, sock_inode_cache 832, dentry
+  192, filp 192, lsm_* ~56, eventpoll_epi 128 per epoll registration), ``/proc/meminfo`` Slab (adds
+  slab fragmentation) and ``/proc/net/sockstat`` ``mem`` (pages charged for queued data; ~0 when
+  idle, about one page per socket holding any unread bytes, tcp(7) tcp_mem).
   The kernel figures are system-wide and this machine is shared: other processes open and close
   thousands of sockets during a run (a first version that fitted slab bytes against the bench's
   own connection count read 1.5 KB of TCP slab per server socket for one variant and 2.4 KB
@@ -41,7 +41,8 @@ from typing import Iterable
 
 import psutil
 
-# The slab caches one established, epoll-registered TCP socket takes (ops.md §2.5).
+# The slab caches one established, epoll-registered TCP socket takes (the ones /proc/slabinfo
+# shows growing as 9,000 loopback pairs are opened and registered, kernel 6.18).
 SOCKET_CACHES = ("TCP", "sock_inode_cache", "dentry", "filp", "eventpoll_epi",
                  "lsm_file_cache", "lsm_inode_cache")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -90,13 +91,6 @@ class Fit:
     intercept: float
     r2: float
     points: int
-
-
-def tree(pid: int) -> list[int]:
-    """The PIDs of a process and all its descendants (a prefork master and its workers). Read once
-    per phase: walking /proc for descendants costs tens of ms, too slow to poll with."""
-    root = psutil.Process(pid)
-    return [pid, *(child.pid for child in root.children(recursive=True))]
 
 
 def smaps_rollup(pid: int) -> tuple[int, int, int, int]:
@@ -257,7 +251,7 @@ def slopes(samples: list[Sample]) -> dict[str, object]:
     server socket (kernel caches, fitted against the system's TCP sockets, see the module doc).
 
     ``sockstat`` mem is not fitted: samples are taken with the devices paused, so the streams that
-    connected last still hold their unread preamble (a page each, ops.md §2.2); ``variant.py``
+    connected last still hold their unread preamble (a page each); ``variant.py``
     reads it once the devices have read everything instead.
     """
     conns = [float(s.connections) for s in samples]

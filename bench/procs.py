@@ -25,11 +25,18 @@ BASELINE = os.path.join(ROOT, "bench", "baseline_server.py")
 
 def reserve_port(host: str = "127.0.0.1") -> tuple[socket.socket, int]:
     """Hold a free port for the whole run: a SO_REUSEPORT socket bound but not listening takes no
-    connections while the servers' own SO_REUSEPORT listeners bind the same port (STYLE.md)."""
+    connections while the servers' own SO_REUSEPORT listeners bind the same port (socket(7),
+    SO_REUSEPORT: the kernel spreads connections over the listening sockets only)."""
     holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((host, 0))
     return holder, holder.getsockname()[1]
+
+
+def process_tree(pid: int) -> list[int]:
+    """The PIDs of a process and all its descendants (a prefork master and its workers). Walking
+    /proc for descendants costs tens of ms: read it once, never poll with it."""
+    return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
 
 
 def child_env() -> dict[str, str]:
@@ -99,8 +106,7 @@ class Child:
         # forks workers does so at start, before the first pause.
         if self._tree is None:
             try:
-                self._tree = [self.pid, *(p.pid for p in
-                                          psutil.Process(self.pid).children(recursive=True))]
+                self._tree = process_tree(self.pid)
             except psutil.NoSuchProcess:
                 return
         for pid in self._tree:
@@ -125,7 +131,7 @@ class Server(Child):
             raise ValueError(f"unknown server kind {kind!r}")
         super().__init__(f"{kind}-{workers}w-server", argv + list(extra or ()), log_dir)
         self.kind, self.workers, self.url = kind, workers, f"http://{listen}"
-        # The master and its workers, read once at readiness (``tree()`` walks all of /proc).
+        # The master and its workers, read once at readiness (``process_tree`` walks /proc).
         self.pids = [self.pid]
 
     def wait_ready(self, timeout: float = 30.0) -> "Server":
@@ -137,8 +143,7 @@ class Server(Child):
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
                     if resp.status == 200 and self._workers_up():
-                        self.pids = [self.pid, *(p.pid for p in
-                                                 psutil.Process(self.pid).children(recursive=True))]
+                        self.pids = process_tree(self.pid)
                         return self
             except OSError:
                 pass

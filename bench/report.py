@@ -123,7 +123,8 @@ def markdown_table(result: Result) -> str:
 
 
 def headline(result: Result) -> str:
-    """The issue-2 figures, one line each, from the 1-worker rawsse variant at the 18k plan."""
+    """The headline figures against their targets (RSS slope, broadcast p99, CPU per push), one
+    line per 1-worker rawsse variant."""
     lines = []
     for name, variant in result.get("variants", {}).items():
         if variant.get("kind") != "rawsse" or variant.get("workers") != 1:

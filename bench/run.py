@@ -5,7 +5,7 @@ Runs every server variant of a plan through the phases in ``variant.py`` and pri
 
 Plans (every load bounded in count and time):
 - ``--quick``: 500 → 3,000 streams; rawsse 1 and 2 workers, baseline. Under a minute.
-- default (``--standard``): 2,000 → 18,000 streams, one worker each: the issue-2 figures (RSS slope
+- default (``--standard``): 2,000 → 18,000 streams, one worker each: the headline figures (RSS slope
   between 2k and 18k streams, broadcast to 18k p99, CPU per targeted push with 5 keep-alive
   senders), plus rawsse with 2 workers. A few minutes.
 - ``--full``: the standard plan plus rawsse and the baseline with as many workers as 300,000 streams
@@ -134,7 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--quick", dest="plan", action="store_const", const="quick",
                       help="500 → 3,000 streams, under a minute")
     size.add_argument("--standard", dest="plan", action="store_const", const="standard",
-                      help="2k → 18k streams per variant (the default; the issue-2 figures)")
+                      help="2k → 18k streams per variant (the default; the headline figures)")
     size.add_argument("--full", dest="plan", action="store_const", const="full",
                       help="standard plus 20k → 300k streams with as many workers as needed")
     parser.add_argument("--only", action="append", default=[], metavar="VARIANT",

@@ -151,7 +151,8 @@ def stop_devices(devices: procs.Child) -> dict[str, Any]:
 
 def fanout_phase(server: procs.Server, settings: PhaseSettings, streams: int) -> dict[str, Any]:
     """Stamped broadcasts, ``broadcast_gap`` apart. Right after each answer the kernel's TCP memory
-    is read: every stream then holds one unread event, the ``tcp_mem`` trap of ops.md §2.2."""
+    is read: every stream then holds one unread event, charged about a 4 KB page in ``tcp_mem``
+    accounting (tcp(7), tcp_mem) even for a small event."""
     from rawsse.load.stamp import new_stamped_id
     before = memory.kernel_memory().sockstat_mem
     answers: list[dict[str, Any]] = []

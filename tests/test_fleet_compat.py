@@ -1,4 +1,5 @@
-"""Fleet compatibility (issue 2; ``fleet-apns-mock.md`` §5–6).
+"""Fleet compatibility: its push clients (fleetdm/fleet ``server/mdm/nanomdm/push/``) and its
+device client (``pkg/mdm/apnsmock/client.go``).
 
 The sender sends byte for byte what Fleet's push client sends through Go's net/http
 (``wire.fleet_push_request``): HTTP/1.1 keep-alive, 5 workers each with its own connection and one
@@ -146,7 +147,7 @@ def test_push_first_connect_later_delivers_each_magic_once(server, variant):
         assert [(e.id, e.data) for e in events] == [(id_for[token], '{"mdm":"%s"}' % magic)]
 
 
-# -- error bodies: nanopush JSON-decodes every non-200 body (§6.2) ------------------------------
+# -- error bodies: nanopush JSON-decodes every non-200 body (nanopush/provider.go) ---------------
 
 def raw_answer(server, data: bytes) -> Response:
     client = HTTPClient(server.host, server.port)
@@ -247,9 +248,10 @@ def test_connection_stays_usable_after_an_error(server):
 # -- broadcasts reach Fleet devices as pushes ---------------------------------------------------
 
 def test_broadcast_fits_fleets_line_limit_or_is_refused_as_json(server):
-    """Fleet's client drops a stream on any line over 8192 bytes (§5.2). A broadcast is a push
-    to every device, so Apple's payload limit and apns-id rule apply: the largest broadcast is
-    delivered intact, a larger one or a runaway apns-id is refused before any device sees it."""
+    """Fleet's client drops a stream on any line over 8192 bytes (``apnsmock/client.go``). A
+    broadcast is a push to every device, so Apple's payload limit and apns-id rule apply: the
+    largest broadcast is delivered intact, a larger one or a runaway apns-id is refused before any
+    device sees it."""
     token, _ = fleet_device("BCAST")
     reader = SSEReader(server.host, server.port, token)
     client = HTTPClient(server.host, server.port)

@@ -1,4 +1,4 @@
-"""HTTP/1.1 done right on a raw socket (issue 2; ``apns-and-sse.md`` §D; RFC 9112).
+"""HTTP/1.1 done right on a raw socket (RFC 9112; nodejs/llhttp ``src/llhttp/http.ts``, the parser).
 
 Every malformed request is fed whole, one byte per TCP segment and in 10-byte segments (h11's
 tiny-chunk tests): the server must answer each with a JSON 4xx (505 for HTTP/2) and a close, in
@@ -150,7 +150,8 @@ def assert_json_error(response: Response, status: int, reason: str | None = None
 
 # -- malformed requests ---------------------------------------------------------------------------
 
-# name -> (bytes, status). Each one is refused by llhttp (D.3, D.4) or by rawsse itself (h2).
+# name -> (bytes, status). Each one is refused by llhttp (nodejs/llhttp ``src/llhttp/http.ts``,
+# through httptools) or by rawsse itself (h2).
 MALFORMED = {
     "bad-method-byte": (b"G\x01T /healthz HTTP/1.1\r\nHost: rawsse\r\n\r\n", 400),
     "bad-version": (b"GET /healthz HTTX/1.1\r\nHost: rawsse\r\n\r\n", 400),
@@ -284,7 +285,8 @@ def test_pipelined_events_after_two_pushes_becomes_a_stream_after_both_answers(s
     assert [(r.status, r.headers["apns-id"]) for r in answers] == [(200, first_id),
                                                                    (200, second_id)]
     events = raw[stream_at:].split(b"\r\n\r\n", 1)[1]
-    # Both pushes waited for the device; the newest one wins (store-and-forward, SPEC §2).
+    # Both pushes waited for the device; the newest one wins (APNs coalescing: Apple, "Sending
+    # notification requests to APNs").
     assert b"id: %s\nevent: ping\ndata: {\"mdm\":\"second\"}\n\n" % second_id.encode() in events
     assert b"first" not in events
 
@@ -540,16 +542,20 @@ def test_http10_with_keep_alive_stays_open_for_a_second_request(server):
 @pytest.mark.parametrize("mode", ["whole", "slices10"])
 def test_connection_close_ends_the_connection_and_ignores_what_follows(server, mode):
     """RFC 9112 §9.6: after a request with ``close`` the server MUST NOT process further
-    requests on that connection; it answers the first one and closes (not a 400, not a reset)."""
+    requests on that connection; it answers it and closes (not a 400, not a reset). A server that
+    closes after a response SHOULD say ``Connection: close`` in it: the last answer carries the
+    header, the keep-alive answer before it does not."""
     before = bad_requests(server)
+    closing = request("GET", "/healthz", headers={"Connection": "close"})
     sock = connect(server)
     try:
-        feed(sock, request("GET", "/healthz", headers={"Connection": "close"}) + HEALTHZ, mode)
+        feed(sock, HEALTHZ + closing + HEALTHZ, mode)
         raw, closed = read_to_close(sock, timeout=3.0)
     finally:
         sock.close()
     responses = parse_responses(raw)
-    assert [(r.status, r.body) for r in responses] == [(200, b"ok\n")], raw
+    assert [(r.status, r.body) for r in responses] == [(200, b"ok\n")] * 2, raw
+    assert [r.headers.get("connection") for r in responses] == [None, "close"], raw
     assert closed
     assert bad_requests(server) == before
 

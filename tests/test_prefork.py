@@ -1,5 +1,5 @@
 """The prefork node: routing between workers, crashes, graceful stop, rolling restart, sd_notify.
-Real processes, real signals, real sockets (SPEC §4)."""
+Real processes, real signals, real sockets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Redis mode: several nodes acting as one push service (SPEC §5, issue 6).
+"""Redis mode: several nodes acting as one push service.
 
 Real ``redis-server`` processes (Debian's package; ``.ci/run`` installs it) on reserved loopback
 ports, started with ``--save '' --appendonly no`` and stopped by PID; real ``rawsse serve`` nodes

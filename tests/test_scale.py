@@ -1,4 +1,4 @@
-"""10,000 concurrent device streams held by ONE test process (issue 2).
+"""10,000 concurrent device streams held by ONE test process.
 
 The devices are raw non-blocking sockets read through one ``select.epoll`` (a thread or a blocking
 socket per device would not fit in a test); their source addresses are spread over

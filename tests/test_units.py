@@ -186,7 +186,8 @@ def test_parse_fault(text, rule):
     ("5%::", "name a status or a reason"),
     ("5%:418", "no APNs reason"),
     ("5%:503:NotAReason", "not an APNs reason"),
-    # the reason and the status must agree with Apple's table (A.6)
+    # the reason and the status must agree with Apple's table ("Handling notification responses
+    # from APNs")
     ("5%:503:TooManyRequests", "APNs answers TooManyRequests with 429, not 503"),
     ("5%:400:Unregistered", "APNs answers Unregistered with 410, not 400"),
 ])
@@ -283,7 +284,8 @@ def test_bad_apns_id_is_rejected_with_a_fresh_id():
     ({}, TOKEN, b"x" * 4097, "PayloadTooLarge"),
     ({b"apns-push-type": b"voip"}, TOKEN, b"x" * 5121, "PayloadTooLarge"),
     ({b"rawsse-delivery-delay": b"whenever"}, TOKEN, b"x", "BadDeliveryDelay"),
-    # Fleet's mock checks push type before the token (fleet-apns-mock.md §1.1): first error wins.
+    # Fleet's mock checks push type before the token (fleetdm/fleet
+    # cmd/apple-apns-mock/handlers.go): first error wins.
     ({b"apns-push-type": b"bogus"}, b"zz", b"", "InvalidPushType"),
     ({b"apns-priority": b"7"}, b"zz", b"", "BadPriority"),
     ({}, b"zz", b"", "BadDeviceToken"),

@@ -1,7 +1,7 @@
 """Raw-socket clients for tests: an HTTP/1.1 requester and an SSE reader that parses exactly as
-Fleet's device client does (``fleet-apns-mock.md`` §5.2): blank line ends an event, ``:`` is a
-comment, ``data:``/``event:``/``id:``/``retry:`` are fields, ANY other line is a protocol error,
-and a line longer than 8192 bytes is an error."""
+Fleet's device client does (fleetdm/fleet ``pkg/mdm/apnsmock/client.go``): blank line ends an event,
+``:`` is a comment, ``data:``/``event:``/``id:``/``retry:`` are fields, ANY other line is a protocol
+error, and a line longer than 8192 bytes is an error."""
 
 from __future__ import annotations
 
@@ -60,7 +60,6 @@ class HTTPClient:
     def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.collector = _ResponseCollector()
-        self.interims = 0
         self.closed = False
 
     def send(self, data: bytes) -> None:

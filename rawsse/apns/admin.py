@@ -7,7 +7,8 @@ command (``replayable``): it names the resulting state, not the step (``add_faul
 or on a worker that already has it, changes nothing. The master keeps a copy of the state
 (``arbiter.py``): a worker respawned after a crash or a rolling restart starts from it.
 
-Token states (A.6): ``active`` (default), ``unregistered`` → ``410 Unregistered`` with the
+Token states (reasons and the 410 ``timestamp`` as in Apple, "Handling notification responses from
+APNs"): ``active`` (default), ``unregistered`` → ``410 Unregistered`` with the
 timestamp in ms, ``expired`` → ``410 ExpiredToken``, ``bad`` → ``400 BadDeviceToken``.
 Fault rules: a share of pushes answered with a status and reason instead of being accepted.
 """

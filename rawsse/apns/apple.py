@@ -1,13 +1,14 @@
 """Facts of Apple's provider API that rawsse reproduces: reasons, statuses, push types, limits.
 
 Sources: Apple "Handling notification responses from APNs" (status/reason table) and "Sending
-notification requests to APNs" (headers, payload limits); sideshow/apns2 ``response.go`` carries
-the same table. See ``shared/reference/apns-and-sse.md`` §A.
+notification requests to APNs" (headers, push types, payload limits, storage); sideshow/apns2
+``response.go`` carries the same table.
 """
 
 from __future__ import annotations
 
-# reason -> HTTP status, Apple's table (A.6).
+# reason -> HTTP status: Apple, "Handling notification responses from APNs" (sideshow/apns2
+# ``response.go``, jchambers/pushy ``RejectionReason.java``: the same mapping).
 REASON_STATUS: dict[str, int] = {
     "BadCollapseId": 400,
     "BadDeviceToken": 400,
@@ -56,7 +57,8 @@ DEFAULT_REASON: dict[int, str] = {
     503: "ServiceUnavailable",
 }
 
-# apns-push-type values Apple accepts (A.4), including the iOS 18 widgets/controls types.
+# apns-push-type values Apple accepts (Apple, "Sending notification requests to APNs";
+# sideshow/apns2 ``notification.go``), including the iOS 18 widgets/controls types.
 PUSH_TYPES = frozenset({
     b"alert", b"background", b"location", b"voip", b"complication", b"fileprovider", b"mdm",
     b"liveactivity", b"pushtotalk", b"widgets", b"controls",
@@ -64,21 +66,24 @@ PUSH_TYPES = frozenset({
 
 PRIORITIES = frozenset({b"1", b"5", b"10"})
 
-# Payload limits (A.2): 4 KB for every type but VoIP, 5 KB for VoIP.
+# Payload limits (Apple, "Sending notification requests to APNs"): 4 KB for every type but VoIP,
+# 5 KB for VoIP.
 MAX_PAYLOAD = 4096
 MAX_PAYLOAD_VOIP = 5120
 MAX_COLLAPSE_ID = 64
-# APNs stores a notification for at most 30 days (A.11).
+# APNs stores a notification for at most 30 days (Apple, "Sending notification requests to APNs",
+# apns-expiration).
 MAX_STORAGE_SECONDS = 30 * 24 * 3600
 # Apple's tokens are 32 bytes; --strict-tokens enforces it (Fleet's test tokens are shorter).
 STRICT_TOKEN_BYTES = 32
 
-# Request headers an APNs request may carry only once; a repeated one is DuplicateHeaders
-# (Apple, "Handling notification responses from APNs": 400 DuplicateHeaders).
+# Headers an APNs request may not repeat: a repeated one is 400 DuplicateHeaders (Apple, "Sending
+# notification requests to APNs"; the reason is in "Handling notification responses from APNs").
 SINGLE_HEADERS = frozenset({
     b"apns-id", b"apns-push-type", b"apns-expiration", b"apns-priority", b"apns-topic",
     b"apns-collapse-id", b"authorization",
 })
 
-# Every request header a route reads; the protocols keep these and skip the rest without a copy.
+# The request headers a route reads: Apple's above, the body's framing (content-length, expect)
+# and rawsse's own per-push delay.
 REQUEST_HEADERS = SINGLE_HEADERS | {b"content-length", b"expect", b"rawsse-delivery-delay"}

@@ -165,7 +165,7 @@ class Routes:
             return
         # A broadcast reaches every device as a push, so Apple's payload and apns-id rules hold
         # for it too; they also keep every line of the event under the 8192 bytes Fleet's
-        # device client reads per line (fleetdm/fleet, its SSE client's bufio.Scanner buffer),
+        # device client reads per line (fleetdm/fleet pkg/mdm/apnsmock/client.go),
         # which a longer line would disconnect.
         if len(body) > payload_limit(request.headers):
             self.stats.reject(413, "PayloadTooLarge")

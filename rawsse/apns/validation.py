@@ -2,9 +2,10 @@
 
 ``validate_push`` turns one ``POST /3/device/<token>`` into a ``PushRequest`` or raises
 ``PushRejected(status, reason)``. The order of the checks follows Fleet's mock (apns-id,
-push type, expiration, token, body: ``fleet-apns-mock.md`` §1.1), with the checks Apple has and
-Fleet lacks (priority, collapse id, duplicate headers, voip size) slotted in where Apple's table
-puts them (``apns-and-sse.md`` §A.2–A.6).
+push type, expiration, token, body: fleetdm/fleet ``cmd/apple-apns-mock/handlers.go``), with the
+checks Apple has and Fleet lacks (priority, collapse id, duplicate headers, voip size) slotted in
+where Apple's tables put them (Apple, "Sending notification requests to APNs" and "Handling
+notification responses from APNs").
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import re
 from rawsse.apns import apple as apns
 from rawsse.config import ConfigError, Distribution, parse_distribution
 
-# Canonical UUID (A.3). Apple documents lowercase; Fleet's README shows Apple echoing uppercase,
-# so both cases are accepted and echoed as sent.
+# Canonical UUID (Apple, "Sending notification requests to APNs", apns-id). Apple documents
+# lowercase; Fleet's README (fleetdm/fleet ``cmd/apple-apns-mock/README.md``) shows Apple echoing
+# uppercase, so both cases are accepted and echoed as sent.
 _UUID = re.compile(rb"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 # rawsse's own per-push override of --delivery-delay (not an Apple header).
@@ -71,7 +73,7 @@ class IdGenerator:
 
 
 def is_apns_id(value: bytes) -> bool:
-    """A canonical UUID, as Apple requires of ``apns-id`` (A.3)."""
+    """A canonical UUID, as Apple requires of ``apns-id``."""
     return _UUID.match(value) is not None
 
 
@@ -91,7 +93,7 @@ def parse_token(text: bytes, strict: bool) -> bytes:
 
 def parse_expiration(value: bytes | None, now: float, default_ttl: float) -> float:
     """apns-expiration → absolute unix seconds. Absent: now + default TTL. ``0`` or a past time:
-    deliver now or discard (returned as 0). Capped at Apple's 30-day storage limit (A.11)."""
+    deliver now or discard (returned as 0). Capped at Apple's 30-day storage limit."""
     if value is None:
         return now + default_ttl
     text = value.strip()
@@ -118,6 +120,11 @@ def parse_delay(value: bytes) -> Distribution:
     return cached
 
 
+def payload_limit(headers: dict[bytes, bytes]) -> int:
+    """The largest body a push may carry: 5120 bytes for VoIP, 4096 for every other type."""
+    return apns.MAX_PAYLOAD_VOIP if headers.get(b"apns-push-type") == b"voip" else apns.MAX_PAYLOAD
+
+
 def validate_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: bool,
                   body: bytes, now: float, default_ttl: float, strict: bool,
                   ids: IdGenerator) -> tuple[bytes, PushRequest | PushRejected]:
@@ -142,15 +149,10 @@ def validate_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: boo
         token = parse_token(token_text, strict)
         if not body:
             raise reject("PayloadEmpty")
-        limit = apns.MAX_PAYLOAD_VOIP if push_type == b"voip" else apns.MAX_PAYLOAD
-        if len(body) > limit:
+        if len(body) > payload_limit(headers):
             raise reject("PayloadTooLarge")
         delay_text = headers.get(DELAY_HEADER)
         delay = parse_delay(delay_text) if delay_text is not None else None
     except PushRejected as rejected:
         return apns_id, rejected
     return apns_id, PushRequest(token, apns_id, body, expires, delay)
-
-
-def payload_limit(headers: dict[bytes, bytes]) -> int:
-    return apns.MAX_PAYLOAD_VOIP if headers.get(b"apns-push-type") == b"voip" else apns.MAX_PAYLOAD

@@ -5,11 +5,11 @@ Theory of operation
 Several rawsse nodes act as one push service. Each node is a master, its workers (each owning a
 hash shard of tokens, ``mesh.py``) and this agent, which the master spawns first and respawns
 like a worker. The workers never block on Redis: they send the agent mesh records
-(``agent_records.py``) and get the answers back as records, in their epoll loops. The agent runs
+(``records.py``) and get the answers back as records, in their epoll loops. The agent runs
 asyncio (uvloop when installed) and holds exactly two Redis connections for the whole node:
 
 - the command connection, a ``Pipeline``: every worker request becomes one ``EVALSHA`` of a
-  script in ``redis_scripts.py``, and requests queued while a batch is in flight leave together,
+  script in ``scripts.py``, and requests queued while a batch is in flight leave together,
   so a node pays one round trip per batch, not per push;
 - the subscriber, on the node's own channel ``P node:<id>``. One per node, not per worker, and
   nothing is broadcast: a push is published to the channel of the node holding the device only.
@@ -25,7 +25,8 @@ While Redis is unreachable every request fails at once (pushes needing Redis are
 claims leave the stream open and unregistered, pushes given back by ending streams stay in the
 worker), and it is counted (``errors``). Streams and pushes between devices on this node are
 untouched. The supervisor reconnects with backoff (0.1 s doubling to 5 s, jittered, reset after a
-success; Fleet's never-reset backoff drifts to 60 s, fleet-apns-mock.md §9.6), loads the
+success; Fleet's never-reset backoff drifts to 60 s: fleetdm/fleet
+``cmd/apple-apns-mock/coordinator.go`` with cenkalti/backoff's defaults), loads the
 scripts, subscribes, and only then tells the workers ``STATE up, resync``: they re-claim every
 stream they hold (taking the pushes stored for them meanwhile, ``GETDEL`` inside the claim) and
 give back what they kept locally. Subscribing before re-claiming matters: a push routed to us
@@ -77,7 +78,7 @@ BEAT_SECONDS = 1.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 CONNECT_TIMEOUT = 2.0
-MIN_REDIS_VERSION = (6, 2)  # GETDEL and SET … GET (ops.md §4.5)
+MIN_REDIS_VERSION = (6, 2)  # GETDEL and SET … GET (redis.io command pages: since 6.2.0)
 DRAIN_GRACE_SECONDS = 5.0
 MAX_ADMIN_BACKLOG = 100_000  # admin changes kept while Redis is down
 ADMIN_CHUNK_BYTES = 32 * 1024  # per control message: the master reads 64 KiB at most
@@ -251,7 +252,7 @@ class Agent:
 
         # No socket_timeout: every exchange here is bounded by an asyncio.timeout of its own
         # (below, and per batch in the pipeline), and with one set redis-py wraps each write in
-        # asyncio.wait_for, a task per batch. Never retried by redis-py: see redis_pipeline.py.
+        # asyncio.wait_for, a task per batch. Never retried by redis-py: see pipeline.py.
         pool = ConnectionPool.from_url(
             str(self.config.redis_url), socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=None,
             retry=Retry(NoBackoff(), 0), client_name=f"rawsse-{self.config.node_id}")
@@ -546,7 +547,7 @@ def run_agent(config: ServeConfig, mesh_node: int, workers: int, control: socket
     try:
         import uvloop
         runner: Any = uvloop.run
-    except ImportError:  # uvloop is optional: plain asyncio works, slower (ops.md §4.4)
+    except ImportError:  # uvloop is optional: plain asyncio works, slower
         runner = asyncio.run
 
     async def start() -> int:

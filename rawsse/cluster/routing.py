@@ -7,7 +7,7 @@ a tick hook, a snapshot hook, a gate on accepting, and the cluster view in ``/st
 
 Theory of operation
 -------------------
-Each node is a master, its workers (each owning a hash shard of tokens, ``mesh.py``) and one
+Each node is a master, its workers (each owning a hash shard of tokens, ``rawsse.node.routing``) and one
 Redis agent (``agent.py``), the only process holding Redis connections. This module is the
 workers' side: it decides what needs Redis and talks to the agent in mesh records
 (``records.py``), never blocking its epoll loop. What lives in Redis and the scripts that
@@ -162,7 +162,7 @@ class AgentClient:
 
     def route(self, token: bytes, push: Push, delay: float, mode: int,
               done: Callable[[int], None]) -> None:
-        """``done(outcome)``: one of ``redis_scripts``' outcomes, FAILED when not run."""
+        """``done(outcome)``: one of ``scripts``' outcomes, FAILED when not run."""
         self._request(records.ROUTE,
                       lambda rid: records.route(rid, mode, push.expires, delay, token, push.frame),
                       lambda reply: done(scripts.FAILED if reply is None else reply))

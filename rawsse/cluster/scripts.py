@@ -1,7 +1,7 @@
 """What rawsse keeps in Redis and sends through it: key names, values, channel messages, scripts.
 
-Pure data, no I/O: the Redis agent (``redis_agent.py``) builds commands from these, the workers
-(``cluster.py``) decode what comes back.
+Pure data, no I/O: the Redis agent (``agent.py``) builds commands from these, the workers
+(``routing.py``) decode what comes back.
 
 Keys (``P`` is ``--redis-prefix``, ``<hex>`` the lower-case hex token, as in Fleet's layout)
 --------------------------------------------------------------------------------------------
@@ -49,8 +49,6 @@ import orjson
 
 # ROUTE outcomes (the script's integer reply); FAILED is ours: Redis unreachable or an error.
 FAILED, DISCARDED, ROUTED, STORED, COALESCED = -1, 0, 1, 2, 3
-OUTCOME_NAMES = {FAILED: "failed", DISCARDED: "discarded", ROUTED: "routed", STORED: "stored",
-                 COALESCED: "coalesced"}
 
 SEQ_TAKEN = 0  # CLAIM in resync mode: another live node holds a newer stream
 
@@ -160,7 +158,7 @@ def sha1(script: str) -> str:
 class Keys:
     """Key and channel names for one prefix and node."""
 
-    __slots__ = ("prefix", "node", "seq", "channel_prefix", "channel", "stats", "stats_pattern",
+    __slots__ = ("prefix", "node", "seq", "channel_prefix", "channel", "stats",
                  "_owner", "_pending", "admin_tokens", "admin_faults", "admin_cleared",
                  "admin_channel")
 
@@ -171,7 +169,6 @@ class Keys:
         self.channel_prefix = self.prefix + b"node:"
         self.channel = self.channel_prefix + self.node
         self.stats = self.prefix + b"stats:" + self.node
-        self.stats_pattern = self.prefix + b"stats:*"
         self._owner = self.prefix + b"owner:"
         self._pending = self.prefix + b"pending:"
         self.admin_tokens = self.prefix + b"admin:tokens"
@@ -184,9 +181,6 @@ class Keys:
 
     def pending(self, token: bytes) -> bytes:
         return self._pending + token.hex().encode()
-
-    def node_of_stats_key(self, key: bytes) -> str:
-        return key[len(self.prefix) + len(b"stats:"):].decode(errors="replace")
 
 
 # -- values and messages --------------------------------------------------------------------------

@@ -9,8 +9,8 @@ send counter snapshots to the parent over a pipe (JSON lines, every ``SNAPSHOT_S
 parent prints the progress line, and merges the final snapshots (counters, latency histograms,
 timelines) into the report. Everything stops by itself at ``--duration``.
 
-Rules (each from Fleet's client, ``pkg/mdm/apnsmock/client.go``; reference fleet-apns-mock.md §5)
-------------------------------------------------------------------------------------------------
+Rules (each from Fleet's client, fleetdm/fleet ``pkg/mdm/apnsmock/client.go``)
+------------------------------------------------------------------------------
 - Request ``GET {base}/events?token={lowercase hex}`` with ``Accept: text/event-stream``; any
   status but 200 is an error and is retried.
 - Parser: lines split on ``\\n`` with one trailing ``\\r`` dropped; blank line ends an event (one is
@@ -25,7 +25,7 @@ Rules (each from Fleet's client, ``pkg/mdm/apnsmock/client.go``; reference fleet
 
 Tokens and source addresses: see ``rawsse.load.loadgen`` (Fleet mdmtest's ``hex("token" + serial)``
 with a 12-digit decimal serial; 127.0.0.x sources bound with ``IP_BIND_ADDRESS_NO_PORT`` so no
-(source, destination, port) tuple runs out of ephemeral ports, ops.md §2.3).
+(source, destination, port) tuple runs out of ephemeral ports; ip(7), IP_BIND_ADDRESS_NO_PORT).
 """
 
 from __future__ import annotations

@@ -2,19 +2,19 @@
 
 Theory of operation
 -------------------
-One process, one ``rawsse.server.loop.Loop``, ``--senders`` keep-alive HTTP/1.1 connections (Fleet's
-push service runs 5 workers, fleet-apns-mock.md §6.1-6.2), each with up to ``--pipeline``
-requests in flight (the server answers pipelined requests in order, SPEC §2). Push ``k`` has a
-*scheduled* time: ``start + k / rate`` when rate-paced, its actual send time when not. ``pump()``
-hands every push whose time has come to senders with a free slot, one ``send()`` per sender per
-loop turn; it runs after each loop turn that freed a slot and on a timer at the next scheduled
-time. Responses are parsed by ``httptools`` and matched to requests in order.
+One process, one ``rawsse.server.loop.Loop``, ``--senders`` keep-alive HTTP/1.1 connections
+(Fleet's push service runs 5 workers: fleetdm/fleet ``server/mdm/nanomdm/push/``), each with up to
+``--pipeline`` requests in flight (the server answers pipelined requests in order, RFC 9112
+§9.3.2). Push ``k`` has a *scheduled* time: ``start + k / rate`` when rate-paced, its actual send
+time when not. ``pump()`` hands every push whose time has come to senders with a free slot, one
+``send()`` per sender per loop turn; it runs after each loop turn that freed a slot and on a timer
+at the next scheduled time. Responses are parsed by ``httptools`` and matched to requests in order.
 
-Latency is measured from the scheduled time, so a server that stalls is charged for every push
-that waited behind the stall, not only the one in flight (coordinated omission; ops.md §5.3, the
-wrk2/vegeta method). Each push's ``apns-id`` is a v7 UUID stamped with the same scheduled time
-(``rawsse.load.stamp``), so devices measure end to end from the same origin; ``--no-stamp`` sends no
-apns-id, i.e. exactly Fleet's request.
+Latency is measured from the scheduled time, so a server that stalls is charged for every push that
+waited behind the stall, not only the one in flight (coordinated omission: the method of
+giltene/wrk2, see its README, and of tsenart/vegeta). Each push's ``apns-id`` is a v7 UUID stamped
+with the same scheduled time (``rawsse.load.stamp``), so devices measure end to end from the same
+origin; ``--no-stamp`` sends no apns-id, i.e. exactly Fleet's request.
 
 Rules
 -----
@@ -23,7 +23,8 @@ Rules
 - Requests with ``--headers fleet`` are byte-for-byte what Go's net/http writes for Fleet's client
   (Host, User-Agent, Content-Length, then headers sorted by canonical name, then the transport's
   Accept-Encoding): ``Content-Type: application/json`` and no apns-* header, besides the stamp's
-  ``Apns-Id`` and ``--expiration``'s ``Apns-Expiration`` (nanopush, fleet-apns-mock.md §6.2).
+  ``Apns-Id`` and ``--expiration``'s ``Apns-Expiration`` (fleetdm/fleet
+  ``server/mdm/nanomdm/push/nanopush/provider.go``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the two load tools share (``rawsse devices``, ``rawsse push``): token schemes, the target
 URL, source addresses, the open-file limit, forked workers that report over pipes, and output.
 
-Token schemes: ``fleet`` is Fleet mdmtest's ``hex("token" + serial)`` (fleet-apns-mock.md §5.3;
+Token schemes: ``fleet`` is Fleet mdmtest's ``hex("token" + serial)`` (fleetdm/fleet
 ``pkg/mdm/mdmtest/apple.go`` TokenUpdate). mdmtest draws a random 12-character serial from
 ``0-9A-Z`` (``RandSerialNumber``); rawsse uses the 12-digit decimal index, ``f"{i:012d}"``: the
 same length and alphabet, so the same 34-hex-digit tokens, and reproducible, so ``rawsse push

@@ -2,10 +2,10 @@
 
 The push driver sends each push with an ``apns-id`` that is a UUID version 7 (RFC 9562 §5.7)
 whose timestamp is the push's *scheduled* send time; the server echoes that id in the event's
-``id:`` line (SPEC §1), so a device computes end-to-end latency as receive wall time −
-``stamp_time(id)`` without any side channel (ops.md §5.2: "per-event timestamps in the payload or
-``id:``"). Measuring from the scheduled time, not the actual one, avoids coordinated omission when
-the driver is rate-paced (ops.md §5.3; wrk2 and vegeta do the same).
+``id:`` line (``rawsse.server.frames.encode_event``), so a device computes end-to-end latency as
+receive wall time − ``stamp_time(id)`` without any side channel. Measuring from the scheduled
+time, not the actual one, avoids coordinated omission when the driver is rate-paced (giltene/wrk2
+README; tsenart/vegeta does the same).
 
 Layout (RFC 9562 §5.7 and §6.2 "Method 3"): 48-bit Unix milliseconds, version ``7``, then the
 12-bit ``rand_a`` field holds the sub-millisecond fraction (``frac × 4096``, ≈0.24 µs steps), the
@@ -72,8 +72,8 @@ class LatencyHistogram:
 
     Bucket ``i`` holds values in ``[GROWTH**i, GROWTH**(i+1))`` microseconds (values under 1 µs go
     to bucket 0), so a percentile is off by at most half a bucket, 0.5 %, whatever the range:
-    HdrHistogram's idea (ops.md §5.3, "3 significant digits") at 2 significant digits, which is
-    what a p99 in a report needs. Count, max and sum are exact.
+    HdrHistogram's idea (HdrHistogram/HdrHistogram; 3 significant digits is its usual setting) at
+    2 significant digits, which is what a p99 in a report needs. Count, max and sum are exact.
     """
 
     GROWTH = 1.01

@@ -138,7 +138,10 @@ def resolve(host: str, port: int) -> IPAddress | None:
     except OSError as exc:
         log.debug("port check: cannot resolve %s: %s", host, exc)
         return None
-    return ipaddress.ip_address(infos[0][4][0].partition("%")[0]) if infos else None
+    if not infos:
+        return None
+    host_text = str(infos[0][4][0])  # an AF_INET/AF_INET6 sockaddr starts with the host text
+    return ipaddress.ip_address(host_text.partition("%")[0])
 
 
 def find_overlap(wanted: IPAddress, port: int,
@@ -178,7 +181,9 @@ def check_addresses(addresses: Iterable[tuple[str, tuple[str, int] | None]],
         return None
     for flag, (host, port) in wanted:
         address = resolve(host, port)
-        existing = find_overlap(address, port, listeners) if address is not None else None
+        if address is None:
+            continue
+        existing = find_overlap(address, port, listeners)
         if existing is not None:
             return conflict_message(flag, address, port, existing)
     return None

@@ -1,6 +1,6 @@
 """sd_notify(3) without a dependency: READY, STATUS, WATCHDOG, RELOADING, STOPPING.
 
-The protocol (ops.md §1.1): newline-separated ``KEY=VALUE`` lines in one datagram to the
+The protocol (sd_notify(3)): newline-separated ``KEY=VALUE`` lines in one datagram to the
 AF_UNIX socket named by ``$NOTIFY_SOCKET`` (a leading ``@`` means the abstract namespace).
 Only the master speaks (``NotifyAccess=main``). Outside systemd every call is a no-op, and a
 failure to notify is logged at debug level and never raised: the service must not die because
@@ -29,10 +29,6 @@ class Notifier:
         self.sock: socket.socket | None = None
         self.watchdog_interval = _watchdog_interval(env)
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def notify(self, *assignments: str) -> bool:
         """Send ``KEY=VALUE`` lines as one datagram; False if not sent."""
         if self.address is None:
@@ -53,7 +49,7 @@ class Notifier:
         return self.notify(f"STATUS={status}")
 
     def reloading(self) -> bool:
-        # systemd ≥ 253 may ignore RELOADING=1 without MONOTONIC_USEC (ops.md §1.1).
+        # systemd ≥ 253 may ignore RELOADING=1 without MONOTONIC_USEC (sd_notify(3)).
         return self.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
 
     def stopping(self, status: str) -> bool:

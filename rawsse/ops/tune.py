@@ -39,19 +39,22 @@ from rawsse.load.loadgen import MAX_PORTS_PER_SOURCE, PORT_RANGE_SHARE
 PROC_SYS = "/proc/sys"
 MEMINFO = "/proc/meminfo"
 
-# --- Measured costs (shared/reference/ops.md; kernel 6.18, x86_64, CPython 3.11) -----------------
+# --- Measured costs (a 2-vCPU, 24 GiB VM: kernel 6.18, x86_64, CPython 3.11) --------------------
 # /proc/meminfo Slab grew ~4.3 KB per idle established socket (9,000 loopback pairs, two runs
-# within 5%); the slab objects alone are ~3.7 KB, the rest is fragmentation (ops.md 2.5).
+# within 5%); the slab objects alone are ~3.7 KB (/proc/slabinfo), the rest is fragmentation.
+# `python bench/run.py` on the real server: 4.0 KB of socket caches, 4.6 KB of Slab per server
+# socket (bench/results/final-18k.md).
 KERNEL_BYTES_PER_SOCKET = 4300
 # Target for rawsse serve's Python side; a raw epoll + __slots__ prototype measured 0.27-0.37 KB
-# (ops.md 0). bench/ measures the real server.
+# (RSS growth over 15,000 idle connections). `python bench/run.py` measures the real server:
+# 235-285 B per stream (RSS and anonymous PSS slopes, bench/results/final-18k.md and full.md).
 SERVER_USER_BYTES_PER_STREAM = 400
 # rawsse devices keeps a parser and counters per device: an estimate, not measured yet.
 DEVICE_USER_BYTES_PER_STREAM = 1000
 # Any socket holding queued data (even 256 B) is charged about one page in tcp_mem accounting:
-# 9,000 sockets with 256 B unread -> /proc/net/sockstat "mem 8960" (ops.md 2.2).
+# 9,000 sockets with 256 B unread -> /proc/net/sockstat "mem 8960".
 PAGE_BYTES = 4096
-# Interpreter + modules per process: 14-23 MB measured (ops.md 5.2); rounded up.
+# Interpreter + modules per process: 14-23 MB measured (RSS of idle server processes); rounded up.
 PROCESS_BASELINE_BYTES = 25 * 1024 * 1024
 # fds a worker keeps for itself (listeners, socketpairs to siblings, logs, state file).
 FDS_RESERVED_PER_PROCESS = 100
@@ -235,7 +238,7 @@ def check_nr_open(host: Host, n: int) -> Row:
 
 def check_somaxconn(host: Host, n: int) -> Row:
     # After a restart the whole fleet reconnects within the clients' 1-30 s backoff; 65535 is
-    # the largest backlog older kernels honour (kernel commit 19f92a03; ops.md 2.1).
+    # the largest backlog older kernels honour (kernel commit 19f92a03; listen(2)).
     return at_least(host, "net.core.somaxconn", for_large_fleet(n, 65535),
                     "caps the accept backlog: reconnect storms overflow it (TcpExtListenOverflows)")
 
@@ -273,7 +276,8 @@ def check_tcp_mem(host: Host, n: int) -> Row:
 
 def check_migrate_req(host: Host, n: int) -> Row:
     # A worker that exits during a rolling restart resets connections still in its accept queue
-    # unless the kernel migrates them to a sibling listener (Linux 5.14; ops.md 1.7).
+    # unless the kernel migrates them to a sibling listener (Linux 5.14;
+    # Documentation/networking/ip-sysctl.rst, tcp_migrate_req).
     name = "net.ipv4.tcp_migrate_req"
     current = host.number(name)
     if current is None:
@@ -338,7 +342,9 @@ def check_source_addresses(host: Host, n: int) -> Row:
 
 def check_conntrack(host: Host, n: int) -> Row:
     # Only if nf_conntrack is loaded (iptables/nftables/Docker): one entry per connection, and a
-    # full table drops packets ("nf_conntrack: table full"). 1.5x N per ops.md 2.1.
+    # full table drops packets ("nf_conntrack: table full";
+    # Documentation/networking/nf_conntrack-sysctl.rst). 1.5x N leaves room for connections
+    # still closing and for the host's other traffic.
     name = "net.netfilter.nf_conntrack_max"
     if host.number(name) is None:
         return Row(name, "not loaded", "-", OK,

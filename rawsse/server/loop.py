@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import select
 import socket
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +53,6 @@ MAX_EVENTS_PER_POLL = 1024
 MAX_POLL_SECONDS = 1.0
 
 
-class Handler(Protocol):
-    def handle_events(self, events: int) -> None: ...
-
-    def close(self, reason: str = ...) -> None: ...
-
-
 Timer = list  # [when, seq, callback | None, args]
 
 
@@ -68,7 +61,7 @@ class Loop:
 
     __slots__ = (
         "epoll", "handlers", "timers", "_seq", "_cancelled", "_soon", "now", "running",
-        "_wakeup_r", "_wakeup_w", "on_wakeup", "turns",
+        "_wakeup_r", "_wakeup_w", "on_wakeup",
     )
 
     def __init__(self) -> None:
@@ -80,7 +73,6 @@ class Loop:
         self._soon: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self.now = time.monotonic()
         self.running = False
-        self.turns = 0
         self._wakeup_r, self._wakeup_w = socket.socketpair()
         self._wakeup_r.setblocking(False)
         self._wakeup_w.setblocking(False)
@@ -133,9 +125,6 @@ class Loop:
         heapq.heappush(self.timers, timer)
         return timer
 
-    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Timer:
-        return self.call_later(when - self.now, callback, *args)
-
     def cancel(self, timer: Timer | None) -> None:
         if timer is not None and timer[2] is not None:
             timer[2] = None
@@ -165,7 +154,6 @@ class Loop:
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
             events = []
         self.now = now = time.monotonic()
-        self.turns += 1
         handlers = self.handlers
         wake_fd = self._wakeup_r.fileno()
         for fd, ev in events:
@@ -250,8 +238,3 @@ class Loop:
         self.epoll.close()
         self._wakeup_r.close()
         self._wakeup_w.close()
-
-
-def set_nonblocking_cloexec(fd: int) -> None:
-    os.set_blocking(fd, False)
-    os.set_inheritable(fd, False)

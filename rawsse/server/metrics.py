@@ -1,44 +1,15 @@
 """``/metrics`` in the Prometheus text format (version 0.0.4) from a node's stats document.
 
-Conventions (prometheus.io naming, ops.md §3.1): prefix ``rawsse_``, counters end in ``_total``,
-base units (``_bytes``, ``_seconds``), a ``worker`` label per process so ``sum()`` gives the node,
-and never a token in a label (unbounded cardinality).
+Conventions (Prometheus, "Metric and label naming", prometheus.io/docs/practices/naming): prefix
+``rawsse_``, counters end in ``_total``, base units (``_bytes``, ``_seconds``), a ``worker`` label
+per process so ``sum()`` gives the node, and never a token in a label (unbounded cardinality).
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterator
 
-# counter field in a worker snapshot -> (metric name, help)
-_COUNTERS = {
-    "connections_accepted": ("rawsse_connections_accepted_total", "Connections accepted."),
-    "pushes_received": ("rawsse_pushes_received_total", "Push requests on /3/device/."),
-    "delivered_on_connect": ("rawsse_delivered_on_connect_total",
-                             "Pending pushes written to a stream when its device connected."),
-    "coalesced": ("rawsse_coalesced_total", "Pending pushes replaced by a newer one (APNs coalescing)."),
-    "expired": ("rawsse_expired_total", "Pending pushes dropped at their apns-expiration."),
-    "requeued": ("rawsse_requeued_total", "Pushes taken back from a stream that ended before writing them."),
-    "faulted": ("rawsse_faulted_total", "Pushes answered by a fault rule."),
-    "queue_full": ("rawsse_queue_full_total", "Pushes answered 503 because a bounded queue was full."),
-    "owner_unavailable": ("rawsse_owner_unavailable_total",
-                          "Pushes answered 503 because the worker, node or Redis owning the token "
-                          "could not be reached."),
-    "broadcasts": ("rawsse_broadcasts_total", "Broadcasts handled."),
-    "broadcast_events": ("rawsse_broadcast_events_total", "Broadcast events written to streams."),
-    "keepalives": ("rawsse_keepalives_total", "Keepalive comments written."),
-    "slow_reader_closes": ("rawsse_slow_reader_closes_total", "Streams closed over their output buffer."),
-    "takeovers": ("rawsse_takeovers_total", "Streams replaced by a newer one for the same token."),
-    "http_requests": ("rawsse_http_requests_total", "HTTP requests parsed."),
-    "bad_requests": ("rawsse_bad_requests_total", "Malformed HTTP requests answered 4xx and closed."),
-    "forwarded": ("rawsse_forwarded_pushes_total", "Pushes forwarded to the worker owning the token."),
-    "handoffs": ("rawsse_stream_handoffs_total", "Device sockets handed to the worker owning the token."),
-    "handoff_failures": ("rawsse_stream_handoff_failures_total",
-                         "Devices answered 503 because the owning worker was down."),
-}
-
-# outcome label of rawsse_pushes_total -> field
-_OUTCOMES = {"delivered_live": "delivered_live", "stored": "stored", "discarded": "discarded",
-             "rejected": "rejected"}
+from rawsse.server.stats import COUNTERS, PUSHES_METRIC
 
 _GAUGES = {
     "pending": ("rawsse_pending_pushes", "Offline devices' pending pushes held."),
@@ -60,11 +31,13 @@ def _lines(document: dict[str, Any]) -> Iterator[str]:
     yield from _family("rawsse_connections", "gauge", "Open connections by kind.",
                        ((w, {"kind": "stream"}, w["streams"]) for w in workers),
                        ((w, {"kind": "http"}, w["http_connections"]) for w in workers))
-    yield from _family("rawsse_pushes_total", "counter", "Accepted or refused pushes by outcome.",
-                       ((w, {"outcome": label}, w[field]) for w in workers
-                        for label, field in _OUTCOMES.items()))
-    for field, (name, help_text) in _COUNTERS.items():
-        yield from _family(name, "counter", help_text, ((w, {}, w[field]) for w in workers))
+    outcomes = [field for field, metric in COUNTERS.items() if metric is PUSHES_METRIC]
+    yield from _family(PUSHES_METRIC.name, "counter", PUSHES_METRIC.help,
+                       ((w, {"outcome": field}, w[field]) for w in workers for field in outcomes))
+    for field, metric in COUNTERS.items():
+        if metric is not PUSHES_METRIC:
+            yield from _family(metric.name, "counter", metric.help,
+                               ((w, {}, w[field]) for w in workers))
     yield from _family("rawsse_rejections_total", "counter", "Pushes refused, by status and reason.",
                        ((w, dict(zip(("status", "reason"), key.split(" ", 1))), n)
                         for w in workers for key, n in w["rejections"].items()))
@@ -100,7 +73,7 @@ def _lines(document: dict[str, Any]) -> Iterator[str]:
 
 
 def _redis_lines(document: dict[str, Any]) -> Iterator[str]:
-    """Redis mode only (``cluster.py``): the agent's link to Redis and cross-node routing."""
+    """Redis mode only (``rawsse.cluster``): the agent's link to Redis and cross-node routing."""
     redis = document.get("redis")
     if redis is None:
         return

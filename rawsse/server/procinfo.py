@@ -1,7 +1,7 @@
 """This process's memory, read from /proc (no psutil on the serving path: psutil is for bench).
 
 RSS double-counts pages shared with the master after fork; USS (private pages, from
-``/proc/self/smaps_rollup``) is what each worker really adds (ops.md §5.2).
+``/proc/self/smaps_rollup``, proc(5)) is what each worker really adds.
 """
 
 from __future__ import annotations

@@ -3,56 +3,94 @@
 Counters only go up (Prometheus ``_total`` semantics); gauges (connections, pending, delayed) are
 read from the live structures when a snapshot is taken. ``snapshot()`` is what a worker reports
 and what ``/stats`` and ``/metrics`` render (``metrics.py``).
+
+The ``Stats`` fields are the one list of counters: each names the Prometheus family ``/metrics``
+shows it as, so a counter added here is in ``/stats`` and ``/metrics`` at once.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 from rawsse.server.procinfo import process_memory
 
-COUNTERS = (
-    "connections_accepted",
-    "pushes_received",
-    "delivered_live",
-    "delivered_on_connect",
-    "stored",
-    "coalesced",
-    "expired",
-    "discarded",
-    "requeued",
-    "rejected",
-    "faulted",
-    "queue_full",
-    "owner_unavailable",
-    "broadcasts",
-    "broadcast_events",
-    "keepalives",
-    "slow_reader_closes",
-    "takeovers",
-    "http_requests",
-    "bad_requests",
-    "forwarded",
-    "handoffs",
-    "handoff_failures",
-)
+
+class Metric(NamedTuple):
+    """A Prometheus family: its name and ``# HELP`` text."""
+
+    name: str
+    help: str
+
+
+# The four outcomes of a push share one family, told apart by an ``outcome`` label (the field name).
+PUSHES_METRIC = Metric("rawsse_pushes_total", "Accepted or refused pushes by outcome.")
+
+
+def _counter(name: str, help_text: str) -> int:
+    """A counter with its own family ``name``."""
+    return field(default=0, metadata={"metric": Metric(name, help_text)})
+
+
+def _outcome() -> int:
+    """A counter shown as ``rawsse_pushes_total{outcome="<field>"}``."""
+    return field(default=0, metadata={"metric": PUSHES_METRIC})
+
 
 DISCONNECT_REASONS = ("client", "takeover", "slow_reader", "timeout", "shutdown", "error",
                       "rejected")
 
 
+@dataclass(slots=True, eq=False)
 class Stats:
-    __slots__ = COUNTERS + ("rejections", "disconnects", "accept_errors")
-
-    def __init__(self) -> None:
-        for name in COUNTERS:
-            setattr(self, name, 0)
-        # (status, reason) -> count
-        self.rejections: dict[tuple[int, str], int] = {}
-        self.disconnects: dict[str, int] = dict.fromkeys(DISCONNECT_REASONS, 0)
-        # errno name -> count
-        self.accept_errors: dict[str, int] = {}
+    connections_accepted: int = _counter("rawsse_connections_accepted_total",
+                                         "Connections accepted.")
+    pushes_received: int = _counter("rawsse_pushes_received_total", "Push requests on /3/device/.")
+    delivered_live: int = _outcome()
+    delivered_on_connect: int = _counter(
+        "rawsse_delivered_on_connect_total",
+        "Pending pushes written to a stream when its device connected.")
+    stored: int = _outcome()
+    coalesced: int = _counter("rawsse_coalesced_total",
+                              "Pending pushes replaced by a newer one (APNs coalescing).")
+    expired: int = _counter("rawsse_expired_total",
+                            "Pending pushes dropped at their apns-expiration.")
+    discarded: int = _outcome()
+    requeued: int = _counter("rawsse_requeued_total",
+                             "Pushes taken back from a stream that ended before writing them.")
+    rejected: int = _outcome()
+    faulted: int = _counter("rawsse_faulted_total", "Pushes answered by a fault rule.")
+    queue_full: int = _counter("rawsse_queue_full_total",
+                               "Pushes answered 503 because a bounded queue was full.")
+    owner_unavailable: int = _counter(
+        "rawsse_owner_unavailable_total",
+        "Pushes answered 503 because the worker, node or Redis owning the token could not be "
+        "reached.")
+    broadcasts: int = _counter("rawsse_broadcasts_total", "Broadcasts handled.")
+    broadcast_events: int = _counter("rawsse_broadcast_events_total",
+                                     "Broadcast events written to streams.")
+    keepalives: int = _counter("rawsse_keepalives_total", "Keepalive comments written.")
+    slow_reader_closes: int = _counter("rawsse_slow_reader_closes_total",
+                                       "Streams closed over their output buffer.")
+    takeovers: int = _counter("rawsse_takeovers_total",
+                              "Streams replaced by a newer one for the same token.")
+    http_requests: int = _counter("rawsse_http_requests_total", "HTTP requests parsed.")
+    bad_requests: int = _counter("rawsse_bad_requests_total",
+                                 "Malformed HTTP requests answered 4xx and closed.")
+    forwarded: int = _counter("rawsse_forwarded_pushes_total",
+                              "Pushes forwarded to the worker owning the token.")
+    handoffs: int = _counter("rawsse_stream_handoffs_total",
+                             "Device sockets handed to the worker owning the token.")
+    handoff_failures: int = _counter("rawsse_stream_handoff_failures_total",
+                                     "Devices answered 503 because the owning worker was down.")
+    # (status, reason) -> count
+    rejections: dict[tuple[int, str], int] = field(default_factory=dict)
+    disconnects: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(DISCONNECT_REASONS, 0))
+    # errno name -> count
+    accept_errors: dict[str, int] = field(default_factory=dict)
 
     def reject(self, status: int, reason: str) -> None:
         self.rejected += 1
@@ -64,6 +102,11 @@ class Stats:
 
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTERS}
+
+
+# counter field -> its family, in field order (the order of /stats and /metrics)
+COUNTERS: dict[str, Metric] = {f.name: f.metadata["metric"] for f in fields(Stats)
+                               if "metric" in f.metadata}
 
 
 def snapshot(stats: Stats, *, worker: int, streams: int, http: int, pending: int,
