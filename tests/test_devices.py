@@ -14,6 +14,7 @@ import pytest
 
 from conftest import Server, reserve_port
 from loadtools import Devices, run_push, wait_streams
+from rawsse.load import device as device_module
 from rawsse.load import devices
 from rawsse.load import loadgen
 from rawsse.config import ConfigError
@@ -33,7 +34,7 @@ def close_loops() -> Iterator[None]:
         _loops.pop().close()
 
 
-def make_device() -> devices.Device:
+def make_device() -> device_module.Device:
     plan = devices.Plan(host="127.0.0.1", port=9, base_path="", scheme="fleet", token_start=0,
                         token_seed=0, count=1, processes=1, sources=(), ramp=0.0, jitter=0.0,
                         duration=10.0, connect_timeout=1.0, backoff_min=1.0, backoff_max=30.0,
@@ -42,7 +43,7 @@ def make_device() -> devices.Device:
     _loops.append(loop)
     group = devices.DeviceGroup(loop, plan, 0, 1)
     device = group.devices[0]
-    device.state = devices.STREAM
+    device.state = device_module.STREAM
     return device
 
 
@@ -108,11 +109,11 @@ def test_an_unexpected_line_drops_the_stream(line: bytes) -> None:
 
 def test_line_limit_is_fleets_scanner_buffer() -> None:
     """bufio.Scanner with an 8192-byte max buffer: a line needs its length + 1 (the newline)."""
-    fits = b"data: " + b"x" * (devices.MAX_LINE - 7) + b"\n\n"
+    fits = b"data: " + b"x" * (device_module.MAX_LINE - 7) + b"\n\n"
     device = make_device()
     assert device.feed(fits) is None
     assert device.group.events == 1
-    too_long = b"data: " + b"x" * (devices.MAX_LINE - 6) + b"\n\n"
+    too_long = b"data: " + b"x" * (device_module.MAX_LINE - 6) + b"\n\n"
     assert make_device().feed(too_long) == "line_too_long"
     unterminated = make_device()
     assert unterminated.feed(b"data: " + b"x" * 5000) is None
@@ -122,12 +123,11 @@ def test_line_limit_is_fleets_scanner_buffer() -> None:
 # -- tokens and addresses -----------------------------------------------------------------------
 
 def test_fleet_tokens_follow_mdmtest() -> None:
-    assert devices.fleet_serial(42) == "000000000042"
-    assert bytes.fromhex(devices.fleet_token(42)) == b"token000000000042"
-    assert len(devices.fleet_token(0)) == 34  # like mdmtest's 12-character serials
-    assert devices.random_token(5, seed=1) == loadgen.random_token(5, seed=1)
-    assert len(bytes.fromhex(devices.random_token(5))) == 32
-    assert devices.random_token(5, seed=1) != devices.random_token(5, seed=2)
+    assert loadgen.fleet_serial(42) == "000000000042"
+    assert bytes.fromhex(loadgen.fleet_token(42)) == b"token000000000042"
+    assert len(loadgen.fleet_token(0)) == 34  # like mdmtest's 12-character serials
+    assert len(bytes.fromhex(loadgen.random_token(5))) == 32
+    assert loadgen.random_token(5, seed=1) != loadgen.random_token(5, seed=2)
 
 
 def test_token_file_scheme(tmp_path) -> None:

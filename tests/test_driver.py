@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from loadtools import Devices, run_push, wait_streams
-from rawsse.load import devices
+from rawsse.load import loadgen
 from rawsse.load import driver
 from rawsse.config import ConfigError
 from rawsse.load.stamp import stamp_time
@@ -22,11 +22,11 @@ from rawsse.load.stamp import stamp_time
 
 def test_target_schemes(tmp_path) -> None:
     fleet = driver.parse_targets("fleet:10-12", seed=0)
-    assert fleet.paths == [devices.fleet_token(i).encode() for i in (10, 11, 12)]
+    assert fleet.paths == [loadgen.fleet_token(i).encode() for i in (10, 11, 12)]
     assert fleet.serial(0) == b"000000000010"
     assert len(driver.parse_targets("fleet:7", seed=0)) == 1
     assert driver.parse_targets("random:3", seed=4).paths[2] == \
-        devices.random_token(2, seed=4).encode()
+        loadgen.random_token(2, seed=4).encode()
     path = tmp_path / "t:x.txt"  # a colon in the path is not a range
     path.write_text("aa\nbb\ncc\ndd\n")
     assert driver.parse_targets(f"file:{path}", 0).paths == [b"aa", b"bb", b"cc", b"dd"]
@@ -94,7 +94,7 @@ def test_fleet_bytes_without_stamp(capture, tmp_path) -> None:
                       "--senders", "1", "--no-stamp")
     cap.close()
     assert report["statuses"] == {"200": 2}
-    token = devices.fleet_token(41)
+    token = loadgen.fleet_token(41)
     assert cap.requests[0] == (
         f"POST /3/device/{token} HTTP/1.1\r\nHost: 127.0.0.1:{cap.port}\r\n"
         "User-Agent: Go-http-client/1.1\r\nContent-Length: 31\r\n"
@@ -126,7 +126,7 @@ def test_bare_headers(capture, tmp_path) -> None:
     run_push(f"http://127.0.0.1:{cap.port}", tmp_path, "--tokens", "fleet:0", "--senders", "1",
              "--headers", "none", "--no-stamp", "--payload", "{}")
     cap.close()
-    assert cap.requests[0] == (f"POST /3/device/{devices.fleet_token(0)} HTTP/1.1\r\n"
+    assert cap.requests[0] == (f"POST /3/device/{loadgen.fleet_token(0)} HTTP/1.1\r\n"
                                f"Host: 127.0.0.1:{cap.port}\r\nContent-Length: 2\r\n\r\n{{}}"
                                ).encode()
 
