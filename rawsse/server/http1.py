@@ -35,6 +35,7 @@ Rules
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,8 @@ from rawsse.server.transport import SocketTransport
 
 if TYPE_CHECKING:
     from rawsse.server.worker import Worker
+
+log = logging.getLogger(__name__)
 
 IDLE, HEAD, BODY, LINGER = 0, 1, 2, 3
 # What the connection does once a request's answer is written (``Request.after``).
@@ -209,8 +212,11 @@ class Http1Connection:
         self._write_ready()
 
     def refuse(self, status: int, reason: str, detail: str) -> None:
-        """Malformed HTTP: a JSON 4xx and a close. Counted, logged at debug only."""
+        """Malformed HTTP: a JSON 4xx and a close; nothing after it is parsed (a request that
+        completed later would be served, its answer never written). Counted; logged at debug."""
         self.host.stats.bad_requests += 1
+        log.debug("fd %d: %d %s (%s)", self.fd, status, reason, detail)
+        self.parser = None
         self._queue_answer(answers.error(status, reason), CLOSE)
 
     def _queue_answer(self, answer: Answer, after: int) -> None:
@@ -317,7 +323,7 @@ class Http1Connection:
             return
         self.progress = False
         self._feed(host.read_view[:n])
-        if self.fd < 0 or self.state == LINGER or self.closing:
+        if self.fd < 0 or self.state == LINGER or self.closing or self.parser is None:
             return
         self._check_head_size(n)
 
@@ -353,6 +359,7 @@ class Http1Connection:
         # split over reads; PRI is accepted as a method only with that request line.
         if self.parser is not None and self.parser.get_method() == b"PRI":
             self.host.stats.bad_requests += 1
+            self.parser = None
             self._queue_answer(_HTTP2_REFUSED, CLOSE)
         else:
             self.refuse(400, "BadRequest", str(exc))
