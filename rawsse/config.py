@@ -47,7 +47,7 @@ class Distribution:
     def is_zero(self) -> bool:
         return self.kind == "fixed" and self.a == 0.0
 
-    def sample(self, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+    def sample(self, rng: random.Random = random._inst) -> float:
         if self.kind == "fixed":
             return self.a
         if self.kind == "uniform":

@@ -203,7 +203,7 @@ class Agent:
             self.mesh.send(worker, records.DELIVER, records.deliver(expires, delay, token, frame))
         else:
             self.counters["evictions_in"] += 1
-            self.mesh.send(worker, records.EVICT, records.evict(value, token))  # type: ignore[arg-type]
+            self.mesh.send(worker, records.EVICT, records.evict(value, token))
 
     def undeliverable(self, worker: int, kind: int, body: bytes) -> None:
         """A record its worker could not take (being respawned): a routed push goes back into

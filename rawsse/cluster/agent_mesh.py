@@ -1,10 +1,11 @@
-"""The Redis agent's end of the node mesh, on asyncio: the same sockets and framing as ``mesh.py``.
+"""The Redis agent's end of the node mesh, on asyncio: the same sockets and framing as the workers'.
 
-The agent is mesh peer number ``workers``: it listens on ``mesh.address(node, workers)`` and
+The agent is mesh peer number ``workers``: it listens on ``wire.address(node, workers)`` and
 workers connect to it the first time they have a record for it; it connects to each worker's own
 address to send (one outbound link per worker, as between workers). Records to one worker that
-pile up during a loop turn leave as one ``send`` (split at ``mesh.MAX_MESSAGE``), so a burst of
-routed pushes costs the worker one wakeup, not one per push.
+pile up during a loop turn leave as one ``send`` (split at ``wire.MAX_MESSAGE``), so a burst of
+routed pushes costs the worker one wakeup, not one per push. What a worker's socket has not taken
+yet waits in a ``SendQueue``, written out when asyncio reports the socket writable.
 
 A record that cannot reach its worker (the worker is being respawned, its link broke) is handed
 to ``undeliverable(worker, kind, body)``: the agent puts a routed push back into Redis rather
@@ -16,35 +17,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Callable, Iterator
+from typing import Callable
 
-from rawsse.node.mesh import _HEADER, _SENDER, MAX_MESSAGE, RECV_SIZE, address
+from rawsse.node.sendqueue import SendQueue
+from rawsse.node.wire import RECV_SIZE, address, iter_records, pack_messages, record, sender_of
 
 log = logging.getLogger(__name__)
 
 MAX_BACKLOG = 64 * 1024 * 1024  # bytes a worker has not taken yet before its link is cut
 
 
-def iter_records(data: bytes) -> Iterator[tuple[int, memoryview]]:
-    """(kind, body) of every record in one mesh message (after its sender index)."""
-    view = memoryview(data)
-    offset = _SENDER.size
-    while offset < len(data):
-        kind, length = _HEADER.unpack_from(view, offset)
-        offset += _HEADER.size
-        yield kind, view[offset:offset + length]
-        offset += length
-
-
 class WorkerLink:
     """The agent's outbound connection to one worker, with what the kernel has not taken."""
+
+    __slots__ = ("mesh", "worker", "sock", "out")
 
     def __init__(self, mesh: "AgentMesh", worker: int) -> None:
         self.mesh = mesh
         self.worker = worker
         self.sock: socket.socket | None = None
-        self.backlog: list[bytes] = []
-        self.backlog_bytes = 0
+        self.out: SendQueue | None = None
 
     def connect(self) -> bool:
         if self.sock is not None:
@@ -56,60 +48,54 @@ class WorkerLink:
             sock.close()
             return False
         sock.setblocking(False)
-        self.sock = sock
+        self.sock, self.out = sock, SendQueue(sock)
         return True
 
-    def send(self, message: bytes) -> bool:
-        """Queue one message; False if the worker cannot be reached (the caller recovers)."""
-        if not self.connect():
-            return False
-        if self.backlog:
-            return self._queue(message)
-        try:
-            self.sock.send(message)  # type: ignore[union-attr]
-        except BlockingIOError:
-            self._queue(message)
-            asyncio.get_running_loop().add_writer(self.sock.fileno(), self._drain)  # type: ignore[union-attr]
-        except OSError:
-            self.close()
-            return False
-        return True
-
-    def _queue(self, message: bytes) -> bool:
-        if self.backlog_bytes + len(message) > MAX_BACKLOG:
+    def send(self, message: bytes) -> None:
+        """Queue one message; what cannot reach the worker goes to ``undeliverable``."""
+        if not self.connect() or self.out is None:
+            self._undeliverable(message)
+            return
+        if self.out.queued + len(message) > MAX_BACKLOG:
             log.error("worker %d is not reading its mesh link: cutting it", self.worker)
             self.close()
-            return False
-        self.backlog.append(message)
-        self.backlog_bytes += len(message)
-        return True
+            self._undeliverable(message)
+            return
+        try:
+            full = self.out.send(message)
+        except OSError:
+            self.close()  # hands this message back too
+            return
+        if full:
+            asyncio.get_running_loop().add_writer(self.out.sock.fileno(), self._drain)
 
     def _drain(self) -> None:
-        while self.backlog and self.sock is not None:
-            try:
-                self.sock.send(self.backlog[0])
-            except BlockingIOError:
-                return
-            except OSError:
-                self.close()
-                return
-            self.backlog_bytes -= len(self.backlog.pop(0))
-        if self.sock is not None:
-            asyncio.get_running_loop().remove_writer(self.sock.fileno())
+        if self.out is None:
+            return
+        try:
+            drained = self.out.flush()
+        except OSError:
+            self.close()
+            return
+        if drained:
+            asyncio.get_running_loop().remove_writer(self.out.sock.fileno())
 
     def close(self) -> None:
-        if self.sock is None:
+        if self.sock is None or self.out is None:
             return
         try:
             asyncio.get_running_loop().remove_writer(self.sock.fileno())
         except RuntimeError:
             pass
         self.sock.close()
-        self.sock = None
-        lost, self.backlog, self.backlog_bytes = self.backlog, [], 0
-        for message in lost:
-            for kind, body in iter_records(message):
-                self.mesh.undeliverable(self.worker, kind, bytes(body))
+        lost = self.out.close()
+        self.sock = self.out = None
+        for message, _fds in lost:
+            self._undeliverable(message)
+
+    def _undeliverable(self, message: bytes) -> None:
+        for kind, body in iter_records(message):
+            self.mesh.undeliverable(self.worker, kind, bytes(body))
 
 
 class AgentMesh:
@@ -123,10 +109,9 @@ class AgentMesh:
         self.on_record = on_record
         self.undeliverable = undeliverable
         self.links = [WorkerLink(self, i) for i in range(workers)]
-        self.batches: dict[int, list[bytes]] = {}
+        self.batches: dict[int, list[tuple[bytes, int]]] = {}
         self.flush_scheduled = False
         self.inbound = 0  # workers' links to us now open
-        self._sender = _SENDER.pack(workers)
         self._readers: set[asyncio.Task[None]] = set()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
@@ -153,7 +138,7 @@ class AgentMesh:
                 data = await loop.sock_recv(sock, RECV_SIZE)
                 if not data:
                     return
-                (sender,) = _SENDER.unpack_from(data)
+                sender = sender_of(data)
                 for kind, body in iter_records(data):
                     try:
                         self.on_record(sender, kind, body)
@@ -169,7 +154,7 @@ class AgentMesh:
 
     def send(self, worker: int, kind: int, body: bytes) -> None:
         """Queue one record for ``worker``; it leaves with this loop turn's batch."""
-        self.batches.setdefault(worker, []).append(_HEADER.pack(kind, len(body)) + body)
+        self.batches.setdefault(worker, []).append((record(kind, body), -1))
         if not self.flush_scheduled:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -183,20 +168,8 @@ class AgentMesh:
         batches, self.batches = self.batches, {}
         for worker, records in batches.items():
             link = self.links[worker]
-            for message in self._messages(records):
-                if not link.send(message):
-                    for kind, body in iter_records(message):
-                        self.undeliverable(worker, kind, bytes(body))
-
-    def _messages(self, records: list[bytes]) -> Iterator[bytes]:
-        parts, size = [self._sender], len(self._sender)
-        for record in records:
-            if len(parts) > 1 and size + len(record) > MAX_MESSAGE:
-                yield b"".join(parts)
-                parts, size = [self._sender], len(self._sender)
-            parts.append(record)
-            size += len(record)
-        yield b"".join(parts)
+            for message, _fds in pack_messages(self.workers, records):
+                link.send(message)
 
     def close(self) -> None:
         for link in self.links:

@@ -1,13 +1,14 @@
-"""The mesh records a node's workers and its Redis agent exchange (``mesh.py`` framing).
+"""The records a node's workers and its Redis agent exchange: kinds, fields, modes.
 
-The agent is mesh peer number ``workers`` (``mesh.address(node, workers)``); records ride in the
-same batched ``SOCK_SEQPACKET`` messages as the workers' own (a 2-byte sender index, then
-``kind, length, body`` per record). Kinds from 32 up are this module's; ``Mesh.handle`` routes
-them. Requests carry the mesh request id (``Mesh.expect``) and get exactly one reply, or the
-mesh's failure value when the agent is lost or late.
+The agent is mesh peer number ``workers`` (``wire.address(node, workers)``); records ride in the
+same batched ``SOCK_SEQPACKET`` messages as the workers' own (``rawsse/node/wire.py``: a 2-byte
+sender index, then ``kind, length, body`` per record; the byte layouts are ``wire.LAYOUTS``).
+Kinds from 32 up are these; ``Mesh.handle`` routes them. Requests carry the mesh request id
+(``Mesh.expect``) and get exactly one reply, or the mesh's failure value when the agent is lost
+or late.
 
 worker → agent
-  ROUTE    rid, mode, expires, delay, token, frame  → ROUTED rid, outcome (``redis_scripts``)
+  ROUTE    rid, mode, expires, delay, token, frame  → ROUTED rid, outcome (``scripts.py``)
   CLAIM    rid, mode, token                         → CLAIMED rid, seq (−1 failed, 0 taken),
                                                       pending value (may be empty)
   RELEASE  token                                    (no reply)
@@ -21,12 +22,15 @@ agent → worker
 
 from __future__ import annotations
 
-import struct
+# The kind numbers live with the other kinds in wire.py; the cluster code names them from here.
+from rawsse.node.wire import (
+    CLAIM, CLAIMED, CLUSTER, CLUSTER_VIEW, DELIVER, EVICT, NODE_STATS, RELEASE, ROUTE, ROUTED,
+    STATE, decoder, encoder,
+)
 
-ROUTE, CLAIM, RELEASE, STATS, CLUSTER = 32, 33, 34, 35, 36
-ROUTED, CLAIMED, DELIVER, EVICT, STATE, CLUSTER_VIEW = 40, 41, 42, 43, 44, 45
+STATS = NODE_STATS  # the agent's STATS; the workers' own STATS (wire.STATS) is another kind
 
-# ROUTE modes → the script's storing mode (redis_scripts.ROUTE_LUA)
+# ROUTE modes → the script's storing mode (scripts.ROUTE_LUA)
 MODE_PUSH = 0  # a new push: newest wins (SET … GET)
 MODE_REQUEUE = 1  # given back by an ended stream: never overwrites a newer one (SET … NX)
 ROUTE_MODES = {MODE_PUSH: b"set", MODE_REQUEUE: b"nx"}
@@ -36,83 +40,14 @@ CLAIM_TAKE = 0  # a device connected here: it is the newest
 CLAIM_RESYNC = 1  # re-claiming after Redis came back: yield to a live node that claimed meanwhile
 CLAIM_MODES = {CLAIM_TAKE: b"take", CLAIM_RESYNC: b"resync"}
 
-_ROUTE = struct.Struct("!IBddB")
-_CLAIM = struct.Struct("!IBB")
-_ROUTED = struct.Struct("!Ib")
-_CLAIMED = struct.Struct("!Iq")
-_DELIVER = struct.Struct("!ddB")
-_EVICT = struct.Struct("!qB")
-_STATE = struct.Struct("!??")
-_RID = struct.Struct("!I")
-
-
-def route(rid: int, mode: int, expires: float, delay: float, token: bytes, frame: bytes) -> bytes:
-    return _ROUTE.pack(rid, mode, expires, delay, len(token)) + token + frame
-
-
-def parse_route(body: memoryview) -> tuple[int, int, float, float, bytes, bytes]:
-    rid, mode, expires, delay, length = _ROUTE.unpack_from(body)
-    start = _ROUTE.size
-    return rid, mode, expires, delay, bytes(body[start:start + length]), bytes(body[start + length:])
-
-
-def claim(rid: int, mode: int, token: bytes) -> bytes:
-    return _CLAIM.pack(rid, mode, len(token)) + token
-
-
-def parse_claim(body: memoryview) -> tuple[int, int, bytes]:
-    rid, mode, length = _CLAIM.unpack_from(body)
-    return rid, mode, bytes(body[_CLAIM.size:_CLAIM.size + length])
-
-
-def routed(rid: int, outcome: int) -> bytes:
-    return _ROUTED.pack(rid, outcome)
-
-
-def parse_routed(body: memoryview) -> tuple[int, int]:
-    return _ROUTED.unpack_from(body)
-
-
-def claimed(rid: int, seq: int, value: bytes = b"") -> bytes:
-    return _CLAIMED.pack(rid, seq) + value
-
-
-def parse_claimed(body: memoryview) -> tuple[int, int, bytes]:
-    rid, seq = _CLAIMED.unpack_from(body)
-    return rid, seq, bytes(body[_CLAIMED.size:])
-
-
-def deliver(expires: float, delay: float, token: bytes, frame: bytes) -> bytes:
-    return _DELIVER.pack(expires, delay, len(token)) + token + frame
-
-
-def parse_deliver(body: memoryview) -> tuple[float, float, bytes, bytes]:
-    expires, delay, length = _DELIVER.unpack_from(body)
-    start = _DELIVER.size
-    return expires, delay, bytes(body[start:start + length]), bytes(body[start + length:])
-
-
-def evict(seq: int, token: bytes) -> bytes:
-    return _EVICT.pack(seq, len(token)) + token
-
-
-def parse_evict(body: memoryview) -> tuple[int, bytes]:
-    seq, length = _EVICT.unpack_from(body)
-    return seq, bytes(body[_EVICT.size:_EVICT.size + length])
-
-
-def state(up: bool, resync: bool) -> bytes:
-    return _STATE.pack(up, resync)
-
-
-def parse_state(body: memoryview) -> tuple[bool, bool]:
-    return _STATE.unpack_from(body)
-
-
-def request(rid: int, payload: bytes = b"") -> bytes:
-    return _RID.pack(rid) + payload
-
-
-def parse_request(body: memoryview) -> tuple[int, bytes]:
-    (rid,) = _RID.unpack_from(body)
-    return rid, bytes(body[_RID.size:])
+# Each kind's codec pair, generated from its layout in ``wire.LAYOUTS``; the field order is the
+# module docstring's. A trailing byte string may be left out when encoding (empty).
+route, parse_route = encoder(ROUTE), decoder(ROUTE)
+claim, parse_claim = encoder(CLAIM), decoder(CLAIM)
+routed, parse_routed = encoder(ROUTED), decoder(ROUTED)
+claimed, parse_claimed = encoder(CLAIMED), decoder(CLAIMED)
+deliver, parse_deliver = encoder(DELIVER), decoder(DELIVER)
+evict, parse_evict = encoder(EVICT), decoder(EVICT)
+state, parse_state = encoder(STATE), decoder(STATE)
+# CLUSTER and CLUSTER_VIEW: a request id, then JSON (the view) or nothing (the request)
+request, parse_request = encoder(CLUSTER), decoder(CLUSTER)

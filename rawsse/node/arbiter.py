@@ -1,16 +1,17 @@
 """The master of a node: spawns, watches, reaps and respawns workers; never touches a client.
 
-Theory of operation (gunicorn's arbiter is the model)
------------------------------------------------------
+Theory of operation (the model is gunicorn's arbiter: benoitc/gunicorn ``gunicorn/arbiter.py``)
+-----------------------------------------------------------------------------------------------
 The master forks ``N`` workers. Each binds the listen port itself with ``SO_REUSEPORT`` and owns
-token shard ``index`` (``rawsse.node.routing.owner_of``). The master keeps one ``SOCK_SEQPACKET`` socketpair per
-worker (``WorkerHandle``): a worker reports ``ready`` once and a heartbeat every tick; the master
-sends node facts (workers up, restarts, losses) for ``/stats``.
+token shard ``index`` (``routing.owner_of``). The master keeps one ``SOCK_SEQPACKET`` socketpair
+per worker (``WorkerHandle``): a worker reports ``ready`` once and a heartbeat every tick; the master
+sends node facts (workers up, restarts, losses) for ``/stats``, in order through a ``SendQueue``.
 
 Rules
 -----
 - Signal handlers only queue the signal; the loop handles it after its wakeup fd fires
-  (``handle_<signame>``), so nothing non-reentrant runs in a handler (gunicorn #3198).
+  (``handle_<signame>``), so nothing non-reentrant runs in a handler (benoitc/gunicorn issue
+  #3198, "Logging in signal handlers may be unsafe").
 - A worker that dies is respawned into the same shard. What it held is counted from its last
   heartbeat (streams whose devices will reconnect, pending pushes lost), never silent. Repeated
   deaths back off (1 s doubling to 30 s) so a crash loop cannot hammer the devices.
@@ -28,7 +29,7 @@ Rules
 - TTIN/TTOU (add/remove a worker) are refused: the worker count is the shard modulus, so
   changing it would move almost every token to another worker while its stream and pending push
   stay behind. Restart with ``--workers N`` instead.
-- Redis mode (``--redis``): one more child, the node's Redis agent (``redis_agent.py``), is
+- Redis mode (``--redis``): one more child, the node's Redis agent (``cluster/agent.py``), is
   spawned first, watched and respawned like a worker (its death loses no stream: the workers keep
   theirs and re-claim them when the new agent is up). On stop it is signalled with the workers and
   leaves after them, because their draining streams still hand pushes back to Redis through it.
@@ -54,6 +55,7 @@ from rawsse.node.process import BOOT_ERROR, NodeProcess, run_worker
 from rawsse.config import ServeConfig
 from rawsse.server.loop import EPOLLOUT, READ_EVENTS, Loop
 from rawsse.node.routing import owner_of
+from rawsse.node.sendqueue import SendQueue
 from rawsse.apns.registry import Push
 from rawsse.node.systemd import Notifier
 from rawsse.limits import raise_nofile_limit
@@ -77,7 +79,7 @@ class WorkerHandle:
     """The master's view of one worker slot: its process and its control socket."""
 
     __slots__ = ("arbiter", "index", "pid", "sock", "fd", "ready", "last_beat", "beat",
-                 "started", "deaths", "restarting", "unsent")
+                 "deaths", "restarting", "out")
 
     def __init__(self, arbiter: "Arbiter", index: int) -> None:
         self.arbiter = arbiter
@@ -88,12 +90,25 @@ class WorkerHandle:
         self.ready = False
         self.last_beat = 0.0
         self.beat: dict[str, Any] = {}
-        self.started = 0.0
         self.deaths: list[float] = []
         self.restarting = False
         # Messages the socket did not take yet (a worker still booting reads nothing); sent in
         # order once it drains, so no admin change is lost on the way to a new worker.
-        self.unsent: list[bytes] = []
+        self.out: SendQueue | None = None
+
+    def attach(self, pid: int, sock: socket.socket) -> None:
+        """A new process in this slot, and the master's end of its control socket."""
+        self.pid, self.sock, self.fd, self.out = pid, sock, sock.fileno(), SendQueue(sock)
+        self.ready = False
+        self.last_beat = time.monotonic()
+        self.beat = {}
+
+    def record_death(self, now: float) -> float:
+        """Count a death; the pause before the respawn: none after the first death in a
+        minute, then 1 s doubling up to MAX_RESPAWN_DELAY, so a crash loop cannot hammer the
+        devices."""
+        self.deaths = [t for t in self.deaths if now - t < 60.0] + [now]
+        return 0.0 if len(self.deaths) <= 1 else min(MAX_RESPAWN_DELAY, 2.0 ** (len(self.deaths) - 2))
 
     def handle_events(self, events: int) -> None:
         if events & EPOLLOUT and self._flush():
@@ -111,27 +126,28 @@ class WorkerHandle:
             self.arbiter.on_message(self, orjson.loads(data))
 
     def send(self, message: dict[str, Any]) -> None:
-        if self.sock is not None:
-            waiting = bool(self.unsent)
-            self.unsent.append(orjson.dumps(message))
-            if not waiting and not self._flush():
-                self.arbiter.loop.modify(self.fd, READ_EVENTS | EPOLLOUT)
+        if self.out is None:
+            return
+        try:
+            full = self.out.send(orjson.dumps(message))
+        except OSError:  # the worker is gone: its exit is reaped and handled
+            self.out.close()
+            return
+        if full:
+            self.arbiter.loop.modify(self.fd, READ_EVENTS | EPOLLOUT)
 
     def _flush(self) -> bool:
         """Send what the socket takes, in order; True when nothing is left."""
-        while self.unsent and self.sock is not None:
-            try:
-                self.sock.send(self.unsent[0])
-            except BlockingIOError:
-                return False
-            except OSError:  # the worker is gone: its exit is reaped and handled
-                self.unsent.clear()
-                break
-            del self.unsent[0]
-        return True
+        if self.out is None:
+            return True
+        try:
+            return self.out.flush()
+        except OSError:  # the worker is gone: its exit is reaped and handled
+            self.out.close()
+            return True
 
     def close_socket(self) -> None:
-        self.unsent = []
+        self.out = None
         if self.sock is not None:
             self.arbiter.loop.remove(self.fd)
             self.sock.close()
@@ -243,10 +259,7 @@ class Arbiter:
                 os._exit(code)
         worker_side.close()
         master_side.setblocking(False)
-        handle.pid, handle.sock, handle.fd = pid, master_side, master_side.fileno()
-        handle.ready = False
-        handle.started = handle.last_beat = time.monotonic()
-        handle.beat = {}
+        handle.attach(pid, master_side)
         self.loop.add(handle.fd, handle, READ_EVENTS)
 
     def _topology(self) -> Callable[[NodeProcess], Any] | None:
@@ -421,17 +434,12 @@ class Arbiter:
         self.lost_pending += pending
         log.error("worker %d (shard %d) died with exit code %d holding ~%d streams and ~%d "
                   "pending pushes; respawning", handle.index, handle.index, code, streams, pending)
-        now = time.monotonic()
-        handle.deaths = [t for t in handle.deaths if now - t < 60.0] + [now]
-        delay = 0.0 if len(handle.deaths) <= 1 else min(MAX_RESPAWN_DELAY, 2.0 ** (len(handle.deaths) - 2))
-        self.loop.call_later(delay, self._respawn, handle, {})
+        self.loop.call_later(handle.record_death(time.monotonic()), self._respawn, handle, {})
 
     def _on_agent_exit(self, handle: WorkerHandle, code: int) -> None:
         """The Redis agent died: respawn it (backing off like a worker). Streams stay with the
         workers; pushes needing Redis get 503 meanwhile; the new agent has them re-claimed."""
-        now = time.monotonic()
-        handle.deaths = [t for t in handle.deaths if now - t < 60.0] + [now]
-        delay = 0.0 if len(handle.deaths) <= 1 else min(MAX_RESPAWN_DELAY, 2.0 ** (len(handle.deaths) - 2))
+        delay = handle.record_death(time.monotonic())
         log.error("redis agent died with exit code %d; respawning in %.0fs", code, delay)
         self.loop.call_later(delay, self._respawn, handle, {})
 

@@ -11,9 +11,9 @@ push or a device can land anywhere; the mesh moves it to the owner:
   token lives in exactly one process and "newest wins" stays a local decision;
 - a push is forwarded to the owner (``PUSH``), which stores or delivers it and acknowledges
   (``ACK``); only then does the receiving worker answer 200. An owner that is full, dead or
-  unreachable makes the answer 503: a 200 always means the owner holds the push (SPEC §4);
+  unreachable makes the answer 503: a 200 always means the owner holds the push;
 - a broadcast goes once to each worker (``BCAST``), which writes its own streams and replies with
-  a count (``BCAST_DONE``); ``/stats`` asks each worker once (``STATS``/``STATS_REPLY``); admin
+  a count (``BCAST_DONE``); ``/stats`` asks each worker once (``STATS``/``REPLY``); admin
   commands are applied everywhere (``ADMIN``).
 
 Links: every worker listens on an abstract-namespace ``SOCK_SEQPACKET`` socket named after the
@@ -21,74 +21,70 @@ master's pid and its index, and connects to a peer the first time it has somethi
 (an outbound link per direction, ``2 × (N−1)`` fds per worker). A respawned worker binds the same
 name; its peers notice the old link close and reconnect on their next send.
 
-Batching (the GenStage lesson, seed 004): records for one peer accumulate during a loop turn and
-leave as one ``sendmsg`` per peer per turn (split at ``MAX_MESSAGE`` bytes or ``MAX_FDS`` fds).
+Batching: records for one peer accumulate during a loop turn and leave as one ``sendmsg`` per
+peer per turn (split at ``MAX_MESSAGE`` bytes or ``MAX_FDS`` fds); the framing and the record
+codecs are ``wire.py``'s, the ordered queue of what the kernel has not taken ``sendqueue.py``'s.
 Back-pressure: bytes a peer has not taken yet are bounded (``MAX_QUEUED``); over it, pushes for
 that peer are answered 503, never dropped.
 
 Extra peers: in Redis mode the node's Redis agent is one more peer (index = worker count, see
-``agent_records.py``). ``add_peer`` links to it and ``handle`` routes its record kinds; it takes
-no part in broadcasts, ``/stats`` collection or admin commands, which go to workers only.
+``rawsse/cluster/records.py``). ``add_peer`` links to it and ``handle`` routes its record kinds;
+it takes no part in broadcasts, ``/stats`` collection or admin commands, which go to workers only.
 """
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import socket
-import struct
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import orjson
 
-from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import Accepted, Owner, PushAnswer
+from rawsse.node.sendqueue import SendQueue
+from rawsse.node.wire import (
+    ACK, ADMIN, ANCILLARY_SIZE, BCAST, BCAST_DONE, HANDOFF, PUSH, RECV_SIZE, REPLY, STATS,
+    TRUNCATED, address, decode, decoder, encode, encoder, iter_records, pack_messages,
+    received_fds, record, sender_of,
+)
+from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
 
 log = logging.getLogger(__name__)
 
-PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN = range(1, 9)
+# The hot kinds' codecs, bound once (``wire.encode``/``decode`` look the kind up per call).
+_encode_push, _decode_push = encoder(PUSH), decoder(PUSH)
+_encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
 
-_SENDER = struct.Struct("!H")  # each message starts with the sending worker's index
-_HEADER = struct.Struct("!BI")  # record type, body length
-_PUSH = struct.Struct("!IddB")  # request id, expires, delay, token length
-_ACK = struct.Struct("!Ib")  # request id, 1 accepted / 0 queue full / -1 owner unavailable
-_HANDOFF = struct.Struct("!B")  # token length (then token, then leftover bytes)
-_BCAST = struct.Struct("!IB")  # request id, prefix length
-_BCAST_DONE = struct.Struct("!II")
-_REQUEST = struct.Struct("!I")
-
-MAX_MESSAGE = 60 * 1024  # under the default wmem/rmem (208 KiB) so one message always fits
-MAX_FDS = 64  # SCM_MAX_FD is 253 per message
 MAX_QUEUED = 8 * 1024 * 1024
-RECV_SIZE = 256 * 1024
 REQUEST_TIMEOUT = 5.0
 # A broadcast reply comes after the peer wrote to every one of its streams: ~18k loopback writes
-# per worker took 3-6 s at 300k streams on 2 shared cores (bench/results/full.md), so a 5 s
-# timeout under-counted; the answer waits longer rather than report a wrong count.
+# per worker took 3-6 s at 300k streams on 2 shared cores (measured with ``python bench/run.py
+# --full``), so a 5 s timeout under-counted; the answer waits longer rather than report a wrong
+# count.
 BROADCAST_TIMEOUT = 120.0
 
 
-def address(node: int, index: int) -> str:
-    """Abstract-namespace name of worker ``index``'s mesh socket (no file to clean up)."""
-    return f"\0rawsse-mesh-{node}-{index}"
 
 
 class OutLink:
-    """The connection this worker sends on to one peer, with its unsent batch."""
+    """The connection this worker sends on to one peer, with what the kernel has not taken."""
 
-    __slots__ = ("mesh", "peer", "sock", "fd", "pending", "pending_fds", "queued", "events")
+    __slots__ = ("mesh", "peer", "sock", "fd", "out", "events")
 
     def __init__(self, mesh: "Mesh", peer: int) -> None:
         self.mesh = mesh
         self.peer = peer
         self.sock: socket.socket | None = None
         self.fd = -1
-        self.pending: list[tuple[bytes, list[int]]] = []  # messages not yet accepted by the kernel
-        self.pending_fds = 0
-        self.queued = 0  # bytes in ``pending``
+        self.out: SendQueue | None = None
         self.events = 0
+
+    @property
+    def queued(self) -> int:
+        """Bytes the peer has not taken yet."""
+        return self.out.queued if self.out is not None else 0
 
     def connect(self) -> bool:
         """Link up now if the peer listens. A refused connect is not remembered: a peer is
@@ -106,35 +102,30 @@ class OutLink:
             sock.close()
             return False
         sock.setblocking(False)
-        self.sock, self.fd = sock, sock.fileno()
+        self.sock, self.fd, self.out = sock, sock.fileno(), SendQueue(sock)
         self.events = READ_EVENTS
         loop.add(self.fd, self, READ_EVENTS)
         return True
 
-    def queue(self, message: bytes, fds: list[int]) -> None:
-        self.pending.append((message, fds))
-        self.queued += len(message)
+    def send(self, messages: list[tuple[bytes, list[int]]]) -> None:
+        """Queue this turn's messages behind any still waiting, and send what the kernel takes."""
+        out = self.out
+        if out is None:  # the link died after these were queued: the waiting requests already
+            _close_fds(messages)  # failed; the hand-offs' devices reconnect
+            return
+        for message, fds in messages:
+            out.push(message, fds)
+        self.flush()
 
     def flush(self) -> None:
-        sock = self.sock
-        while self.pending and sock is not None:
-            message, fds = self.pending[0]
-            try:
-                if fds:
-                    sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                              array.array("i", fds))])
-                else:
-                    sock.send(message)
-            except BlockingIOError:
-                break
-            except OSError:
-                self.close("send failed")
-                return
-            self.pending.pop(0)
-            self.queued -= len(message)
-            for fd in fds:  # the peer has its own copy now
-                os.close(fd)
-        self._want_write(bool(self.pending))
+        if self.out is None:
+            return
+        try:
+            drained = self.out.flush()
+        except OSError:
+            self.close("send failed")
+            return
+        self._want_write(not drained)
 
     def _want_write(self, on: bool) -> None:
         events = READ_EVENTS | (EPOLLOUT if on else 0)
@@ -157,18 +148,20 @@ class OutLink:
             self.flush()
 
     def close(self, why: str = "") -> None:
-        if self.sock is None:
+        if self.sock is None or self.out is None:
             return
         log.info("link to worker %d lost (%s)", self.peer, why)
         self.mesh.worker.loop.remove(self.fd)
         self.sock.close()
-        self.sock, self.fd = None, -1
-        for _message, fds in self.pending:
-            for fd in fds:  # streams that never reached their owner: the device reconnects
-                os.close(fd)
-        self.pending = []
-        self.queued = 0
+        _close_fds(self.out.close())  # streams that never reached their owner: devices reconnect
+        self.sock, self.fd, self.out = None, -1, None
         self.mesh.link_lost(self.peer)
+
+
+def _close_fds(messages: Sequence[tuple[bytes, Sequence[int]]]) -> None:
+    for _message, fds in messages:
+        for fd in fds:
+            os.close(fd)
 
 
 class InLink:
@@ -182,10 +175,13 @@ class InLink:
         self.fd = sock.fileno()
 
     def handle_events(self, events: int) -> None:
-        for _ in range(64):  # bounded per turn so one busy peer cannot starve the others
+        # One recvmsg is one message (SOCK_SEQPACKET); read until EAGAIN, at most 64 per turn
+        # so one busy peer cannot starve the others. Linux has no flag on a received message
+        # saying another one waits, so finding the queue empty costs that last EAGAIN call.
+        recvmsg = self.sock.recvmsg
+        for _ in range(64):
             try:
-                data, ancdata, flags, _addr = self.sock.recvmsg(
-                    RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4))
+                data, ancdata, flags, _addr = recvmsg(RECV_SIZE, ANCILLARY_SIZE)
             except BlockingIOError:
                 return
             except OSError:
@@ -194,8 +190,8 @@ class InLink:
             if not data:
                 self.close()
                 return
-            fds = _received_fds(ancdata)
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            fds = received_fds(ancdata) if ancdata else []
+            if flags & TRUNCATED:
                 log.error("mesh message truncated (flags %#x): %d fds lost", flags, len(fds))
                 self.mesh.worker.stats.disconnect("error")
             self.mesh.receive(data, fds)
@@ -231,15 +227,6 @@ class MeshListener:
         self.sock.close()
 
 
-def _received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds.extend(array.array("i", data[:usable]))
-    return fds
-
-
 class Mesh:
     """This worker's links to its peers and the requests waiting on them."""
 
@@ -251,7 +238,6 @@ class Mesh:
         self.links = {peer: OutLink(self, peer) for peer in range(self.count) if peer != self.index}
         # peer -> records (bytes, fd or -1) queued during this loop turn
         self.batches: dict[int, list[tuple[bytes, int]]] = {}
-        self._sender = _SENDER.pack(self.index)
         self._reply_to = -1  # the peer whose message is being handled
         self.flush_scheduled = False
         self._next_id = 0
@@ -259,7 +245,6 @@ class Mesh:
         # the failure value when the peer is lost or does not answer in REQUEST_TIMEOUT
         self.waiting: dict[int, tuple[int, Callable[[Any], None], Any, float]] = {}
         self.listener: MeshListener | None = None
-        self.forward_failures = 0
         # record kind -> handler(body) for kinds this module does not know (the Redis agent's)
         self.handlers: dict[int, Callable[[memoryview], None]] = {}
         self.owner: Owner  # what this worker does with a push for its own shard (set by the node)
@@ -299,7 +284,7 @@ class Mesh:
         batch = self.batches.get(peer)
         if batch is None:
             batch = self.batches[peer] = []
-        batch.append((_HEADER.pack(kind, len(body)) + body, fd))
+        batch.append((record(kind, body), fd))
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.worker.loop.call_soon(self.flush)
@@ -309,31 +294,7 @@ class Mesh:
         self.flush_scheduled = False
         batches, self.batches = self.batches, {}
         for peer, records in batches.items():
-            link = self.links[peer]
-            if link.sock is None:  # the link died after these were queued: the waiting
-                for _record, fd in records:  # requests already failed; drop the hand-offs
-                    if fd >= 0:
-                        os.close(fd)
-                continue
-            for message, fds in self._messages(records):
-                link.queue(message, fds)
-            link.flush()
-
-    def _messages(self, records: list[tuple[bytes, int]]) -> list[tuple[bytes, list[int]]]:
-        """Pack records into as few messages as the size and fd limits allow."""
-        messages: list[tuple[bytes, list[int]]] = []
-        parts: list[bytes] = [self._sender]
-        size, fds = len(self._sender), []
-        for record, fd in records:
-            if len(parts) > 1 and (size + len(record) > MAX_MESSAGE or (fd >= 0 and len(fds) >= MAX_FDS)):
-                messages.append((b"".join(parts), fds))
-                parts, size, fds = [self._sender], len(self._sender), []
-            parts.append(record)
-            size += len(record)
-            if fd >= 0:
-                fds.append(fd)
-        messages.append((b"".join(parts), fds))
-        return messages
+            self.links[peer].send(pack_messages(self.index, records))
 
     def expect(self, peer: int, callback: Callable[[Any], None], failure: Any,
                timeout: float = REQUEST_TIMEOUT) -> int:
@@ -344,18 +305,15 @@ class Mesh:
 
     def expire_waiting(self, now: float) -> None:
         """Fail requests a peer never answered (it hung, or its reply link could not form)."""
-        late = [rid for rid, entry in self.waiting.items() if entry[3] < now]
-        for rid in late:
-            _, callback, failure, _ = self.waiting.pop(rid)
-            self.forward_failures += 1
-            callback(failure)
+        self._fail([rid for rid, entry in self.waiting.items() if entry[3] < now])
 
     def link_lost(self, peer: int) -> None:
         """Every request waiting on ``peer`` fails now (a forwarded push becomes a 503)."""
-        lost = [rid for rid, entry in self.waiting.items() if entry[0] == peer]
-        for rid in lost:
+        self._fail([rid for rid, entry in self.waiting.items() if entry[0] == peer])
+
+    def _fail(self, request_ids: list[int]) -> None:
+        for rid in request_ids:
             _, callback, failure, _ = self.waiting.pop(rid)
-            self.forward_failures += 1
             callback(failure)
 
     # -- requests -----------------------------------------------------------------------------
@@ -372,12 +330,12 @@ class Mesh:
             answer(Accepted.QUEUE_FULL)
             return
         rid = self.expect(peer, answer, Accepted.UNREACHABLE)
-        self.send(peer, PUSH, _PUSH.pack(rid, push.expires, delay, len(token)) + token + push.frame)
+        self.send(peer, PUSH, _encode_push(rid, push.expires, delay, token, push.frame))
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
         if not self.can_send(peer):
             return False
-        self.send(peer, HANDOFF, _HANDOFF.pack(len(token)) + token + leftover, fd)
+        self.send(peer, HANDOFF, encode(HANDOFF, token, leftover), fd)
         return True
 
     def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
@@ -396,7 +354,7 @@ class Mesh:
         state["remaining"] = len(peers) + 1
         for peer in peers:
             rid = self.expect(peer, reply, 0, BROADCAST_TIMEOUT)
-            self.send(peer, BCAST, _BCAST.pack(rid, len(prefix_bytes)) + prefix_bytes + frame)
+            self.send(peer, BCAST, encode(BCAST, rid, prefix_bytes, frame))
         reply(self.worker.broadcast_local(frame, prefix))
 
     def collect(self, kind: int, body: bytes, done: Callable[[list[Any]], None]) -> None:
@@ -418,7 +376,7 @@ class Mesh:
             return
         for peer in peers:
             rid = self.expect(peer, reply, None)
-            self.send(peer, kind, _REQUEST.pack(rid) + body)
+            self.send(peer, kind, encode(kind, rid, body))
 
     def share(self, command: dict[str, Any], done: Callable[[list[Any]], None]) -> None:
         """Apply an admin command on every peer; ``done`` once all have it, so the change holds
@@ -428,15 +386,9 @@ class Mesh:
     # -- receiving ----------------------------------------------------------------------------
 
     def receive(self, data: bytes, fds: list[int]) -> None:
-        view = memoryview(data)
-        (self._reply_to,) = _SENDER.unpack_from(view)
-        offset = _SENDER.size
+        self._reply_to = sender_of(data)
         fd_index = 0
-        while offset < len(data):
-            kind, length = _HEADER.unpack_from(view, offset)
-            offset += _HEADER.size
-            body = view[offset:offset + length]
-            offset += length
+        for kind, body in iter_records(data):
             if kind == HANDOFF:
                 fd = fds[fd_index] if fd_index < len(fds) else -1
                 fd_index += 1
@@ -451,48 +403,42 @@ class Mesh:
 
     def _dispatch(self, kind: int, body: memoryview) -> None:
         if kind == PUSH:
-            rid, expires, delay, token_len = _PUSH.unpack_from(body)
-            start = _PUSH.size
-            token = bytes(body[start:start + token_len])
-            push = Push(bytes(body[start + token_len:]), expires)
+            rid, expires, delay, token, frame = _decode_push(body)
+            push = Push(frame, expires)
             peer = self._reply_to  # the answer may come later (a cluster worker asks Redis)
             self.owner.take(token, push, delay,
-                            lambda accepted: self.reply(peer, ACK, _ACK.pack(rid, accepted)))
+                            lambda accepted: self.reply(peer, ACK, _encode_ack(rid, accepted)))
         elif kind == ACK:
-            rid, value = _ACK.unpack_from(body)
+            rid, value = _decode_ack(body)
             self.resolve(rid, Accepted(value))
         elif kind == BCAST:
-            rid, prefix_len = _BCAST.unpack_from(body)
-            start = _BCAST.size
-            prefix = bytes(body[start:start + prefix_len]).decode()
-            count = self.worker.broadcast_local(bytes(body[start + prefix_len:]), prefix)
-            self._reply(BCAST_DONE, _BCAST_DONE.pack(rid, count))
+            rid, prefix, frame = decode(BCAST, body)
+            count = self.worker.broadcast_local(frame, prefix.decode())
+            self._reply(BCAST_DONE, encode(BCAST_DONE, rid, count))
         elif kind == BCAST_DONE:
-            rid, count = _BCAST_DONE.unpack_from(body)
+            rid, count = decode(BCAST_DONE, body)
             self.resolve(rid, count)
         elif kind == STATS:
-            (rid,) = _REQUEST.unpack_from(body)
-            self._reply(REPLY, _REQUEST.pack(rid) + orjson.dumps(self.worker.snapshot()))
+            rid, _ = decode(STATS, body)
+            self._reply(REPLY, encode(REPLY, rid, orjson.dumps(self.worker.snapshot())))
         elif kind == REPLY:
-            (rid,) = _REQUEST.unpack_from(body)
-            self.resolve(rid, orjson.loads(body[_REQUEST.size:]))
+            rid, payload = decode(REPLY, body)
+            self.resolve(rid, orjson.loads(payload))
         elif kind == ADMIN:
-            (rid,) = _REQUEST.unpack_from(body)
-            self.worker.admin.apply(orjson.loads(body[_REQUEST.size:]))
-            self._reply(REPLY, _REQUEST.pack(rid) + b"true")
+            rid, command = decode(ADMIN, body)
+            self.worker.admin.apply(orjson.loads(command))
+            self._reply(REPLY, encode(REPLY, rid, b"true"))
         elif kind in self.handlers:
             self.handlers[kind](body)
         else:
             log.error("unknown mesh record %d", kind)
 
     def _on_handoff(self, body: memoryview, fd: int) -> None:
-        (token_len,) = _HANDOFF.unpack_from(body)
-        start = _HANDOFF.size
-        token = bytes(body[start:start + token_len])
+        token, leftover = decode(HANDOFF, body)
         if fd < 0:
             log.error("stream hand-off for a token arrived without its socket")
             return
-        self.worker.adopt_stream(fd, token, bytes(body[start + token_len:]))
+        self.worker.adopt_stream(fd, token, leftover)
 
     def _reply(self, kind: int, body: bytes) -> None:
         self.reply(self._reply_to, kind, body)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import Owner, PushAnswer
-from rawsse.node.mesh import STATS
+from rawsse.node.wire import STATS
 from rawsse.server import http1_wire
 from rawsse.server.documents import node_document
 from rawsse.server.worker import SERVICE_UNAVAILABLE_CLOSE
