@@ -97,13 +97,17 @@ class Http1Connection:
         self.progress = False
         self.flush_scheduled = False
         self.stopping = False  # the worker drains: the request in progress is the last one
-        self.request = Request(self, operator)
+        # The request being parsed; None between requests. Never left set on a connection that
+        # ends: request.channel points back here, and a cycle outliving the connection would be
+        # moved to the never-scanned generation by the worker's gc.freeze() (a leak per stream).
+        self.request: Request | None = None
         self.target = b""
         self.body_size = 0
 
     # -- httptools callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.request = Request(self, self.operator)
         self.state = HEAD
         self.head_bytes = 0
         self.unparsed = 0
@@ -118,7 +122,9 @@ class Http1Connection:
         self.head_bytes += len(name) + len(value) + 4
         self.unparsed = 0  # those raw bytes are now counted exactly, in head_bytes
         self.progress = True
-        self.request.add_header(name.lower(), value)
+        request = self.request
+        if request is not None:
+            request.add_header(name.lower(), value)
 
     def on_headers_complete(self) -> None:
         if self.head_bytes > self.host.config.header_limit:
@@ -130,6 +136,8 @@ class Http1Connection:
         self.progress = True
         self.deadline = self.host.loop.now + self.host.config.header_timeout
         request = self.request
+        if request is None:
+            return
         request.set_target(self.target)
         request.method = self.parser.get_method()  # type: ignore[union-attr]
         self._expectations(request)
@@ -157,6 +165,8 @@ class Http1Connection:
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
         request = self.request
+        if request is None:
+            return
         if request.body_too_large:
             if self.body_size > DISCARD_BODY:
                 raise _TooLarge()
@@ -171,6 +181,8 @@ class Http1Connection:
         parser = self.parser
         keep_alive = parser.should_keep_alive()  # type: ignore[union-attr]
         request = self.request
+        if request is None:
+            return
         if not keep_alive or self.stopping:
             request.after = CLOSE
         elif parser.get_http_version() == "1.0":  # type: ignore[union-attr]
@@ -182,7 +194,7 @@ class Http1Connection:
         self.deadline = self.host.loop.now + self.host.config.idle_timeout
         self.host.stats.http_requests += 1
         self.responses.append(request)
-        self.request = Request(self, self.operator)
+        self.request = None
         self.target = b""
         self.body_size = 0
         self.host.routes.handle(request)
@@ -293,7 +305,9 @@ class Http1Connection:
     def _hand_to_stream(self, token: bytes) -> None:
         self.fd = -1
         fd = self.transport.detach()
-        self.parser = None  # breaks the parser <-> protocol cycle at once (no GC needed)
+        # Break the parser <-> protocol and request <-> protocol cycles at once (no GC needed).
+        self.parser = None
+        self.request = None
         self.host.http_conns.discard(self)
         self.host.place_stream(fd, token, bytes(self.out), self.events)
 
@@ -432,6 +446,7 @@ class Http1Connection:
             return
         self.fd = -1
         self.parser = None
+        self.request = None
         host = self.host
         host.loop.remove(fd)
         self.transport.close()
