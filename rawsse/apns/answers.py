@@ -1,4 +1,4 @@
-"""Answers in Apple's terms: a 200 with its ``apns-id``, and the JSON ``{"reason"}`` error body.
+"""Answers in Apple's terms: the JSON ``{"reason"}`` error body with its ``apns-id``.
 
 Apple, "Handling notification responses from APNs": every response carries ``apns-id``; an error
 has a JSON body whose ``reason`` names it, plus ``timestamp`` (ms) on 410. rawsse answers its own
@@ -23,10 +23,6 @@ def reason_body(reason: str, timestamp_ms: int | None = None) -> bytes:
     if timestamp_ms is None:
         return b'{"reason":"%s"}' % reason.encode()
     return b'{"reason":"%s","timestamp":%d}' % (reason.encode(), timestamp_ms)
-
-
-def accepted(apns_id: bytes) -> Answer:
-    return Answer(200, headers=((b"apns-id", apns_id),))
 
 
 def error(status: int, reason: str, apns_id: bytes | None = None,

@@ -70,6 +70,8 @@ PRIORITIES = frozenset({b"1", b"5", b"10"})
 # 5 KB for VoIP.
 MAX_PAYLOAD = 4096
 MAX_PAYLOAD_VOIP = 5120
+# apns-push-type (None when absent) -> payload limit; MAX_PAYLOAD for every other type.
+PAYLOAD_LIMITS: dict[bytes | None, int] = {b"voip": MAX_PAYLOAD_VOIP}
 MAX_COLLAPSE_ID = 64
 # APNs stores a notification for at most 30 days (Apple, "Sending notification requests to APNs",
 # apns-expiration).

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rawsse.apns.registry import Push, Registry
-from rawsse.apns.routing import Accepted
+from rawsse.apns.routing import HELD, QUEUE_FULL, Accepted
 
 if TYPE_CHECKING:
     from rawsse.config import ServeConfig
@@ -32,14 +32,14 @@ class Delivery:
         """Deliver now or after ``delay``; QUEUE_FULL when a bounded queue is full (→ 503)."""
         if delay > 0:
             if self.delayed >= self.config.max_delayed or not self._has_room(token, push):
-                return Accepted.QUEUE_FULL
+                return QUEUE_FULL
             self.delayed += 1
             self.loop.call_later(delay, self._deliver_delayed, token, push)
-            return Accepted.HELD
+            return HELD
         if not self._has_room(token, push):
-            return Accepted.QUEUE_FULL
+            return QUEUE_FULL
         self.registry.deliver(token, push)
-        return Accepted.HELD
+        return HELD
 
     def _has_room(self, token: bytes, push: Push) -> bool:
         """The pending store is bounded (--max-pending); pushes already counted in it or in the

@@ -29,7 +29,7 @@ from urllib.parse import unquote_to_bytes
 from rawsse.apns import answers
 from rawsse.apns.operator import OperatorRoutes
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import Accepted
+from rawsse.apns.routing import HELD, UNREACHABLE, Accepted
 from rawsse.apns.validation import PushRejected, is_apns_id, parse_token, payload_limit, validate_push
 from rawsse.server import sse
 from rawsse.server.exchange import Answer, Request
@@ -123,10 +123,14 @@ class Routes:
     def _push_answered(self, request: Request, apns_id: bytes, accepted: Accepted) -> None:
         """200 once the owner of the token holds the push; 503 when a bounded queue was full
         or the owner is unreachable, so the sender retries (never a 200 that is then dropped)."""
-        if accepted == Accepted.HELD:
-            self.answer(request, answers.accepted(apns_id))
+        if accepted is HELD:
+            answer = Answer(200, b"", None, ((b"apns-id", apns_id),))
+            if self.config.response_delay.is_zero:  # the hot path: no further call
+                request.channel.answer(request, answer)
+            else:
+                self.answer(request, answer)
             return
-        if accepted == Accepted.UNREACHABLE:  # the owner worker, node or Redis
+        if accepted is UNREACHABLE:  # the owner worker, node or Redis
             self.stats.owner_unavailable += 1
         else:  # a bounded queue is full: back-pressure
             self.stats.queue_full += 1

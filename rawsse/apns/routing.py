@@ -39,6 +39,11 @@ class Accepted(enum.IntEnum):
     UNREACHABLE = -1  # the owner (worker, node's agent, Redis) could not be reached: 503
 
 
+# The members as plain names: ``Accepted.HELD`` is an attribute lookup through the enum's
+# metaclass, 5x a global's cost on Python 3.11 (0.11 vs 0.02 us, python -m timeit), paid on
+# every push.
+HELD, QUEUE_FULL, UNREACHABLE = Accepted.HELD, Accepted.QUEUE_FULL, Accepted.UNREACHABLE
+
 PushAnswer = Callable[[Accepted], None]
 
 

@@ -122,7 +122,7 @@ def parse_delay(value: bytes) -> Distribution:
 
 def payload_limit(headers: dict[bytes, bytes]) -> int:
     """The largest body a push may carry: 5120 bytes for VoIP, 4096 for every other type."""
-    return apns.MAX_PAYLOAD_VOIP if headers.get(b"apns-push-type") == b"voip" else apns.MAX_PAYLOAD
+    return apns.PAYLOAD_LIMITS.get(headers.get(b"apns-push-type"), apns.MAX_PAYLOAD)
 
 
 def validate_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: bool,
@@ -149,7 +149,7 @@ def validate_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: boo
         token = parse_token(token_text, strict)
         if not body:
             raise reject("PayloadEmpty")
-        if len(body) > payload_limit(headers):
+        if len(body) > apns.PAYLOAD_LIMITS.get(push_type, apns.MAX_PAYLOAD):
             raise reject("PayloadTooLarge")
         delay_text = headers.get(DELAY_HEADER)
         delay = parse_delay(delay_text) if delay_text is not None else None

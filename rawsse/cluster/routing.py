@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import Accepted, PushAnswer
+from rawsse.apns.routing import HELD, UNREACHABLE, Accepted, PushAnswer
 from rawsse.cluster import records
 from rawsse.cluster import scripts
 from rawsse.server.documents import sum_totals
@@ -256,15 +256,15 @@ class ClusterNode:
             stats.discarded += 1
         else:
             self.counters["route_failures"] += 1
-            return Accepted.UNREACHABLE
-        return Accepted.HELD
+            return UNREACHABLE
+        return HELD
 
     def routed_in(self, token: bytes, push: Push, delay: float) -> None:
         """A push another node routed here because this node owns the device."""
         self.counters["routed_in"] += 1
         if token not in self.registry.streams:
             self.give_back(token, push, records.MODE_PUSH)  # the device moved on meanwhile
-        elif self.worker.delivery.accept(token, push, delay) != Accepted.HELD:
+        elif self.worker.delivery.accept(token, push, delay) is not HELD:
             self.registry.deliver(token, push)  # the delay queue is full: deliver now
 
     def give_back(self, token: bytes, push: Push, mode: int) -> None:

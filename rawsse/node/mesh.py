@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import orjson
 
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import Accepted, Owner, PushAnswer
+from rawsse.apns.routing import QUEUE_FULL, UNREACHABLE, Accepted, Owner, PushAnswer
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
     ACK, ADMIN, ANCILLARY_SIZE, BCAST, BCAST_DONE, HANDOFF, PUSH, RECV_SIZE, REPLY, STATS,
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 # The hot kinds' codecs, bound once (``wire.encode``/``decode`` look the kind up per call).
 _encode_push, _decode_push = encoder(PUSH), decoder(PUSH)
 _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
+_ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
 MAX_QUEUED = 8 * 1024 * 1024
 REQUEST_TIMEOUT = 5.0
@@ -324,12 +325,12 @@ class Mesh:
         be reached or did not answer)."""
         link = self.links[peer]
         if not link.connect():
-            answer(Accepted.UNREACHABLE)
+            answer(UNREACHABLE)
             return
         if link.queued >= MAX_QUEUED:
-            answer(Accepted.QUEUE_FULL)
+            answer(QUEUE_FULL)
             return
-        rid = self.expect(peer, answer, Accepted.UNREACHABLE)
+        rid = self.expect(peer, answer, UNREACHABLE)
         self.send(peer, PUSH, _encode_push(rid, push.expires, delay, token, push.frame))
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
@@ -410,7 +411,7 @@ class Mesh:
                             lambda accepted: self.reply(peer, ACK, _encode_ack(rid, accepted)))
         elif kind == ACK:
             rid, value = _decode_ack(body)
-            self.resolve(rid, Accepted(value))
+            self.resolve(rid, _ACK_MEANING.get(value, UNREACHABLE))
         elif kind == BCAST:
             rid, prefix, frame = decode(BCAST, body)
             count = self.worker.broadcast_local(frame, prefix.decode())

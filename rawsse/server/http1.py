@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from rawsse.apns import answers
+from rawsse.apns.apple import REQUEST_HEADERS
 from rawsse.server import http1_wire as wire
 from rawsse.server.exchange import Answer, Request
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
@@ -64,7 +65,7 @@ DISCARD_BODY = 1024 * 1024  # beyond this an oversized body is not drained: 413 
 LINGER_SECONDS = 2.0
 
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
-_CONNECTION = {KEEP: wire.KEEP, CLOSE: wire.CLOSE, KEEP_10: wire.KEEP_ALIVE_10}
+_CONNECTION = (wire.KEEP, wire.CLOSE, wire.KEEP_ALIVE_10)  # indexed by KEEP, CLOSE, KEEP_10
 _HTTP2_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                     "detail": "rawsse speaks HTTP/1.1 only"})
 
@@ -122,9 +123,10 @@ class Http1Connection:
         self.head_bytes += len(name) + len(value) + 4
         self.unparsed = 0  # those raw bytes are now counted exactly, in head_bytes
         self.progress = True
+        name = name.lower()
         request = self.request
-        if request is not None:
-            request.add_header(name.lower(), value)
+        if name in REQUEST_HEADERS and request is not None:  # the rest skipped, no call
+            request.add_header(name, value)
 
     def on_headers_complete(self) -> None:
         if self.head_bytes > self.host.config.header_limit:
@@ -138,9 +140,13 @@ class Http1Connection:
         request = self.request
         if request is None:
             return
-        request.set_target(self.target)
+        request.path, _, request.query = self.target.partition(b"?")
         request.method = self.parser.get_method()  # type: ignore[union-attr]
-        self._expectations(request)
+        headers = request.headers
+        length = headers.get(b"content-length")
+        # Only a body that may be refused unread (7+ digits: DISCARD_BODY) or an Expect matter.
+        if b"expect" in headers or (length is not None and len(length) >= 7):
+            self._expectations(request)
 
     def _expectations(self, request: Request) -> None:
         """Refuse an oversized body before reading it; send 100 Continue when asked."""
