@@ -167,11 +167,11 @@ def runs() -> Iterator[list[Devices]]:
 
 
 def test_devices_receive_stamped_pushes(start_server, tmp_path, runs) -> None:
-    server = start_server("--keepalive", "1")
+    server = start_server("--keepalive", "1", admin=True)
     run = Devices(server.url, tmp_path, "--ramp", "0", "--expect-events", "300", count=300,
                   duration=20)
     runs.append(run)
-    assert wait_streams(server.url, 300) == 300
+    assert wait_streams(server.admin_url, 300) == 300
     sent_at = time.time()
     push = run_push(server.url, tmp_path, "--tokens", "fleet:0-299")
     assert push["statuses"] == {"200": 300}
@@ -196,11 +196,11 @@ def test_devices_receive_stamped_pushes(start_server, tmp_path, runs) -> None:
 
 
 def test_processes_and_source_addresses(start_server, tmp_path, runs) -> None:
-    server = start_server()
+    server = start_server(admin=True)
     run = Devices(server.url, tmp_path, "--ramp", "0", "--processes", "2",
                   "--source-addresses", "127.0.0.2-127.0.0.3", count=120, duration=20)
     runs.append(run)
-    assert wait_streams(server.url, 120) == 120
+    assert wait_streams(server.admin_url, 120) == 120
     children = psutil.Process(run.proc.pid).children()
     assert len(children) == 2
     sources: dict[str, int] = {}
@@ -222,9 +222,9 @@ def test_http_errors_are_counted_and_retried_with_backoff(start_server, tmp_path
     tokens = tmp_path / "tokens.txt"
     tokens.write_text("zz\nabc\n")  # not hex; odd length
     run = Devices(server.url, tmp_path, "--ramp", "0", f"--token-scheme=file:{tokens}",
-                  count=2, duration=6)
+                  "--give-up-after", "0", count=2, duration=6)
     runs.append(run)
-    report = run.wait()
+    report = run.wait(expect=1)  # not one device connected
     assert report["connected"] == 0
     # attempts at 0 s, 1-1.5 s, 3-4.5 s, then not before 7 s: 3 each, never a tight retry loop
     assert report["errors"] == {"http_400_BadDeviceToken": 6}
