@@ -240,20 +240,22 @@ def test_reconnect_after_server_restart_is_spread_by_backoff(tmp_path, runs) -> 
     """A crashed server drops every stream at once; the devices come back after backoff + jitter
     (1-1.5 s, refused while the server is down), then 2-3 s later, spread, not as one burst."""
     holder, port = reserve_port()
-    flags = ["--keepalive", "1", "--drain-seconds", "0"]
-    server = Server(flags, port).wait_ready()
+    admin_holder, admin_port = reserve_port()  # /stats on its own listener
+    flags = ["--keepalive", "1", "--drain-seconds", "0", "--admin-listen",
+             f"127.0.0.1:{admin_port}"]
+    server = Server(flags, port, admin_port=admin_port).wait_ready()
     second: Server | None = None
     count, bin_s = 200, 0.05
     try:
         run = Devices(server.url, tmp_path, "--ramp", "0", "--timeline-bin", str(bin_s),
                       count=count, duration=9)
         runs.append(run)
-        assert wait_streams(server.url, count) == count
+        assert wait_streams(server.admin_url, count) == count
         os.killpg(server.proc.pid, signal.SIGKILL)  # a crash: ours to end, by its session
         server.proc.wait()
         killed_at = time.monotonic()
         time.sleep(1.7)  # the first wave (1-1.5 s) is refused
-        second = Server(flags, port).wait_ready()
+        second = Server(flags, port, admin_port=admin_port).wait_ready()
         assert time.monotonic() - killed_at < 2.8, "restart too slow for the second wave"
         report = run.wait()
     finally:
@@ -261,6 +263,7 @@ def test_reconnect_after_server_restart_is_spread_by_backoff(tmp_path, runs) -> 
         if second is not None:
             second.stop()
         holder.close()
+        admin_holder.close()
 
     timeline = report["timeline"]
     drops, attempts, connects = timeline["drops"], timeline["attempts"], timeline["connects"]
