@@ -89,6 +89,28 @@ def test_push_gives_up_on_a_dead_url(dead_url, tmp_path) -> None:
     assert result["sent"] == 0 and set(result["errors"]) == {"connect_refused"}
 
 
+def test_push_gives_up_when_its_server_goes_away(start_server, tmp_path) -> None:
+    """A server stopped mid-run: the sender used to retry until --max-time (here 70 s)."""
+    server = start_server("--drain-seconds", "0")
+    report = tmp_path / "push.json"
+    proc = start_tool("push", "--url", server.url, "--tokens", "fleet:0-9", "--rate", "20",
+                      "--duration", "60", "--give-up-after", "1", "--quiet",
+                      "--report", str(report))
+    try:
+        time.sleep(1.0)
+        server.stop()
+        _, stderr = proc.communicate(timeout=DEAD_WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # ours, by PID
+            proc.communicate()
+    assert proc.returncode == 3, stderr
+    [line] = closing_lines(stderr, "push")
+    assert f"lost the connection to {server.url} for 1 s" in line
+    result = read_json(report)
+    assert result["ended"] == "gave_up" and result["accepted"] >= 10
+
+
 def test_give_up_after_is_on_by_default() -> None:
     """A run nobody bounded ends within 10 s of losing its server (one run of it is
     test_push_gives_up_on_a_dead_url with a shorter bound; the suite cannot wait 10 s)."""

@@ -289,7 +289,9 @@ class Collector:
         return {
             "count": self.plan.count, "processes": self.plan.processes,
             "connected": self.total("connected"),
-            "peak_connected": max(self.peak_connected, self.total("connected")),
+            # at least what any one child held at once: a stream shorter than a snapshot counts
+            "peak_connected": max(self.peak_connected, self.total("connected"),
+                                  *(s.get("peak_connected", 0) for s in self.latest.values())),
             "events": self.total("events"), "duplicates": self.total("duplicates"),
             "latency_ms": latency.summary(),
             "reconnects": self.total("reconnects"), "errors": errors,

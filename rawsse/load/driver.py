@@ -125,6 +125,7 @@ class Sender:
             self.state = READY
             self.backoff = RECONNECT_MIN
             self.driver.last_up = self.driver.loop.now
+            self.driver.ever_up = True
             self.driver.loop.modify(sock.fileno(), READ_EVENTS)
             self.driver.request_pump()
             return
