@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
 from typing import Any, Iterator
@@ -87,6 +88,31 @@ def test_push_gives_up_on_a_dead_url(dead_url, tmp_path) -> None:
     result = read_json(report)
     assert result["ended"] == "gave_up"
     assert result["sent"] == 0 and set(result["errors"]) == {"connect_refused"}
+
+
+def test_push_connect_that_hangs_is_timed_out(tmp_path) -> None:
+    """A listener whose accept queue is full drops SYNs: connect() hangs (the kernel retries
+    for minutes), so --timeout bounds a connect as it bounds an answer."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        time.sleep(0.2)
+        report = tmp_path / "push.json"
+        done = run_tool("push", "--url", f"http://127.0.0.1:{port}", "--tokens", "fleet:0",
+                        "--senders", "2", "--timeout", "0.5", "--give-up-after", "2", "--quiet",
+                        "--report", str(report))
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+    assert done.returncode == 3, done.stderr
+    errors = read_json(report)["errors"]
+    assert errors.get("connect_timeout", 0) >= 2, errors
 
 
 def test_push_gives_up_when_its_server_goes_away(start_server, tmp_path) -> None:
