@@ -54,15 +54,16 @@ class Devices:
                    "--report", self.report_path, *flags),
             stdout=self._log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
-    def wait(self, timeout: float = 30.0) -> dict[str, Any]:
-        """The report, once the run ended by itself (or SIGINT after ``timeout``)."""
+    def wait(self, timeout: float = 30.0, expect: int = 0) -> dict[str, Any]:
+        """The report, once the run ended by itself (or SIGINT after ``timeout``) with the exit
+        code ``expect``."""
         try:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGINT)
             code = self.proc.wait(20)
         self._log.close()
-        assert code == 0, f"rawsse devices exited {code}:\n{self.output()}"
+        assert code == expect, f"rawsse devices exited {code}:\n{self.output()}"
         with open(self.report_path) as f:
             return json.load(f)
 
@@ -82,11 +83,12 @@ class Devices:
             self._log.close()
 
 
-def run_push(url: str, tmp_path: Any, *flags: str, timeout: float = 60.0) -> dict[str, Any]:
-    """One ``rawsse push`` run to the end; returns its report."""
+def run_push(url: str, tmp_path: Any, *flags: str, timeout: float = 60.0,
+             expect: int = 0) -> dict[str, Any]:
+    """One ``rawsse push`` run to the end, exiting ``expect``; returns its report."""
     report = str(tmp_path / f"push-{time.monotonic_ns()}.json")
     done = subprocess.run(rawsse("push", "--url", url, "--report", report, "--quiet", *flags),
                           env=ENV, capture_output=True, timeout=timeout, start_new_session=True)
-    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.returncode == expect, done.stderr.decode(errors="replace")
     with open(report) as f:
         return json.load(f)

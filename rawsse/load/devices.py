@@ -56,7 +56,15 @@ report (JSON): count, processes, connected (at end), peak_connected, events, dup
   latency_ms {count,p50,p90,p99,max,mean} (push's apns-id stamp → receipt), reconnects,
   errors {kind: n}, duration_s, connect_rate_per_s; also unstamped (events whose id is not a
   rawsse stamp), attempts, connects, latency_histogram (mergeable), and timeline {bin_s,
-  attempts, connects, drops} (counts per time bin since the start).
+  attempts, connects, drops} (counts per time bin since the start), and ended (done,
+  expected_events, gave_up, SIGINT or SIGTERM).
+exit codes:
+  0  the run ended and enough devices were connected (see --fail-under); also after SIGINT or
+     SIGTERM, the way a harness ends a run early (the report and a summary line are written)
+  1  too few devices: under --fail-under at the end or, without it, none ever connected; or a
+     child process failed
+  2  a flag cannot be used (one line names it; --report is checked before the run)
+  3  not one device got a stream from --url within --give-up-after seconds: gave up
 """
 
 FD_MARGIN = 100  # fds a child keeps for epoll, its wakeup pair, the pipe, stdio, imports
@@ -257,7 +265,7 @@ class Collector:
         events = self.total("events")
         rate = (events - self._last_events) / max(now - self._last_print, 1e-6)
         self._last_events, self._last_print = events, now
-        errors = " ".join(f"{k}={v}" for k, v in self.errors().items()) or "0"
+        errors = loadgen.count_summary(self.errors())
         self.progress_line.show(
             f"devices t={now - self.plan.start:5.1f}s connected {self.total('connected')}"
             f"/{self.plan.count} (peak {self.peak_connected}) events {events} ({rate:.0f}/s) "
@@ -281,7 +289,9 @@ class Collector:
         return {
             "count": self.plan.count, "processes": self.plan.processes,
             "connected": self.total("connected"),
-            "peak_connected": max(self.peak_connected, self.total("connected")),
+            # at least what any one child held at once: a stream shorter than a snapshot counts
+            "peak_connected": max(self.peak_connected, self.total("connected"),
+                                  *(s.get("peak_connected", 0) for s in self.latest.values())),
             "events": self.total("events"), "duplicates": self.total("duplicates"),
             "latency_ms": latency.summary(),
             "reconnects": self.total("reconnects"), "errors": errors,
@@ -337,6 +347,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop early once K events were received in all (for tests)")
     parser.add_argument("--timeline-bin", type=float, default=1.0, metavar="SECONDS",
                         help="bin width of the report's timeline (default 1)")
+    loadgen.add_exit_arguments(
+        parser, share_of="the share of --count devices connected at the end",
+        default_verdict="exit 1 only when no device ever connected",
+        give_up="end the run (exit 3) when not one device connected this long after the start "
+                "(after --jitter)")
     parser.add_argument("--report", metavar="PATH", help="write the JSON report here (default: "
                                                           "stdout)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
@@ -349,6 +364,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise ConfigError("--duration", "--duration and --timeline-bin must be positive")
     if not 0 < args.backoff_min <= args.backoff_max:
         raise ConfigError("--backoff-min", "needs 0 < --backoff-min <= --backoff-max")
+    loadgen.check_exit_arguments(args)
     host, port, base = loadgen.parse_url(args.url)
     processes = args.processes or default_processes(args.count)
     raise_nofile_limit()
@@ -374,13 +390,59 @@ def run(args: argparse.Namespace) -> int:
     parent = os.getpid()
     children = loadgen.fork_workers(
         slices, lambda first, count, fd: run_child(plan, first, count, fd, parent))
-    failed = loadgen.collect_lines(
-        children, collector.add, collector.progress,
-        should_stop=lambda: bool(args.expect_events)
-        and collector.total("events") >= args.expect_events,
-        deadline=plan.start + plan.duration + 15.0)
+    stops = loadgen.StopSignals().install()
+    ended = ["done"]
+
+    def should_stop() -> bool:
+        if args.expect_events and collector.total("events") >= args.expect_events:
+            ended[0] = "expected_events"
+            return True
+        if never_connected(collector, plan, args.give_up_after):
+            ended[0] = "gave_up"
+            return True
+        return False
+
+    try:
+        failed = loadgen.collect_lines(children, collector.add, collector.progress, should_stop,
+                                       plan.start + plan.duration + 15.0, stops)
+    finally:
+        stops.restore()
+    if stops.name is not None:
+        ended[0] = stops.name
     report = collector.report(time.monotonic(), failed)
+    report["ended"] = ended[0]
     collector.progress()
     collector.progress_line.done()
     loadgen.write_report(report, args.report)
-    return 1 if failed else 0
+    return verdict(report, args, failed)
+
+
+def never_connected(collector: Collector, plan: Plan, give_up_after: float) -> bool:
+    """``--give-up-after`` passed since the start (and the jitter) and no device connected."""
+    return (give_up_after > 0 and collector.total("connects") == 0
+            and time.monotonic() - plan.start >= plan.jitter + give_up_after)
+
+
+def verdict(report: dict[str, Any], args: argparse.Namespace, failed_children: int) -> int:
+    """The exit code (see EPILOG), with one closing line when it is not 0 or a signal ended it."""
+    where = f"report in {args.report}" if args.report else "report on stdout"
+    tally = (f"connected {report['connected']} of {report['count']} (peak "
+             f"{report['peak_connected']}), events {report['events']}, errors "
+             f"{loadgen.count_summary(report['errors'])}")
+    if report["ended"] == "gave_up":
+        loadgen.closing_line("devices", f"not one device got a stream from {args.url} within "
+                                        f"{args.give_up_after:g} s (--give-up-after), gave up: "
+                                        f"{tally}")
+        return loadgen.EXIT_UNREACHABLE
+    if report["ended"] in ("SIGINT", "SIGTERM"):
+        loadgen.closing_line("devices", f"stopped by {report['ended']} after "
+                                        f"{report['duration_s']:.1f} s: {tally}; {where}")
+    if failed_children:
+        loadgen.closing_line("devices", f"{failed_children} of {report['processes']} child "
+                                        f"processes failed (see above): {tally}")
+        return loadgen.EXIT_FAILED
+    if args.fail_under is None:  # without the flag: did any device ever connect
+        return loadgen.share_verdict("devices", report["peak_connected"], report["count"], None,
+                                     "devices ever connected", tally)
+    return loadgen.share_verdict("devices", report["connected"], report["count"],
+                                 args.fail_under, "devices connected at the end", tally)

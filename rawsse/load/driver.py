@@ -20,11 +20,7 @@ Rules
 -----
 - Bounded: ``--count`` pushes, or ``--duration`` seconds, and a hard ``--max-time``; a push still
   unanswered after ``--timeout`` ends its connection (counted as lost), and the sender reconnects.
-- Requests with ``--headers fleet`` are byte-for-byte what Go's net/http writes for Fleet's client
-  (Host, User-Agent, Content-Length, then headers sorted by canonical name, then the transport's
-  Accept-Encoding): ``Content-Type: application/json`` and no apns-* header, besides the stamp's
-  ``Apns-Id`` and ``--expiration``'s ``Apns-Expiration`` (fleetdm/fleet
-  ``server/mdm/nanomdm/push/nanopush/provider.go``).
+- The bytes of a request (Fleet's, by default) are built in ``rawsse.load.pushrequest``.
 """
 
 from __future__ import annotations
@@ -34,6 +30,7 @@ import collections
 import errno
 import math
 import re
+import signal
 import socket
 import time
 from typing import Any
@@ -44,7 +41,8 @@ import orjson
 from rawsse.load import loadgen
 from rawsse.config import ConfigError
 from rawsse.server.loop import EPOLLOUT, READ_EVENTS, WRITE_EVENTS, Loop
-from rawsse.load.stamp import LatencyHistogram, new_stamped_id
+from rawsse.load.pushrequest import DEFAULT_PAYLOAD, RequestBuilder, Targets, parse_targets
+from rawsse.load.stamp import LatencyHistogram
 
 EPILOG = """\
 targets (--tokens):
@@ -57,11 +55,18 @@ examples:
   rawsse push --url http://127.0.0.1:8378 --broadcast --count 3 --rate 1
 report (JSON): sent, accepted, per_second (accepted/s), statuses {"200": n, "400 BadDeviceToken": n},
   latency_ms {count,p50,p90,p99,max,mean} (response, from the scheduled send time), duration_s;
-  also errors (connect failures; pushes lost in flight), unsent, and streams (broadcasts).
+  also errors (connect failures; pushes lost in flight), unsent, streams (broadcasts), and ended
+  (done, max_time, gave_up, SIGINT or SIGTERM).
+progress line (stderr, each second): sent, accepted (/s), rejected (non-200s by status and
+  reason), in-flight, errors by kind (connect_refused, lost_timeout, ...), p99.
+exit codes:
+  0         the run ended and enough pushes were answered 200 (see --fail-under)
+  1         too few 200s: a share under --fail-under or, without it, not one 200
+  2         a flag cannot be used (one line names it; --report is checked before the run)
+  3         no connection to --url for --give-up-after seconds: gave up
+  130, 143  ended by SIGINT (Ctrl-C) / SIGTERM: the report and a summary line are still written
 """
 
-DEFAULT_PAYLOAD = '{"mdm":"pushmagic<serial>"}'
-SERIAL_MARK = b"<serial>"
 RECV_SIZE = 64 * 1024
 RECONNECT_MIN, RECONNECT_MAX = 0.05, 2.0
 TICK_SECONDS = 0.25
@@ -71,96 +76,11 @@ UNPACED_MAX_TIME = 600.0
 CONNECTING, READY, CLOSED = range(3)
 
 
-class Targets:
-    """Device tokens to push to, in order, and the serial each one's payload names."""
-
-    def __init__(self, tokens: list[str], first_index: int) -> None:
-        self.paths = [token.encode() for token in tokens]
-        self.first_index = first_index
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def serial(self, k: int) -> bytes:
-        return loadgen.fleet_serial(self.first_index + k).encode()
-
-
-def parse_targets(spec: str, seed: int) -> Targets:
-    """``fleet:A-B`` | ``fleet:I`` | ``random:N`` | ``file:PATH[:A-B]`` → Targets."""
-    flag = "--tokens"
-    kind, _, rest = spec.partition(":")
-    if kind == "fleet":
-        first, last = _index_range(rest, flag, spec)
-        return Targets(loadgen.tokens_for("fleet", first, last - first + 1, flag=flag), first)
-    if kind == "random":
-        if not rest.isdigit() or int(rest) < 1:
-            raise ConfigError(flag, f"{spec!r}: random:N needs a count")
-        return Targets(loadgen.tokens_for("random", 0, int(rest), seed, flag=flag), 0)
-    if kind == "file":
-        path, _, span = rest.rpartition(":")
-        if not path or not re.fullmatch(r"\d+(-\d+)?", span):
-            path, span = rest, ""
-        tokens = loadgen.read_token_file(path, flag)
-        first, last = _index_range(span, flag, spec) if span else (0, len(tokens) - 1)
-        if not tokens or last >= len(tokens):
-            raise ConfigError(flag, f"{path} holds {len(tokens)} tokens; {spec!r} needs more")
-        return Targets(tokens[first:last + 1], first)
-    raise ConfigError(flag, f"{spec!r}: use fleet:A-B, random:N or file:PATH[:A-B]")
-
-
-def _index_range(text: str, flag: str, spec: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
-    if not match:
-        raise ConfigError(flag, f"{spec!r}: expected an index range A-B (inclusive)")
-    first = int(match.group(1))
-    last = int(match.group(2)) if match.group(2) else first
-    if last < first:
-        raise ConfigError(flag, f"{spec!r}: the range ends below its start")
-    return first, last
-
-
-class RequestBuilder:
-    """The bytes of one push request: a Fleet-shaped POST, optionally stamped."""
-
-    def __init__(self, args: argparse.Namespace, host: str, base_path: str) -> None:
-        self.fleet_headers = args.headers == "fleet"
-        self.stamp = not args.no_stamp
-        self.expiration: float | None = args.expiration
-        self.payload = args.payload.encode()
-        self.templated = SERIAL_MARK in self.payload
-        self.host = host.encode()
-        query = f"?prefix={args.prefix}" if args.broadcast and args.prefix else ""
-        self.broadcast_path = f"{base_path}/broadcast{query}".encode()
-        self.device_prefix = f"{base_path}/3/device/".encode()
-
-    def build(self, path_token: bytes | None, serial: bytes, stamp_at: float) -> bytes:
-        """``path_token`` None → the broadcast route. ``stamp_at``: Unix time for the apns-id."""
-        body = self.payload.replace(SERIAL_MARK, serial) if self.templated else self.payload
-        path = self.broadcast_path if path_token is None else self.device_prefix + path_token
-        apns = []
-        if self.expiration is not None:
-            value = 0 if self.expiration == 0 else int(time.time() + self.expiration)
-            apns.append(b"Apns-Expiration: %d\r\n" % value if self.fleet_headers
-                        else b"apns-expiration: %d\r\n" % value)
-        if self.stamp:
-            apns_id = new_stamped_id(stamp_at).encode()
-            apns.append(b"Apns-Id: %s\r\n" % apns_id if self.fleet_headers
-                        else b"apns-id: %s\r\n" % apns_id)
-        if self.fleet_headers:  # Go net/http's order (see the module doc)
-            return b"".join((b"POST ", path, b" HTTP/1.1\r\nHost: ", self.host,
-                             b"\r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: %d\r\n"
-                             % len(body), *apns,
-                             b"Content-Type: application/json\r\nAccept-Encoding: gzip\r\n\r\n",
-                             body))
-        return b"".join((b"POST ", path, b" HTTP/1.1\r\nHost: ", self.host,
-                         b"\r\nContent-Length: %d\r\n" % len(body), *apns, b"\r\n", body))
-
-
 class Sender:
     """One keep-alive connection; the httptools protocol object for its responses."""
 
     __slots__ = ("driver", "sock", "state", "parser", "inflight", "out", "body", "backoff",
-                 "timer", "closing")
+                 "timer", "closing", "since")
 
     def __init__(self, driver: "Driver") -> None:
         self.driver = driver
@@ -173,6 +93,7 @@ class Sender:
         self.backoff = RECONNECT_MIN
         self.timer: list | None = None
         self.closing = False
+        self.since = 0.0  # when the connect began: one that hangs is ended after --timeout
 
     def connect(self) -> None:
         self.timer = None
@@ -188,6 +109,7 @@ class Sender:
             self._fail(loadgen.error_kind(err, "connect"))
             return
         self.state = CONNECTING
+        self.since = driver.loop.now
         self.parser = httptools.HttpResponseParser(self)
         self.closing = False
         driver.loop.add(sock.fileno(), self, WRITE_EVENTS)
@@ -202,6 +124,8 @@ class Sender:
                 return
             self.state = READY
             self.backoff = RECONNECT_MIN
+            self.driver.last_up = self.driver.loop.now
+            self.driver.ever_up = True
             self.driver.loop.modify(sock.fileno(), READ_EVENTS)
             self.driver.request_pump()
             return
@@ -269,7 +193,9 @@ class Sender:
             self.closing = True
 
     def check_timeout(self, now: float, timeout: float) -> None:
-        if self.inflight and now - self.inflight[0][1] > timeout:
+        if self.state == CONNECTING and now - self.since > timeout:  # a black-holed address
+            self._fail("timeout")
+        elif self.inflight and now - self.inflight[0][1] > timeout:
             self._fail("timeout")
 
     def close(self, reason: str = "closed") -> None:
@@ -321,6 +247,7 @@ class Driver:
         self.pipeline = args.pipeline
         self.rate = args.rate
         self.timeout = args.timeout
+        self.give_up_after: float = args.give_up_after
         if args.count is not None:
             self.total: float = args.count
         elif args.duration is not None:
@@ -338,6 +265,9 @@ class Driver:
         self.pump_queued = False
         self.wake_timer: list | None = None
         self.finished = False
+        self.ended = "done"  # or max_time, gave_up, SIGINT, SIGTERM: why the run ended
+        self.ever_up = False
+        self.last_up = 0.0  # the last time a sender was connected
         self.last_answer = self.next_progress = 0.0
         # counters
         self.sent = self.accepted = self.streams = 0
@@ -348,7 +278,7 @@ class Driver:
     # schedule -------------------------------------------------------------------------------------
 
     def begin(self) -> None:
-        self.start = self.last_answer = self.loop.now
+        self.start = self.last_answer = self.last_up = self.loop.now
         self.next_progress = self.start + 1.0
         self.wall_start = time.time() - (time.monotonic() - self.start)
         for sender in self.senders:
@@ -443,18 +373,39 @@ class Driver:
         now = time.monotonic()
         for sender in self.senders:
             sender.check_timeout(now, self.timeout)
+        if self._gave_up(now):
+            return
         self.request_pump()
         if now >= self.next_progress:
             self.next_progress += 1.0
             self.show_progress()
         self.loop.call_later(TICK_SECONDS, self.tick)
 
+    def _gave_up(self, now: float) -> bool:
+        """No sender connected for ``--give-up-after`` seconds: the server is not there."""
+        if any(sender.state == READY for sender in self.senders):
+            self.last_up = now
+            self.ever_up = True
+            return False
+        if not self.give_up_after or now - self.last_up < self.give_up_after:
+            return False
+        self.ended = "gave_up"
+        self.finish()
+        return True
+
     def abort(self) -> None:
         """``--max-time`` passed: what is still in flight is lost, what is unsent stays unsent."""
+        self.stop_early("max_time")
+
+    def stop_early(self, why: str) -> None:
+        """End now (``--max-time``, SIGINT, SIGTERM): pushes in flight are counted as lost."""
+        if self.finished:
+            return
         for sender in self.senders:
             if sender.inflight:
-                self.count_error("lost_max_time", len(sender.inflight))
+                self.count_error(f"lost_{why.lower()}", len(sender.inflight))
                 sender.inflight.clear()
+        self.ended = why
         self.finish()
 
     def finish(self) -> None:
@@ -467,12 +418,15 @@ class Driver:
 
     def show_progress(self) -> None:
         elapsed = max(1e-6, self.loop.now - self.start)
-        errors = sum(self.errors.values())
         self.progress_line.show(
             f"push t={elapsed:5.1f}s sent {self.sent} accepted {self.accepted} "
-            f"({self.accepted / elapsed:.0f}/s) in-flight "
-            f"{sum(len(s.inflight) for s in self.senders)} errors {errors} "
+            f"({self.accepted / elapsed:.0f}/s) rejected {loadgen.count_summary(self.rejected())} "
+            f"in-flight {sum(len(s.inflight) for s in self.senders)} "
+            f"errors {loadgen.count_summary(self.errors)} "
             f"p99 {self.latency.percentile(99):.2f} ms")
+
+    def rejected(self) -> dict[str, int]:
+        return {key: n for key, n in self.statuses.items() if key != "200"}
 
     def report(self) -> dict[str, Any]:
         duration = max(1e-6, self.last_answer - self.start)
@@ -489,6 +443,7 @@ class Driver:
             "errors": dict(sorted(self.errors.items())), "unsent": unsent,
             "mode": "broadcast" if self.targets is None else "targeted",
             "senders": len(self.senders), "pipeline": self.pipeline, "rate": self.rate,
+            "ended": self.ended,
         }
         if self.targets is None:
             report["streams"] = self.streams
@@ -539,7 +494,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hard end of the run (default: the duration, or count/rate, plus "
                              "a grace; 600 s when unpaced)")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="an answer later than this ends its connection (default 10)")
+                        help="an answer, or a connect, later than this ends its connection "
+                             "(default 10)")
+    loadgen.add_exit_arguments(
+        parser, share_of="the share of pushes sent that were answered 200",
+        default_verdict="exit 1 only when not one push was answered 200 "
+                        "(--fail-under 0: never)",
+        give_up="end the run (exit 3) when no sender has been connected for this long")
     parser.add_argument("--payload", default=DEFAULT_PAYLOAD,
                         help="request body; <serial> is replaced by the target's serial "
                              f"(default {DEFAULT_PAYLOAD}, Fleet's PushMagic)")
@@ -567,19 +528,53 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--rate", "--rate must be ≥ 0 and --timeout positive")
     if args.prefix is not None and not re.fullmatch(r"[0-9a-fA-F]*", args.prefix):
         raise ConfigError("--prefix", f"{args.prefix!r} is not hex")
+    loadgen.check_exit_arguments(args)
 
 
 def run(args: argparse.Namespace) -> int:
     validate(args)
+    stops = loadgen.StopSignals().install()
     loop = Loop()
-    driver = Driver(args, loop)
-    loop.call_soon(driver.begin)
     try:
-        loop.run()
+        driver = Driver(args, loop)
+
+        def on_stop_signal() -> None:  # from the loop, never inside the signal handler
+            if stops.name is not None:
+                driver.stop_early(stops.name)
+
+        loop.on_wakeup = on_stop_signal
+        signal.set_wakeup_fd(loop.wakeup_fd())
+        loop.call_soon(driver.begin)
+        loop.call_soon(on_stop_signal)  # a signal that came before the loop could hear it
+        try:
+            loop.run()
+        finally:
+            signal.set_wakeup_fd(-1)
+            driver.finish()
     finally:
-        driver.finish()
         loop.close()
+        stops.restore()
     driver.show_progress()
     driver.progress_line.done()
     loadgen.write_report(driver.report(), args.report)
-    return 0 if driver.sent else 1  # not one request went out: the server was never reached
+    return verdict(driver, args)
+
+
+def verdict(driver: Driver, args: argparse.Namespace) -> int:
+    """The exit code (see EPILOG), with one closing line whenever it is not 0."""
+    where = f"report in {args.report}" if args.report else "report on stdout"
+    tally = (f"sent {driver.sent}, accepted {driver.accepted}, rejected "
+             f"{loadgen.count_summary(driver.rejected())}, errors "
+             f"{loadgen.count_summary(driver.errors)}")
+    if driver.ended in ("SIGINT", "SIGTERM"):
+        elapsed = driver.loop.now - driver.start
+        loadgen.closing_line("push", f"stopped by {driver.ended} after {elapsed:.1f} s: {tally}; "
+                                     f"{where}")
+        return 128 + signal.Signals[driver.ended].value
+    if driver.ended == "gave_up":
+        what = ("lost the connection to" if driver.ever_up else "could not connect to")
+        loadgen.closing_line("push", f"{what} {args.url} for {driver.give_up_after:g} s "
+                                     f"(--give-up-after), gave up: {tally}")
+        return loadgen.EXIT_UNREACHABLE
+    return loadgen.share_verdict("push", driver.accepted, driver.sent, args.fail_under,
+                                 "pushes answered 200", tally)

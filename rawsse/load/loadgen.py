@@ -37,6 +37,11 @@ FLEET_SERIAL_DIGITS = 12
 PORT_RANGE_SHARE = 0.45
 MAX_PORTS_PER_SOURCE = 29_000  # 45% of the widest range tune/ sets (1024-65535)
 REAP_GRACE = 5.0
+# A server that is down stays down for a run: retrying longer only hides it (``--give-up-after``).
+GIVE_UP_AFTER = 10.0
+
+# Exit codes of both tools (``--help`` lists them; an interrupted push adds 128 + the signal).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 # errno → the error kind both tools count.
 ERRNO_KIND = {errno.ECONNREFUSED: "refused", errno.ECONNRESET: "reset", errno.EPIPE: "reset",
@@ -196,43 +201,37 @@ def send_line(write_fd: int, message: dict[str, Any]) -> None:
 
 def collect_lines(children: dict[int, tuple[int, int]], on_line: Callable[[int, dict], None],
                   on_second: Callable[[], None], should_stop: Callable[[], bool],
-                  deadline: float) -> int:
+                  deadline: float, stop_signals: StopSignals) -> int:
     """Read every child's JSON lines until all pipes close or ``deadline`` (monotonic) passes.
 
-    SIGINT/SIGTERM to the parent, or ``should_stop()``, send SIGTERM to the children once (each
-    ends its run and writes its final line). Calls ``on_second`` about once a second. Returns how
-    many children failed (non-zero exit, or ended by SIGKILL at the deadline).
+    A signal in ``stop_signals`` (SIGINT/SIGTERM to the parent), or ``should_stop()``, sends
+    SIGTERM to the children once (each ends its run and writes its final line). Calls
+    ``on_second`` about once a second. Returns how many children failed (non-zero exit, or ended
+    by SIGKILL at the deadline).
     """
-    stop_flags: list[int] = []
-    previous = {sig: signal.signal(sig, lambda s, f: stop_flags.append(s))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
     poller = select.poll()
     buffers = {fd: b"" for fd in children}
     for fd in children:
         poller.register(fd, select.POLLIN)
     signalled = False
     next_second = time.monotonic() + 1.0
-    try:
-        while buffers and time.monotonic() < deadline:
-            for fd, _ in poller.poll(100):
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    poller.unregister(fd)
-                    del buffers[fd]
-                    continue
-                *lines, buffers[fd] = (buffers[fd] + chunk).split(b"\n")
-                for line in lines:
-                    on_line(children[fd][0], orjson.loads(line))
-            if not signalled and (stop_flags or should_stop()):
-                signalled = True
-                for _, pid in children.values():
-                    signal_child(pid, signal.SIGTERM)
-            if time.monotonic() >= next_second:
-                on_second()
-                next_second += 1.0
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    while buffers and time.monotonic() < deadline:
+        for fd, _ in poller.poll(100):
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                poller.unregister(fd)
+                del buffers[fd]
+                continue
+            *lines, buffers[fd] = (buffers[fd] + chunk).split(b"\n")
+            for line in lines:
+                on_line(children[fd][0], orjson.loads(line))
+        if not signalled and (stop_signals.received or should_stop()):
+            signalled = True
+            for _, pid in children.values():
+                signal_child(pid, signal.SIGTERM)
+        if time.monotonic() >= next_second:
+            on_second()
+            next_second += 1.0
     return reap(children)
 
 
@@ -283,6 +282,21 @@ class ProgressLine:
             print(file=sys.stderr)
 
 
+def check_report_path(path: str | None, flag: str = "--report") -> None:
+    """Fail at the start, not after an hour of load, when the report could not be written: open
+    the file for appending (an existing one is left as it is) and remove it again if it was new."""
+    if not path:
+        return
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise ConfigError(flag, f"cannot write {path}: {exc.strerror}") from None
+    if not existed:
+        os.unlink(path)
+
+
 def write_report(report: dict[str, Any], path: str | None) -> None:
     """The JSON report to ``path``, or to stdout without one."""
     data = orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n"
@@ -292,6 +306,83 @@ def write_report(report: dict[str, Any], path: str | None) -> None:
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
+
+
+def count_summary(counts: dict[str, int]) -> str:
+    """``{"connect_refused": 20, "lost_timeout": 5}`` → ``"25 (connect_refused 20, lost_timeout
+    5)"``, most frequent first: what went wrong, not only how often."""
+    total = sum(counts.values())
+    if not total:
+        return "0"
+    kinds = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"{total} ({', '.join(f'{kind} {n}' for kind, n in kinds)})"
+
+
+def below_share(good: int, total: int, fail_under: float | None) -> bool:
+    """The ``--fail-under`` test of both tools: ``good / total`` under the share, or, without the
+    flag, not one good outcome at all."""
+    if fail_under is None:
+        return good == 0
+    return total == 0 or good / total < fail_under
+
+
+def share_verdict(tool: str, good: int, total: int, fail_under: float | None, what: str,
+                  tally: str) -> int:
+    """EXIT_OK, or EXIT_FAILED with its closing line when ``good`` of ``total`` is too few."""
+    if not below_share(good, total, fail_under):
+        return EXIT_OK
+    wanted = "at least one" if fail_under is None else f"--fail-under {fail_under:g}"
+    closing_line(tool, f"{good} of {total} {what}, wanted {wanted}: {tally}")
+    return EXIT_FAILED
+
+
+def add_exit_arguments(parser: Any, share_of: str, default_verdict: str, give_up: str) -> None:
+    """``--fail-under`` and ``--give-up-after``, worded for the tool."""
+    parser.add_argument("--fail-under", type=float, metavar="SHARE",
+                        help=f"exit 1 when {share_of} is below SHARE (0-1, e.g. 0.99); "
+                             f"default: {default_verdict}")
+    parser.add_argument("--give-up-after", type=float, default=GIVE_UP_AFTER, metavar="SECONDS",
+                        help=f"{give_up}; 0 = keep trying (default {GIVE_UP_AFTER:g})")
+
+
+def check_exit_arguments(args: Any) -> None:
+    if args.fail_under is not None and not 0 <= args.fail_under <= 1:
+        raise ConfigError("--fail-under", f"{args.fail_under:g} is not a share between 0 and 1")
+    if args.give_up_after < 0:
+        raise ConfigError("--give-up-after", "must be ≥ 0 (0 = keep trying)")
+    check_report_path(args.report)
+
+
+class StopSignals:
+    """SIGINT and SIGTERM noted, not raised: a run told to stop ends its work, then still writes
+    its report and its closing summary (a KeyboardInterrupt would unwind past both)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> "StopSignals":
+        self.previous = {sig: signal.signal(sig, self._note)
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    @property
+    def name(self) -> str | None:
+        """The first signal received (``"SIGINT"``), or None."""
+        return signal.Signals(self.received[0]).name if self.received else None
+
+
+def closing_line(tool: str, text: str) -> None:
+    """The one line a run ends with when it did not end as planned (always shown)."""
+    print(f"rawsse {tool}: {text}", file=sys.stderr, flush=True)
 
 
 def merge_counts(into: dict[str, int], more: dict[str, int]) -> dict[str, int]:
