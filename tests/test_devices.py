@@ -171,7 +171,7 @@ def test_devices_receive_stamped_pushes(start_server, tmp_path, runs) -> None:
     run = Devices(server.url, tmp_path, "--ramp", "0", "--expect-events", "300", count=300,
                   duration=20)
     runs.append(run)
-    assert wait_streams(server.url, 300) == 300
+    assert wait_streams(server.admin_url, 300) == 300
     sent_at = time.time()
     push = run_push(server.url, tmp_path, "--tokens", "fleet:0-299")
     assert push["statuses"] == {"200": 300}
@@ -200,7 +200,7 @@ def test_processes_and_source_addresses(start_server, tmp_path, runs) -> None:
     run = Devices(server.url, tmp_path, "--ramp", "0", "--processes", "2",
                   "--source-addresses", "127.0.0.2-127.0.0.3", count=120, duration=20)
     runs.append(run)
-    assert wait_streams(server.url, 120) == 120
+    assert wait_streams(server.admin_url, 120) == 120
     children = psutil.Process(run.proc.pid).children()
     assert len(children) == 2
     sources: dict[str, int] = {}
@@ -240,20 +240,21 @@ def test_reconnect_after_server_restart_is_spread_by_backoff(tmp_path, runs) -> 
     """A crashed server drops every stream at once; the devices come back after backoff + jitter
     (1-1.5 s, refused while the server is down), then 2-3 s later, spread, not as one burst."""
     holder, port = reserve_port()
+    admin_holder, admin_port = reserve_port()
     flags = ["--keepalive", "1", "--drain-seconds", "0"]
-    server = Server(flags, port).wait_ready()
+    server = Server(flags, port, admin_port=admin_port).wait_ready()
     second: Server | None = None
     count, bin_s = 200, 0.05
     try:
         run = Devices(server.url, tmp_path, "--ramp", "0", "--timeline-bin", str(bin_s),
                       count=count, duration=9)
         runs.append(run)
-        assert wait_streams(server.url, count) == count
+        assert wait_streams(server.admin_url, count) == count
         os.killpg(server.proc.pid, signal.SIGKILL)  # a crash: ours to end, by its session
         server.proc.wait()
         killed_at = time.monotonic()
         time.sleep(1.7)  # the first wave (1-1.5 s) is refused
-        second = Server(flags, port).wait_ready()
+        second = Server(flags, port, admin_port=admin_port).wait_ready()
         assert time.monotonic() - killed_at < 2.8, "restart too slow for the second wave"
         report = run.wait()
     finally:
@@ -261,6 +262,7 @@ def test_reconnect_after_server_restart_is_spread_by_backoff(tmp_path, runs) -> 
         if second is not None:
             second.stop()
         holder.close()
+        admin_holder.close()
 
     timeline = report["timeline"]
     drops, attempts, connects = timeline["drops"], timeline["attempts"], timeline["connects"]

@@ -189,7 +189,7 @@ def test_broadcast_reaches_every_device(start_server, tmp_path) -> None:
     run = Devices(server.url, tmp_path, "--ramp", "0", "--expect-events", "100", count=50,
                   duration=20)
     try:
-        assert wait_streams(server.url, 50) == 50
+        assert wait_streams(server.admin_url, 50) == 50
         push = run_push(server.url, tmp_path, "--broadcast", "--count", "2", "--rate", "5")
         assert push["statuses"] == {"200": 2}
         assert push["streams"] == 100
@@ -206,7 +206,7 @@ def test_no_stamp_means_no_latency(start_server, tmp_path) -> None:
     run = Devices(server.url, tmp_path, "--ramp", "0", "--expect-events", "20", count=20,
                   duration=20)
     try:
-        assert wait_streams(server.url, 20) == 20
+        assert wait_streams(server.admin_url, 20) == 20
         run_push(server.url, tmp_path, "--tokens", "fleet:0-19", "--no-stamp")
         report = run.wait()
     finally:
