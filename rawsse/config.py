@@ -162,6 +162,8 @@ class ServeConfig:
     """Everything ``rawsse serve`` needs, validated."""
 
     listen: tuple[str, int] = ("0.0.0.0", 8378)
+    # None: the operator routes on --listen too (--admin-listen public). Not the CLI's default,
+    # which is loopback on the --listen port + 1 (serve.admin_address).
     admin_listen: tuple[str, int] | None = None
     keepalive: float = 15.0
     default_ttl: float = 24 * 3600.0

@@ -48,6 +48,8 @@ class Server:
             args = [*args, "--admin-listen", f"127.0.0.1:{admin_port}"]
         elif "--admin-listen" not in args:
             admin_port = port + 1
+        elif args[args.index("--admin-listen") + 1] != "public":
+            admin_port = int(args[args.index("--admin-listen") + 1].rpartition(":")[2])
         self.host, self.port, self.admin_port = host, port, admin_port
         self.args = args
         self.log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rawsse-test-{port}.log")
@@ -103,10 +105,11 @@ class Server:
         return self.proc.returncode
 
 
-def launch(*args: str, env: dict[str, str] | None = None,
-           ready: bool = True) -> tuple[Server, list[socket.socket]]:
+def launch(*args: str, env: dict[str, str] | None = None, ready: bool = True,
+           admin: bool = True) -> tuple[Server, list[socket.socket]]:
     """Start a server on reserved ports, the push port and the operator port (``admin_url``),
-    unless ``args`` name ``--admin-listen``; returns it with the port holders to close after."""
+    unless ``args`` name ``--admin-listen``; returns it with the port holders to close after.
+    ``admin`` is accepted for older call sites only: every server has its operator port."""
     holders = []
     holder, port = reserve_port()
     holders.append(holder)
@@ -181,7 +184,8 @@ def start_server() -> Iterator:
     """``start_server(*flags)`` → a ready ``Server``; all are stopped at teardown."""
     started: list[tuple[Server, list[socket.socket]]] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> Server:
+    def start(*args: str, env: dict[str, str] | None = None, ready: bool = True,
+              admin: bool = True) -> Server:
         server, holders = launch(*args, env=env, ready=ready)
         started.append((server, holders))
         return server
