@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rawsse import __version__
 from rawsse.config import ConfigError
@@ -28,6 +29,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its errors as one line (subparsers inherit the class): ``rawsse serve:
     argument --keepalive: expected one argument (rawsse serve --help)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A value such as "-1s" or "-5ms" is a negative duration, not an unknown option: argparse
+        # only takes plain numbers ("-1") as values, and would say "expected one argument".
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} ({self.prog} --help)\n")

@@ -124,6 +124,8 @@ def test_a_port_held_by_a_client_connection_is_refused_naming_it():
 
 @pytest.mark.parametrize("args, line", [
     (("serve", "--keepalive", "-1"), "rawsse serve: --keepalive: -1 is below 0: a duration must be ≥ 0"),
+    (("serve", "--delivery-delay", "-5ms"),
+     "rawsse serve: --delivery-delay: -5ms is below 0: a duration must be ≥ 0"),
     (("serve", "--no-such-flag"),
      "rawsse serve: unrecognized arguments: --no-such-flag (rawsse serve --help)"),
     (("serve", "--keepalive"),
