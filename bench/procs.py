@@ -123,8 +123,11 @@ class Server(Child):
                  extra: list[str] | None = None) -> None:
         listen = f"{host}:{port}"
         if kind == "rawsse":
+            # The bench reads /stats on the push URL, as it does the baseline's: both listen on
+            # loopback only here (the operator routes' own listener would be the port + 1, which
+            # a device's connection may hold).
             argv = [sys.executable, "-m", "rawsse", "serve", "--listen", listen,
-                    "--workers", str(workers)]
+                    "--workers", str(workers), "--admin-listen", "public"]
         elif kind == "baseline":
             argv = [sys.executable, BASELINE, "--listen", listen, "--workers", str(workers)]
         else:

@@ -1,14 +1,18 @@
 """Command line: ``rawsse serve | devices | push | tune``. Parses flags into config; no logic.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-this file only wires them together and turns ``ConfigError`` into a one-line message.
+this file only wires them together and turns every flag error, argparse's or a ``ConfigError``,
+into one line naming the flag (argparse would print the whole usage first, and the top-level
+usage for a flag the subcommand does not know).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
+from typing import Any, NoReturn
 
 from rawsse import __version__
 from rawsse.config import ConfigError
@@ -22,10 +26,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line (subparsers inherit the class): ``rawsse serve:
+    argument --keepalive: expected one argument (rawsse serve --help)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A value such as "-1s" or "-5ms" is a negative duration, not an unknown option: argparse
+        # only takes plain numbers ("-1") as values, and would say "expected one argument".
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} ({self.prog} --help)\n")
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the ``selected`` subcommand's module is imported (fast start, and one
     command's imports never break another)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="rawsse",
         description="APNs-compatible push simulator: senders POST to /3/device/<token> as to "
                     "api.push.apple.com; simulated devices receive each push on an SSE stream.",
@@ -39,7 +57,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                                  epilog=getattr(module, "EPILOG", None))
         if module is not None:
             module.add_arguments(command)
-            command.set_defaults(run=module.run)
+            command.set_defaults(run=module.run, command_parser=command)
     return parser
 
 
@@ -53,7 +71,9 @@ def _selected_command(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_selected_command(argv))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # refused by the subcommand's parser, whose flags they were meant for
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

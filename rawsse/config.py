@@ -29,6 +29,8 @@ _UNIT_SECONDS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 
 def parse_duration(text: str, flag: str) -> float:
     """``"250ms"``, ``"2s"``, ``"1.5"`` (seconds), ``"24h"``, ``"30d"`` → seconds."""
     match = _DURATION.match(text)
+    if not match and _DURATION.match(text.strip().removeprefix("-")):
+        raise ConfigError(flag, f"{text.strip()} is below 0: a duration must be ≥ 0")
     if not match:
         raise ConfigError(flag, f"{text!r} is not a duration (examples: 250ms, 2s, 15, 24h)")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
@@ -160,6 +162,8 @@ class ServeConfig:
     """Everything ``rawsse serve`` needs, validated."""
 
     listen: tuple[str, int] = ("0.0.0.0", 8378)
+    # None: the operator routes on --listen too (--admin-listen public). Not the CLI's default,
+    # which is loopback on the --listen port + 1 (serve.admin_address).
     admin_listen: tuple[str, int] | None = None
     keepalive: float = 15.0
     default_ttl: float = 24 * 3600.0

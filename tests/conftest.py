@@ -42,6 +42,14 @@ class Server:
 
     def __init__(self, args: list[str], port: int, host: str = "127.0.0.1",
                  admin_port: int | None = None, env: dict[str, str] | None = None) -> None:
+        """``admin_port``: where ``--admin-listen`` (added here) puts the operator routes; None
+        leaves the flag to ``args``, else the server's default, loopback on ``port`` + 1."""
+        if admin_port is not None:
+            args = [*args, "--admin-listen", f"127.0.0.1:{admin_port}"]
+        elif "--admin-listen" not in args:
+            admin_port = port + 1
+        elif args[args.index("--admin-listen") + 1] != "public":
+            admin_port = int(args[args.index("--admin-listen") + 1].rpartition(":")[2])
         self.host, self.port, self.admin_port = host, port, admin_port
         self.args = args
         self.log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"rawsse-test-{port}.log")
@@ -60,6 +68,7 @@ class Server:
 
     @property
     def admin_url(self) -> str:
+        """The operator routes (/stats, /metrics, /admin/*): not on the push port."""
         return f"http://{self.host}:{self.admin_port or self.port}"
 
     def wait_ready(self, timeout: float = 15.0) -> "Server":
@@ -96,18 +105,19 @@ class Server:
         return self.proc.returncode
 
 
-def launch(*args: str, admin: bool = False, env: dict[str, str] | None = None,
-           ready: bool = True) -> tuple[Server, list[socket.socket]]:
-    """Start a server on reserved ports; returns it with the port holders to close after."""
+def launch(*args: str, env: dict[str, str] | None = None, ready: bool = True,
+           admin: bool = True) -> tuple[Server, list[socket.socket]]:
+    """Start a server on reserved ports, the push port and the operator port (``admin_url``),
+    unless ``args`` name ``--admin-listen``; returns it with the port holders to close after.
+    ``admin`` is accepted for older call sites only: every server has its operator port."""
     holders = []
     holder, port = reserve_port()
     holders.append(holder)
     flags = list(args)
     admin_port = None
-    if admin:
+    if "--admin-listen" not in flags:
         admin_holder, admin_port = reserve_port()
         holders.append(admin_holder)
-        flags += ["--admin-listen", f"127.0.0.1:{admin_port}"]
     if "--workers" not in flags:
         flags += ["--workers", "2"]  # every test crosses the mesh between two workers
     server = Server(flags, port, admin_port=admin_port, env=env)
@@ -171,12 +181,12 @@ def server() -> Iterator[Server]:
 
 @pytest.fixture
 def start_server() -> Iterator:
-    """``start_server(*flags, admin=False)`` → a ready ``Server``; all are stopped at teardown."""
+    """``start_server(*flags)`` → a ready ``Server``; all are stopped at teardown."""
     started: list[tuple[Server, list[socket.socket]]] = []
 
-    def start(*args: str, admin: bool = False, env: dict[str, str] | None = None,
-              ready: bool = True) -> Server:
-        server, holders = launch(*args, admin=admin, env=env, ready=ready)
+    def start(*args: str, env: dict[str, str] | None = None, ready: bool = True,
+              admin: bool = True) -> Server:
+        server, holders = launch(*args, env=env, ready=ready)
         started.append((server, holders))
         return server
 

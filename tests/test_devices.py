@@ -240,9 +240,8 @@ def test_reconnect_after_server_restart_is_spread_by_backoff(tmp_path, runs) -> 
     """A crashed server drops every stream at once; the devices come back after backoff + jitter
     (1-1.5 s, refused while the server is down), then 2-3 s later, spread, not as one burst."""
     holder, port = reserve_port()
-    admin_holder, admin_port = reserve_port()  # /stats on its own listener
-    flags = ["--keepalive", "1", "--drain-seconds", "0", "--admin-listen",
-             f"127.0.0.1:{admin_port}"]
+    admin_holder, admin_port = reserve_port()
+    flags = ["--keepalive", "1", "--drain-seconds", "0"]
     server = Server(flags, port, admin_port=admin_port).wait_ready()
     second: Server | None = None
     count, bin_s = 200, 0.05

@@ -215,7 +215,7 @@ def test_protocol_errors_are_json_too(server, data):
 
 def test_unregistered_token_gets_410_with_a_millisecond_timestamp(server):
     token, magic = fleet_device("GONE")
-    admin = HTTPClient(server.host, server.port)
+    admin = HTTPClient(server.host, server.admin_port)
     try:
         body = json.dumps({"state": "unregistered"}).encode()
         assert admin.request("PUT", f"/admin/tokens/{token}", body).status == 200
@@ -241,7 +241,7 @@ def test_connection_stays_usable_after_an_error(server):
         client.close()
     assert_fleet_decodes_error(too_large, 413, "PayloadTooLarge")
     assert_accepted(accepted)
-    stats = get_json(server.host, server.port, "/stats")["node"]
+    stats = get_json(server.host, server.admin_port, "/stats")["node"]
     assert stats["rejections"].get("413 PayloadTooLarge", 0) >= 1
 
 

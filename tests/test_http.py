@@ -125,7 +125,7 @@ HEALTHZ = request("GET", "/healthz")
 
 
 def bad_requests(server) -> int:
-    return get_json(server.host, server.port, "/stats")["node"]["bad_requests"]
+    return get_json(server.host, server.admin_port, "/stats")["node"]["bad_requests"]
 
 
 def assert_healthy(server) -> None:
@@ -295,7 +295,7 @@ def test_bytes_pipelined_after_events_are_not_parsed_as_requests(server):
     """Once ``GET /events`` is answered the connection is a stream: what the device sends after
     it is read and dropped, never served (a push there would be answered into the stream)."""
     token = new_token()
-    before = get_json(server.host, server.port, "/stats")["node"]
+    before = get_json(server.host, server.admin_port, "/stats")["node"]
     sock = connect(server)
     try:
         sock.sendall(request("GET", f"/events?token={token}") + push_request(new_token()) + HEALTHZ)
@@ -305,7 +305,7 @@ def test_bytes_pipelined_after_events_are_not_parsed_as_requests(server):
     finally:
         sock.close()
     assert b"HTTP/1.1" not in raw.split(b"\r\n\r\n", 1)[1], raw
-    after = get_json(server.host, server.port, "/stats")["node"]
+    after = get_json(server.host, server.admin_port, "/stats")["node"]
     assert after["pushes_received"] == before["pushes_received"]
     assert after["bad_requests"] == before["bad_requests"]
     assert_healthy(server)

@@ -25,9 +25,10 @@ def _low_fd_limit() -> None:
 
 def test_emfile_on_accept_pauses_instead_of_spinning_and_recovers():
     holder, port = reserve_port()
+    admin_holder, admin_port = reserve_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "rawsse", "serve", "--listen", f"127.0.0.1:{port}", "--workers", "1",
-         "--max-connections", "100000"],
+         "--admin-listen", f"127.0.0.1:{admin_port}", "--max-connections", "100000"],
         env=dict(os.environ, PYTHONPATH=ROOT), preexec_fn=_low_fd_limit, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     clients: list[socket.socket] = []
@@ -48,7 +49,7 @@ def test_emfile_on_accept_pauses_instead_of_spinning_and_recovers():
             sock.close()
         clients.clear()
         assert wait_for(lambda: _healthy(port), timeout=15), "the node recovers once fds free up"
-        errors = get_json("127.0.0.1", port, "/stats")["node"]["accept_errors"]
+        errors = get_json("127.0.0.1", admin_port, "/stats")["node"]["accept_errors"]
         assert errors.get("EMFILE", 0) >= 1, errors
     finally:
         for sock in clients:
@@ -56,6 +57,7 @@ def test_emfile_on_accept_pauses_instead_of_spinning_and_recovers():
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
         holder.close()
+        admin_holder.close()
 
 
 def _healthy(port: int) -> bool:

@@ -10,6 +10,7 @@ import socket
 import time
 import uuid
 
+from conftest import reserve_port
 from wire import HTTPClient, SSEReader, build_request, get_json, wait_for
 
 WORKERS = 4
@@ -24,7 +25,7 @@ def node_stats(server) -> dict:
     net.ipv4.tcp_migrate_req=1 the kernel does not move it to another worker's listener)."""
     for attempt in range(5):
         try:
-            return get_json(server.host, server.admin_port or server.port, "/stats")
+            return get_json(server.host, server.admin_port, "/stats")
         except (ConnectionError, TimeoutError):
             if attempt == 4:
                 raise
@@ -199,22 +200,26 @@ def test_ttin_is_refused_with_a_reason(start_server):
     assert node_stats(srv)["master"]["workers"] == 2
 
 
-def test_worker_that_cannot_boot_stops_the_master(start_server):
+def test_a_port_the_workers_cannot_bind_stops_the_master_before_any_fork(start_server):
     blocker = socket.socket()
-    # No SO_REUSEPORT (nor SO_REUSEADDR): the workers cannot bind this port. Not listening, so
-    # the master's own port check (which refuses a port with a listener) lets the start through
-    # and the workers' bind is what fails.
+    # No SO_REUSEPORT (nor SO_REUSEADDR): the workers could not bind this port. Not listening,
+    # so the listener check lets it through; the master's trial bind is what refuses it.
     blocker.bind(("127.0.0.1", 0))
     port = blocker.getsockname()[1]
+    admin_holder, admin_port = reserve_port()
     from conftest import Server
 
-    srv = Server(["--workers", "2"], port)
+    srv = Server(["--workers", "2"], port, admin_port=admin_port)
     try:
         assert srv.proc.wait(15) == 3
-        assert "failed to boot" in srv.output()
+        assert srv.output().splitlines() == [
+            f"rawsse serve: --listen 127.0.0.1:{port}: cannot listen: Address already in use: a "
+            "client connection or a program without SO_REUSEPORT holds the port (ss -tanp shows "
+            "which); choose another --listen"]
     finally:
         srv.stop()
         blocker.close()
+        admin_holder.close()
 
 
 def test_sd_notify_ready_status_watchdog_stopping(start_server, tmp_path):
@@ -254,7 +259,7 @@ def test_workers_exit_when_the_master_is_killed(start_server):
 
 
 def admin_call(server, method: str, path: str, body: dict | None = None):
-    client = HTTPClient(server.host, server.admin_port or server.port)
+    client = HTTPClient(server.host, server.admin_port)
     try:
         return client.request(method, path, json.dumps(body).encode() if body is not None else b"")
     finally:

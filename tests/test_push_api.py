@@ -33,7 +33,7 @@ def push(server, token: str, body: bytes = b'{"mdm":"magic"}', headers: dict | N
 
 
 def stats(server) -> dict:
-    return get_json(server.host, server.admin_port or server.port, "/stats")["node"]
+    return get_json(server.host, server.admin_port, "/stats")["node"]
 
 
 _open_readers: list[SSEReader] = []
@@ -139,7 +139,7 @@ def test_strict_tokens_require_32_bytes(start_server):
 # -- simulated token states and faults ----------------------------------------------------------
 
 def admin(server, method: str, path: str, body: dict | str | None = None) -> Response:
-    client = HTTPClient(server.host, server.admin_port or server.port)
+    client = HTTPClient(server.host, server.admin_port)
     try:
         data = b"" if body is None else json.dumps(body).encode()
         return client.request(method, path, data)
@@ -440,7 +440,7 @@ def test_broadcast_reaches_every_stream_once_and_prefix_filters(server):
 
 
 def test_operator_routes_on_their_own_listener(start_server):
-    srv = start_server(admin=True)
+    srv = start_server()
     public = HTTPClient(srv.host, srv.port)
     assert public.request("GET", "/healthz").status == 200
     assert public.request("GET", "/stats").status == 404
@@ -454,7 +454,7 @@ def test_operator_routes_on_their_own_listener(start_server):
 
 def test_metrics_are_prometheus_text(server):
     push(server, new_token())
-    client = HTTPClient(server.host, server.port)
+    client = HTTPClient(server.host, server.admin_port)
     response = client.request("GET", "/metrics")
     client.close()
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")

@@ -127,11 +127,11 @@ def start_node(start_server, server: RedisServer, prefix: str, node_id: str, *fl
 
 
 def stats(node) -> dict:
-    return get_json(node.host, node.port, "/stats")
+    return get_json(node.host, node.admin_port, "/stats")
 
 
 def metrics_text(node) -> str:
-    client = HTTPClient(node.host, node.port)
+    client = HTTPClient(node.host, node.admin_port)
     try:
         return client.request("GET", "/metrics").body.decode()
     finally:
@@ -431,7 +431,7 @@ def test_redis_outage_gives_503s_keeps_streams_and_recovers_without_loss(own_red
 
 
 def admin(node, method: str, path: str, body: dict | None = None):
-    client = HTTPClient(node.host, node.port)
+    client = HTTPClient(node.host, node.admin_port)
     try:
         return client.request(method, path, json.dumps(body).encode() if body is not None else b"")
     finally:

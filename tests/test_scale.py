@@ -247,7 +247,7 @@ def test_ten_thousand_streams_get_a_broadcast_and_their_own_push_exactly_once(st
     fleet = Fleet(server.host, server.port)
     try:
         fleet.connect_all()
-        assert wait_for(lambda: get_json(server.host, server.port, "/stats")["node"]["streams"]
+        assert wait_for(lambda: get_json(server.host, server.admin_port, "/stats")["node"]["streams"]
                         == STREAMS, timeout=10)
 
         broadcast_id = str(uuid.uuid4())
@@ -267,7 +267,7 @@ def test_ten_thousand_streams_get_a_broadcast_and_their_own_push_exactly_once(st
              if sorted(d.ids) != sorted([broadcast_id, push_id(d.index)])]
     assert not wrong, f"{len(wrong)} devices got the wrong events, e.g. {wrong[:3]}"
 
-    stats = get_json(server.host, server.port, "/stats")["node"]
+    stats = get_json(server.host, server.admin_port, "/stats")["node"]
     assert stats["delivered_live"] == STREAMS
     assert stats["broadcast_events"] == STREAMS
     assert stats["pushes_received"] == STREAMS

@@ -11,6 +11,12 @@ Token states (reasons and the 410 ``timestamp`` as in Apple, "Handling notificat
 APNs"): ``active`` (default), ``unregistered`` → ``410 Unregistered`` with the
 timestamp in ms, ``expired`` → ``410 ExpiredToken``, ``bad`` → ``400 BadDeviceToken``.
 Fault rules: a share of pushes answered with a status and reason instead of being accepted.
+
+Every number in a command is checked before anything changes: a change is handed on as JSON
+(orjson, 64-bit integers) through the mesh and stored in Redis, whose Lua scripts see numbers as
+doubles, so a value either fits all of them or is refused with the field's name (a change held
+by one worker only would answer the same push differently per worker). Token states are capped
+(``MAX_TOKEN_STATES``): each worker and the master hold a copy of all of them.
 """
 
 from __future__ import annotations
@@ -21,6 +27,16 @@ import time
 from typing import Any
 
 from rawsse.config import ConfigError, FaultRule, parse_fault
+
+# Every process (each worker, the master) holds every state: the cap bounds that memory per
+# process. 294 B per 32-byte token (entries in token_states and token_stamps, the bytes key, the
+# tuple, the ints): tracemalloc's traced memory after 100,000 set_token commands, divided.
+MAX_TOKEN_STATES = 100_000
+TOKEN_STATE_BYTES = 300
+# The 410 timestamp (ms since the epoch) up to the end of year 9999: a plausible date, exact in
+# a double (Redis Lua) and in 64 bits (the mesh's JSON).
+MAX_TIMESTAMP_MS = 253_402_300_799_999
+MAX_STAMP_NS = 2**63 - 1
 
 TOKEN_STATES: dict[str, tuple[int, str] | None] = {
     "active": None,
@@ -92,7 +108,7 @@ class AdminState:
             raise AdminError("an admin command is a JSON object")
         op = command.get("op")
         stamp = command.get("stamp")
-        if stamp is not None and (not isinstance(stamp, int) or stamp < 0):
+        if stamp is not None and not _is_int_within(stamp, MAX_STAMP_NS):
             raise AdminError('"stamp" must be nanoseconds since the epoch')
         if op == "set_token":
             return self._set_token(command, stamp)
@@ -159,10 +175,12 @@ class AdminState:
         timestamp = command.get("timestamp")
         if timestamp is None:
             timestamp = int(time.time() * 1000)
-        if not isinstance(timestamp, int) or timestamp < 0:
-            raise AdminError('"timestamp" must be milliseconds since the epoch')
+        if not _is_int_within(timestamp, MAX_TIMESTAMP_MS):
+            raise AdminError(f'"timestamp" must be milliseconds since the epoch, a whole number '
+                             f'from 0 to {MAX_TIMESTAMP_MS} (year 9999), not {_shown(timestamp)}')
         newest = max(self.token_stamps.get(token, 0), self.tokens_cleared)
         if stamp is None:
+            self._check_room(token)
             stamp = self._now(newest)
         if stamp >= newest:
             self.token_stamps[token] = stamp
@@ -173,12 +191,29 @@ class AdminState:
         return {"token": token.hex(), "state": state,
                 **({"timestamp": timestamp} if state != "active" else {})}
 
+    def _check_room(self, token: bytes) -> None:
+        """An operator's change to a token not yet known here needs room under the cap (a
+        replayed change is always taken: every process must end in the same state). Tokens set
+        back to active keep their stamp, so they count until DELETE /admin/tokens."""
+        if token not in self.token_stamps and len(self.token_stamps) >= MAX_TOKEN_STATES:
+            raise AdminError(f"{MAX_TOKEN_STATES} token states are held, the most there may be: "
+                             f"DELETE /admin/tokens clears them")
+
     def describe_tokens(self) -> dict[str, Any]:
         return {"tokens": [{"token": t.hex(), "state": s, "timestamp": ts}
                            for t, (s, ts) in sorted(self.token_states.items())]}
 
     def describe_faults(self) -> dict[str, Any]:
         return {"faults": [rule.as_dict() for rule in self.faults]}
+
+
+def _is_int_within(value: Any, maximum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= maximum
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def parse_admin_token(value: Any) -> bytes:

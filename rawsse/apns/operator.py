@@ -1,8 +1,10 @@
 """The operator routes: liveness, ``/stats``, ``/metrics``, and the admin routes that set the
 simulated outcomes (``admin.py``) at run time.
 
-They are served on the operator listener (``--admin-listen``), or on the public one when none is
-given; ``/healthz`` is on both. To add an admin route: a path in ``OperatorRoutes.routes`` and a
+They are served on the operator listener only (``--admin-listen``, by default loopback on the
+public port + 1: on the public listener any sender could mark devices unregistered), or on the
+public one too when the operator asks for it (``--admin-listen public``: ``admin_listen`` is
+None); ``/healthz`` is on both. To add an admin route: a path in ``OperatorRoutes.routes`` and a
 handler taking ``(request, rest)``, where ``rest`` is what follows the route's path; an admin
 change goes through ``_apply`` so that every worker (and, in Redis mode, every node) holds it
 before the answer.
@@ -93,7 +95,10 @@ class OperatorRoutes:
             request.answer(answers.error(405, "MethodNotAllowed"))
 
     def _apply(self, request: Request, command: dict[str, Any]) -> None:
-        """Apply here, then on every other worker (and node) before answering."""
+        """Apply here, then on every other worker (and node) before answering. ``apply``
+        checks every field before it changes anything and only commands whose values every
+        worker, the mesh and Redis can carry pass (``admin.py``), so a change is refused
+        everywhere or held everywhere."""
         command.pop("stamp", None)  # an operator's change is stamped when applied (admin.py)
         admin = self.worker.admin
         try:

@@ -14,7 +14,7 @@ Route map:
   GET  /stats, /metrics       JSON and Prometheus                  operator listener*
   /admin/tokens[/<hex>]       per-token simulated states           operator listener*
   /admin/faults               fault rules                          operator listener*
-  (* the public listener too when no --admin-listen is given)
+  (* the public listener too with --admin-listen public)
 
 A new admin route is one entry in ``Routes._operator`` and a handler (see ``operator.py``);
 a new APNs reason is a row in ``apple.REASON_STATUS`` and a check in ``validation.py``.

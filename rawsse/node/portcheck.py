@@ -23,10 +23,17 @@ overlaps one it is about to serve, and stops with one line if there is one (``se
 - It is advice, not a lock: a listener that appears between the check and the workers' bind is
   not seen. If the tables cannot be read the check is skipped (logged at debug; a format this
   parser does not know, at warning), never fatal.
+
+The tables show listeners only; a port can be unusable for other reasons (a client connection
+bound to it, an address not on this host, a privileged port). So the master then binds each
+address once itself, with the workers' options (``bind_listener``), and closes it
+(``bind_refusal``): the failure is one line naming the flag and the address, before any worker
+exists, instead of every worker failing with a bare ``[Errno 98]``.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -186,4 +193,32 @@ def check_addresses(addresses: Iterable[tuple[str, tuple[str, int] | None]],
         existing = find_overlap(address, port, listeners)
         if existing is not None:
             return conflict_message(flag, address, port, existing)
+    return None
+
+
+_BIND_HINTS = {
+    errno.EADDRINUSE: "a client connection or a program without SO_REUSEPORT holds the port "
+                      "(ss -tanp shows which)",
+    errno.EADDRNOTAVAIL: "this host has no such address",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+}
+
+
+def bind_refusal(addresses: Iterable[tuple[str, tuple[str, int] | None]], backlog: int) -> str | None:
+    """Bind and listen on each address as a worker will, then close: the one-line refusal for
+    the first that fails, or None. Port 0 is skipped (each bind would get another port)."""
+    from rawsse.server.listener import bind_listener
+
+    for flag, address in addresses:
+        if not address or address[1] == 0:
+            continue
+        try:
+            bind_listener(address, backlog).close()
+        except OSError as exc:
+            host, port = address
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            reason = exc.strerror or str(exc)
+            hint = _BIND_HINTS.get(exc.errno or 0)
+            return (f"{flag} {shown}: cannot listen: {reason}" + (f": {hint}" if hint else "")
+                    + f"; choose another {flag}")
     return None

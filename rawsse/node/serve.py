@@ -10,10 +10,13 @@ import socket
 import sys
 from typing import Any
 
+from rawsse.apns.admin import MAX_TOKEN_STATES, TOKEN_STATE_BYTES
 from rawsse.config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
                      parse_fault, parse_int)
 
 log = logging.getLogger(__name__)
+
+ADMIN_ON_PUBLIC = "public"  # --admin-listen public: the operator routes on --listen too
 
 EPILOG = """\
 delays (--delivery-delay, --response-delay, and the per-push header rawsse-delivery-delay):
@@ -25,8 +28,13 @@ delays (--delivery-delay, --response-delay, and the per-push header rawsse-deliv
 fault rules (--fault, repeatable; also POST /admin/faults at run time):
   PERCENT%:STATUS[:REASON]   e.g. 5%:503:ServiceUnavailable, 1%:429:TooManyRequests, 2%:500
 
-routes: POST /3/device/<token> (APNs), GET /events?token=<hex> (SSE), POST /broadcast,
-        GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults
+routes on --listen (default 0.0.0.0:8378), for senders and devices:
+  POST /3/device/<token> (APNs), GET /events?token=<hex> (SSE), POST /broadcast, GET /healthz
+operator routes on --admin-listen, by default 127.0.0.1 on the --listen port + 1
+(127.0.0.1:8379), so two nodes on one host do not collide:
+  GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults
+  --admin-listen public serves them on --listen too, where any sender can reach them;
+  request bodies and answers: docs/runbook.md, "Admin routes"
 
 several nodes as one service (Redis >= 6.2, pip install 'rawsse[redis]'):
   rawsse serve --listen :8378 --redis redis://redis.internal:6379 --node-id a
@@ -41,7 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--listen", default="0.0.0.0:8378", metavar="HOST:PORT",
         help="push API and device streams (default: %(default)s, the port of Fleet's mock)")
     add("--admin-listen", metavar="HOST:PORT",
-        help="serve /stats, /metrics and /admin/* here only (default: on --listen)")
+        help="serve the operator routes (/stats, /metrics, /admin/*) here only (default: "
+             "127.0.0.1 on the --listen port + 1); 'public' serves them on --listen, open to "
+             f"every sender; at most {MAX_TOKEN_STATES:,} token states (/admin/tokens), about "
+             f"{MAX_TOKEN_STATES * TOKEN_STATE_BYTES // 1_000_000} MB per process")
     add("--keepalive", default="15", metavar="SECONDS",
         help="SSE comment interval so proxies never see an idle stream; 0 disables (default: 15)")
     add("--default-ttl", default="24h", metavar="DURATION",
@@ -97,9 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> ServeConfig:
     """Validate every flag once; raises ConfigError naming the flag."""
+    listen = parse_address(args.listen, "--listen")
     return ServeConfig(
-        listen=parse_address(args.listen, "--listen"),
-        admin_listen=parse_address(args.admin_listen, "--admin-listen") if args.admin_listen else None,
+        listen=listen,
+        admin_listen=admin_address(args.admin_listen, listen),
         keepalive=parse_duration(args.keepalive, "--keepalive"),
         default_ttl=parse_duration(args.default_ttl, "--default-ttl"),
         max_connections=parse_int(args.max_connections, "--max-connections", 1),
@@ -120,6 +132,41 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         log_level=args.log_level,
         **_redis_options(args),
     )
+
+
+def admin_address(text: str | None, listen: tuple[str, int]) -> tuple[str, int] | None:
+    """Where the operator routes listen; None = on ``--listen`` (``--admin-listen public``).
+
+    Not on the push listener by default: any sender could mark devices unregistered or add
+    fault rules there. Loopback on the next port lets two nodes share a host (8378/8379 and
+    8388/8389) without naming the operator port each time."""
+    if text is not None and text.strip().lower() == ADMIN_ON_PUBLIC:
+        return None
+    if text is None:
+        port = listen[1] + 1 if listen[1] else 0  # --listen :0 (a kernel-picked port): the same
+        if port > 65535:
+            raise ConfigError("--admin-listen", f"the default, the --listen port + 1, would be "
+                                                f"{port}: name one, e.g. 127.0.0.1:8379")
+        return "127.0.0.1", port
+    address = parse_address(text, "--admin-listen")
+    if _same_socket(address, listen):
+        raise ConfigError("--admin-listen", f"{text.strip()} overlaps --listen "
+                          f"{listen[0]}:{listen[1]}: each connection would land on one of them "
+                          f"at random; choose another port, or --admin-listen {ADMIN_ON_PUBLIC} "
+                          f"to serve the operator routes on --listen")
+    return address
+
+
+def _same_socket(admin: tuple[str, int], listen: tuple[str, int]) -> bool:
+    """Would the two listeners share connections (same port, overlapping addresses)?"""
+    from rawsse.node import portcheck
+
+    if admin[1] != listen[1] or admin[1] == 0:
+        return False
+    ours, theirs = portcheck.resolve(*admin), portcheck.resolve(*listen)
+    if ours is None or theirs is None:  # unresolvable: the bind reports it
+        return admin[0] == listen[0]
+    return portcheck.overlaps(ours, theirs)
 
 
 def _redis_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from rawsse.node.arbiter import Arbiter
     from rawsse.node.process import BOOT_ERROR
 
-    refusal = shared_port_refusal(config)
+    refusal = shared_port_refusal(config) or bind_refusal(config)
     if refusal:
         print(f"rawsse serve: {refusal}", file=sys.stderr)
         return BOOT_ERROR  # what a worker that cannot bind would make the master exit with
@@ -175,5 +222,15 @@ def shared_port_refusal(config: ServeConfig) -> str | None:
     (``portcheck.py``)."""
     from rawsse.node import portcheck
 
-    return portcheck.check_addresses([("--listen", config.listen),
-                                      ("--admin-listen", config.admin_listen)])
+    return portcheck.check_addresses(_addresses(config))
+
+
+def _addresses(config: ServeConfig) -> list[tuple[str, tuple[str, int] | None]]:
+    return [("--listen", config.listen), ("--admin-listen", config.admin_listen)]
+
+
+def bind_refusal(config: ServeConfig) -> str | None:
+    """After the listener check: bind each address once here, as the workers will."""
+    from rawsse.node import portcheck
+
+    return portcheck.bind_refusal(_addresses(config), config.backlog)
