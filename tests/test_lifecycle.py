@@ -21,7 +21,8 @@ import pytest
 from conftest import ROOT, reserve_port
 from wire import HTTPClient, SSEReader, build_request, wait_for
 
-from test_prefork import node_stats, push_all, token, worker_pids
+from test_prefork import push_all, token, worker_pids
+from test_redis import cluster, shared_redis  # noqa: F401 (fixtures)
 
 
 def owner(tok: str, workers: int) -> int:
@@ -70,11 +71,11 @@ def push_with_delay(client: HTTPClient, tok: str, delay_ms: int, apns_id: str) -
 
 def test_hup_restarts_one_worker_at_a_time(start_server, readers):
     """The next worker is stopped only once the previous one's replacement serves: at every
-    moment at least N-1 workers listen (all four once drained within 0.2 s of each other)."""
-    workers = 3
-    srv = start_server("--workers", str(workers), "--drain-seconds", "0.6", "--keepalive", "0")
-    readers.extend(SSEReader(srv.host, srv.port, t) for t in
-                   [tok for shard in range(workers) for tok in shard_tokens(shard, workers, 8, "roll")])
+    moment at least N-1 workers listen (all of them once drained within 0.2 s of each other)."""
+    workers = 2
+    srv = start_server("--workers", str(workers), "--drain-seconds", "1.5", "--keepalive", "0")
+    readers.extend(SSEReader(srv.host, srv.port, t) for t in  # each drain lasts ~1.5 s
+                   [tok for shard in range(workers) for tok in shard_tokens(shard, workers, 15, "roll")])
     old = set(worker_pids(srv))
     srv.signal(signal.SIGHUP)
     fewest, previous = workers, workers
@@ -186,37 +187,57 @@ def test_pending_pushes_survive_a_kill_9_of_the_master(start_server, tmp_path, r
 
 # -- security -----------------------------------------------------------------------------------
 
-def test_mesh_refuses_a_process_outside_the_node(start_server):
+def intruder_is_shut_out(mesh_address: str) -> bool:
+    """Connect to a mesh socket from this (foreign) process and send an ADMIN record that
+    would answer every push 500; True if the node closes the link."""
     from rawsse.node import wire
 
-    srv = start_server("--workers", "2", admin=True)
     intruder = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     intruder.settimeout(5)
     try:
-        intruder.connect(wire.address(srv.proc.pid, 0))
+        intruder.connect(mesh_address)
         command = json.dumps({"op": "set_faults", "rules": ["100%:500"]}).encode()
         records = [(wire.record(wire.ADMIN, wire.encode(wire.ADMIN, 1, command)), -1)]
         for message, _fds in wire.pack_messages(1, records):
             try:
                 intruder.send(message)
             except OSError:
-                pass  # already closed by the worker: what this test wants
+                pass  # already closed by the node: what the caller wants
         try:
-            closed = intruder.recv(16) == b""
+            return intruder.recv(16) == b""
         except ConnectionResetError:
-            closed = True
+            return True
     finally:
         intruder.close()
-    assert closed, "the worker closes a link from a process that is not its peer"
+
+
+def pushes_answered(server, tag: str) -> set[int]:
     statuses = set()
-    for i in range(10):
-        client = HTTPClient(srv.host, srv.port)
+    for i in range(10):  # new connections land on every worker
+        client = HTTPClient(server.host, server.port)
         try:
-            statuses.add(client.request("POST", f"/3/device/{token(i, 'intr')}", b'{"aps":{}}').status)
+            statuses.add(client.request("POST", f"/3/device/{token(i, tag)}", b'{"aps":{}}').status)
         finally:
             client.close()
-    assert statuses == {200}
+    return statuses
+
+
+def test_mesh_refuses_a_process_outside_the_node(start_server):
+    from rawsse.node import wire
+
+    srv = start_server("--workers", "2", admin=True)
+    assert intruder_is_shut_out(wire.address(srv.proc.pid, 0))
+    assert pushes_answered(srv, "intr") == {200}
     assert "mesh connection refused" in srv.output()
+
+
+def test_redis_agent_mesh_refuses_a_process_outside_the_node(shared_redis, cluster):
+    from rawsse.node import wire
+
+    (node,) = cluster(shared_redis, 1)
+    assert intruder_is_shut_out(wire.address(node.proc.pid, 2))  # the agent is peer "workers"
+    assert pushes_answered(node, "intra") == {200}
+    assert "mesh connection refused" in node.output()
 
 
 def test_state_files_are_private(start_server, tmp_path):
