@@ -103,6 +103,7 @@ class Arbiter:
         self.lost_pending = 0
         self.rolling: list[int] = []
         self.restarting_now: WorkerHandle | None = None  # the rolling restart's current slot
+        self.restart_deadline = 0.0  # by then its old worker has drained, or is killed
         self.last_pushes = 0
         self.last_status = time.monotonic()
         self.last_watchdog = 0.0
@@ -476,6 +477,12 @@ class Arbiter:
             return
         current = self.restarting_now
         if current is not None:
+            if current.restarting and current.pid and time.monotonic() > self.restart_deadline:
+                log.error("worker %d did not drain in time: killing it (~%d pending pushes "
+                          "lost)", current.index, current.beat.get("pending", 0))
+                self.lost_pending += current.beat.get("pending", 0)
+                self._kill(current.pid, signal.SIGKILL)
+                self.restart_deadline = math.inf  # once
             if current.restarting or not current.ready:
                 self.loop.call_later(0.1, self._restart_next)
                 return
@@ -491,6 +498,7 @@ class Arbiter:
         self.rolling.pop(0)
         handle.restarting = True
         self.restarting_now = handle
+        self.restart_deadline = time.monotonic() + self.config.drain_seconds + STOP_GRACE_SECONDS
         self._kill(handle.pid, signal.SIGTERM)
         self.loop.call_later(0.1, self._restart_next)
 
