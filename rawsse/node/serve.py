@@ -65,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "(default: %(default)s)")
     add("--max-pending-bytes", default=str(d.max_pending_bytes), metavar="BYTES",
         help="SSE frame bytes of the pending and delayed pushes held per worker before pushes "
-             "get 503 (a frame is about its payload, at most Apple's 4 KB; the default 256 MiB "
-             "holds ~60,000 pushes of 4 KB a worker) (default: %(default)s)")
+             "get 503 (a frame is its payload + ~60 B, the payload at most Apple's 4 KB; each "
+             "push also costs ~200 B of bookkeeping, bounded by --max-pending; the default 256 "
+             "MiB holds ~60,000 pushes of 4 KB a worker) (default: %(default)s)")
     add("--max-delayed", default=str(d.max_delayed), metavar="N",
         help="pushes waiting out a delivery delay per worker before pushes get 503 "
              "(default: %(default)s)")
@@ -86,7 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, close streams spread over this window so devices do not reconnect "
              "at once (default: 10)")
     add("--state-file", metavar="PATH",
-        help="save pending pushes here on stop and load them on start")
+        help="save pending pushes here (0600) on stop and load them on start; its directory "
+             "must be writable (checked at start); after a kill -9 of the master, its workers' "
+             "saved pushes are merged at the next start")
     add("--redis", metavar="URL", dest="redis_url",
         help="Redis mode: cooperate with the other nodes using this Redis (redis://[:PASSWORD@]"
              "HOST:PORT[/DB], rediss://, unix:///PATH); pending pushes and device ownership "
