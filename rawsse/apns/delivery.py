@@ -1,40 +1,108 @@
 """The owner's half of a push: accept it into bounded queues, deliver it now or after its delay.
 
 A push is accepted (answered 200) only if it has a place: the token's stream, its pending slot,
-or room under ``--max-pending`` pending pushes plus ``--max-delayed`` pushes waiting out a
-delivery delay. Past those bounds the answer is 503 (the sender retries), never a 200 that is then
-dropped. Delayed pushes are loop timers; a drain delivers (or keeps pending) every one of them
-first (``flush_delayed``): they were answered 200.
+or room under ``--max-pending`` pushes and ``--max-pending-bytes`` frame bytes, counting both the
+pending store and the pushes waiting out a delivery delay (themselves bounded by
+``--max-delayed``). Past those bounds the answer is 503 (the sender retries), never a 200 that is
+then dropped.
+
+Delayed pushes wait in this object's own heap, ordered by deadline, with one loop timer armed
+for the earliest: never found by scanning the loop's timers. A drain (``flush_delayed``)
+delivers, or keeps pending, every one of them in deadline order, so the push due last is the one
+left pending for its token, as it would have been without the drain; a delayed push arriving
+after that (forwarded by a peer to a draining owner) is delivered or kept at once: a timer would
+outlive the drain and the push, answered 200, would be lost.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import heapq
+from typing import TYPE_CHECKING, Iterable
 
 from rawsse.apns.registry import Push, Registry
 from rawsse.apns.routing import HELD, QUEUE_FULL, Accepted
 
 if TYPE_CHECKING:
     from rawsse.config import ServeConfig
-    from rawsse.server.loop import Loop
+    from rawsse.server.loop import Loop, Timer
+
+
+_MISSING = object()
+
+
+class PendingPushes(dict[bytes, Push]):
+    """The registry's pending store, which also counts its frame bytes (``--max-pending-bytes``).
+
+    A dict subclass so every place that stores, replaces, hands over or expires a pending push
+    keeps the count right without knowing about it. ``pop`` returning the default is the one
+    path with no change of size."""
+
+    __slots__ = ("frame_bytes",)
+
+    def __init__(self, items: Iterable[tuple[bytes, Push]] = ()) -> None:
+        super().__init__()
+        self.frame_bytes = 0
+        self.update(items)
+
+    def __setitem__(self, token: bytes, push: Push) -> None:
+        old = dict.get(self, token)
+        if old is not None:
+            self.frame_bytes -= len(old.frame)
+        self.frame_bytes += len(push.frame)
+        dict.__setitem__(self, token, push)
+
+    def __delitem__(self, token: bytes) -> None:
+        self.frame_bytes -= len(dict.__getitem__(self, token).frame)
+        dict.__delitem__(self, token)
+
+    def pop(self, token: bytes, default: object = _MISSING) -> Push:
+        if token in self:
+            push = dict.pop(self, token)
+            self.frame_bytes -= len(push.frame)
+            return push
+        if default is _MISSING:
+            raise KeyError(token)
+        return default  # type: ignore[return-value]
+
+    def update(self, items: object = ()) -> None:
+        pairs = items.items() if isinstance(items, dict) else items
+        for token, push in pairs:  # type: ignore[attr-defined]
+            self[token] = push
+
+    def clear(self) -> None:
+        dict.clear(self)
+        self.frame_bytes = 0
 
 
 class Delivery:
-    __slots__ = ("registry", "loop", "config", "delayed")
+    __slots__ = ("registry", "loop", "config", "waiting", "delayed_bytes", "timer", "_seq",
+                 "flushed")
 
     def __init__(self, registry: Registry, loop: "Loop", config: "ServeConfig") -> None:
         self.registry = registry
         self.loop = loop
         self.config = config
-        self.delayed = 0  # pushes waiting out their delivery delay
+        if not isinstance(registry.pending, PendingPushes):
+            registry.pending = PendingPushes(registry.pending.items())
+        # (deadline, sequence, token, push): a heap, earliest deadline first; the sequence
+        # keeps equal deadlines in arrival order and never compares pushes.
+        self.waiting: list[tuple[float, int, bytes, Push]] = []
+        self.delayed_bytes = 0
+        self.timer: "Timer | None" = None  # armed for waiting[0]'s deadline
+        self._seq = 0
+        self.flushed = False  # a drain began: no push waits for a timer any more
+
+    @property
+    def delayed(self) -> int:
+        """Pushes waiting out their delivery delay."""
+        return len(self.waiting)
 
     def accept(self, token: bytes, push: Push, delay: float) -> Accepted:
         """Deliver now or after ``delay``; QUEUE_FULL when a bounded queue is full (→ 503)."""
-        if delay > 0:
-            if self.delayed >= self.config.max_delayed or not self._has_room(token, push):
+        if delay > 0 and not self.flushed:
+            if len(self.waiting) >= self.config.max_delayed or not self._has_room(token, push):
                 return QUEUE_FULL
-            self.delayed += 1
-            self.loop.call_later(delay, self._deliver_delayed, token, push)
+            self._wait(token, push, self.loop.now + delay)
             return HELD
         if not self._has_room(token, push):
             return QUEUE_FULL
@@ -42,22 +110,52 @@ class Delivery:
         return HELD
 
     def _has_room(self, token: bytes, push: Push) -> bool:
-        """The pending store is bounded (--max-pending); pushes already counted in it or in the
-        delay queue reserve their place, so a push answered 200 is never dropped later."""
+        """The pending store is bounded (--max-pending, --max-pending-bytes); pushes already
+        counted in it or in the delay queue reserve their place, so a push answered 200 is never
+        dropped later."""
         registry = self.registry
         if token in registry.streams or token in registry.pending or push.expires <= 0:
             return True
-        return len(registry.pending) + self.delayed < self.config.max_pending
+        pending = registry.pending
+        config = self.config
+        if len(pending) + len(self.waiting) >= config.max_pending:
+            return False
+        stored = pending.frame_bytes if isinstance(pending, PendingPushes) else 0
+        return stored + self.delayed_bytes + len(push.frame) <= config.max_pending_bytes
 
-    def _deliver_delayed(self, token: bytes, push: Push) -> None:
-        self.delayed -= 1
+    def _wait(self, token: bytes, push: Push, deadline: float) -> None:
+        self._seq += 1
+        heapq.heappush(self.waiting, (deadline, self._seq, token, push))
+        self.delayed_bytes += len(push.frame)
+        if self.waiting[0][1] == self._seq:  # the new earliest: the timer moves up
+            self._arm()
+
+    def _arm(self) -> None:
+        self.loop.cancel(self.timer)
+        self.timer = None
+        if self.waiting:
+            self.timer = self.loop.call_later(max(0.0, self.waiting[0][0] - self.loop.now),
+                                              self._deliver_due)
+
+    def _deliver_due(self) -> None:
+        self.timer = None
+        now = self.loop.now
+        waiting = self.waiting
+        while waiting and waiting[0][0] <= now:
+            self._deliver_first()
+        self._arm()
+
+    def _deliver_first(self) -> None:
+        _deadline, _seq, token, push = heapq.heappop(self.waiting)
+        self.delayed_bytes -= len(push.frame)
         self.registry.deliver(token, push)
 
     def flush_delayed(self) -> None:
-        """Deliver (or keep pending) every push still waiting out its delivery delay: they were
-        answered 200, so a stop must not drop them."""
-        for timer in list(self.loop.timers):
-            if timer[2] == self._deliver_delayed:
-                callback, args = timer[2], timer[3]
-                self.loop.cancel(timer)
-                callback(*args)
+        """Deliver (or keep pending) every push still waiting out its delivery delay, in
+        deadline order: they were answered 200, so a stop must not drop them. From now on a
+        delayed push is delivered or kept at once (see the module docstring)."""
+        self.flushed = True
+        self.loop.cancel(self.timer)
+        self.timer = None
+        while self.waiting:
+            self._deliver_first()

@@ -19,6 +19,7 @@ import logging
 import socket
 from typing import Callable
 
+from rawsse.node import peercred
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import RECV_SIZE, address, iter_records, pack_messages, record, sender_of
 
@@ -125,6 +126,8 @@ class AgentMesh:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(self.listener)
+            if not peercred.admit(sock, self.node):  # only this node's workers
+                continue
             sock.setblocking(False)
             task = asyncio.ensure_future(self._read(sock))
             self._readers.add(task)

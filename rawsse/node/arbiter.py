@@ -22,7 +22,15 @@ Rules
 - TERM/INT: graceful drain (each worker stops accepting, answers in-flight pushes, closes its
   streams over ``--drain-seconds`` and saves its pending pushes); the master merges them into
   ``--state-file``, which the next start loads and shards again. A second TERM/INT cuts the drain.
-- HUP: rolling restart, one worker at a time; its pending pushes pass to its successor.
+  A save that fails is logged once and the master exits 1 (never a retry loop that ignores TERM).
+- HUP: rolling restart, one worker at a time: the next is stopped only once the previous one's
+  replacement serves, so at most one shard is ever down; the old worker's pending pushes pass to
+  its replacement (its part file). While it drains, devices of its shard handed over by peers get
+  503 and reconnect (``Worker.adopt_stream``); pushes for them are kept and passed on.
+- kill -9 of the master: the workers save their parts and exit (``process.py``); the next start
+  with the same ``--state-file`` merges those parts into it before loading it.
+- Without ``--state-file`` the parts go through a private directory (``mkdtemp``: 0700, files
+  0600), removed at stop: payloads are never in a predictable world-readable path.
 - Admin changes made at run time (token states, fault rules) reach the master too (``admin``
   messages, in replayable form): it keeps the node's ``AdminState``, forks every new worker with
   it, and hands each change to the other workers (one still booting missed the mesh share).
@@ -41,21 +49,21 @@ import errno
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import tempfile
 import time
 from typing import Any, Callable
 
-import orjson
-
+from rawsse import __version__
 from rawsse.node import statefile
 from rawsse.apns.admin import AdminError, AdminState
 from rawsse.node.process import BOOT_ERROR, NodeProcess, run_worker
 from rawsse.config import ServeConfig
-from rawsse.server.loop import EPOLLOUT, READ_EVENTS, Loop
+from rawsse.server.loop import READ_EVENTS, Loop
 from rawsse.node.routing import owner_of
-from rawsse.node.sendqueue import SendQueue
+from rawsse.node.handle import WorkerHandle
 from rawsse.apns.registry import Push
 from rawsse.node.systemd import Notifier
 from rawsse.limits import raise_nofile_limit
@@ -65,7 +73,6 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_TIMEOUT = 30.0
 STATUS_SECONDS = 5.0
-MAX_RESPAWN_DELAY = 30.0
 STOP_GRACE_SECONDS = 15.0
 
 
@@ -73,88 +80,6 @@ def workers_needed(max_connections: int, fd_limit: int) -> int:
     """Workers so that each holds its share of ``max_connections`` under its open-file limit."""
     per_worker = max(1, fd_limit - FD_RESERVE)
     return max(os.cpu_count() or 1, math.ceil(max_connections / per_worker))
-
-
-class WorkerHandle:
-    """The master's view of one worker slot: its process and its control socket."""
-
-    __slots__ = ("arbiter", "index", "pid", "sock", "fd", "ready", "last_beat", "beat",
-                 "deaths", "restarting", "out")
-
-    def __init__(self, arbiter: "Arbiter", index: int) -> None:
-        self.arbiter = arbiter
-        self.index = index
-        self.pid = 0
-        self.sock: socket.socket | None = None
-        self.fd = -1
-        self.ready = False
-        self.last_beat = 0.0
-        self.beat: dict[str, Any] = {}
-        self.deaths: list[float] = []
-        self.restarting = False
-        # Messages the socket did not take yet (a worker still booting reads nothing); sent in
-        # order once it drains, so no admin change is lost on the way to a new worker.
-        self.out: SendQueue | None = None
-
-    def attach(self, pid: int, sock: socket.socket) -> None:
-        """A new process in this slot, and the master's end of its control socket."""
-        self.pid, self.sock, self.fd, self.out = pid, sock, sock.fileno(), SendQueue(sock)
-        self.ready = False
-        self.last_beat = time.monotonic()
-        self.beat = {}
-
-    def record_death(self, now: float) -> float:
-        """Count a death; the pause before the respawn: none after the first death in a
-        minute, then 1 s doubling up to MAX_RESPAWN_DELAY, so a crash loop cannot hammer the
-        devices."""
-        self.deaths = [t for t in self.deaths if now - t < 60.0] + [now]
-        return 0.0 if len(self.deaths) <= 1 else min(MAX_RESPAWN_DELAY, 2.0 ** (len(self.deaths) - 2))
-
-    def handle_events(self, events: int) -> None:
-        if events & EPOLLOUT and self._flush():
-            self.arbiter.loop.modify(self.fd, READ_EVENTS)  # all sent: stop waiting to write
-        for _ in range(64):
-            try:
-                data = self.sock.recv(65536)  # type: ignore[union-attr]
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self.close_socket()
-                return
-            self.arbiter.on_message(self, orjson.loads(data))
-
-    def send(self, message: dict[str, Any]) -> None:
-        if self.out is None:
-            return
-        try:
-            full = self.out.send(orjson.dumps(message))
-        except OSError:  # the worker is gone: its exit is reaped and handled
-            self.out.close()
-            return
-        if full:
-            self.arbiter.loop.modify(self.fd, READ_EVENTS | EPOLLOUT)
-
-    def _flush(self) -> bool:
-        """Send what the socket takes, in order; True when nothing is left."""
-        if self.out is None:
-            return True
-        try:
-            return self.out.flush()
-        except OSError:  # the worker is gone: its exit is reaped and handled
-            self.out.close()
-            return True
-
-    def close_socket(self) -> None:
-        self.out = None
-        if self.sock is not None:
-            self.arbiter.loop.remove(self.fd)
-            self.sock.close()
-            self.sock, self.fd = None, -1
-
-    def close(self, reason: str = "") -> None:
-        self.close_socket()
 
 
 class Arbiter:
@@ -177,6 +102,8 @@ class Arbiter:
         self.lost_streams = 0
         self.lost_pending = 0
         self.rolling: list[int] = []
+        self.restarting_now: WorkerHandle | None = None  # the rolling restart's current slot
+        self.restart_deadline = 0.0  # by then its old worker has drained, or is killed
         self.last_pushes = 0
         self.last_status = time.monotonic()
         self.last_watchdog = 0.0
@@ -185,7 +112,7 @@ class Arbiter:
         # getpid() would differ).
         self.node_id = os.getpid()
         self.part_dir = os.path.dirname(os.path.abspath(config.state_file)) if config.state_file \
-            else tempfile.gettempdir()
+            else tempfile.mkdtemp(prefix="rawsse-")  # 0700: only this user reads the parts
 
     # -- start --------------------------------------------------------------------------------
 
@@ -201,13 +128,32 @@ class Arbiter:
         for handle in self.handles:
             self.spawn(handle, shards[handle.index])
         del pending, shards
-        log.info("master %d: %d workers on %s:%d", os.getpid(), self.count, *self.config.listen)
+        self._log_start()
         self.loop.call_later(1.0, self._tick)
         try:
             self.loop.run()
         finally:
             signal.set_wakeup_fd(-1)
+            self._remove_private_dir()
+        log.info("stopped (exit code %d)", self.exit_code)
         return self.exit_code
+
+    def _log_start(self) -> None:
+        """What an operator checks after a start, in two lines: where it listens, what it does
+        to pushes."""
+        c = self.config
+        operator = "%s:%d" % c.admin_listen if c.admin_listen else "on --listen"
+        log.info("rawsse %s master %d: %d workers on %s:%d, operator routes %s, state file %s",
+                 __version__, os.getpid(), self.count, *c.listen, operator,
+                 c.state_file or "none")
+        faults = ", ".join(rule.describe() for rule in c.faults) or "none"
+        log.info("delivery delay %s, response delay %s, faults %s, max pending %d / %d bytes "
+                 "per worker", c.delivery_delay.describe(), c.response_delay.describe(), faults,
+                 c.max_pending, c.max_pending_bytes)
+
+    def _remove_private_dir(self) -> None:
+        if not self.config.state_file:
+            shutil.rmtree(self.part_dir, ignore_errors=True)
 
     def _warn_if_capacity_short(self) -> None:
         per_worker = self.fd_limit - FD_RESERVE
@@ -219,14 +165,23 @@ class Arbiter:
                         workers_needed(self.config.max_connections, self.fd_limit))
 
     def _load_state(self) -> dict[bytes, Push]:
-        if not self.config.state_file:
+        path = self.config.state_file
+        if not path:
             return {}
         try:
-            pending = statefile.load(self.config.state_file)
+            pending = statefile.load(path)
         except statefile.StateFileError as exc:
             log.error("%s; starting without it", exc)
-            return {}
-        log.info("loaded %d pending pushes from %s", len(pending), self.config.state_file)
+            pending = {}
+        try:  # after a kill -9 of the master, its workers' parts (process.py)
+            recovered = statefile.merge_leftover_parts(self.part_dir, path, pending)
+        except (statefile.StateFileError, OSError) as exc:
+            log.error("pending pushes left by a stopped master not merged: %s", exc)
+            recovered = 0
+        if recovered:
+            log.warning("recovered %d pending pushes saved by the workers of a stopped master",
+                        recovered)
+        log.info("loaded %d pending pushes from %s", len(pending), path)
         return pending
 
     def processes(self) -> list[WorkerHandle]:
@@ -234,8 +189,7 @@ class Arbiter:
         return self.handles if self.agent is None else [*self.handles, self.agent]
 
     def part_path(self, index: int) -> str:
-        base = os.path.basename(self.config.state_file or f"rawsse-{self.node_id}.state")
-        return os.path.join(self.part_dir, f".{base}.worker{index}")
+        return statefile.part_path(self.part_dir, self.config.state_file or "rawsse.state", index)
 
     def spawn(self, handle: WorkerHandle, pending: dict[bytes, Push]) -> None:
         master_side, worker_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -290,6 +244,8 @@ class Arbiter:
         kind = message.get("type")
         if kind == "ready":
             handle.ready = True
+            if handle is self.restarting_now:  # a replacement serves: the next slot, now
+                self._restart_next()
             self._broadcast_info()
             self._maybe_ready()
         elif kind == "beat":
@@ -327,7 +283,7 @@ class Arbiter:
                 self.announced_ready = True
                 log.info("all %d workers serving", self.count)
                 self.notifier.ready(self.status_line())
-            elif not self.rolling and self.reloading:
+            elif not self.rolling and self.restarting_now is None and self.reloading:
                 self.reloading = False
                 self.notifier.ready(self.status_line())
                 log.info("rolling restart finished")
@@ -421,6 +377,7 @@ class Arbiter:
             return
         if handle.restarting:
             handle.restarting = False
+            log.debug("worker %d (old pid) exited (%d); starting its replacement", handle.index, code)
             self._respawn(handle, self._take_part(handle.index))
             return
         if code == BOOT_ERROR and not was_ready:
@@ -513,26 +470,44 @@ class Arbiter:
     handle_sigttou = handle_sigttin
 
     def _restart_next(self) -> None:
+        """One step of a rolling restart: nothing until the slot being restarted has its
+        replacement serving (its old worker exited and the new one said ready), then the next
+        slot. Stopping two at once would leave two shards without an owner."""
         if self.stopping:
             return
+        current = self.restarting_now
+        if current is not None:
+            if current.restarting and current.pid and time.monotonic() > self.restart_deadline:
+                log.error("worker %d did not drain in time: killing it (~%d pending pushes "
+                          "lost)", current.index, current.beat.get("pending", 0))
+                self.lost_pending += current.beat.get("pending", 0)
+                self._kill(current.pid, signal.SIGKILL)
+                self.restart_deadline = math.inf  # once
+            if current.restarting or not current.ready:
+                self.loop.call_later(0.1, self._restart_next)
+                return
+            self.restarting_now = None
+            log.info("worker %d replaced (pid %d)", current.index, current.pid)
         if not self.rolling:
             self._maybe_ready()
             return
         handle = self.handles[self.rolling[0]]
-        if handle.restarting or not handle.ready:
-            # wait for the previous one to be serving before touching the next
-            self.loop.call_later(0.2, self._restart_next)
+        if not handle.ready:  # crashed and respawning on its own: wait for it too
+            self.loop.call_later(0.1, self._restart_next)
             return
         self.rolling.pop(0)
         handle.restarting = True
+        self.restarting_now = handle
+        self.restart_deadline = time.monotonic() + self.config.drain_seconds + STOP_GRACE_SECONDS
         self._kill(handle.pid, signal.SIGTERM)
-        self.loop.call_later(0.2, self._restart_next)
+        self.loop.call_later(0.1, self._restart_next)
 
     # -- stopping -----------------------------------------------------------------------------
 
     def begin_stop(self, drain: bool) -> None:
         self.stopping = True
         self.rolling = []
+        self.restarting_now = None
         self.stop_deadline = time.monotonic() + (self.config.drain_seconds if drain else 0) \
             + STOP_GRACE_SECONDS
         self.notifier.stopping(f"draining {sum(h.beat.get('streams', 0) for h in self.handles)} streams")
@@ -551,10 +526,17 @@ class Arbiter:
         for handle in self.handles:
             merged.update(self._take_part(handle.index) if os.path.exists(self.part_path(handle.index))
                           else {})
+        self.loop.stop()  # whatever happens below: a failed save is not retried
         if self.config.state_file:
-            saved = statefile.save(self.config.state_file, merged.items())
+            try:
+                saved = statefile.save(self.config.state_file, merged.items())
+            except OSError as exc:
+                log.error("%d pending pushes could not be saved to --state-file %s: %s",
+                          len(merged), self.config.state_file, exc.strerror or exc)
+                self.exit_code = 1
+                return
             log.info("saved %d pending pushes to %s", saved, self.config.state_file)
         elif merged:
             log.warning("%d pending pushes dropped at stop: no --state-file", len(merged))
-        self.loop.stop()
+
 

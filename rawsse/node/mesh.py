@@ -19,7 +19,10 @@ push or a device can land anywhere; the mesh moves it to the owner:
 Links: every worker listens on an abstract-namespace ``SOCK_SEQPACKET`` socket named after the
 master's pid and its index, and connects to a peer the first time it has something to send
 (an outbound link per direction, ``2 × (N−1)`` fds per worker). A respawned worker binds the same
-name; its peers notice the old link close and reconnect on their next send.
+name; its peers notice the old link close and reconnect on their next send. Any local process
+can see and connect to an abstract name, so an accepted link whose peer is not a process of this
+node (``SO_PEERCRED``: another uid, or not a child of our master) is closed at once
+(``peercred.py``).
 
 Batching: records for one peer accumulate during a loop turn and leave as one ``sendmsg`` per
 peer per turn (split at ``MAX_MESSAGE`` bytes or ``MAX_FDS`` fds); the framing and the record
@@ -43,6 +46,7 @@ import orjson
 
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import QUEUE_FULL, UNREACHABLE, Accepted, Owner, PushAnswer
+from rawsse.node import peercred
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
     ACK, ADMIN, ANCILLARY_SIZE, BCAST, BCAST_DONE, HANDOFF, PUSH, RECV_SIZE, REPLY, STATS,
@@ -151,7 +155,9 @@ class OutLink:
     def close(self, why: str = "") -> None:
         if self.sock is None or self.out is None:
             return
-        log.info("link to worker %d lost (%s)", self.peer, why)
+        # debug: a rolling restart loses every link to each replaced worker (once 130 lines
+        # per HUP); what an operator acts on is logged by the master.
+        log.debug("link to worker %d lost (%s)", self.peer, why)
         self.mesh.worker.loop.remove(self.fd)
         self.sock.close()
         _close_fds(self.out.close())  # streams that never reached their owner: devices reconnect
@@ -219,6 +225,8 @@ class MeshListener:
             except OSError as exc:
                 log.error("mesh accept failed: %s", exc)
                 return
+            if not peercred.admit(sock, self.mesh.node):  # only this node's processes
+                continue
             sock.setblocking(False)
             link = InLink(self.mesh, sock)
             self.mesh.worker.loop.add(link.fd, link, READ_EVENTS)

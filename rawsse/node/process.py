@@ -7,7 +7,16 @@ on top by composition too: no worker subclass, and this module never imports the
 
 Exit codes are the API with the master (gunicorn's convention, benoitc/gunicorn
 gunicorn/arbiter.py): 0 after a drain, ``BOOT_ERROR`` when the worker could not start serving
-(the master then stops instead of fork-looping).
+(the master then stops instead of fork-looping), ``SAVE_FAILED`` when its pending pushes could not
+be written, ``ORPHANED`` after its master went away.
+
+A worker whose master is killed (``kill -9``: its control socket reads EOF) is an orphan nobody
+will reap, respawn or merge: it stops accepting, closes its streams at once (their unsent pushes
+become pending), delivers or keeps its delayed pushes, and with ``--state-file`` saves what it
+holds to its part file beside the state file (``.<name>.worker<i>``) before it exits. The next
+``rawsse serve`` with that ``--state-file`` merges those parts into the state file at start
+(``Arbiter._load_state``) and shards them again. Without ``--state-file`` there is nowhere that
+outlives the node, so the loss is logged with its count.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from rawsse.server.worker import Worker
 log = logging.getLogger(__name__)
 
 BOOT_ERROR = 3
+SAVE_FAILED = 4
+ORPHANED = 5
 PEERS_GATE = "peers"  # accept only once every worker of the node serves
 
 
@@ -58,6 +69,7 @@ class NodeProcess:
         self.drainer: Drainer | None = None
         # The last step of a drain before the state is saved (Redis mode waits for the agent).
         self.finish_drain: Callable[[Callable[[], None]], None] = _now
+        self.exit_code = 0
 
     def _tick(self) -> None:
         self.mesh.expire_waiting(self.worker.loop.now)
@@ -69,13 +81,38 @@ class NodeProcess:
         else:  # a second TERM: no more waiting
             self.drainer.finish_now()
 
+    def orphaned(self) -> None:
+        """The master is gone: save what this worker holds, then exit (module docstring)."""
+        worker = self.worker
+        self.control.close()
+        self.exit_code = ORPHANED
+        log.error("worker %d: master went away; stopping now and keeping its pushes",
+                  worker.index)
+        if self.drainer is None:
+            self.drainer = Drainer(worker, 0.0, self._drained)
+        self.drainer.finish_now()
+
     def _drained(self) -> None:
         self.finish_drain(self._save_and_stop)
 
     def _save_and_stop(self) -> None:
         worker = self.worker
-        saved = statefile.save(self.part_path, worker.pending_items())
-        log.info("worker %d drained; %d pending pushes kept", worker.index, saved)
+        items = worker.pending_items()
+        if self.exit_code == ORPHANED and not worker.config.state_file:
+            if items:
+                log.error("worker %d: %d pending pushes lost: no --state-file to keep them in",
+                          worker.index, len(items))
+            worker.loop.stop()
+            return
+        try:
+            saved = statefile.save(self.part_path, items)
+        except OSError as exc:
+            log.error("worker %d: %d pending pushes could not be saved to %s: %s",
+                      worker.index, len(items), self.part_path, exc.strerror or exc)
+            self.exit_code = SAVE_FAILED
+        else:
+            log.info("worker %d drained; %d pending pushes kept in %s", worker.index, saved,
+                     self.part_path)
         worker.loop.stop()
 
 
@@ -111,7 +148,8 @@ class ControlLink:
                    "pushes": w.stats.pushes_received, "http": len(w.http_conns)})
 
     def handle_events(self, events: int) -> None:
-        message = receive_from_master(self.sock, f"worker {self.worker.index}")
+        message = receive_from_master(self.sock, f"worker {self.worker.index}",
+                                      self.process.orphaned)
         if message is None:
             return
         kind = message.get("type")
@@ -127,8 +165,10 @@ class ControlLink:
                     log.error("admin change from the master refused: %s", exc)
 
     def close(self, reason: str = "") -> None:
-        self.worker.loop.remove(self.fd)
-        self.sock.close()
+        if self.fd >= 0:
+            self.worker.loop.remove(self.fd)
+            self.sock.close()
+            self.fd = -1
 
 
 def run_worker(config: ServeConfig, index: int, count: int, node: int, control: socket.socket,
@@ -162,5 +202,5 @@ def run_worker(config: ServeConfig, index: int, count: int, node: int, control: 
     worker.start()
     process.control.send({"type": "ready", "capacity": worker.capacity, "max_fds": worker.max_fds})
     worker.loop.run()
-    return 0
+    return process.exit_code
 

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from typing import Any
 
 from rawsse.apns.admin import MAX_TOKEN_STATES, TOKEN_STATE_BYTES
@@ -73,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-pending", default=str(d.max_pending), metavar="N",
         help="offline devices' pending pushes held per worker before pushes get 503 "
              "(default: %(default)s)")
+    add("--max-pending-bytes", default=str(d.max_pending_bytes), metavar="BYTES",
+        help="SSE frame bytes of the pending and delayed pushes held per worker before pushes "
+             "get 503 (a frame is its payload + ~60 B, the payload at most Apple's 4 KB; each "
+             "push also costs ~200 B of bookkeeping, bounded by --max-pending; the default 256 "
+             "MiB holds ~60,000 pushes of 4 KB a worker) (default: %(default)s)")
     add("--max-delayed", default=str(d.max_delayed), metavar="N",
         help="pushes waiting out a delivery delay per worker before pushes get 503 "
              "(default: %(default)s)")
@@ -92,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, close streams spread over this window so devices do not reconnect "
              "at once (default: 10)")
     add("--state-file", metavar="PATH",
-        help="save pending pushes here on stop and load them on start")
+        help="save pending pushes here (0600) on stop and load them on start; its directory "
+             "must be writable (checked at start); after a kill -9 of the master, its workers' "
+             "saved pushes are merged at the next start")
     add("--redis", metavar="URL", dest="redis_url",
         help="Redis mode: cooperate with the other nodes using this Redis (redis://[:PASSWORD@]"
              "HOST:PORT[/DB], rediss://, unix:///PATH); pending pushes and device ownership "
@@ -122,13 +130,14 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         retry_ms=parse_int(args.retry, "--retry", 0),
         max_pending=parse_int(args.max_pending, "--max-pending", 1),
         max_delayed=parse_int(args.max_delayed, "--max-delayed", 1),
+        max_pending_bytes=parse_int(args.max_pending_bytes, "--max-pending-bytes", 4096),
         stream_buffer=parse_int(args.stream_buffer, "--stream-buffer", 256),
         header_limit=parse_int(args.header_limit, "--header-limit", 1024),
         header_timeout=_positive(args.header_timeout, "--header-timeout"),
         idle_timeout=_positive(args.idle_timeout, "--idle-timeout"),
         workers=0 if args.workers == "auto" else parse_int(args.workers, "--workers", 1),
         drain_seconds=parse_duration(args.drain_seconds, "--drain-seconds"),
-        state_file=args.state_file,
+        state_file=_writable_state_file(args.state_file),
         log_level=args.log_level,
         **_redis_options(args),
     )
@@ -188,6 +197,21 @@ def _redis_options(args: argparse.Namespace) -> dict[str, Any]:
     if any(c.isspace() for c in prefix):
         raise ConfigError("--redis-prefix", f"{prefix!r} contains whitespace")
     return {"redis_url": url, "node_id": node_id, "redis_prefix": prefix}
+
+
+def _writable_state_file(path: str | None) -> str | None:
+    """Found now, not at the stop that would fail to save: try a file beside it."""
+    if not path:
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=directory, prefix=".rawsse-probe-")
+    except OSError as exc:
+        raise ConfigError("--state-file", f"cannot write in {directory}: {exc.strerror}") from None
+    probe.close()
+    if os.path.isdir(path):
+        raise ConfigError("--state-file", f"{path} is a directory")
+    return path
 
 
 def _positive(text: str, flag: str) -> float:

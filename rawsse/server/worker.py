@@ -48,7 +48,7 @@ from rawsse.apns.routing import LocalOwner, LocalRouter, Router
 from rawsse.apns.validation import IdGenerator
 from rawsse.config import ServeConfig
 from rawsse.limits import raise_nofile_limit
-from rawsse.server import sse
+from rawsse.server import http1_wire, sse
 from rawsse.server.http1 import Http1Connection
 from rawsse.server.listener import Listener, bind_listener
 from rawsse.server.loop import READ_EVENTS, Loop
@@ -67,6 +67,7 @@ EXPIRY_SWEEP_BUDGET = 20_000
 READ_BUFFER_SIZE = 64 * 1024
 
 SERVICE_UNAVAILABLE_CLOSE = answers.error(503, "ServiceUnavailable", close=True)
+SERVICE_UNAVAILABLE_CLOSE_BYTES = http1_wire.serialize(SERVICE_UNAVAILABLE_CLOSE, http1_wire.CLOSE)
 
 
 class Worker:
@@ -176,10 +177,28 @@ class Worker:
         self._start_stream(stream, leftover)
 
     def adopt_stream(self, fd: int, token: bytes, leftover: bytes) -> None:
-        """A device socket handed over by another worker (this worker owns its token)."""
+        """A device socket handed over by another worker (this worker owns its token).
+
+        A draining worker takes none: each new stream would have to be closed again before the
+        drain can end (its drain once never ended while peers kept handing devices over), and
+        no other worker may hold the token's stream. The device gets 503 and reconnects, by
+        then to the owner's replacement; a push for it meanwhile stays pending here and is
+        passed on with the rest."""
+        if self.draining:
+            self.refuse_device(fd, leftover)
+            return
         stream = self.stream_type(fd, token)
         self.loop.add(fd, stream, READ_EVENTS)
         self._start_stream(stream, leftover)
+
+    def refuse_device(self, fd: int, leftover: bytes) -> None:
+        """Answer a device socket that is in no loop 503 and close it: it comes back later."""
+        self.stats.disconnect("rejected")
+        try:
+            os.write(fd, leftover + SERVICE_UNAVAILABLE_CLOSE_BYTES)
+        except OSError:
+            pass
+        os.close(fd)
 
     def _start_stream(self, stream: Stream, leftover: bytes) -> None:
         """Write the head (after any earlier pipelined response), then attach: newest wins and
