@@ -116,6 +116,28 @@ def test_pipelined_metrics_nobody_reads_do_not_stall_the_workers(start_server, r
     no_traceback(srv)
 
 
+
+def test_requests_held_back_by_the_queue_cap_are_all_answered_in_order(start_server):
+    """One send of more pipelined requests than a connection may have unanswered: reading
+    pauses part-way through a read and resumes with what it held, even once the kernel has
+    nothing more for it (everything was read at once)."""
+    srv = start_server("--workers", "2", admin=True)
+    operator = HTTPClient(srv.host, srv.admin_port)
+    public = HTTPClient(srv.host, srv.port)
+    try:
+        operator.send(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n" * 60)  # 4 at a time there
+        assert [r.status for r in operator.read_responses(60, timeout=15)] == [200] * 60
+        ids = [str(uuid.uuid4()) for _ in range(1500)]  # about half forwarded: answered later
+        public.send(b"".join(build_request("POST", f"/3/device/{token(n, 'q')}", b'{"mdm":"q"}',
+                                           {"apns-id": ids[n]}) for n in range(1500)))
+        answers = public.read_responses(1500, timeout=20)
+        assert [(r.status, r.headers["apns-id"]) for r in answers] == [(200, i) for i in ids]
+    finally:
+        operator.close()
+        public.close()
+    no_traceback(srv)
+
+
 # -- item 4: tokens and prefixes the mesh's one-byte length fields cannot carry ------------------
 
 LONG_TOKEN = "cd" * 300  # 300 bytes: over MAX_TOKEN_BYTES, and over the mesh's 255

@@ -401,14 +401,20 @@ class Http1Connection:
         """Parse ``data``: malformed input is answered (4xx, 505) and closes; nothing raises."""
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
+            return
         except httptools.HttpParserUpgrade as upgrade:
             # Upgrade (e.g. h2c) is ignored, as RFC 9110 §7.8 allows: the request was answered
-            # over HTTP/1.1; parse what follows with a fresh parser.
-            self._after_upgrade(bytes(data[upgrade.args[0]:]) if upgrade.args else b"")
+            # over HTTP/1.1; what follows is parsed with a fresh parser, below, outside this
+            # handler: an error parsing it inside would carry this exception as its context
+            # instead of the callback's own (_Abort, _TooLarge), and escape as a traceback.
+            rest = bytes(data[upgrade.args[0]:]) if upgrade.args else b""
         except httptools.HttpParserCallbackError as exc:
             self._callback_failed(exc)
+            return
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
+            return
+        self._after_upgrade(rest)
 
     def _check_head_size(self, n: int) -> None:
         """431 once the head in progress is over the limit. Callback byte counts are exact for
