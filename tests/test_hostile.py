@@ -87,9 +87,9 @@ def test_pipelined_metrics_nobody_reads_do_not_stall_the_workers(start_server, r
         flooder = threading.Thread(target=lambda: flooded.extend(flood_metrics(srv, 20, 1000, stop)))
         flooder.start()
         slowest, answered = 0.0, 0
-        deadline = time.monotonic() + 6.0
+        deadline = time.monotonic() + 4.0
         try:
-            while time.monotonic() < deadline:  # bounded: ~6 s of pushes under the flood
+            while time.monotonic() < deadline:  # bounded: ~4 s of pushes under the flood
                 started = time.monotonic()
                 status, body = push(client, token(answered % 50, "live"), timeout=10)
                 slowest = max(slowest, time.monotonic() - started)
@@ -103,7 +103,7 @@ def test_pipelined_metrics_nobody_reads_do_not_stall_the_workers(start_server, r
                 sock.close()
         # The workers' loops keep turning: every push answered well inside the heartbeat budget.
         assert slowest < 1.0, f"a push waited {slowest:.1f}s under the /metrics flood"
-        assert answered > 50
+        assert answered > 40
         assert worker_pids(srv) == pids
         stats = get_json(srv.host, srv.admin_port, "/stats")
         assert stats["master"]["worker_restarts"] == 0
@@ -243,3 +243,18 @@ def test_a_failing_handler_s_socket_is_closed_by_the_loop():
     finally:
         theirs.close()
         loop.close()
+
+
+# -- found by the fuzzer --------------------------------------------------------------------------
+
+def test_a_closing_request_right_after_an_ignored_upgrade_is_answered_without_a_traceback(server):
+    client = HTTPClient(server.host, server.port)
+    try:
+        client.send(build_request("GET", "/healthz", headers={"Connection": "Upgrade",
+                                                              "Upgrade": "h2c"})
+                    + build_request("GET", "/healthz", headers={"Connection": "close"}))
+        assert [r.status for r in client.read_responses(2, timeout=3)] == [200, 200]
+        assert client.wait_closed(3)
+    finally:
+        client.close()
+    no_traceback(server)

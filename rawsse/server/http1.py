@@ -333,7 +333,11 @@ class Http1Connection:
             self._flush()
             if self.fd < 0:
                 return
-        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        if events & (EPOLLHUP | EPOLLERR) and self.held is not None:
+            # Reported even while reading is paused; _read would only parse what it holds (or
+            # find no room for it) and be woken again at once: the client is gone anyway.
+            self.close("client")
+        elif events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             self._read()
 
     def _read(self) -> None:
