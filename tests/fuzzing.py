@@ -110,6 +110,7 @@ class Case:
     mode: str
     operator: bool  # sent to the operator listener
     cuts: list[int]  # slice boundaries, for "slices"
+    answer_expected: bool  # an unmutated corpus request: valid or not, it gets an HTTP answer
 
 
 def make_cases(seed: int, count: int, corpus: list[tuple[str, bytes]]) -> list[Case]:
@@ -129,7 +130,7 @@ def make_cases(seed: int, count: int, corpus: list[tuple[str, bytes]]) -> list[C
         cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randrange(1, 12)))) \
             if mode == "slices" and len(data) > 1 else []
         operator = rng.random() < 0.5 if index >= len(corpus) else _for_operator(data)
-        cases.append(Case(index, name, data, mode, operator, cuts))
+        cases.append(Case(index, name, data, mode, operator, cuts, index < len(corpus)))
     return cases
 
 
@@ -142,7 +143,8 @@ def _for_operator(data: bytes) -> bool:
 # -- sending --------------------------------------------------------------------------------------
 
 def run_case(case: Case, host: str, port: int, admin_port: int) -> str | None:
-    """Send one case and half-close; None when the server closed in time, else what went wrong."""
+    """Send one case and half-close; None when the server closed in time (after an answer, for
+    an unmutated corpus request), else what went wrong."""
     sock = socket.create_connection((host, admin_port if case.operator else port), timeout=2)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -153,20 +155,26 @@ def run_case(case: Case, host: str, port: int, admin_port: int) -> str | None:
         except OSError:  # EPIPE, ECONNRESET, ENOTCONN (at shutdown)
             return None  # the server refused early and closed: an answer of its own
         deadline = time.monotonic() + CASE_SECONDS
+        head = b""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return f"no close within {CASE_SECONDS}s"
             sock.settimeout(remaining)
             try:
-                if not sock.recv(65536):
-                    return None
+                data = sock.recv(65536)
             except ConnectionResetError:
-                return None
+                data = b""
             except (socket.timeout, TimeoutError):
                 return f"no close within {CASE_SECONDS}s"
+            if not data:
+                break
+            head = head or data[:9]
     finally:
         sock.close()
+    if case.answer_expected and not head.startswith(b"HTTP/1.1 "):
+        return f"closed with no answer (got {head!r})"
+    return None
 
 
 def _pieces(case: Case) -> list[bytes]:
