@@ -78,6 +78,13 @@ MAX_COLLAPSE_ID = 64
 MAX_STORAGE_SECONDS = 30 * 24 * 3600
 # Apple's tokens are 32 bytes; --strict-tokens enforces it (Fleet's test tokens are shorter).
 STRICT_TOKEN_BYTES = 32
+# The longest token accepted without --strict-tokens (pushes, /events, admin tokens; a broadcast
+# prefix is at most this many bytes of hex). Apple documents device tokens as of variable length
+# and warns against hard-coding their size (Apple, "Registering your app with APNs"), so a
+# simulator must take more than 32 bytes; 100 leaves three times today's size, fits the
+# one-byte length fields of the node's mesh records (255) and keeps a stored token small. Longer
+# is BadDeviceToken, Apple's reason for a token it cannot use.
+MAX_TOKEN_BYTES = 100
 
 # Headers an APNs request may not repeat: a repeated one is 400 DuplicateHeaders (Apple, "Sending
 # notification requests to APNs"; the reason is in "Handling notification responses from APNs").

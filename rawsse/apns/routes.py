@@ -30,7 +30,9 @@ from rawsse.apns import answers
 from rawsse.apns.operator import OperatorRoutes
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import HELD, UNREACHABLE, Accepted
-from rawsse.apns.validation import PushRejected, is_apns_id, parse_token, payload_limit, validate_push
+from rawsse.apns.validation import (
+    PushRejected, is_apns_id, parse_broadcast_prefix, parse_token, payload_limit, validate_push,
+)
 from rawsse.server import sse
 from rawsse.server.exchange import Answer, Request
 
@@ -180,9 +182,10 @@ class Routes:
             request.answer(answers.error(400, "BadMessageId"))
             return
         apns_id = given if given else self.worker.ids.new()
-        prefix_text = query_value(request.query, b"prefix").lower()
-        if prefix_text and not all(c in b"0123456789abcdef" for c in prefix_text):
-            request.answer(answers.error(400, "BadDeviceToken"))
+        try:
+            prefix_text = parse_broadcast_prefix(query_value(request.query, b"prefix"))
+        except PushRejected as rejected:
+            request.answer(answers.error(rejected.status, rejected.reason))
             return
         frame = sse.encode_event(apns_id, body)
         self.worker.router.broadcast(frame, prefix_text.decode(),

@@ -22,6 +22,8 @@ from rawsse.config import ConfigError, Distribution, parse_distribution
 # uppercase, so both cases are accepted and echoed as sent.
 _UUID = re.compile(rb"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
+MAX_EXPIRATION_DIGITS = 19
+
 # rawsse's own per-push override of --delivery-delay (not an Apple header).
 DELAY_HEADER = b"rawsse-delivery-delay"
 
@@ -78,10 +80,13 @@ def is_apns_id(value: bytes) -> bool:
 
 
 def parse_token(text: bytes, strict: bool) -> bytes:
-    """Hex token → raw bytes. Empty → MissingDeviceToken; odd length, non-hex, or (strict) not
-    32 bytes → BadDeviceToken. ``unhexlify`` accepts either case, so tokens are normalised."""
+    """Hex token → raw bytes. Empty → MissingDeviceToken; odd length, non-hex, over
+    ``MAX_TOKEN_BYTES``, or (strict) not 32 bytes → BadDeviceToken. ``unhexlify`` accepts either
+    case, so tokens are normalised."""
     if not text:
         raise reject("MissingDeviceToken")
+    if len(text) > 2 * apns.MAX_TOKEN_BYTES:
+        raise reject("BadDeviceToken")
     try:
         raw = binascii.unhexlify(text)
     except (binascii.Error, ValueError):
@@ -91,13 +96,25 @@ def parse_token(text: bytes, strict: bool) -> bytes:
     return raw
 
 
+def parse_broadcast_prefix(text: bytes) -> bytes:
+    """A broadcast's token prefix: hex, at most a whole token long, lowercased; else
+    BadDeviceToken (the same reason as a token that cannot be one)."""
+    prefix = text.lower()
+    if len(prefix) > 2 * apns.MAX_TOKEN_BYTES or prefix.translate(None, b"0123456789abcdef"):
+        raise reject("BadDeviceToken")
+    return prefix
+
+
 def parse_expiration(value: bytes | None, now: float, default_ttl: float) -> float:
     """apns-expiration → absolute unix seconds. Absent: now + default TTL. ``0`` or a past time:
     deliver now or discard (returned as 0). Capped at Apple's 30-day storage limit."""
     if value is None:
         return now + default_ttl
     text = value.strip()
-    if not text or not text.lstrip(b"-").isdigit():
+    digits = text[1:] if text.startswith(b"-") else text
+    # Unix seconds fit 19 digits (a signed 64-bit value, as Apple's own parser would hold
+    # them). Longer would reach int()'s 4300-digit limit (ValueError) or float() (OverflowError).
+    if not digits.isdigit() or len(digits) > MAX_EXPIRATION_DIGITS:
         raise reject("BadExpirationDate")
     expires = int(text)
     if expires <= now:

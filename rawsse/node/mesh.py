@@ -63,6 +63,10 @@ _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
 _ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
 MAX_QUEUED = 8 * 1024 * 1024
+# What one peer's link may bring in one loop turn: 64 messages, or ~4 full ones by bytes (a
+# burst of REPLYs to /metrics is a render each; ~1,000 forwarded pushes fit in it).
+RECEIVE_MESSAGES = 64
+RECEIVE_BYTES = 256 * 1024
 REQUEST_TIMEOUT = 5.0
 # A broadcast reply comes after the peer wrote to every one of its streams: ~18k loopback writes
 # per worker took 3-6 s at 300k streams on 2 shared cores (measured with ``python bench/run.py
@@ -182,11 +186,16 @@ class InLink:
         self.fd = sock.fileno()
 
     def handle_events(self, events: int) -> None:
-        # One recvmsg is one message (SOCK_SEQPACKET); read until EAGAIN, at most 64 per turn
-        # so one busy peer cannot starve the others. Linux has no flag on a received message
-        # saying another one waits, so finding the queue empty costs that last EAGAIN call.
+        # One recvmsg is one message (SOCK_SEQPACKET); read until EAGAIN, at most
+        # RECEIVE_MESSAGES or RECEIVE_BYTES per turn, so one busy peer cannot starve the others
+        # nor the worker's timers (its heartbeat: issue 12). What is left waits in the kernel
+        # and level-triggered epoll brings us back next turn. Linux has no flag on a received
+        # message saying another one waits, so finding the queue empty costs that last EAGAIN.
         recvmsg = self.sock.recvmsg
-        for _ in range(64):
+        budget = RECEIVE_BYTES
+        for _ in range(RECEIVE_MESSAGES):
+            if budget <= 0:
+                return
             try:
                 data, ancdata, flags, _addr = recvmsg(RECV_SIZE, ANCILLARY_SIZE)
             except BlockingIOError:
@@ -201,6 +210,7 @@ class InLink:
             if flags & TRUNCATED:
                 log.error("mesh message truncated (flags %#x): %d fds lost", flags, len(fds))
                 self.mesh.worker.stats.disconnect("error")
+            budget -= len(data)
             self.mesh.receive(data, fds)
 
     def close(self, reason: str = "") -> None:
@@ -257,6 +267,7 @@ class Mesh:
         # record kind -> handler(body) for kinds this module does not know (the Redis agent's)
         self.handlers: dict[int, Callable[[memoryview], None]] = {}
         self.owner: Owner  # what this worker does with a push for its own shard (set by the node)
+        self._snapshot: tuple[float, bytes] = (-1.0, b"")  # (loop turn, JSON) for STATS replies
 
     def add_peer(self, peer: int) -> None:
         """Link to a peer that is not a worker (the node's Redis agent)."""
@@ -342,9 +353,11 @@ class Mesh:
         self.send(peer, PUSH, _encode_push(rid, push.expires, delay, token, push.frame))
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
+        """Queue ``fd`` for ``peer``; False (the caller still owns the fd) when it cannot go."""
         if not self.can_send(peer):
             return False
-        self.send(peer, HANDOFF, encode(HANDOFF, token, leftover), fd)
+        body = encode(HANDOFF, token, leftover)  # raises before the fd is queued, if it must
+        self.send(peer, HANDOFF, body, fd)
         return True
 
     def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
@@ -429,7 +442,7 @@ class Mesh:
             self.resolve(rid, count)
         elif kind == STATS:
             rid, _ = decode(STATS, body)
-            self._reply(REPLY, encode(REPLY, rid, orjson.dumps(self.worker.snapshot())))
+            self._reply(REPLY, encode(REPLY, rid, self._snapshot_json()))
         elif kind == REPLY:
             rid, payload = decode(REPLY, body)
             self.resolve(rid, orjson.loads(payload))
@@ -442,12 +455,24 @@ class Mesh:
         else:
             log.error("unknown mesh record %d", kind)
 
+    def _snapshot_json(self) -> bytes:
+        """This worker's snapshot, made once per loop turn however many peers' STATS records
+        arrive in it (a burst of /metrics on a peer asks for one each)."""
+        now = self.worker.loop.now
+        if self._snapshot[0] != now:
+            self._snapshot = (now, orjson.dumps(self.worker.snapshot()))
+        return self._snapshot[1]
+
     def _on_handoff(self, body: memoryview, fd: int) -> None:
-        token, leftover = decode(HANDOFF, body)
         if fd < 0:
             log.error("stream hand-off for a token arrived without its socket")
             return
-        self.worker.adopt_stream(fd, token, leftover)
+        try:
+            token, leftover = decode(HANDOFF, body)
+            self.worker.adopt_stream(fd, token, leftover)
+        except Exception:
+            log.exception("adopting a handed-over stream failed; closing it")
+            self.worker.loop.drop(fd)  # its device reconnects
 
     def _reply(self, kind: int, body: bytes) -> None:
         self.reply(self._reply_to, kind, body)

@@ -66,7 +66,12 @@ class MeshRouter:
             worker.open_stream(fd, token, leftover, events)
             return
         worker.loop.remove(fd)
-        if self.mesh.hand_off(owner, fd, token, leftover):
+        try:
+            handed = self.mesh.hand_off(owner, fd, token, leftover)
+        except Exception:
+            os.close(fd)  # out of the loop and with no new owner: nobody else would close it
+            raise
+        if handed:
             worker.stats.handoffs += 1
             return
         # The owner is down (being respawned): the device is told to come back later.

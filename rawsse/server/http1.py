@@ -15,9 +15,13 @@ Rules
 -----
 - Pipelining (RFC 9112 §9.3.2): answers leave in request order. Each request is queued in
   ``responses`` as it completes; its answer fills ``request.slot`` now or later (a push waiting
-  for its owner worker, ``--response-delay``); only the answered prefix is written. More than
-  ``MAX_QUEUED`` unanswered requests or ``MAX_OUT`` unsent bytes pause reading (TCP pushes back
-  on the sender) until they drain.
+  for its owner worker, ``--response-delay``); only the answered prefix is written.
+- Bounded per connection: ``MAX_QUEUED`` unanswered requests or ``MAX_OUT`` unsent bytes pause
+  parsing and reading (TCP pushes back on the sender) until they drain, within one read too:
+  a 64 KB read can hold ~1,700 pipelined ``GET /metrics``, so a read is parsed in slices too
+  short to complete more requests than there is room for (``MIN_REQUEST`` bytes each), and what
+  is left of it waits in ``held`` (issue 12: 50 clients pipelining /metrics and never reading
+  once stalled every worker past the master's heartbeat timeout).
 - Limits: request head ≤ ``--header-limit`` bytes (431), head and body each within
   ``--header-timeout`` of their start (slowloris: 408), ``--idle-timeout`` between requests (quiet
   close). Deadlines are checked by the worker's once-a-second sweep, so no timer per request.
@@ -59,7 +63,15 @@ KEEP, CLOSE, KEEP_10, STREAM, INTERIM = 0, 1, 2, 3, 4
 READABLE = EPOLLIN | EPOLLRDHUP
 
 MAX_QUEUED = 256  # unanswered pipelined requests before reading pauses
+# The same on the operator listener, where no scraper pipelines and each /stats or /metrics
+# asks every worker and renders ~7 KB: 1,000 pipelined /metrics on one connection to a 2-worker
+# node took 0.35 s of the worker's loop (``render_metrics`` alone 255 us, timed with timeit), so
+# 256 queued on each of 20 connections held a worker for seconds.
+MAX_QUEUED_OPERATOR = 4
 MAX_OUT = 256 * 1024  # unsent response bytes before reading pauses
+# The shortest request llhttp completes, "GET / HTTP/1.1\n\n" (bare LF ends lines): a slice of
+# room * MIN_REQUEST bytes cannot complete more than ``room`` requests.
+MIN_REQUEST = 16
 MAX_BODY = 64 * 1024  # largest body any route reads (admin JSON); pushes stop at 5120
 DISCARD_BODY = 1024 * 1024  # beyond this an oversized body is not drained: 413 and close
 LINGER_SECONDS = 2.0
@@ -75,7 +87,7 @@ class Http1Connection:
         # per connection
         "host", "transport", "fd", "parser", "operator", "state", "deadline", "responses",
         "out", "events", "reading", "closing", "head_bytes", "unparsed", "progress",
-        "flush_scheduled", "stopping",
+        "flush_scheduled", "stopping", "held",
         # per request
         "request", "target", "body_size",
     )
@@ -98,6 +110,7 @@ class Http1Connection:
         self.progress = False
         self.flush_scheduled = False
         self.stopping = False  # the worker drains: the request in progress is the last one
+        self.held: bytes | None = None  # read but not parsed yet: the queue was full
         # The request being parsed; None between requests. Never left set on a connection that
         # ends: request.channel points back here, and a cycle outliving the connection would be
         # moved to the never-scanned generation by the worker's gc.freeze() (a leak per stream).
@@ -302,7 +315,9 @@ class Http1Connection:
     def _update_events(self) -> None:
         if self.fd < 0:
             return
-        self.reading = not self.closing and len(self.responses) < MAX_QUEUED and len(self.out) < MAX_OUT
+        self.reading = not self.closing and self._has_room()
+        if self.reading and self.held is not None:
+            self.host.loop.call_soon(self._parse_held)
         events = (READABLE if self.reading or self.state == LINGER else 0) | (EPOLLOUT if self.out else 0)
         if events != self.events:
             self.events = events
@@ -324,10 +339,17 @@ class Http1Connection:
             self._flush()
             if self.fd < 0:
                 return
-        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        if events & (EPOLLHUP | EPOLLERR) and self.held is not None:
+            # Reported even while reading is paused; _read would only parse what it holds (or
+            # find no room for it) and be woken again at once: the client is gone anyway.
+            self.close("client")
+        elif events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
             self._read()
 
     def _read(self) -> None:
+        if self.held is not None:  # what was read before goes first
+            self._parse_held()
+            return
         host = self.host
         try:
             n = self.transport.readv(host.read_buffers)
@@ -342,23 +364,67 @@ class Http1Connection:
         if self.state == LINGER or self.parser is None:
             return
         self.progress = False
-        self._feed(host.read_view[:n])
-        if self.fd < 0 or self.state == LINGER or self.closing or self.parser is None:
+        fed = self._parse(host.read_view[:n])
+        if self._parsing():
+            self._check_head_size(fed)
+
+    def _has_room(self) -> bool:
+        return len(self.responses) < self._queue_limit() and len(self.out) < MAX_OUT
+
+    def _queue_limit(self) -> int:
+        return MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
+
+    def _parsing(self) -> bool:
+        return self.fd >= 0 and self.state != LINGER and not self.closing and self.parser is not None
+
+    def _parse(self, data: Any) -> int:
+        """Feed ``data`` in slices that cannot complete more requests than the queue has room
+        for; once it is full, keep the rest in ``held`` and stop reading until it drains.
+        Returns how many bytes were fed."""
+        start, end = 0, len(data)
+        while start < end:
+            if not self._has_room():
+                self.held = bytes(data[start:])  # copied: data is the worker's shared buffer
+                self._update_events()
+                return start
+            stop = min(end, start + (self._queue_limit() - len(self.responses)) * MIN_REQUEST)
+            self._feed(data[start:stop])
+            if not self._parsing():
+                return stop
+            start = stop
+        return end
+
+    def _parse_held(self) -> None:
+        held = self.held
+        if held is None or not self._parsing():
+            self.held = None
             return
-        self._check_head_size(n)
+        if not self._has_room():
+            return  # still full: the next drain schedules it again
+        self.held = None
+        self.progress = False
+        fed = self._parse(memoryview(held))
+        if self._parsing():
+            self._check_head_size(fed)
 
     def _feed(self, data: Any) -> None:
         """Parse ``data``: malformed input is answered (4xx, 505) and closes; nothing raises."""
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
+            return
         except httptools.HttpParserUpgrade as upgrade:
             # Upgrade (e.g. h2c) is ignored, as RFC 9110 §7.8 allows: the request was answered
-            # over HTTP/1.1; parse what follows with a fresh parser.
-            self._after_upgrade(bytes(data[upgrade.args[0]:]) if upgrade.args else b"")
+            # over HTTP/1.1; what follows is parsed with a fresh parser, below, outside this
+            # handler: an error parsing it inside would carry this exception as its context
+            # instead of the callback's own (_Abort, _TooLarge), and escape as a traceback.
+            rest = bytes(data[upgrade.args[0]:]) if upgrade.args else b""
         except httptools.HttpParserCallbackError as exc:
             self._callback_failed(exc)
+            return
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
+            return
+        self._after_upgrade(rest)
 
     def _check_head_size(self, n: int) -> None:
         """431 once the head in progress is over the limit. Callback byte counts are exact for
@@ -453,6 +519,7 @@ class Http1Connection:
         self.fd = -1
         self.parser = None
         self.request = None
+        self.held = None
         host = self.host
         host.loop.remove(fd)
         self.transport.close()

@@ -22,7 +22,11 @@ Rules
   ``None`` (lazy cancel, tornado 4.5); the heap is rebuilt when more than half its entries are
   dead, so cancelled delays cannot pile up.
 - A handler that raises is logged with its fd and closed; the loop goes on. ``SystemExit`` and
-  ``KeyboardInterrupt`` pass through (the asyncio per-callback template).
+  ``KeyboardInterrupt`` pass through (the asyncio per-callback template). If the handler's own
+  close leaves the fd registered (it raised too, or thought the fd was no longer its own), the
+  loop unregisters and closes it: a socket dropped without a close sits in CLOSE-WAIT, unanswered,
+  until the process runs out of descriptors (issue 12). A code path that takes an fd out of the
+  loop to hand it on closes it itself when the hand-on fails (``MeshRouter.place_stream``).
 - Signals never run code in the handler: ``signal.set_wakeup_fd`` wakes the loop and the owner of
   the loop polls its flags in a ``call_soon``/``on_wakeup`` hook (gunicorn #3198: logging inside a
   signal handler can deadlock).
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import select
 import socket
 import time
@@ -169,7 +174,7 @@ class Loop:
                 raise
             except Exception:
                 log.exception("handler for fd %d failed; closing it", fd)
-                self._close_failed(handler)
+                self._close_failed(fd, handler)
         self._run_timers(now)
         self._run_soon()
 
@@ -228,11 +233,29 @@ class Loop:
         if self.on_wakeup is not None:
             self._call(self.on_wakeup, ())
 
-    def _close_failed(self, handler: Any) -> None:
+    def drop(self, fd: int) -> None:
+        """After a failure: close ``fd`` through its handler if one holds it, else directly."""
+        handlers = self.handlers
+        handler = handlers[fd] if 0 <= fd < len(handlers) else None
+        if handler is not None:
+            self._close_failed(fd, handler)
+            return
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _close_failed(self, fd: int, handler: Any) -> None:
         try:
             handler.close("error")
         except Exception:
             log.exception("closing a failed handler failed too")
+        if self.handlers[fd] is handler:  # still ours: nobody else will ever close it
+            self.remove(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self.epoll.close()

@@ -2,12 +2,36 @@
 
 RSS double-counts pages shared with the master after fork; USS (private pages, from
 ``/proc/self/smaps_rollup``, proc(5)) is what each worker really adds.
+
+Reading smaps_rollup walks every mapping of the process in the kernel, and every ``/stats`` or
+``/metrics`` asks every worker for a snapshot: a flood of them made each worker re-read it for
+each one (issue 12). The figures are kept for ``CACHE_SECONDS``: a scrape every few seconds
+still sees fresh ones, a flood costs one read a second.
 """
 
 from __future__ import annotations
 
+import os
+import resource
+import time
+
+CACHE_SECONDS = 1.0
+
+_cached: tuple[int, int] = (0, 0)
+_read_at = float("-inf")
+_read_by = 0  # the pid that read them: a worker forked within the second reads its own
+
 
 def process_memory() -> tuple[int, int]:
+    """(RSS, USS) in bytes, at most ``CACHE_SECONDS`` old."""
+    global _cached, _read_at, _read_by
+    now, pid = time.monotonic(), os.getpid()
+    if now - _read_at >= CACHE_SECONDS or pid != _read_by:
+        _cached, _read_at, _read_by = _read_memory(), now, pid
+    return _cached
+
+
+def _read_memory() -> tuple[int, int]:
     """(RSS, USS) in bytes; USS falls back to RSS where smaps_rollup is missing."""
     rss = uss = 0
     try:
@@ -22,7 +46,6 @@ def process_memory() -> tuple[int, int]:
     if not rss:
         try:
             with open("/proc/self/statm", "rb") as f:
-                import resource
                 rss = int(f.read().split()[1]) * resource.getpagesize()
         except OSError:
             return 0, 0
