@@ -258,7 +258,9 @@ def test_apply_raises_low_values_and_never_lowers(tmp_path: Path, monkeypatch, c
 # --- the runbook's commands exist -------------------------------------------------------------
 
 _FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
-_INLINE = re.compile(r"`((?:sudo )?rawsse [^`]+)`")
+# An inline `rawsse ...` span is a command, unless it quotes what rawsse prints ("rawsse serve:
+# --state-file: cannot write ...": the subcommand followed by a colon).
+_INLINE = re.compile(r"`((?:sudo )?rawsse (?![a-z]+:)[^`]+)`")
 _COMMAND = re.compile(r"^(?:sudo\s+)?(?:\S*/)?rawsse(?:\s|$)")
 
 

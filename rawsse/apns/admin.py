@@ -26,6 +26,7 @@ import random
 import time
 from typing import Any
 
+from rawsse.apns.apple import MAX_TOKEN_BYTES
 from rawsse.config import ConfigError, FaultRule, parse_fault
 
 # Every process (each worker, the master) holds every state: the cap bounds that memory per
@@ -220,9 +221,13 @@ def parse_admin_token(value: Any) -> bytes:
     if not isinstance(value, str) or not value:
         raise AdminError("a device token (hex) is required")
     try:
-        return binascii.unhexlify(value)
+        token = binascii.unhexlify(value)
     except (binascii.Error, ValueError):
         raise AdminError(f"{value!r} is not an even-length hex token") from None
+    if len(token) > MAX_TOKEN_BYTES:  # what a push could name at all (apple.py)
+        raise AdminError(f"a device token is at most {MAX_TOKEN_BYTES} bytes "
+                         f"({2 * MAX_TOKEN_BYTES} hex characters)")
+    return token
 
 
 def _fault_from(value: Any) -> FaultRule:

@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import Owner, PushAnswer
 from rawsse.node.wire import STATS
-from rawsse.server import http1_wire
 from rawsse.server.documents import node_document
-from rawsse.server.worker import SERVICE_UNAVAILABLE_CLOSE
 
 if TYPE_CHECKING:
     from rawsse.node.mesh import Mesh
@@ -32,9 +30,6 @@ Document = dict[str, Any]
 def owner_of(token: bytes, workers: int) -> int:
     """The worker that owns ``token``: stable across processes and restarts (not ``hash()``)."""
     return zlib.crc32(token) % workers if workers > 1 else 0
-
-
-_OWNER_DOWN = http1_wire.serialize(SERVICE_UNAVAILABLE_CLOSE, http1_wire.CLOSE)
 
 
 class MeshRouter:
@@ -76,12 +71,7 @@ class MeshRouter:
             return
         # The owner is down (being respawned): the device is told to come back later.
         worker.stats.handoff_failures += 1
-        worker.stats.disconnect("rejected")
-        try:
-            os.write(fd, leftover + _OWNER_DOWN)
-        except OSError:
-            pass
-        os.close(fd)
+        worker.refuse_device(fd, leftover)
 
     def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
         self.mesh.broadcast(frame, prefix, done)

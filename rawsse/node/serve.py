@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--fault", action="append", default=[], metavar="RULE",
         help="answer a share of pushes with an error, e.g. 5%%:503:ServiceUnavailable (repeatable)")
     add("--strict-tokens", action="store_true",
-        help="require Apple's 32-byte (64 hex) tokens; default accepts any even-length hex")
+        help="require Apple's 32-byte (64 hex) tokens; default accepts any even-length hex of at "
+             "most 100 bytes (200 hex)")
     add("--retry", default=str(d.retry_ms), metavar="MS",
         help="SSE retry: hint sent at connect, jittered ±50%% (default: %(default)s; 0 omits it)")
     add("--max-pending", default=str(d.max_pending), metavar="N",

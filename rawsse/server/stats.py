@@ -11,6 +11,7 @@ shows it as, so a counter added here is in ``/stats`` and ``/metrics`` at once.
 from __future__ import annotations
 
 import os
+import time
 import resource
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -135,8 +136,18 @@ def snapshot(stats: Stats, *, worker: int, streams: int, http: int, pending: int
     }
 
 
+_fd_cache = [0.0, -1]  # [monotonic time of the count, count]
+FD_COUNT_SECONDS = 1.0
+
+
 def count_open_fds() -> int:
-    try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return -1
+    """Open fds, counted at most once a second: listing /proc/self/fd costs a dentry walk per
+    fd, and every /stats or /metrics asks every worker (a flood of them must stay cheap)."""
+    now = time.monotonic()
+    if now - _fd_cache[0] >= FD_COUNT_SECONDS or _fd_cache[1] < 0:
+        try:
+            _fd_cache[1] = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            _fd_cache[1] = -1
+        _fd_cache[0] = now
+    return int(_fd_cache[1])
