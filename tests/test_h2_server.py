@@ -257,3 +257,4 @@ def test_body_larger_than_the_window_is_let_through(client):
     assert_apns_error(response, 413, "PayloadTooLarge")
     # and the connection still serves
     assert client.request("POST", f"/3/device/{new_token()}", b"{}").status == 200
+

@@ -1,0 +1,40 @@
+"""GOAWAY on drain over a real socket (the ``h2`` library treats a received GOAWAY as the end of
+the connection and drops the answers that follow it, so a hand-written client reads them)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import hpack
+
+from rawsse.h2 import frames as f
+from test_h2_hostile import RawH2, frame, goaway_of
+from test_push_api import new_token
+
+
+def test_drain_sends_goaway_and_answers_every_stream_it_covers(start_server):
+    """SIGTERM: GOAWAY NO_ERROR {"reason":"Shutdown"} whose last-stream-id is the highest stream
+    taken, then every one of those streams answered, then the close."""
+    srv = start_server("--workers", "1", "--response-delay", "uniform:500ms-500ms",
+                       "--drain-seconds", "0.5")
+    conn = RawH2(srv)
+    try:
+        encoder = hpack.Encoder()
+        ids = list(range(1, 40, 2))
+        conn.send(*(frame(f.HEADERS, f.END_HEADERS, i, encoder.encode(
+            [(":method", "POST"), (":scheme", "http"), (":path", f"/3/device/{new_token()}")]))
+            + frame(f.DATA, f.END_STREAM, i, b"{}") for i in ids))
+        time.sleep(0.2)  # all read by the server, answers held by --response-delay
+        srv.signal(signal.SIGTERM)
+        frames_ = conn.frames(timeout=5)
+        last, code, debug = goaway_of(frames_)
+        assert (last, code, debug) == (ids[-1], f.NO_ERROR, {"reason": "Shutdown"})
+        goaway_at = [t for t, _, _, _ in frames_].index(f.GOAWAY)
+        answered = {s: dict(hpack.Decoder().decode(p))[":status"]
+                    for t, _, s, p in frames_[goaway_at:] if t == f.HEADERS}
+        assert answered == {i: "200" for i in ids}, "answered after the GOAWAY, all of them"
+    finally:
+        conn.close()
+    assert "Traceback" not in srv.output()
