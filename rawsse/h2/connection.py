@@ -31,6 +31,9 @@ Rules
   CVE-2023-44487) and control frames (SETTINGS, PING, PRIORITY, empty DATA) past their budget end
   the connection with ENHANCE_YOUR_CALM; more than ``MAX_OUT`` unsent bytes pause reading.
 - State per open stream is one slotted ``H2Stream`` and its ``Request``.
+
+The connection-level frames (SETTINGS, PING, WINDOW_UPDATE, RST_STREAM, GOAWAY, PRIORITY) and
+the flood budgets are in ``control.py``; frames and HPACK in ``frames.py`` and ``hpack.py``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rawsse.apns import answers
+from rawsse.h2 import control
 from rawsse.h2 import frames as f
 from rawsse.h2.hpack import Decoder, HpackError, response_block
 from rawsse.server.exchange import Answer, Request
@@ -57,7 +61,6 @@ HEADER_TABLE_SIZE = 4096
 MAX_BLOCK = 64 * 1024  # a header block this big is far over MAX_HEADER_LIST_SIZE: not buffered
 MAX_BODY = 64 * 1024  # as HTTP/1.1: the largest body any route reads
 MAX_OUT = 1024 * 1024
-CONTROL_FRAMES_PER_SECOND = 1000
 LINGER_SECONDS = 2.0
 GOING_AWAY_SECONDS = 30.0  # a GOAWAY'd connection waits this long for its last answers
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
@@ -133,7 +136,7 @@ class H2Connection:
             f.MAX_FRAME_SIZE: f.MIN_FRAME_SIZE,
             f.ENABLE_PUSH: 0,
         })
-        self._schedule_flush()
+        self.schedule_flush()
         self._received(memoryview(received)[len(f.PREFACE):])
 
     # -- reading ------------------------------------------------------------------------------
@@ -203,34 +206,11 @@ class H2Connection:
                 self._on_headers(stream_id, flags, payload)
             elif type_ == f.DATA:
                 self._on_data(stream_id, flags, payload)
+            elif type_ == f.CONTINUATION:
+                self._on_continuation(stream_id, flags, payload)
             else:
-                self._on_other(type_, stream_id, flags, payload)
+                control.on_control(self, type_, stream_id, flags, payload)
         return pos
-
-    def _on_other(self, type_: int, stream_id: int, flags: int, payload: Any) -> None:
-        if type_ == f.WINDOW_UPDATE:
-            self._on_window_update(stream_id, payload)
-        elif type_ == f.CONTINUATION:
-            self._on_continuation(stream_id, flags, payload)
-        elif type_ == f.RST_STREAM:
-            self._on_rst_stream(stream_id, payload)
-        elif type_ == f.SETTINGS:
-            self._on_settings(stream_id, flags, payload)
-        elif type_ == f.PING:
-            self._on_ping(stream_id, flags, payload)
-        elif type_ == f.PRIORITY:  # §5.3.2: priority signals are ignored
-            if stream_id == 0:
-                raise f.ConnectionError_(f.PROTOCOL_ERROR, "PRIORITY on stream 0")
-            if len(payload) != 5:
-                self._reset(stream_id, f.FRAME_SIZE_ERROR)
-            self._count_control()
-        elif type_ == f.GOAWAY:
-            self._on_goaway(stream_id)
-        elif type_ == f.PUSH_PROMISE:
-            raise f.ConnectionError_(f.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-        # §5.5: frames of unknown types are ignored
-
-    # -- requests -----------------------------------------------------------------------------
 
     def _on_headers(self, stream_id: int, flags: int, payload: Any) -> None:
         if stream_id == 0:
@@ -264,7 +244,7 @@ class H2Connection:
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers: they end the request, their fields are not read
             if not flags & f.END_STREAM or stream.remote_closed:
-                self._reset(stream_id, f.PROTOCOL_ERROR)
+                self.reset_stream(stream_id, f.PROTOCOL_ERROR)
                 return
             self._request_complete(stream_id, stream)
             return
@@ -276,12 +256,12 @@ class H2Connection:
         if self.goaway_id >= 0:
             return  # §6.8: streams opened after our GOAWAY are ignored (the client retries them)
         if len(self.streams) >= self.max_streams:
-            self._reset(stream_id, f.REFUSED_STREAM)
+            self.reset_stream(stream_id, f.REFUSED_STREAM)
             return
         request = Request(self, self.operator)
         stream = H2Stream(request, self.peer_window)
         if not _fill(request, stream, fields):
-            self._reset(stream_id, f.PROTOCOL_ERROR)  # §8.1.1 malformed
+            self.reset_stream(stream_id, f.PROTOCOL_ERROR)  # §8.1.1 malformed
             return
         request.slot = stream_id
         self.streams[stream_id] = stream
@@ -302,19 +282,19 @@ class H2Connection:
             if stream_id > self.last_stream_id:
                 raise f.ConnectionError_(f.PROTOCOL_ERROR, "DATA on an idle stream")
             if stream is not None:
-                self._reset(stream_id, f.STREAM_CLOSED)
+                self.reset_stream(stream_id, f.STREAM_CLOSED)
             return  # a stream we closed or reset: its DATA was already in flight
         stream.recv_window -= length
         if stream.recv_window < 0:
-            self._reset(stream_id, f.FLOW_CONTROL_ERROR)
+            self.reset_stream(stream_id, f.FLOW_CONTROL_ERROR)
             return
         end = flags & f.END_STREAM
         if not end and length:
             stream.recv_window += length
             self.out += f.window_update(stream_id, length)
-            self._schedule_flush()
+            self.schedule_flush()
         elif not end:
-            self._count_control()  # empty DATA without END_STREAM: a flood if repeated
+            control.count_control(self)  # empty DATA without END_STREAM: a flood if repeated
         body = _unpad(payload, flags)
         request = stream.request
         if body and not request.body_too_large:
@@ -336,7 +316,7 @@ class H2Connection:
             self.out += f.window_update(0, self.unacked)
             self.recv_window += self.unacked
             self.unacked = 0
-            self._schedule_flush()
+            self.schedule_flush()
 
     def _request_complete(self, stream_id: int, stream: H2Stream) -> None:
         stream.remote_closed = True
@@ -344,7 +324,7 @@ class H2Connection:
             return  # answered already (431): nothing to serve
         request = stream.request
         if stream.length >= 0 and stream.length != len(request.body) and not request.body_too_large:
-            self._reset(stream_id, f.PROTOCOL_ERROR)  # §8.1.1: content-length must match
+            self.reset_stream(stream_id, f.PROTOCOL_ERROR)  # §8.1.1: content-length must match
             return
         self.host.stats.http_requests += 1
         self.host.routes.handle(request)
@@ -363,18 +343,18 @@ class H2Connection:
             out += f.header(len(block), f.HEADERS, f.END_HEADERS, stream_id)
             out += block
             stream.pending = body
-            self._send_data(stream_id, stream)
+            self.send_data(stream_id, stream)
         else:
             out += f.header(len(block), f.HEADERS, f.END_HEADERS | f.END_STREAM, stream_id)
             out += block
             self._stream_done(stream_id, stream)
-        self._schedule_flush()
+        self.schedule_flush()
 
     def become_stream(self, request: Request, token: bytes) -> None:
         """Device streams are HTTP/1.1 SSE only: an error answer says so."""
         self.answer(request, _SSE_REFUSED)
 
-    def _send_data(self, stream_id: int, stream: H2Stream) -> None:
+    def send_data(self, stream_id: int, stream: H2Stream) -> None:
         body = stream.pending or b""
         while body:
             size = min(len(body), stream.window, self.send_window, self.peer_frame_size)
@@ -396,9 +376,9 @@ class H2Connection:
             # §8.1: answered before the request ended: ask the client to stop sending it.
             self.out += f.rst_stream(stream_id, f.NO_ERROR)
         if self.goaway_id >= 0 and not self.streams:
-            self._schedule_flush()  # the last answer: the connection closes once it is out
+            self.schedule_flush()  # the last answer: the connection closes once it is out
 
-    def _unblock(self) -> None:
+    def unblock(self) -> None:
         blocked = self.blocked
         for _ in range(len(blocked)):
             if self.send_window <= 0:
@@ -406,132 +386,30 @@ class H2Connection:
             stream_id = blocked.popleft()
             stream = self.streams.get(stream_id)
             if stream is not None and stream.pending is not None:
-                self._send_data(stream_id, stream)
-        self._schedule_flush()
+                self.send_data(stream_id, stream)
+        self.schedule_flush()
 
     # -- control frames -----------------------------------------------------------------------
 
-    def _on_window_update(self, stream_id: int, payload: Any) -> None:
-        if len(payload) != 4:
-            raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "WINDOW_UPDATE length is not 4")
-        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
-        if stream_id == 0:
-            if increment == 0:
-                raise f.ConnectionError_(f.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
-            self.send_window += increment
-            if self.send_window > f.MAX_WINDOW:
-                raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "connection window above 2^31-1")
-            self._unblock()
-            return
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            if stream_id > self.last_stream_id:
-                raise f.ConnectionError_(f.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
-            return
-        if increment == 0:
-            self._reset(stream_id, f.PROTOCOL_ERROR)
-            return
-        stream.window += increment
-        if stream.window > f.MAX_WINDOW:
-            self._reset(stream_id, f.FLOW_CONTROL_ERROR)
-        elif stream.pending is not None:
-            self._send_data(stream_id, stream)
-            self._schedule_flush()
-
-    def _on_rst_stream(self, stream_id: int, payload: Any) -> None:
-        if stream_id == 0:
-            raise f.ConnectionError_(f.PROTOCOL_ERROR, "RST_STREAM on stream 0")
-        if len(payload) != 4:
-            raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "RST_STREAM length is not 4")
-        if stream_id > self.last_stream_id:
-            raise f.ConnectionError_(f.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
-        stream = self.streams.pop(stream_id, None)
-        if stream is None:
-            return
-        self._budget()
-        self.resets += 1
-        if self.resets > self.reset_limit:
-            raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "too many stream resets (rapid reset)")
-        if self.goaway_id >= 0 and not self.streams:
-            self._schedule_flush()
-
-    def _on_settings(self, stream_id: int, flags: int, payload: Any) -> None:
-        if stream_id != 0:
-            raise f.ConnectionError_(f.PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & f.ACK:
-            if payload:
-                raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
-            return
-        if len(payload) % 6:
-            raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
-        self._count_control()
-        for key, value in f.parse_settings(bytes(payload)):
-            if key == f.INITIAL_WINDOW_SIZE:
-                if value > f.MAX_WINDOW:
-                    raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE above 2^31-1")
-                delta = value - self.peer_window  # §6.9.2: applies to every open stream
-                self.peer_window = value
-                for stream in self.streams.values():
-                    stream.window += delta
-            elif key == f.MAX_FRAME_SIZE:
-                if not f.MIN_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
-                    raise f.ConnectionError_(f.PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
-                self.peer_frame_size = value
-            elif key == f.ENABLE_PUSH and value > 1:
-                raise f.ConnectionError_(f.PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1")
-            # HEADER_TABLE_SIZE: our answers never index, so the peer's table size is moot
-        self.out += f.SETTINGS_ACK
-        self._unblock()
-
-    def _on_ping(self, stream_id: int, flags: int, payload: Any) -> None:
-        if stream_id != 0:
-            raise f.ConnectionError_(f.PROTOCOL_ERROR, "PING on a stream")
-        if len(payload) != 8:
-            raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "PING length is not 8")
-        if flags & f.ACK:
-            return
-        self._count_control()
-        self.out += f.ping_ack(bytes(payload))
-        self._schedule_flush()
-
-    def _on_goaway(self, stream_id: int) -> None:
-        if stream_id != 0:
-            raise f.ConnectionError_(f.PROTOCOL_ERROR, "GOAWAY on a stream")
-        # The client opens no more streams: answer what it sent, then close.
-        self._go_away(f.NO_ERROR, "ClientGoingAway")
-
-    def _budget(self) -> None:
-        now = self.host.loop.now
-        if now - self.budget_start >= 1.0:
-            self.budget_start = now
-            self.resets = 0
-            self.control = 0
-
-    def _count_control(self) -> None:
-        self._budget()
-        self.control += 1
-        if self.control > CONTROL_FRAMES_PER_SECOND:
-            raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "control frame flood")
-
-    def _reset(self, stream_id: int, code: int) -> None:
+    def reset_stream(self, stream_id: int, code: int) -> None:
         """A stream error (§5.4.2): RST_STREAM; the stream's answer, if any, is dropped."""
         self.streams.pop(stream_id, None)
         self.out += f.rst_stream(stream_id, code)
-        self._schedule_flush()
+        self.schedule_flush()
 
     # -- going away ---------------------------------------------------------------------------
 
     def shutdown(self, reason: str = "Shutdown") -> None:
         """Graceful GOAWAY (drain, restart): streams up to the highest seen are still answered,
         later ones are ignored (the client sends them again elsewhere), then the close."""
-        self._go_away(f.NO_ERROR, reason)
+        self.go_away(f.NO_ERROR, reason)
 
-    def _go_away(self, code: int, reason: str) -> None:
+    def go_away(self, code: int, reason: str) -> None:
         if self.goaway_id < 0:
             self.goaway_id = self.last_stream_id
             self.out += f.goaway(self.goaway_id, code, reason)
             self.deadline = self.host.loop.now + GOING_AWAY_SECONDS
-        self._schedule_flush()
+        self.schedule_flush()
 
     def _fail(self, code: int, reason: str) -> None:
         """A connection error: GOAWAY, refuse the streams still uploading, answer the others,
@@ -546,8 +424,8 @@ class H2Connection:
         self.inbuf = bytearray()
         for stream_id, stream in list(self.streams.items()):
             if not stream.remote_closed:
-                self._reset(stream_id, f.REFUSED_STREAM)
-        self._schedule_flush()
+                self.reset_stream(stream_id, f.REFUSED_STREAM)
+        self.schedule_flush()
 
     def finish_then_close(self) -> None:
         """Drain (the worker's Drainer): a graceful GOAWAY."""
@@ -559,19 +437,19 @@ class H2Connection:
         elif self.streams:
             self.deadline = self.host.loop.now + self.host.config.idle_timeout
         else:
-            self._go_away(f.NO_ERROR, "IdleTimeout")
+            self.go_away(f.NO_ERROR, "IdleTimeout")
 
     def _end_of_input(self) -> None:
         if self.state == LINGER or not self.streams:
             self.close("client")
             return
         # The client half-closed after sending: answer what it sent, then close.
-        self._go_away(f.NO_ERROR, "ClientClosed")
+        self.go_away(f.NO_ERROR, "ClientClosed")
         self.state = GOING
 
     # -- writing ------------------------------------------------------------------------------
 
-    def _schedule_flush(self) -> None:
+    def schedule_flush(self) -> None:
         """One write per loop turn carries every answer of that turn (as HTTP/1.1 does)."""
         if not self.flush_scheduled:
             self.flush_scheduled = True
