@@ -209,3 +209,22 @@ def test_preface_split_over_reads_is_still_http2(server):
         assert head[3] == f.SETTINGS
     finally:
         sock.close()
+
+
+def test_headers_on_a_closed_stream_reset_that_stream_only(server):
+    conn = RawH2(server)
+    try:
+        enc = hpack.Encoder()
+        block = enc.encode([(":method", "POST"), (":scheme", "http"), (":path", "/3/device/zz")])
+        conn.send(frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, 1, block))
+        time.sleep(0.2)
+        conn.send(frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, 1, enc.encode(
+            [(":method", "POST"), (":scheme", "http"), (":path", "/3/device/zz")])),
+            frame(f.PING, 0, 0, b"still-on"))
+        frames_ = conn.frames(timeout=1)
+        resets = {s: struct.unpack(">L", p)[0] for t, _, s, p in frames_ if t == f.RST_STREAM}
+        assert resets == {1: f.STREAM_CLOSED}
+        assert any(t == f.PING and p == b"still-on" for t, _, _, p in frames_)
+        assert not any(t == f.GOAWAY for t, _, _, _ in frames_)
+    finally:
+        conn.close()

@@ -249,7 +249,10 @@ class H2Connection:
             self._request_complete(stream_id, stream)
             return
         if stream_id <= self.last_stream_id:
-            raise f.ConnectionError_(f.STREAM_CLOSED, "HEADERS on a closed stream")
+            # A closed stream (§5.1): trailers of a request answered and reset early may still
+            # be in flight, so a stream error, not the connection's.
+            self.reset_stream(stream_id, f.STREAM_CLOSED)
+            return
         if not stream_id & 1:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "even stream id from a client")
         self.last_stream_id = stream_id

@@ -83,9 +83,14 @@ class Decoder:
         first = True
         while pos < end:
             byte = block[pos]
-            if byte & 0x80:  # §6.1 indexed field
-                index, pos = _integer(block, pos, 7)
-                field = self._field(index)
+            if byte & 0x80:  # §6.1 indexed field; a static entry in one byte is the common case
+                index = byte & 0x7F
+                if 0 < index <= STATIC_COUNT:
+                    field = STATIC_TABLE[index - 1]
+                    pos += 1
+                else:
+                    index, pos = _integer(block, pos, 7)
+                    field = self._field(index)
             elif byte & 0x40:  # §6.2.1 literal with incremental indexing
                 field, pos = self._literal(block, pos, 6)
                 self._insert(field)
@@ -128,7 +133,11 @@ class Decoder:
         if pos >= len(block):
             raise HpackError("truncated string")
         coded = block[pos] & 0x80
-        length, pos = _integer(block, pos, 7)
+        length = block[pos] & 0x7F
+        if length == 0x7F:
+            length, pos = _integer(block, pos, 7)
+        else:
+            pos += 1
         end = pos + length
         if end > len(block):
             raise HpackError("string longer than its block")
