@@ -3,7 +3,6 @@ the connection and drops the answers that follow it, so a hand-written client re
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 
@@ -38,3 +37,13 @@ def test_drain_sends_goaway_and_answers_every_stream_it_covers(start_server):
     finally:
         conn.close()
     assert "Traceback" not in srv.output()
+
+
+def test_idle_connection_gets_goaway_idle_timeout(start_server):
+    srv = start_server("--idle-timeout", "1")
+    conn = RawH2(srv)
+    try:
+        last, code, debug = goaway_of(conn.frames(timeout=4))
+        assert (last, code, debug) == (0, f.NO_ERROR, {"reason": "IdleTimeout"})
+    finally:
+        conn.close()
