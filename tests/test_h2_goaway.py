@@ -47,3 +47,23 @@ def test_idle_connection_gets_goaway_idle_timeout(start_server):
         assert (last, code, debug) == (0, f.NO_ERROR, {"reason": "IdleTimeout"})
     finally:
         conn.close()
+
+
+def test_request_whose_body_never_comes_gets_408(start_server):
+    """Slowloris over HTTP/2: the stream, not the connection, is answered 408 and reset, even
+    while the client keeps the connection busy with PINGs."""
+    srv = start_server("--header-timeout", "1")
+    conn = RawH2(srv)
+    try:
+        block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"),
+                                        (":path", f"/3/device/{new_token()}")])
+        conn.send(frame(f.HEADERS, f.END_HEADERS, 1, block))
+        for i in range(8):
+            conn.send(frame(f.PING, 0, 0, b"%08d" % i))
+            time.sleep(0.4)
+        frames_ = conn.frames(timeout=0.5)
+        headers = [p for t, _, s, p in frames_ if t == f.HEADERS and s == 1]
+        assert headers and dict(hpack.Decoder().decode(headers[0]))[":status"] == "408"
+        assert not any(t == f.GOAWAY for t, _, _, _ in frames_)
+    finally:
+        conn.close()

@@ -68,6 +68,7 @@ _SSE_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                   "detail": "device streams (GET /events) are served over "
                                             "HTTP/1.1 only"})
 _TOO_LARGE = answers.error(431, "RequestHeaderFieldsTooLarge")
+_TIMEOUT = answers.error(408, "RequestTimeout")
 # §8.2.2: connection-specific fields make a request malformed.
 _CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                                 b"transfer-encoding", b"upgrade"})
@@ -78,7 +79,7 @@ OPEN, GOING, LINGER = 0, 1, 2
 class H2Stream:
     """One open request stream: its request, what the peer lets us send, what waits to go."""
 
-    __slots__ = ("request", "window", "recv_window", "pending", "remote_closed", "length")
+    __slots__ = ("request", "window", "recv_window", "pending", "remote_closed", "length", "stale")
 
     def __init__(self, request: Request, window: int) -> None:
         self.request = request
@@ -87,6 +88,7 @@ class H2Stream:
         self.pending: bytes | None = None  # the answer's body still to send; None = unanswered
         self.remote_closed = False  # END_STREAM received: the request is complete
         self.length = -1  # content-length announced, -1 when none
+        self.stale = False  # still uploading at the last deadline check
 
 
 class H2Connection:
@@ -163,8 +165,9 @@ class H2Connection:
             return
         if self.state != OPEN:
             return  # after a connection error nothing more is read; lingering discards
-        self.deadline = host.loop.now + host.config.idle_timeout
         self._received(host.read_view[:n])
+        if self.goaway_id < 0:
+            self._rearm()
 
     def _received(self, data: Any) -> None:
         inbuf = self.inbuf
@@ -434,13 +437,35 @@ class H2Connection:
         """Drain (the worker's Drainer): a graceful GOAWAY."""
         self.shutdown("Shutdown")
 
+    def _rearm(self) -> None:
+        """Idle: ``--idle-timeout`` after the last read. Streams open: checked every
+        ``--header-timeout``, however often the client sends something else."""
+        config, now = self.host.config, self.host.loop.now
+        if not self.streams:
+            self.deadline = now + config.idle_timeout
+        else:
+            self.deadline = min(self.deadline, now + config.header_timeout)
+
     def timed_out(self) -> None:
         if self.state == LINGER or self.goaway_id >= 0:
             self.close("timeout")
         elif self.streams:
-            self.deadline = self.host.loop.now + self.host.config.idle_timeout
+            self._expire_uploads()
+            self.deadline = self.host.loop.now + self.host.config.header_timeout
         else:
             self.go_away(f.NO_ERROR, "IdleTimeout")
+
+    def _expire_uploads(self) -> None:
+        """Slowloris, as HTTP/1.1's 408: a request still incomplete at two checks in a row
+        (between one and two ``--header-timeout``s old) is answered 408 and reset."""
+        for stream in list(self.streams.values()):
+            if stream.remote_closed or stream.pending is not None:
+                continue
+            if stream.stale:
+                self.host.stats.bad_requests += 1
+                self.answer(stream.request, _TIMEOUT)
+            else:
+                stream.stale = True
 
     def _end_of_input(self) -> None:
         if self.state == LINGER or not self.streams:
