@@ -13,11 +13,13 @@ import h2.events
 import h2.settings
 import pytest
 
-from test_push_api import assert_apns_error, device, new_token, test_apple_reasons
+import test_push_api
+from test_push_api import admin, assert_apns_error, device, new_token
 from wire import Response
 
-# The HTTP/1.1 reason table (method, path, headers, body, status, reason), reused as it is.
-REASON_CASES = test_apple_reasons.pytestmark[0].args[1]
+# The HTTP/1.1 reason table (method, path, headers, body, status, reason), reused as it is
+# (through the module: a test function imported by name would be collected here again).
+REASON_CASES = test_push_api.test_apple_reasons.pytestmark[0].args[1]
 
 
 class H2Client:
@@ -139,7 +141,6 @@ def test_push_answers_200_with_the_apns_id_sent(client):
 
 
 def test_unregistered_token_gets_410_with_timestamp(server, client):
-    from test_push_api import admin
     token = new_token()
     admin(server, "PUT", f"/admin/tokens/{token}", {"state": "unregistered"})
     assert_apns_error(client.request("POST", f"/3/device/{token}", b"{}"), 410, "Unregistered")
