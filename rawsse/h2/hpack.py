@@ -53,6 +53,7 @@ STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = (
 )
 STATIC_COUNT = len(STATIC_TABLE)  # 61
 ENTRY_OVERHEAD = 32  # RFC 7541 §4.1
+STATIC_SIZES = tuple(len(name) + len(value) + ENTRY_OVERHEAD for name, value in STATIC_TABLE)
 HUFFMAN_CACHE_SIZE = 4096
 
 
@@ -86,11 +87,14 @@ class Decoder:
             if byte & 0x80:  # §6.1 indexed field; a static entry in one byte is the common case
                 index = byte & 0x7F
                 if 0 < index <= STATIC_COUNT:
-                    field = STATIC_TABLE[index - 1]
                     pos += 1
-                else:
-                    index, pos = _integer(block, pos, 7)
-                    field = self._field(index)
+                    first = False
+                    size += STATIC_SIZES[index - 1]
+                    if size <= limit:
+                        fields.append(STATIC_TABLE[index - 1])
+                    continue
+                index, pos = _integer(block, pos, 7)
+                field = self._field(index)
             elif byte & 0x40:  # §6.2.1 literal with incremental indexing
                 field, pos = self._literal(block, pos, 6)
                 self._insert(field)
