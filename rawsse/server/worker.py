@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-A ``Worker`` owns one ``Loop``. Its listeners accept connections (``Http1Connection``); a device
+A ``Worker`` owns one ``Loop``. Its listeners accept connections (``Http1Connection``, which
+hands a connection opening with the HTTP/2 preface back to ``switch_to_h2``); a device
 request turns its connection into a ``Stream`` registered in the ``Registry``; a push is
 validated by the routes (``rawsse.apns.routes``) and handed to the worker's ``router``
 (``rawsse.apns.routing``). The worker is the same class in every topology: a single process
@@ -47,9 +48,9 @@ from rawsse.apns.routes import Routes
 from rawsse.apns.routing import LocalOwner, LocalRouter, Router
 from rawsse.apns.validation import IdGenerator
 from rawsse.config import ServeConfig
+from rawsse.h2.connection import H2Connection
 from rawsse.limits import raise_nofile_limit
 from rawsse.server import sse
-from rawsse.h2.connection import H2Connection
 from rawsse.server.http1 import Http1Connection
 from rawsse.server.listener import Listener, bind_listener
 from rawsse.server.loop import READ_EVENTS, Loop
