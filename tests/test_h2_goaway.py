@@ -4,6 +4,7 @@ the connection and drops the answers that follow it, so a hand-written client re
 from __future__ import annotations
 
 import signal
+import struct
 import time
 
 import hpack
@@ -65,5 +66,23 @@ def test_request_whose_body_never_comes_gets_408(start_server):
         headers = [p for t, _, s, p in frames_ if t == f.HEADERS and s == 1]
         assert headers and dict(hpack.Decoder().decode(headers[0]))[":status"] == "408"
         assert not any(t == f.GOAWAY for t, _, _, _ in frames_)
+    finally:
+        conn.close()
+
+
+def test_answer_held_by_a_window_never_opened_is_reset(start_server):
+    """A client announcing a 0-byte window and never opening it: the answer's DATA cannot go,
+    and after one to two --header-timeouts the stream is reset (CANCEL) instead of held."""
+    srv = start_server("--header-timeout", "1")
+    conn = RawH2(srv)
+    try:
+        conn.send(frame(f.SETTINGS, 0, 0, struct.pack(">HL", f.INITIAL_WINDOW_SIZE, 0)))
+        block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"),
+                                        (":path", "/3/device/zz")])
+        conn.send(frame(f.HEADERS, f.END_HEADERS, 1, block), frame(f.DATA, f.END_STREAM, 1, b"{}"))
+        frames_ = conn.frames(timeout=3.5)
+        assert [t for t, _, s, _ in frames_ if s == 1] == [f.HEADERS, f.RST_STREAM]
+        reset = [p for t, _, s, p in frames_ if t == f.RST_STREAM and s == 1][0]
+        assert struct.unpack(">L", reset)[0] == f.CANCEL
     finally:
         conn.close()

@@ -166,8 +166,6 @@ class H2Connection:
         if self.state != OPEN:
             return  # after a connection error nothing more is read; lingering discards
         self._received(host.read_view[:n])
-        if self.goaway_id < 0:
-            self._rearm()
 
     def _received(self, data: Any) -> None:
         inbuf = self.inbuf
@@ -186,6 +184,8 @@ class H2Connection:
             del inbuf[:used]
         elif used < len(data):
             inbuf += data[used:]
+        if self.goaway_id < 0:
+            self._rearm()
         self._update_events()
 
     def _frames(self, data: Any) -> int:
@@ -349,6 +349,7 @@ class H2Connection:
             out += f.header(len(block), f.HEADERS, f.END_HEADERS, stream_id)
             out += block
             stream.pending = body
+            stream.stale = False  # from here it counts how long the peer's window holds it
             self.send_data(stream_id, stream)
         else:
             out += f.header(len(block), f.HEADERS, f.END_HEADERS | f.END_STREAM, stream_id)
@@ -370,6 +371,7 @@ class H2Connection:
                     self.blocked.append(stream_id)
                 return
             chunk, body = body[:size], body[size:]
+            stream.stale = False  # the peer's window let bytes through: not stuck
             stream.window -= size
             self.send_window -= size
             self.out += f.header(size, f.DATA, 0 if body else f.END_STREAM, stream_id)
@@ -456,16 +458,20 @@ class H2Connection:
             self.go_away(f.NO_ERROR, "IdleTimeout")
 
     def _expire_uploads(self) -> None:
-        """Slowloris, as HTTP/1.1's 408: a request still incomplete at two checks in a row
-        (between one and two ``--header-timeout``s old) is answered 408 and reset."""
-        for stream in list(self.streams.values()):
-            if stream.remote_closed or stream.pending is not None:
-                continue
-            if stream.stale:
+        """Slowloris both ways, checked every ``--header-timeout``: a request still incomplete at
+        two checks in a row is answered 408 (as HTTP/1.1's); an answer whose DATA the peer's
+        window held back at two checks in a row, with no byte let through between them, is
+        reset (CANCEL): a window never opened does not hold a stream forever."""
+        for stream_id, stream in list(self.streams.items()):
+            if stream.remote_closed and stream.pending is None:
+                continue  # complete, waiting for its answer from the routes
+            if not stream.stale:
+                stream.stale = True
+            elif stream.pending is None:
                 self.host.stats.bad_requests += 1
                 self.answer(stream.request, _TIMEOUT)
             else:
-                stream.stale = True
+                self.reset_stream(stream_id, f.CANCEL)
 
     def _end_of_input(self) -> None:
         if self.state == LINGER or not self.streams:
