@@ -1,6 +1,7 @@
 """HTTP/2 figures: server CPU per push over h2c beside HTTP/1.1 pipelined, and bytes per open
 HTTP/2 stream. Prints figures; not a timed test.
 
+    pip install -e ".[test,bench]"          # h2load itself: Debian nghttp2-client
     python bench/h2.py                      # 1,000 devices, 50,000 pushes per protocol
     python bench/h2.py --pushes 20000 --devices 0
 
