@@ -180,6 +180,7 @@ class ServeConfig:
     header_limit: int = 16 * 1024
     header_timeout: float = 10.0
     idle_timeout: float = 120.0
+    h2_max_streams: int = 1000  # SETTINGS_MAX_CONCURRENT_STREAMS, as api.push.apple.com
     backlog: int = 65535
     workers: int = 0  # 0 = sized from --max-connections and the open-file limit
     drain_seconds: float = 10.0

@@ -172,7 +172,10 @@ def run_case(case: Case, host: str, port: int, admin_port: int) -> str | None:
             head = head or data[:9]
     finally:
         sock.close()
-    if case.answer_expected and not head.startswith(b"HTTP/1.1 "):
+    # An answer is an HTTP/1.1 status line, or, to the HTTP/2 preface, the server's SETTINGS
+    # frame (RFC 9113 §3.4: the server's preface; type 0x4 in the frame header's fourth byte).
+    http2 = case.data.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") and head[3:4] == b"\x04"
+    if case.answer_expected and not head.startswith(b"HTTP/1.1 ") and not http2:
         return f"closed with no answer (got {head!r})"
     return None
 

@@ -183,8 +183,6 @@ MALFORMED = {
                            b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
     # A TLS ClientHello sent to the plain-text port (a sender configured with https://).
     "binary-junk": (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(48)), 400),
-    # HTTP/2 prior knowledge (RFC 9113 §3.3): not spoken here; a plain answer beats a hang.
-    "h2-prior-knowledge": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
 }
 
 

@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="time to send a request head, and then its body, else 408 (default: 10)")
     add("--idle-timeout", default="120", metavar="SECONDS",
         help="idle keep-alive connection lifetime (default: 120)")
+    add("--h2-max-streams", default=str(d.h2_max_streams), metavar="N",
+        help="HTTP/2: concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS); "
+             "more are refused with REFUSED_STREAM (default: %(default)s, as Apple)")
     add("--workers", default="auto", metavar="N",
         help="worker processes; auto = enough to hold --max-connections under the open-file "
              "limit, and at least one per CPU (default: auto)")
@@ -136,6 +139,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         header_limit=parse_int(args.header_limit, "--header-limit", 1024),
         header_timeout=_positive(args.header_timeout, "--header-timeout"),
         idle_timeout=_positive(args.idle_timeout, "--idle-timeout"),
+        h2_max_streams=parse_int(args.h2_max_streams, "--h2-max-streams", 1),
         workers=0 if args.workers == "auto" else parse_int(args.workers, "--workers", 1),
         drain_seconds=parse_duration(args.drain_seconds, "--drain-seconds"),
         state_file=_writable_state_file(args.state_file),

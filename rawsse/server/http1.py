@@ -27,8 +27,10 @@ Rules
   close). Deadlines are checked by the worker's once-a-second sweep, so no timer per request.
 - Bad input gets a 4xx and a close, never a traceback: parser errors are 400, a body over every
   route's limit is 413, TE+CL and duplicate Content-Length are rejected by llhttp itself
-  (``nodejs/llhttp``, ``src/llhttp/http.ts``), and the HTTP/2 preface gets 505 however its bytes
-  are split over reads.
+  (``nodejs/llhttp``, ``src/llhttp/http.ts``).
+- HTTP/2 with prior knowledge (RFC 9113 §3.3): a connection whose first bytes are the 24-byte
+  preface, however split over reads, is handed with those bytes to the worker, which goes on
+  with it as HTTP/2 (``rawsse/h2/connection.py``). The preface later in a connection gets 505.
 - The last request is the last one parsed: after ``close`` or an HTTP/1.0 request without
   keep-alive (RFC 9112 §9.6), or a ``GET /events`` (the socket becomes a stream), the parser is
   dropped and whatever follows is read and discarded, never answered.
@@ -47,6 +49,7 @@ import httptools
 
 from rawsse.apns import answers
 from rawsse.apns.apple import REQUEST_HEADERS
+from rawsse.h2.frames import PREFACE
 from rawsse.server import http1_wire as wire
 from rawsse.server.exchange import Answer, Request
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
@@ -87,7 +90,7 @@ class Http1Connection:
         # per connection
         "host", "transport", "fd", "parser", "operator", "state", "deadline", "responses",
         "out", "events", "reading", "closing", "head_bytes", "unparsed", "progress",
-        "flush_scheduled", "stopping", "held",
+        "flush_scheduled", "stopping", "held", "sniffed",
         # per request
         "request", "target", "body_size",
     )
@@ -111,6 +114,7 @@ class Http1Connection:
         self.flush_scheduled = False
         self.stopping = False  # the worker drains: the request in progress is the last one
         self.held: bytes | None = None  # read but not parsed yet: the queue was full
+        self.sniffed: bytes | None = b""  # first bytes held while they may be the HTTP/2 preface
         # The request being parsed; None between requests. Never left set on a connection that
         # ends: request.channel points back here, and a cycle outliving the connection would be
         # moved to the never-scanned generation by the worker's gc.freeze() (a leak per stream).
@@ -364,7 +368,12 @@ class Http1Connection:
         if self.state == LINGER or self.parser is None:
             return
         self.progress = False
-        fed = self._parse(host.read_view[:n])
+        data = host.read_view[:n]
+        if self.sniffed is not None:
+            data = self._sniff_preface(data)
+            if data is None:
+                return
+        fed = self._parse(data)
         if self._parsing():
             self._check_head_size(fed)
 
@@ -425,6 +434,24 @@ class Http1Connection:
             self._parse_failed(exc)
             return
         self._after_upgrade(rest)
+
+    def _sniff_preface(self, data: Any) -> Any:
+        """The first bytes: what to parse as HTTP/1.1, or None once they are held (a preface
+        so far) or handed over (the whole preface: the connection is HTTP/2 from here)."""
+        held = self.sniffed or b""
+        head = held + bytes(data[:len(PREFACE) - len(held)])
+        if not PREFACE.startswith(head):
+            self.sniffed = None
+            return held + bytes(data) if held else data
+        if len(head) < len(PREFACE):
+            self.sniffed = head
+            return None
+        self.sniffed = None
+        self.fd = -1
+        self.parser = None
+        self.request = None
+        self.host.switch_to_h2(self, self.transport, held + bytes(data))
+        return None
 
     def _check_head_size(self, n: int) -> None:
         """431 once the head in progress is over the limit. Callback byte counts are exact for

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-A ``Worker`` owns one ``Loop``. Its listeners accept connections (``Http1Connection``); a device
+A ``Worker`` owns one ``Loop``. Its listeners accept connections (``Http1Connection``, which
+hands a connection opening with the HTTP/2 preface back to ``switch_to_h2``); a device
 request turns its connection into a ``Stream`` registered in the ``Registry``; a push is
 validated by the routes (``rawsse.apns.routes``) and handed to the worker's ``router``
 (``rawsse.apns.routing``). The worker is the same class in every topology: a single process
@@ -47,6 +48,7 @@ from rawsse.apns.routes import Routes
 from rawsse.apns.routing import LocalOwner, LocalRouter, Router
 from rawsse.apns.validation import IdGenerator
 from rawsse.config import ServeConfig
+from rawsse.h2.connection import H2Connection
 from rawsse.limits import raise_nofile_limit
 from rawsse.server import http1_wire, sse
 from rawsse.server.http1 import Http1Connection
@@ -54,6 +56,7 @@ from rawsse.server.listener import Listener, bind_listener
 from rawsse.server.loop import READ_EVENTS, Loop
 from rawsse.server.stats import Stats, snapshot
 from rawsse.server.stream import Stream
+from rawsse.server.transport import SocketTransport
 
 TICK_SECONDS = 1.0
 GC_FREEZE_SECONDS = 30.0
@@ -88,7 +91,7 @@ class Worker:
         self.routes = Routes(self)
         self.router: Router = LocalRouter(self, LocalOwner(self.delivery))
         self.stream_type: type[Stream] = Stream  # a Redis-mode stream carries one more slot
-        self.http_conns: set[Http1Connection] = set()
+        self.http_conns: set[Http1Connection | H2Connection] = set()
         self.listeners: list[Listener] = []
         self.draining = False
         # What a topology adds: work on every tick, fields in every snapshot, and reasons not
@@ -163,6 +166,14 @@ class Worker:
             # The connection cap answers 503 (uvicorn's limit_concurrency) and closes.
             self.stats.disconnect("rejected")
             conn.refuse_now(SERVICE_UNAVAILABLE_CLOSE)
+
+    def switch_to_h2(self, conn: Http1Connection, transport: SocketTransport, received: bytes) -> None:
+        """The client opened with the HTTP/2 preface: the same socket goes on as HTTP/2."""
+        h2 = H2Connection(self, transport, conn.operator, received)
+        self.http_conns.discard(conn)
+        if h2.fd >= 0:
+            self.loop.replace(h2.fd, h2)
+            self.http_conns.add(h2)
 
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         """A connection answered a valid ``GET /events``: its socket goes where the router says."""

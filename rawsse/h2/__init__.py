@@ -1,0 +1,1 @@
+"""HTTP/2 (RFC 9113) served with prior knowledge: frames, HPACK, and the connection object."""

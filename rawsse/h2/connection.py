@@ -1,0 +1,580 @@
+"""An HTTP/2 connection (RFC 9113) with prior knowledge: frames in, ``Request``s out, answers back.
+
+Theory of operation
+-------------------
+An accepted connection starts as HTTP/1.1; when its first bytes are the client preface
+(§3.4) the worker swaps its ``Http1Connection`` for an ``H2Connection`` over the same transport,
+handing over the bytes already read (hypercorn does the same swap, ``pgjones/hypercorn
+src/hypercorn/protocol/__init__.py``). The connection sends its SETTINGS first, then parses
+frames out of each read. A complete request stream (HEADERS [+ CONTINUATION] [+ DATA] with
+END_STREAM) becomes a protocol-neutral ``Request`` (``rawsse/server/exchange.py``) handed to
+``Routes.handle`` exactly as an HTTP/1.1 request is; this object is its ``Channel``, and writes
+the answer as HEADERS (+ DATA) on the request's stream. Answers may come back in any order.
+
+What the connection announces is what api.push.apple.com announces (Apple, "Sending
+notification requests to APNs": up to ``--h2-max-streams`` concurrent streams, default 1000),
+with MAX_HEADER_LIST_SIZE 8000, HEADER_TABLE_SIZE 4096 and the default window and frame size.
+
+Rules
+-----
+- Flow control (§5.2, §6.9): received DATA is credited back with WINDOW_UPDATE, per stream at
+  once and per connection in batches of half the window; DATA we send waits, per stream, until
+  both the peer's stream and connection windows let it through (``blocked``).
+- A stream over MAX_CONCURRENT_STREAMS is refused with RST_STREAM REFUSED_STREAM (§5.1.2); a
+  client RST_STREAM cancels a stream, whose answer is then dropped.
+- Connection errors (§5.4.1) send GOAWAY with a JSON ``{"reason"}`` debug payload; its
+  last-stream-id is the highest stream taken, every stream up to it that was complete is still
+  answered, and streams still uploading are refused (REFUSED_STREAM: safe to retry, §8.7).
+  ``shutdown`` sends the same GOAWAY with NO_ERROR for a drain and keeps reading the streams it
+  covers.
+- Floods are bounded per second and per connection: client resets (rapid reset,
+  CVE-2023-44487) and control frames (SETTINGS, PING, PRIORITY, empty DATA) past their budget end
+  the connection with ENHANCE_YOUR_CALM; more than ``MAX_OUT`` unsent bytes pause reading.
+- State per open stream is one slotted ``H2Stream`` and its ``Request``.
+
+The connection-level frames (SETTINGS, PING, WINDOW_UPDATE, RST_STREAM, GOAWAY, PRIORITY) and
+the flood budgets are in ``control.py``; frames and HPACK in ``frames.py`` and ``hpack.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from rawsse.apns import answers
+from rawsse.h2 import control
+from rawsse.h2 import frames as f
+from rawsse.h2.hpack import Decoder, HpackError, response_block
+from rawsse.server.exchange import Answer, Request
+from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from rawsse.server.transport import SocketTransport
+
+if TYPE_CHECKING:
+    from rawsse.server.worker import Worker
+
+log = logging.getLogger(__name__)
+
+READABLE = EPOLLIN | EPOLLRDHUP
+MAX_HEADER_LIST_SIZE = 8000
+HEADER_TABLE_SIZE = 4096
+MAX_BLOCK = 64 * 1024  # a header block this big is far over MAX_HEADER_LIST_SIZE: not buffered
+MAX_BODY = 64 * 1024  # as HTTP/1.1: the largest body any route reads
+MAX_OUT = 1024 * 1024
+LINGER_SECONDS = 2.0
+GOING_AWAY_SECONDS = 30.0  # a GOAWAY'd connection waits this long for its last answers
+_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+_SSE_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
+                                  "detail": "device streams (GET /events) are served over "
+                                            "HTTP/1.1 only"})
+_TOO_LARGE = answers.error(431, "RequestHeaderFieldsTooLarge")
+_TIMEOUT = answers.error(408, "RequestTimeout")
+# §8.2.2: connection-specific fields make a request malformed.
+_CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
+                                b"transfer-encoding", b"upgrade"})
+
+OPEN, GOING, LINGER = 0, 1, 2
+
+
+class H2Stream:
+    """One open request stream: its request, what the peer lets us send, what waits to go."""
+
+    __slots__ = ("request", "window", "recv_window", "pending", "remote_closed", "length", "stale")
+
+    def __init__(self, request: Request, window: int) -> None:
+        self.request = request
+        self.window = window  # the peer's stream window for our DATA
+        self.recv_window = f.DEFAULT_WINDOW
+        self.pending: bytes | None = None  # the answer's body still to send; None = unanswered
+        self.remote_closed = False  # END_STREAM received: the request is complete
+        self.length = -1  # content-length announced, -1 when none
+        self.stale = False  # still uploading at the last deadline check
+
+
+class H2Connection:
+    __slots__ = (
+        "host", "transport", "fd", "operator", "inbuf", "out", "events", "decoder", "streams",
+        "blocked", "last_stream_id", "max_streams", "send_window", "peer_window",
+        "peer_frame_size", "recv_window", "unacked", "block_stream", "block", "block_flags",
+        "state", "goaway_id", "deadline", "flush_scheduled", "resets", "control",
+        "budget_start", "reset_limit",
+    )
+
+    def __init__(self, host: "Worker", transport: SocketTransport, operator: bool,
+                 received: bytes) -> None:
+        self.host = host
+        self.transport = transport
+        self.fd = transport.fd
+        self.operator = operator
+        self.inbuf = bytearray()
+        self.out = bytearray()
+        self.events = READABLE
+        self.decoder = Decoder(HEADER_TABLE_SIZE, MAX_HEADER_LIST_SIZE)
+        self.streams: dict[int, H2Stream] = {}
+        self.blocked: deque[int] = deque()  # streams whose DATA waits for a window
+        self.last_stream_id = 0
+        self.max_streams = host.config.h2_max_streams
+        self.send_window = f.DEFAULT_WINDOW  # the peer's connection window
+        self.peer_window = f.DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
+        self.peer_frame_size = f.MIN_FRAME_SIZE
+        self.recv_window = f.DEFAULT_WINDOW
+        self.unacked = 0  # DATA bytes received and not yet credited back on the connection
+        self.block_stream = 0  # the stream whose header block is incomplete (CONTINUATION)
+        self.block = bytearray()
+        self.block_flags = 0
+        self.state = OPEN
+        self.goaway_id = -1  # last-stream-id of the GOAWAY sent, -1 before one
+        self.deadline = host.loop.now + host.config.idle_timeout
+        self.flush_scheduled = False
+        self.resets = 0
+        self.control = 0
+        self.budget_start = host.loop.now
+        self.reset_limit = 2 * self.max_streams + 100
+        self.out += f.settings({
+            f.MAX_CONCURRENT_STREAMS: self.max_streams,
+            f.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+            f.HEADER_TABLE_SIZE: HEADER_TABLE_SIZE,
+            f.INITIAL_WINDOW_SIZE: f.DEFAULT_WINDOW,
+            f.MAX_FRAME_SIZE: f.MIN_FRAME_SIZE,
+            f.ENABLE_PUSH: 0,
+        })
+        self.schedule_flush()
+        self._received(memoryview(received)[len(f.PREFACE):])
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def handle_events(self, events: int) -> None:
+        if events & EPOLLOUT:
+            self._flush()
+            if self.fd < 0:
+                return
+        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            self._read()
+
+    def _read(self) -> None:
+        host = self.host
+        try:
+            n = self.transport.readv(host.read_buffers)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close("client")
+            return
+        if n == 0:
+            self._end_of_input()
+            return
+        if self.state != OPEN:
+            return  # after a connection error nothing more is read; lingering discards
+        self._received(host.read_view[:n])
+
+    def _received(self, data: Any) -> None:
+        inbuf = self.inbuf
+        if inbuf:
+            inbuf += data
+            data = inbuf
+        try:
+            used = self._frames(data)
+        except f.ConnectionError_ as error:
+            self._fail(error.code, error.reason)
+            return
+        except HpackError as error:
+            self._fail(f.COMPRESSION_ERROR, f"HPACK: {error}")
+            return
+        if data is inbuf:
+            del inbuf[:used]
+        elif used < len(data):
+            inbuf += data[used:]
+        if self.goaway_id < 0:
+            self._rearm()
+        self._update_events()
+
+    def _frames(self, data: Any) -> int:
+        """Handle every complete frame in ``data``; how many bytes they took."""
+        pos, end = 0, len(data)
+        unpack = f.HEADER.unpack_from
+        while end - pos >= f.HEADER_SIZE and self.state == OPEN and self.fd >= 0:
+            high, low, type_, flags, stream_id = unpack(data, pos)
+            length = high << 16 | low
+            if length > f.MIN_FRAME_SIZE:  # our SETTINGS_MAX_FRAME_SIZE
+                raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "frame larger than MAX_FRAME_SIZE")
+            start = pos + f.HEADER_SIZE
+            if end - start < length:
+                break
+            pos = start + length
+            stream_id &= 0x7FFFFFFF
+            if self.block_stream and type_ != f.CONTINUATION:
+                raise f.ConnectionError_(f.PROTOCOL_ERROR, "frame interleaved in a header block")
+            payload = data[start:pos]
+            if type_ == f.HEADERS:
+                self._on_headers(stream_id, flags, payload)
+            elif type_ == f.DATA:
+                self._on_data(stream_id, flags, payload)
+            elif type_ == f.CONTINUATION:
+                self._on_continuation(stream_id, flags, payload)
+            else:
+                control.on_control(self, type_, stream_id, flags, payload)
+        return pos
+
+    def _on_headers(self, stream_id: int, flags: int, payload: Any) -> None:
+        if stream_id == 0:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, "HEADERS on stream 0")
+        payload = _unpad(payload, flags)
+        if flags & f.PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "HEADERS priority fields truncated")
+            payload = payload[5:]
+        if flags & f.END_HEADERS:
+            self._header_block(stream_id, flags, bytes(payload))
+        else:
+            self.block_stream = stream_id
+            self.block_flags = flags
+            self.block = bytearray(payload)
+
+    def _on_continuation(self, stream_id: int, flags: int, payload: Any) -> None:
+        if stream_id == 0 or stream_id != self.block_stream:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+        block = self.block
+        block += payload
+        if len(block) > MAX_BLOCK:
+            raise f.ConnectionError_(f.ENHANCE_YOUR_CALM, "header block too large")
+        if flags & f.END_HEADERS:
+            self.block_stream = 0
+            self.block = bytearray()
+            self._header_block(stream_id, self.block_flags, bytes(block))
+
+    def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
+        fields, too_large = self.decoder.decode(block)  # decoded always: the table must follow
+        stream = self.streams.get(stream_id)
+        if stream is not None:  # trailers: they end the request, their fields are not read
+            if not flags & f.END_STREAM or stream.remote_closed:
+                self.reset_stream(stream_id, f.PROTOCOL_ERROR)
+                return
+            self._request_complete(stream_id, stream)
+            return
+        if stream_id <= self.last_stream_id:
+            # A closed stream (§5.1): trailers of a request answered and reset early may still
+            # be in flight, so a stream error, not the connection's.
+            self.reset_stream(stream_id, f.STREAM_CLOSED)
+            return
+        if not stream_id & 1:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, "even stream id from a client")
+        self.last_stream_id = stream_id
+        if self.goaway_id >= 0:
+            return  # §6.8: streams opened after our GOAWAY are ignored (the client retries them)
+        if len(self.streams) >= self.max_streams:
+            self.reset_stream(stream_id, f.REFUSED_STREAM)
+            return
+        request = Request(self, self.operator)
+        stream = H2Stream(request, self.peer_window)
+        if not _fill(request, stream, fields):
+            self.reset_stream(stream_id, f.PROTOCOL_ERROR)  # §8.1.1 malformed
+            return
+        request.slot = stream_id
+        self.streams[stream_id] = stream
+        if too_large:
+            stream.remote_closed = bool(flags & f.END_STREAM)
+            self.host.stats.bad_requests += 1
+            self.answer(request, _TOO_LARGE)
+        elif flags & f.END_STREAM:
+            self._request_complete(stream_id, stream)
+
+    def _on_data(self, stream_id: int, flags: int, payload: Any) -> None:
+        if stream_id == 0:
+            raise f.ConnectionError_(f.PROTOCOL_ERROR, "DATA on stream 0")
+        length = len(payload)
+        self._consumed(length)
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_closed:
+            if stream_id > self.last_stream_id:
+                raise f.ConnectionError_(f.PROTOCOL_ERROR, "DATA on an idle stream")
+            if stream is not None:
+                self.reset_stream(stream_id, f.STREAM_CLOSED)
+            return  # a stream we closed or reset: its DATA was already in flight
+        stream.recv_window -= length
+        if stream.recv_window < 0:
+            self.reset_stream(stream_id, f.FLOW_CONTROL_ERROR)
+            return
+        end = flags & f.END_STREAM
+        if not end and length:
+            stream.recv_window += length
+            self.out += f.window_update(stream_id, length)
+            self.schedule_flush()
+        elif not end:
+            control.count_control(self)  # empty DATA without END_STREAM: a flood if repeated
+        body = _unpad(payload, flags)
+        request = stream.request
+        if body and not request.body_too_large:
+            if len(request.body) + len(body) > MAX_BODY:
+                request.body_too_large = True
+                request.body = b""
+            else:
+                request.body += bytes(body)
+        if end:
+            self._request_complete(stream_id, stream)
+
+    def _consumed(self, length: int) -> None:
+        """Connection flow control: credit received bytes back once half the window is used."""
+        self.recv_window -= length
+        if self.recv_window < 0:
+            raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        self.unacked += length
+        if self.unacked >= f.DEFAULT_WINDOW // 2:
+            self.out += f.window_update(0, self.unacked)
+            self.recv_window += self.unacked
+            self.unacked = 0
+            self.schedule_flush()
+
+    def _request_complete(self, stream_id: int, stream: H2Stream) -> None:
+        stream.remote_closed = True
+        if stream.pending is not None:
+            return  # answered already (431): nothing to serve
+        request = stream.request
+        if stream.length >= 0 and stream.length != len(request.body) and not request.body_too_large:
+            self.reset_stream(stream_id, f.PROTOCOL_ERROR)  # §8.1.1: content-length must match
+            return
+        self.host.stats.http_requests += 1
+        self.host.routes.handle(request)
+
+    # -- answers (the Channel of exchange.py) -----------------------------------------------
+
+    def answer(self, request: Request, answer: Answer) -> None:
+        stream_id = request.slot
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.request is not request or stream.pending is not None:
+            return  # reset by the client, or answered already
+        body = answer.body
+        block = response_block(answer.status, answer.headers, answer.content_type, len(body))
+        out = self.out
+        if body:
+            out += f.header(len(block), f.HEADERS, f.END_HEADERS, stream_id)
+            out += block
+            stream.pending = body
+            stream.stale = False  # from here it counts how long the peer's window holds it
+            self.send_data(stream_id, stream)
+        else:
+            out += f.header(len(block), f.HEADERS, f.END_HEADERS | f.END_STREAM, stream_id)
+            out += block
+            self._stream_done(stream_id, stream)
+        self.schedule_flush()
+
+    def become_stream(self, request: Request, token: bytes) -> None:
+        """Device streams are HTTP/1.1 SSE only: an error answer says so."""
+        self.answer(request, _SSE_REFUSED)
+
+    def send_data(self, stream_id: int, stream: H2Stream) -> None:
+        body = stream.pending or b""
+        while body:
+            size = min(len(body), stream.window, self.send_window, self.peer_frame_size)
+            if size <= 0:
+                stream.pending = body
+                if stream_id not in self.blocked:
+                    self.blocked.append(stream_id)
+                return
+            chunk, body = body[:size], body[size:]
+            stream.stale = False  # the peer's window let bytes through: not stuck
+            stream.window -= size
+            self.send_window -= size
+            self.out += f.header(size, f.DATA, 0 if body else f.END_STREAM, stream_id)
+            self.out += chunk
+        self._stream_done(stream_id, stream)
+
+    def _stream_done(self, stream_id: int, stream: H2Stream) -> None:
+        del self.streams[stream_id]
+        if not stream.remote_closed:
+            # §8.1: answered before the request ended: ask the client to stop sending it.
+            self.out += f.rst_stream(stream_id, f.NO_ERROR)
+        if self.goaway_id >= 0 and not self.streams:
+            self.schedule_flush()  # the last answer: the connection closes once it is out
+
+    def unblock(self) -> None:
+        blocked = self.blocked
+        for _ in range(len(blocked)):
+            if self.send_window <= 0:
+                return
+            stream_id = blocked.popleft()
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream.pending is not None:
+                self.send_data(stream_id, stream)
+        self.schedule_flush()
+
+    # -- control frames -----------------------------------------------------------------------
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
+        """A stream error (§5.4.2): RST_STREAM; the stream's answer, if any, is dropped."""
+        self.streams.pop(stream_id, None)
+        self.out += f.rst_stream(stream_id, code)
+        self.schedule_flush()
+
+    # -- going away ---------------------------------------------------------------------------
+
+    def shutdown(self, reason: str = "Shutdown") -> None:
+        """Graceful GOAWAY (drain, restart): streams up to the highest seen are still answered,
+        later ones are ignored (the client sends them again elsewhere), then the close."""
+        self.go_away(f.NO_ERROR, reason)
+
+    def go_away(self, code: int, reason: str) -> None:
+        if self.goaway_id < 0:
+            self.goaway_id = self.last_stream_id
+            self.out += f.goaway(self.goaway_id, code, reason)
+            self.deadline = self.host.loop.now + GOING_AWAY_SECONDS
+        self.schedule_flush()
+
+    def _fail(self, code: int, reason: str) -> None:
+        """A connection error: GOAWAY, refuse the streams still uploading, answer the others,
+        then close; nothing more is read."""
+        log.debug("fd %d: HTTP/2 connection error %d (%s)", self.fd, code, reason)
+        self.host.stats.bad_requests += 1
+        if self.goaway_id < 0:
+            self.goaway_id = self.last_stream_id
+        self.out += f.goaway(self.goaway_id, code, reason)
+        self.deadline = self.host.loop.now + GOING_AWAY_SECONDS
+        self.state = GOING
+        self.inbuf = bytearray()
+        for stream_id, stream in list(self.streams.items()):
+            if not stream.remote_closed:
+                self.reset_stream(stream_id, f.REFUSED_STREAM)
+        self.schedule_flush()
+
+    def finish_then_close(self) -> None:
+        """Drain (the worker's Drainer): a graceful GOAWAY."""
+        self.shutdown("Shutdown")
+
+    def _rearm(self) -> None:
+        """Idle: ``--idle-timeout`` after the last read. Streams open: checked every
+        ``--header-timeout``, however often the client sends something else."""
+        config, now = self.host.config, self.host.loop.now
+        if not self.streams:
+            self.deadline = now + config.idle_timeout
+        else:
+            self.deadline = min(self.deadline, now + config.header_timeout)
+
+    def timed_out(self) -> None:
+        if self.state == LINGER or self.goaway_id >= 0:
+            self.close("timeout")
+        elif self.streams:
+            self._expire_uploads()
+            self.deadline = self.host.loop.now + self.host.config.header_timeout
+        else:
+            self.go_away(f.NO_ERROR, "IdleTimeout")
+
+    def _expire_uploads(self) -> None:
+        """Slowloris both ways, checked every ``--header-timeout``: a request still incomplete at
+        two checks in a row is answered 408 (as HTTP/1.1's); an answer whose DATA the peer's
+        window held back at two checks in a row, with no byte let through between them, is
+        reset (CANCEL): a window never opened does not hold a stream forever."""
+        for stream_id, stream in list(self.streams.items()):
+            if stream.remote_closed and stream.pending is None:
+                continue  # complete, waiting for its answer from the routes
+            if not stream.stale:
+                stream.stale = True
+            elif stream.pending is None:
+                self.host.stats.bad_requests += 1
+                self.answer(stream.request, _TIMEOUT)
+            else:
+                self.reset_stream(stream_id, f.CANCEL)
+
+    def _end_of_input(self) -> None:
+        if self.state == LINGER or not self.streams:
+            self.close("client")
+            return
+        # The client half-closed after sending: answer what it sent, then close.
+        self.go_away(f.NO_ERROR, "ClientClosed")
+        self.state = GOING
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def schedule_flush(self) -> None:
+        """One write per loop turn carries every answer of that turn (as HTTP/1.1 does)."""
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.host.loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self.flush_scheduled = False
+        if self.fd >= 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self.out
+        if out:
+            try:
+                written = self.transport.write(out)
+            except BlockingIOError:
+                written = 0
+            except _GONE:
+                self.close("client")
+                return
+            del out[:written]
+        if not out and self.goaway_id >= 0 and not self.streams and self.state != LINGER:
+            self._start_linger()
+            return
+        self._update_events()
+
+    def _update_events(self) -> None:
+        if self.fd < 0:
+            return
+        reading = self.state == LINGER or (self.state == OPEN and len(self.out) < MAX_OUT)
+        events = (READABLE if reading else 0) | (EPOLLOUT if self.out else 0)
+        if events != self.events:
+            self.events = events
+            self.host.loop.modify(self.fd, events)
+
+    def _start_linger(self) -> None:
+        """Half-close and read to EOF for a while: closing with unread input would send an RST
+        that can destroy the GOAWAY and the last answers before the client reads them."""
+        self.state = LINGER
+        self.deadline = self.host.loop.now + LINGER_SECONDS
+        try:
+            self.transport.shutdown_write()
+        except OSError:
+            self.close("client")
+            return
+        self._update_events()
+
+    def close(self, reason: str = "client") -> None:
+        fd = self.fd
+        if fd < 0:
+            return
+        self.fd = -1
+        host = self.host
+        host.loop.remove(fd)
+        self.transport.close()
+        host.http_conns.discard(self)
+        host.stats.disconnect(reason)
+        self.streams.clear()  # breaks the request -> channel -> streams cycles
+        self.blocked.clear()
+
+
+def _unpad(payload: Any, flags: int) -> Any:
+    """§6.1: strip the Pad Length octet and the padding."""
+    if not flags & f.PADDED:
+        return payload
+    if not payload or payload[0] >= len(payload):
+        raise f.ConnectionError_(f.PROTOCOL_ERROR, "padding longer than the frame")
+    return payload[1:len(payload) - payload[0]]
+
+
+def _fill(request: Request, stream: H2Stream, fields: list[tuple[bytes, bytes]]) -> bool:
+    """The request's method, target and kept headers from its fields; False if malformed
+    (§8.3.1: pseudo-fields first, :method and :path present; §8.2.2)."""
+    regular = False
+    for name, value in fields:
+        if name[:1] == b":":
+            if regular:
+                return False
+            if name == b":method":
+                request.method = value
+            elif name == b":path":
+                request.set_target(value)
+            elif name not in (b":scheme", b":authority"):
+                return False
+            continue
+        regular = True
+        if name in _CONNECTION_FIELDS:
+            return False
+        if name == b"content-length":
+            if not value.isdigit():
+                return False
+            stream.length = int(value)
+        request.add_header(name, value)  # host stands in for :authority (aioapns): not read
+    return bool(request.method) and bool(request.path)

@@ -1,0 +1,274 @@
+"""HPACK (RFC 7541): the request decoder and the response header blocks.
+
+Decoding
+--------
+``Decoder.decode(block)`` turns one complete header block into ``(name, value)`` pairs: integers
+(§5.1), string literals plain or Huffman-coded (§5.2, ``huffman.py``), indexed fields from the
+static (Appendix A) and dynamic tables (§2.3), literals with and without indexing (§6.2), and
+dynamic table size updates (§6.3), which must come first in a block and stay within the
+SETTINGS_HEADER_TABLE_SIZE we announced. Anything else is an ``HpackError``: a
+COMPRESSION_ERROR for the whole connection (RFC 9113 §4.3), since the table is now out of sync.
+
+The header list size (RFC 9113 §6.5.2: names + values + 32 per field) is counted while decoding;
+past ``max_list_size`` the fields are no longer kept (a decompression bomb of indexed references
+to one big entry costs only the loop, never memory), but the block is still decoded to the end so
+the dynamic table stays in step with the peer's encoder.
+
+Huffman-coded strings repeat (topic, push type, a token pushed again), so decoded ones are kept
+in a small dict, cleared when full.
+
+Encoding
+--------
+Answers never insert into our dynamic table (every field is "literal without indexing"), so the
+peer's table size never matters and a block is plain bytes: ``:status`` by static index where it
+has one, then literals. ``response_block`` caches everything but the values that vary.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections import deque
+
+from rawsse.h2 import huffman
+
+STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = (
+    (b":authority", b""), (b":method", b"GET"), (b":method", b"POST"), (b":path", b"/"),
+    (b":path", b"/index.html"), (b":scheme", b"http"), (b":scheme", b"https"),
+    (b":status", b"200"), (b":status", b"204"), (b":status", b"206"), (b":status", b"304"),
+    (b":status", b"400"), (b":status", b"404"), (b":status", b"500"), (b"accept-charset", b""),
+    (b"accept-encoding", b"gzip, deflate"), (b"accept-language", b""), (b"accept-ranges", b""),
+    (b"accept", b""), (b"access-control-allow-origin", b""), (b"age", b""), (b"allow", b""),
+    (b"authorization", b""), (b"cache-control", b""), (b"content-disposition", b""),
+    (b"content-encoding", b""), (b"content-language", b""), (b"content-length", b""),
+    (b"content-location", b""), (b"content-range", b""), (b"content-type", b""),
+    (b"cookie", b""), (b"date", b""), (b"etag", b""), (b"expect", b""), (b"expires", b""),
+    (b"from", b""), (b"host", b""), (b"if-match", b""), (b"if-modified-since", b""),
+    (b"if-none-match", b""), (b"if-range", b""), (b"if-unmodified-since", b""),
+    (b"last-modified", b""), (b"link", b""), (b"location", b""), (b"max-forwards", b""),
+    (b"proxy-authenticate", b""), (b"proxy-authorization", b""), (b"range", b""),
+    (b"referer", b""), (b"refresh", b""), (b"retry-after", b""), (b"server", b""),
+    (b"set-cookie", b""), (b"strict-transport-security", b""), (b"transfer-encoding", b""),
+    (b"user-agent", b""), (b"vary", b""), (b"via", b""), (b"www-authenticate", b""),
+)
+STATIC_COUNT = len(STATIC_TABLE)  # 61
+ENTRY_OVERHEAD = 32  # RFC 7541 §4.1
+STATIC_SIZES = tuple(len(name) + len(value) + ENTRY_OVERHEAD for name, value in STATIC_TABLE)
+HUFFMAN_CACHE_SIZE = 4096
+
+
+class HpackError(ValueError):
+    """The header block cannot be decoded: a COMPRESSION_ERROR (RFC 9113 §4.3)."""
+
+
+class Decoder:
+    """One connection's decoder: its dynamic table and limits."""
+
+    __slots__ = ("table", "table_size", "capacity", "max_table_size", "max_list_size", "cache")
+
+    def __init__(self, max_table_size: int, max_list_size: int) -> None:
+        self.table: deque[tuple[bytes, bytes]] = deque()  # newest first (index 62)
+        self.table_size = 0
+        self.capacity = max_table_size  # the encoder's current size (§4.2), at most the max
+        self.max_table_size = max_table_size  # what our SETTINGS_HEADER_TABLE_SIZE allows
+        self.max_list_size = max_list_size
+        self.cache: dict[bytes, bytes] = {}
+
+    def decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """The fields of ``block`` and whether the list went past ``max_list_size`` (then the
+        list is incomplete and the request must be refused)."""
+        fields: list[tuple[bytes, bytes]] = []
+        size = 0
+        limit = self.max_list_size
+        pos, end = 0, len(block)
+        first = True
+        while pos < end:
+            byte = block[pos]
+            if byte & 0x80:  # §6.1 indexed field; a static entry in one byte is the common case
+                index = byte & 0x7F
+                if 0 < index <= STATIC_COUNT:
+                    pos += 1
+                    first = False
+                    size += STATIC_SIZES[index - 1]
+                    if size <= limit:
+                        fields.append(STATIC_TABLE[index - 1])
+                    continue
+                index, pos = _integer(block, pos, 7)
+                field = self._field(index)
+            elif byte & 0x40:  # §6.2.1 literal with incremental indexing
+                field, pos = self._literal(block, pos, 6)
+                self._insert(field)
+            elif byte & 0x20:  # §6.3 dynamic table size update
+                if not first:
+                    raise HpackError("table size update after a field")
+                new_size, pos = _integer(block, pos, 5)
+                if new_size > self.max_table_size:
+                    raise HpackError("table size update above SETTINGS_HEADER_TABLE_SIZE")
+                self._resize(new_size)
+                continue
+            else:  # §6.2.2 without indexing, §6.2.3 never indexed: same for a decoder
+                field, pos = self._literal(block, pos, 4)
+            first = False
+            size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
+            if size <= limit:
+                fields.append(field)
+        return fields, size > limit
+
+    def _field(self, index: int) -> tuple[bytes, bytes]:
+        if index == 0:
+            raise HpackError("index 0")
+        if index <= STATIC_COUNT:
+            return STATIC_TABLE[index - 1]
+        dynamic = index - STATIC_COUNT - 1
+        if dynamic >= len(self.table):
+            raise HpackError(f"index {index} out of range")
+        return self.table[dynamic]
+
+    def _literal(self, block: bytes, pos: int, prefix: int) -> tuple[tuple[bytes, bytes], int]:
+        index, pos = _integer(block, pos, prefix)
+        if index:
+            name = self._field(index)[0]
+        else:
+            name, pos = self._string(block, pos)
+        value, pos = self._string(block, pos)
+        return (name, value), pos
+
+    def _string(self, block: bytes, pos: int) -> tuple[bytes, int]:
+        if pos >= len(block):
+            raise HpackError("truncated string")
+        coded = block[pos] & 0x80
+        length = block[pos] & 0x7F
+        if length == 0x7F:
+            length, pos = _integer(block, pos, 7)
+        else:
+            pos += 1
+        end = pos + length
+        if end > len(block):
+            raise HpackError("string longer than its block")
+        raw = block[pos:end]
+        if not coded:
+            return raw, end
+        cache = self.cache
+        text = cache.get(raw)
+        if text is None:
+            try:
+                text = huffman.decode(raw)
+            except huffman.HuffmanError as exc:
+                raise HpackError(str(exc)) from None
+            if len(cache) >= HUFFMAN_CACHE_SIZE:
+                cache.clear()
+            cache[raw] = text
+        return text, end
+
+    def _insert(self, field: tuple[bytes, bytes]) -> None:
+        """§4.4: evict oldest entries to make room; an entry larger than the table empties it."""
+        size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
+        table = self.table
+        while table and self.table_size + size > self.capacity:
+            old = table.pop()
+            self.table_size -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
+        if size <= self.capacity:
+            table.appendleft(field)
+            self.table_size += size
+
+    def _resize(self, new_size: int) -> None:
+        self.capacity = new_size
+        table = self.table
+        while table and self.table_size > new_size:
+            old = table.pop()
+            self.table_size -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
+
+
+def _integer(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
+    """§5.1: an integer with an N-bit prefix at ``block[pos]``; (value, next position)."""
+    mask = (1 << prefix) - 1
+    value = block[pos] & mask
+    pos += 1
+    if value < mask:
+        return value, pos
+    shift = 0
+    end = len(block)
+    while True:
+        if pos >= end:
+            raise HpackError("truncated integer")
+        byte = block[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 28:  # nothing we accept needs more than 2**28
+            raise HpackError("integer too large")
+
+
+# -- encoding responses -----------------------------------------------------------------------
+
+def integer(value: int, prefix: int, first: int = 0) -> bytes:
+    """§5.1 encoding, ``first`` holding the representation's flag bits."""
+    mask = (1 << prefix) - 1
+    if value < mask:
+        return bytes((first | value,))
+    out = bytearray((first | mask,))
+    value -= mask
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def literal(name: bytes, value: bytes) -> bytes:
+    """A literal field without indexing, new name (§6.2.2), no Huffman."""
+    return b"\x00" + integer(len(name), 7) + name + integer(len(value), 7) + value
+
+
+def literal_indexed_name(index: int, value: bytes) -> bytes:
+    """A literal without indexing whose name is static entry ``index`` (§6.2.2)."""
+    return integer(index, 4) + integer(len(value), 7) + value
+
+
+_STATUS_INDEX = {200: 8, 204: 9, 206: 10, 304: 11, 400: 12, 404: 13, 500: 14}
+STATUS: dict[int, bytes] = {}
+for _code in range(100, 600):
+    STATUS[_code] = (integer(_STATUS_INDEX[_code], 7, 0x80) if _code in _STATUS_INDEX
+                     else literal_indexed_name(8, b"%d" % _code))
+CONTENT_TYPE_INDEX = 31
+CONTENT_LENGTH_INDEX = 28
+DATE_INDEX = 33
+APNS_ID_NAME = b"\x00\x07apns-id"
+
+_name_prefix: dict[bytes, bytes] = {}
+_date_cache: list = [0, b""]
+
+
+def _date() -> bytes:
+    """``date`` (RFC 9110 §6.6.1), encoded once per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = literal_indexed_name(DATE_INDEX, email.utils.formatdate(now, usegmt=True).encode())
+    return _date_cache[1]
+
+
+def response_block(status: int, headers: tuple[tuple[bytes, bytes], ...],
+                   content_type: bytes | None, body_length: int) -> bytes:
+    """The header block of an answer: ``:status``, ``date``, the answer's own fields (a 200
+    with ``apns-id`` is the cached status and date, the cached name and the id), content-type
+    and content-length when there is a body."""
+    parts = [STATUS[status], _date()]
+    for name, value in headers:
+        prefix = _name_prefix.get(name)
+        if prefix is None:
+            lower = name.lower()  # RFC 9113 §8.2.1: field names are lower-case in HTTP/2
+            prefix = _name_prefix[name] = b"\x00" + integer(len(lower), 7) + lower
+        parts.append(prefix)
+        parts.append(integer(len(value), 7) if len(value) >= 127 else _SMALL_LENGTH[len(value)])
+        parts.append(value)
+    if content_type is not None:
+        parts.append(literal_indexed_name(CONTENT_TYPE_INDEX, content_type))
+    if body_length:
+        parts.append(literal_indexed_name(CONTENT_LENGTH_INDEX, b"%d" % body_length))
+    return b"".join(parts)
+
+
+_SMALL_LENGTH = [bytes((n,)) for n in range(127)]

@@ -1,0 +1,109 @@
+"""In-process: rawsse's HPACK decoder against the ``hpack`` library's encoder, its response
+blocks against the ``hpack`` decoder, and the frames it writes against ``hyperframe``."""
+
+from __future__ import annotations
+
+import random
+
+import hpack
+import hyperframe.frame as hf
+import pytest
+
+from rawsse.h2 import frames as f
+from rawsse.h2 import huffman
+from rawsse.h2.hpack import Decoder, HpackError, response_block
+
+NAMES = [b"apns-topic", b"apns-id", b"apns-push-type", b"apns-priority", b"authorization",
+         b"x-custom", b"content-length", b"user-agent", b":path", b":method"]
+
+
+def random_fields(rng: random.Random) -> list[tuple[bytes, bytes]]:
+    fields = []
+    for _ in range(rng.randint(1, 12)):
+        name = rng.choice(NAMES)
+        value = bytes(rng.randrange(32, 127) for _ in range(rng.randint(0, 300)))
+        if rng.random() < 0.1:
+            value = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+        fields.append((name, value))
+    return fields
+
+
+@pytest.mark.parametrize("huffman_on", [True, False])
+def test_decoder_matches_the_hpack_encoder_with_table_churn(huffman_on):
+    rng = random.Random(7 if huffman_on else 8)
+    encoder = hpack.Encoder()
+    encoder.header_table_size = 4096
+    decoder = Decoder(4096, 10**9)
+    for round_ in range(400):
+        if round_ % 97 == 5:  # a table size change: the encoder emits a size update
+            encoder.header_table_size = rng.choice([0, 256, 4096])
+        fields = random_fields(rng)
+        sensitive = rng.random() < 0.2
+        block = encoder.encode([hpack.HeaderTuple(n, v) if not sensitive
+                                else hpack.NeverIndexedHeaderTuple(n, v) for n, v in fields],
+                               huffman=huffman_on)
+        decoded, too_large = decoder.decode(block)
+        assert not too_large
+        assert decoded == fields
+        assert list(decoder.table) == list(encoder.header_table.dynamic_entries)
+
+
+def test_huffman_round_trips_every_byte():
+    encoder = hpack.huffman.HuffmanEncoder(hpack.huffman_constants.REQUEST_CODES,
+                                           hpack.huffman_constants.REQUEST_CODES_LENGTH)
+    rng = random.Random(3)
+    for n in range(300):
+        data = bytes(rng.randrange(256) for _ in range(n % 60))
+        assert huffman.decode(encoder.encode(data)) == data
+    assert huffman.decode(encoder.encode(bytes(range(256)))) == bytes(range(256))
+
+
+@pytest.mark.parametrize("block", [
+    b"\x80",  # index 0
+    b"\xbe",  # dynamic index 62 of an empty table
+    b"\x3f\xe1\x3f",  # table size 8192 > 4096
+    b"\x82\x20",  # table size update after a field
+    b"\x40\x85ab",  # string longer than its block
+    b"\x40\x81\xff\x01x",  # Huffman: EOS prefix as padding longer than 7 bits
+    b"\xff\xff\xff\xff\xff\xff",  # integer without end
+])
+def test_bad_blocks_are_compression_errors(block):
+    with pytest.raises(HpackError):
+        Decoder(4096, 8000).decode(block)
+
+
+def test_header_list_limit_counts_but_keeps_decoding():
+    encoder = hpack.Encoder()
+    block = encoder.encode([("x-big", "v" * 4000)]) + b"\xbe" * 3
+    decoder = Decoder(4096, 8000)
+    fields, too_large = decoder.decode(block)
+    assert too_large and len(fields) == 1
+    # the table still followed the encoder
+    assert decoder.decode(encoder.encode([("x-big", "v" * 4000)]))[0] == [(b"x-big", b"v" * 4000)]
+
+
+def test_response_blocks_decode_with_the_hpack_library():
+    block = response_block(200, ((b"apns-id", b"a" * 36),), None, 0)
+    assert hpack.Decoder().decode(block)[0::2] == [(":status", "200"), ("apns-id", "a" * 36)]
+    block = response_block(410, ((b"apns-id", b"b" * 200),), b"application/json", 45)
+    fields = dict(hpack.Decoder().decode(block))
+    assert fields[":status"] == "410" and fields["apns-id"] == "b" * 200
+    assert fields["content-type"] == "application/json" and fields["content-length"] == "45"
+
+
+def test_frames_parse_with_hyperframe():
+    def parse(data: bytes):
+        frame, length = hf.Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9:9 + length]))
+        return frame
+
+    settings = parse(f.settings({f.MAX_CONCURRENT_STREAMS: 1000, f.MAX_HEADER_LIST_SIZE: 8000}))
+    assert settings.settings == {f.MAX_CONCURRENT_STREAMS: 1000, f.MAX_HEADER_LIST_SIZE: 8000}
+    assert "ACK" in parse(f.SETTINGS_ACK).flags
+    ping = parse(f.ping_ack(b"12345678"))
+    assert ping.opaque_data == b"12345678" and "ACK" in ping.flags
+    assert parse(f.rst_stream(5, f.REFUSED_STREAM)).error_code == f.REFUSED_STREAM
+    assert parse(f.window_update(3, 1000)).window_increment == 1000
+    goaway = parse(f.goaway(7, f.PROTOCOL_ERROR, "HEADERS on stream 0"))
+    assert (goaway.last_stream_id, goaway.error_code) == (7, f.PROTOCOL_ERROR)
+    assert goaway.additional_data == b'{"reason":"HEADERS on stream 0"}'
