@@ -241,7 +241,8 @@ def test_reconnect_after_server_restart_is_spread_by_backoff(tmp_path, runs) -> 
     (1-1.5 s, refused while the server is down), then 2-3 s later, spread, not as one burst."""
     holder, port = reserve_port()
     admin_holder, admin_port = reserve_port()
-    flags = ["--keepalive", "1", "--drain-seconds", "0"]
+    # Two workers, not the default 16: the second server must be up within 1.1 s of its start.
+    flags = ["--keepalive", "1", "--drain-seconds", "0", "--workers", "2"]
     server = Server(flags, port, admin_port=admin_port).wait_ready()
     second: Server | None = None
     count, bin_s = 200, 0.05

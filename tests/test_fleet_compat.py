@@ -197,8 +197,7 @@ def test_every_push_error_is_json_with_a_reason_and_an_apns_id(server, case):
 
 @pytest.mark.parametrize("data", [
     b"GET /healthz HTTP/1.1\r\nHost rawsse\r\n\r\n",
-    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-], ids=["malformed-http", "h2-preface"])
+], ids=["malformed-http"])  # the HTTP/2 preface is served as HTTP/2 now (tests/test_h2_*.py)
 def test_protocol_errors_are_json_too(server, data):
     client = HTTPClient(server.host, server.port)
     try:
