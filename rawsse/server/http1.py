@@ -92,7 +92,7 @@ class Http1Connection:
         "out", "events", "reading", "closing", "head_bytes", "unparsed", "progress",
         "flush_scheduled", "stopping", "held", "sniffed",
         # per request
-        "request", "target", "body_size",
+        "request", "target", "body_size", "upgrade_left",
     )
 
     def __init__(self, host: "Worker", fd: int, operator: bool) -> None:
@@ -121,6 +121,7 @@ class Http1Connection:
         self.request: Request | None = None
         self.target = b""
         self.body_size = 0
+        self.upgrade_left = 0  # body bytes of an Upgrade request still to read (_upgrade_body)
 
     # -- httptools callbacks ------------------------------------------------------------------
 
@@ -144,6 +145,8 @@ class Http1Connection:
         request = self.request
         if name in REQUEST_HEADERS and request is not None:  # the rest skipped, no call
             request.add_header(name, value)
+        elif name == b"transfer-encoding" and request is not None:
+            request.headers[name] = value  # read only by an Upgrade request (_upgrade_length)
 
     def on_headers_complete(self) -> None:
         if self.head_bytes > self.host.config.header_limit:
@@ -164,6 +167,20 @@ class Http1Connection:
         # Only a body that may be refused unread (7+ digits: DISCARD_BODY) or an Expect matter.
         if b"expect" in headers or (length is not None and len(length) >= 7):
             self._expectations(request)
+        if self.parser.should_upgrade():  # type: ignore[union-attr]
+            self.upgrade_left = self._upgrade_length(request)
+
+    def _upgrade_length(self, request: Request) -> int:
+        """The body an Upgrade request (``curl --http2`` offers h2c) announces. httptools tells
+        llhttp to skip the body of any Upgrade request (the bytes after the head belong to the
+        new protocol), but the upgrade is ignored (RFC 9110 §7.8; RFC 9113 §3.1 deprecates
+        h2c's), so this connection reads the body itself (``_upgrade_body``)."""
+        headers = request.headers
+        if b"transfer-encoding" in headers:
+            self.refuse(400, "BadRequest", "Upgrade with a chunked body: send Content-Length")
+            self.abort()
+        length = headers.get(b"content-length", b"0")
+        return int(length) if length.isdigit() else 0  # llhttp refuses a bad Content-Length
 
     def _expectations(self, request: Request) -> None:
         """Refuse an oversized body before reading it; send 100 Continue when asked."""
@@ -212,6 +229,11 @@ class Http1Connection:
             request.after = KEEP_10
         else:
             request.after = KEEP
+        if not self.upgrade_left:  # else its body comes first (_upgrade_body)
+            self._dispatch(request)
+
+    def _dispatch(self, request: Request) -> None:
+        """A complete request: queue its place for the answer, hand it to the routes."""
         self.state = IDLE
         self.progress = True
         self.deadline = self.host.loop.now + self.host.config.idle_timeout
@@ -418,6 +440,10 @@ class Http1Connection:
 
     def _feed(self, data: Any) -> None:
         """Parse ``data``: malformed input is answered (4xx, 505) and closes; nothing raises."""
+        if self.upgrade_left:
+            data = self._upgrade_body(data)
+            if not data or not self._parsing():
+                return
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
             return
@@ -426,7 +452,7 @@ class Http1Connection:
             # over HTTP/1.1; what follows is parsed with a fresh parser, below, outside this
             # handler: an error parsing it inside would carry this exception as its context
             # instead of the callback's own (_Abort, _TooLarge), and escape as a traceback.
-            rest = bytes(data[upgrade.args[0]:]) if upgrade.args else b""
+            rest = memoryview(bytes(data[upgrade.args[0]:]) if upgrade.args else b"")
         except httptools.HttpParserCallbackError as exc:
             self._callback_failed(exc)
             return
@@ -434,6 +460,26 @@ class Http1Connection:
             self._parse_failed(exc)
             return
         self._after_upgrade(rest)
+
+    def _upgrade_body(self, data: Any) -> Any:
+        """Take the body of an Upgrade request out of ``data`` (it may span many reads); once
+        it is whole, serve the request. Returns what follows the body."""
+        take = min(self.upgrade_left, len(data))
+        self.upgrade_left -= take
+        try:
+            if take:
+                self.on_body(bytes(data[:take]))
+        except _TooLarge:
+            self.upgrade_left = 0
+            self.refuse(413, "PayloadTooLarge", "body too large")
+            return b""
+        request = self.request
+        if not self.upgrade_left and request is not None:
+            try:
+                self._dispatch(request)
+            except _Abort:  # the last request on this connection (close, a device stream)
+                return b""
+        return data[take:]
 
     def _sniff_preface(self, data: Any) -> Any:
         """The first bytes: what to parse as HTTP/1.1, or None once they are held (a preface
@@ -486,9 +532,10 @@ class Http1Connection:
         else:
             raise exc
 
-    def _after_upgrade(self, rest: bytes) -> None:
+    def _after_upgrade(self, rest: Any) -> None:
         self.parser = httptools.HttpRequestParser(self)
-        self.state = IDLE
+        if not self.upgrade_left:
+            self.state = IDLE
         if rest and self.fd >= 0 and not self.closing:
             self._feed(rest)  # the bytes after an Upgrade request get the same error handling
 
