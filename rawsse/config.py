@@ -181,6 +181,9 @@ class ServeConfig:
     header_timeout: float = 10.0
     idle_timeout: float = 120.0
     h2_max_streams: int = 1000  # SETTINGS_MAX_CONCURRENT_STREAMS, as api.push.apple.com
+    h2_idle_timeout: float = 120.0  # an HTTP/2 connection with no stream: GOAWAY IdleTimeout
+    # "development": a 200 carries apns-unique-id, as Apple's sandbox answers
+    environment: str = "production"
     backlog: int = 65535
     workers: int = 0  # 0 = sized from --max-connections and the open-file limit
     drain_seconds: float = 10.0

@@ -264,10 +264,10 @@ def test_given_apns_id_is_echoed_as_sent():
     assert apns_id == GIVEN_ID and request.apns_id == GIVEN_ID
 
 
-def test_bad_apns_id_is_rejected_with_a_fresh_id():
+def test_bad_apns_id_is_rejected_and_echoed_as_sent():
     apns_id, result = validate(headers={b"apns-id": b"not-a-uuid"})
     assert reason_of(result) == "BadMessageId"
-    assert apns_id == b"00000000-0000-4000-8000-000000000001"
+    assert apns_id == b"not-a-uuid"
 
 
 @pytest.mark.parametrize("headers, token, body, reason", [

@@ -45,13 +45,14 @@ OTHER_BODY_LIMIT = 1024 * 1024
 
 
 class Routes:
-    __slots__ = ("worker", "config", "stats", "operator")
+    __slots__ = ("worker", "config", "stats", "operator", "development")
 
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
         self.config = worker.config
         self.stats = worker.stats
         self.operator = OperatorRoutes(worker)
+        self.development = worker.config.environment == "development"
 
     # -- entry points from a protocol ---------------------------------------------------------
 
@@ -65,7 +66,7 @@ class Routes:
         path = request.path
         if request.body_too_large:
             self.stats.reject(413, "PayloadTooLarge")
-            request.answer(answers.error(413, "PayloadTooLarge", self.worker.ids.new()))
+            request.answer(answers.error(413, "PayloadTooLarge", self._answer_id(request)))
         elif request.operator and (path.startswith(PUSH_PREFIX) or path == b"/events"):
             # The operator listener serves operators only: pushes and devices use --listen.
             request.answer(answers.error(404, "BadPath"))
@@ -92,11 +93,11 @@ class Routes:
         worker = self.worker
         if request.method != b"POST":
             self.stats.reject(405, "MethodNotAllowed")
-            request.answer(answers.error(405, "MethodNotAllowed", worker.ids.new()))
+            request.answer(answers.error(405, "MethodNotAllowed", self._answer_id(request)))
             return
         if b"/" in token_text:
             self.stats.reject(404, "BadPath")
-            request.answer(answers.error(404, "BadPath", worker.ids.new()))
+            request.answer(answers.error(404, "BadPath", self._answer_id(request)))
             return
         self.stats.pushes_received += 1
         config = self.config
@@ -122,11 +123,21 @@ class Routes:
         worker.router.submit(checked.token, push, delay,
                              lambda accepted: self._push_answered(request, apns_id, accepted))
 
+    def _answer_id(self, request: Request) -> bytes:
+        """The apns-id an answer carries: the one sent, as sent (clients match answers by
+        it), else a fresh one."""
+        given = request.headers.get(b"apns-id")
+        return self.worker.ids.new() if given is None else given
+
     def _push_answered(self, request: Request, apns_id: bytes, accepted: Accepted) -> None:
         """200 once the owner of the token holds the push; 503 when a bounded queue was full
         or the owner is unreachable, so the sender retries (never a 200 that is then dropped)."""
         if accepted is HELD:
-            answer = Answer(200, b"", None, ((b"apns-id", apns_id),))
+            if self.development:  # Apple's sandbox: an id to look the push up in its console
+                answer = Answer(200, b"", None, ((b"apns-id", apns_id),
+                                                 (b"apns-unique-id", self.worker.ids.new())))
+            else:
+                answer = Answer(200, b"", None, ((b"apns-id", apns_id),))
             if self.config.response_delay.is_zero:  # the hot path: no further call
                 request.channel.answer(request, answer)
             else:

@@ -145,13 +145,17 @@ def payload_limit(headers: dict[bytes, bytes]) -> int:
 def validate_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: bool,
                   body: bytes, now: float, default_ttl: float, strict: bool,
                   ids: IdGenerator) -> tuple[bytes, PushRequest | PushRejected]:
-    """Returns (apns_id to answer with, request or rejection). Never raises."""
+    """Returns (apns_id to answer with, request or rejection). Never raises.
+
+    The answer echoes the ``apns-id`` sent even when it is not a UUID (``400 BadMessageId``):
+    clients match answers to requests by it (aioapns waits for its own id, so a fresh one
+    left it waiting for ever); only a request without one gets a fresh id."""
     given_id = headers.get(b"apns-id")
-    apns_id = given_id if given_id is not None and _UUID.match(given_id) else ids.new()
+    apns_id = ids.new() if given_id is None else given_id
     try:
         if duplicate:
             raise reject("DuplicateHeaders")
-        if given_id is not None and given_id is not apns_id:
+        if given_id is not None and not _UUID.match(given_id):
             raise reject("BadMessageId")
         push_type = headers.get(b"apns-push-type")
         if push_type is not None and push_type not in apns.PUSH_TYPES:

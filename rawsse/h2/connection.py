@@ -124,7 +124,7 @@ class H2Connection:
         self.block_flags = 0
         self.state = OPEN
         self.goaway_id = -1  # last-stream-id of the GOAWAY sent, -1 before one
-        self.deadline = host.loop.now + host.config.idle_timeout
+        self.deadline = host.loop.now + host.config.h2_idle_timeout
         self.flush_scheduled = False
         self.resets = 0
         self.control = 0
@@ -440,11 +440,11 @@ class H2Connection:
         self.shutdown("Shutdown")
 
     def _rearm(self) -> None:
-        """Idle: ``--idle-timeout`` after the last read. Streams open: checked every
+        """Idle: ``--h2-idle-timeout`` after the last read. Streams open: checked every
         ``--header-timeout``, however often the client sends something else."""
         config, now = self.host.config, self.host.loop.now
         if not self.streams:
-            self.deadline = now + config.idle_timeout
+            self.deadline = now + config.h2_idle_timeout
         else:
             self.deadline = min(self.deadline, now + config.header_timeout)
 

@@ -95,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--h2-max-streams", default=str(d.h2_max_streams), metavar="N",
         help="HTTP/2: concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS); "
              "more are refused with REFUSED_STREAM (default: %(default)s, as Apple)")
+    add("--h2-idle-timeout", metavar="SECONDS",
+        help="HTTP/2: a connection with no open stream this long gets GOAWAY NO_ERROR "
+             '{"reason":"IdleTimeout"} and is closed (default: --idle-timeout)')
+    add("--environment", default=d.environment, choices=["production", "development"],
+        help="which APNs to act as: development (api.sandbox.push.apple.com) adds "
+             "apns-unique-id (a UUID) to every 200, as Apple's sandbox does (default: %(default)s)")
     add("--workers", default="auto", metavar="N",
         help="worker processes; auto = enough to hold --max-connections under the open-file "
              "limit, and at least one per CPU (default: auto)")
@@ -140,6 +146,9 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         header_timeout=_positive(args.header_timeout, "--header-timeout"),
         idle_timeout=_positive(args.idle_timeout, "--idle-timeout"),
         h2_max_streams=parse_int(args.h2_max_streams, "--h2-max-streams", 1),
+        h2_idle_timeout=_positive(args.h2_idle_timeout, "--h2-idle-timeout")
+        if args.h2_idle_timeout is not None else _positive(args.idle_timeout, "--idle-timeout"),
+        environment=args.environment,
         workers=0 if args.workers == "auto" else parse_int(args.workers, "--workers", 1),
         drain_seconds=parse_duration(args.drain_seconds, "--drain-seconds"),
         state_file=_writable_state_file(args.state_file),
