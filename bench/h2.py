@@ -38,6 +38,14 @@ from rawsse.load.loadgen import fleet_token  # noqa: E402
 BODY = b'{"aps":{"alert":"bench"},"mdm":"magic"}'
 
 
+def find_h2load() -> str | None:
+    """h2load's path, or None after saying how to install it."""
+    tool = shutil.which("h2load")
+    if tool is None:
+        print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
+    return tool
+
+
 def h2load(argv: list[str], timeout: float = 300.0) -> tuple[int, str]:
     """Run h2load; (2xx answers, its output)."""
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -89,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pushes", type=int, default=50_000)
     parser.add_argument("--devices", type=int, default=1000)
     args = parser.parse_args(argv)
-    tool = shutil.which("h2load")
+    tool = find_h2load()
     if tool is None:
-        print("h2load not found: apt-get install nghttp2-client", file=sys.stderr)
         return 2
     log_dir = procs.make_log_dir("rawsse-h2-bench-")
     holder, port = procs.reserve_port()
