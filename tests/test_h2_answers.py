@@ -5,11 +5,15 @@ is not a UUID (aioapns matches answers by it, and hung on a fresh one), and
 from __future__ import annotations
 
 import re
+import struct
 from typing import Iterator
 
+import hpack
 import pytest
 from conftest import launch
 
+from rawsse.h2 import frames as f
+from test_h2_hostile import RawH2, frame
 from test_h2_server import H2Client
 from test_push_api import new_token
 from wire import HTTPClient, Response
@@ -71,3 +75,20 @@ def test_development_200_carries_apns_unique_id(development, protocol):
 def test_production_200_has_no_apns_unique_id(server, protocol):
     response = send(server, protocol, "POST", f"/3/device/{new_token()}", b"{}")
     assert response.status == 200 and "apns-unique-id" not in response.headers
+
+
+def test_apns_id_with_a_line_break_is_a_malformed_http2_request(server):
+    """RFC 9113 §8.2.1: CR, LF or NUL in a field value make the request malformed (a stream
+    error); it is not echoed back into an answer."""
+    conn = RawH2(server)
+    try:
+        block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"),
+                                        (":path", f"/3/device/{new_token()}"),
+                                        ("apns-id", "a\r\nb")])
+        conn.send(frame(f.HEADERS, f.END_HEADERS | f.END_STREAM, 1, block))
+        frames_ = conn.frames(timeout=1)
+    finally:
+        conn.close()
+    resets = [p for t, _, s, p in frames_ if t == f.RST_STREAM and s == 1]
+    assert resets and struct.unpack(">L", resets[0])[0] == f.PROTOCOL_ERROR
+    assert not any(t == f.HEADERS for t, _, _, _ in frames_)

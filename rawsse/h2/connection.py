@@ -576,5 +576,7 @@ def _fill(request: Request, stream: H2Stream, fields: list[tuple[bytes, bytes]])
             if not value.isdigit():
                 return False
             stream.length = int(value)
+        elif name == b"apns-id" and (b"\r" in value or b"\n" in value or b"\x00" in value):
+            return False  # §8.2.1: malformed; and the answer echoes apns-id as sent
         request.add_header(name, value)  # host stands in for :authority (aioapns): not read
     return bool(request.method) and bool(request.path)
