@@ -96,3 +96,16 @@ def test_upgrade_with_a_chunked_body_is_refused_clearly(server):
     finally:
         sock.close()
     assert response.status == 400 and response.json()["reason"] == "BadRequest"
+
+
+def test_upgrade_body_over_apples_limit_gets_413_and_is_not_parsed_as_a_request(server):
+    body = b"x" * 5000
+    sock = connect(server)
+    try:
+        feed(sock, upgrade_push(new_token(), body, "aaaaaaaa-bbbb-cccc-dddd-000000000001")
+             + b"GET /healthz HTTP/1.1\r\nHost: rawsse\r\n\r\n", "whole")
+        responses = read_responses(sock, 2)
+    finally:
+        sock.close()
+    assert [r.status for r in responses] == [413, 200]
+    assert responses[0].json()["reason"] == "PayloadTooLarge"
