@@ -202,6 +202,8 @@ class H2Sender(Sender):
     def write(self, data: bytes) -> None:
         self.driver.h2_batches += 1
         self._queue(data)
+        if self.blocked:  # bodies that did not fit the windows: what fits goes after the HEADERS
+            self._send_blocked()
         self._write_pending()
 
     def _send_blocked(self) -> None:
