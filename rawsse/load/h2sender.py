@@ -11,7 +11,8 @@ asked for only once ``refill`` of them are free (half the limit, at most 50), an
 each batch of HEADERS + DATA frames with one ``send()``; a freed stream costs no syscall of its own.
 
 Frames are ``rawsse.h2.frames``; answers are decoded with ``rawsse.h2.hpack.Decoder`` (anything
-HPACK allows, the dynamic table included); requests are ``rawsse.load.h2request``.
+HPACK allows, the dynamic table included); requests are ``rawsse.load.h2request`` (the constant fields in the server's dynamic table from
+the connection's first request on).
 
 Flow control (§5.2, §6.9): a body goes out in one DATA frame when the connection window, the
 stream's initial window and the server's MAX_FRAME_SIZE allow (always, for APNs-sized payloads);
@@ -33,9 +34,10 @@ import struct
 from typing import TYPE_CHECKING
 
 from rawsse.h2 import frames as f
-from rawsse.h2.hpack import Decoder, HpackError
+from rawsse.h2.hpack import Decoder, HpackError, integer
 from rawsse.load import loadgen
 from rawsse.load.h1sender import RECONNECT_MIN, Sender
+from rawsse.load.h2request import INDEXED, LITERAL, PRIME
 from rawsse.load.loadgen import CONNECTING, READY
 from rawsse.server.loop import EPOLLOUT, READ_EVENTS, WRITE_EVENTS
 
@@ -66,7 +68,7 @@ class H2Sender(Sender):
 
     __slots__ = ("tls", "streams_limit", "refill", "next_stream", "inbuf", "pending", "decoder",
                  "partial", "answers", "send_window", "stream_window", "max_frame", "blocked",
-                 "received", "going_away", "phase", "writing")
+                 "received", "going_away", "table", "size_update", "phase", "writing")
 
     def __init__(self, driver: "Driver", tls: ssl.SSLContext | None) -> None:
         super().__init__(driver)
@@ -89,6 +91,8 @@ class H2Sender(Sender):
         self.blocked: dict[int, list] = {}  # stream → [body left, stream window left]
         self.received = 0  # bytes of DATA since our last connection WINDOW_UPDATE
         self.going_away = False
+        self.size_update = b""  # a dynamic table size update the next block must start with
+        self.table = PRIME  # the first request puts the constant fields in the server's table
         self.phase = TCP
         self.writing = False  # registered for EPOLLOUT (bytes wait in ``pending``)
 
@@ -187,7 +191,12 @@ class H2Sender(Sender):
         stream_id = self.next_stream
         self.next_stream += 2
         self.inflight[stream_id] = (scheduled, now, k)
-        block, body = self.driver.h2_encoder.encode(path_token, serial, stamp_at)
+        table = self.table
+        block, body = self.driver.h2_encoder.encode(path_token, serial, stamp_at, table)
+        if table == PRIME:
+            self.table = INDEXED
+        elif self.size_update:  # must open the block (RFC 7541 §4.2)
+            block, self.size_update = self.size_update + block, b""
         if not body:
             return f.header(len(block), f.HEADERS, f.END_HEADERS | f.END_STREAM, stream_id) + block
         headers = f.header(len(block), f.HEADERS, f.END_HEADERS, stream_id) + block
@@ -382,6 +391,8 @@ class H2Sender(Sender):
                 for waiting in self.blocked.values():  # §6.9.2: the change applies to open streams
                     waiting[1] += value - self.stream_window
                 self.stream_window = value
+            elif key == f.HEADER_TABLE_SIZE:
+                self._table_size(value)
             elif key == f.MAX_FRAME_SIZE:
                 self.max_frame = value
         self._queue(f.SETTINGS_ACK)
@@ -391,6 +402,15 @@ class H2Sender(Sender):
             self.refill = max(1, min(REFILL_MAX, self.streams_limit // 2))
             self._went_up()
         self._send_blocked()
+
+    def _table_size(self, size: int) -> None:
+        """Too small a table for the constant fields: literals, after a size update (§6.3) if
+        they were already in it."""
+        if size >= self.driver.h2_encoder.table_size:
+            return
+        if self.table == INDEXED:
+            self.size_update = integer(size, 5, 0x20)
+        self.table = LITERAL
 
     def _on_window_update(self, stream_id: int, payload: bytes) -> None:
         (increment,) = _CODE.unpack_from(payload)
