@@ -56,10 +56,15 @@ examples:
   rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --rate 500 --duration 10
   rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --senders 5 --pipeline 16 --count 100000
   rawsse push --url http://127.0.0.1:8378 --broadcast --count 3 --rate 1
+  rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --http2 --streams 100 --count 100000
+  rawsse push --url https://localhost:8443 --cacert ca.pem --http2 --tokens fleet:0-999
 report (JSON): sent, accepted, per_second (accepted/s), statuses {"200": n, "400 BadDeviceToken": n},
   latency_ms {count,p50,p90,p99,max,mean} (response, from the scheduled send time), duration_s;
   also errors (connect failures; pushes lost in flight), unsent, streams (broadcasts), and ended
-  (done, max_time, gave_up, SIGINT or SIGTERM).
+  (done, max_time, gave_up, SIGINT or SIGTERM). --http2 adds http2 {streams, server_max_streams,
+  streams_in_flight, batches, mean_batch, goaways, resent {goaway, refused}}: a stream the server
+  refused or left above a GOAWAY's last-stream-id is sent again on a new connection, counted once;
+  connect errors add tls, tls_verify, no_h2 (the server did not choose ALPN h2).
 progress line (stderr, each second): sent, accepted (/s), rejected (non-200s by status and
   reason), in-flight, errors by kind (connect_refused, lost_timeout, ...), p99.
 exit codes:
@@ -106,8 +111,8 @@ class Driver:
         self.send_until = math.inf if args.duration is None else args.duration
         self.max_time = args.max_time or default_max_time(args, self.total)
         tls = tls_context(args.cacert) if url.scheme == "https" else None
-        self.senders: list[Sender] = ([H2Sender(self, tls) for _ in range(args.senders)]
-                                      if args.http2 else [Sender(self) for _ in range(args.senders)])
+        self.senders: list[Sender] = [H2Sender(self, tls) if args.http2 else Sender(self)
+                                      for _ in range(args.senders)]
         self.progress_line = loadgen.ProgressLine(args.quiet)
         # state
         self.start = self.wall_start = 0.0
@@ -287,9 +292,16 @@ class Driver:
         self.progress_line.show(
             f"push t={elapsed:5.1f}s sent {self.sent} accepted {self.accepted} "
             f"({self.accepted / elapsed:.0f}/s) rejected {loadgen.count_summary(self.rejected())} "
-            f"in-flight {sum(len(s.inflight) for s in self.senders)} "
+            f"in-flight {sum(len(s.inflight) for s in self.senders)}{self._streams_shown()} "
             f"errors {loadgen.count_summary(self.errors)} "
             f"p99 {self.latency.percentile(99):.2f} ms")
+
+    def _streams_shown(self) -> str:
+        """--http2: the streams the connections up may have in flight, e.g. ``/500 streams``."""
+        if not self.http2:
+            return ""
+        up = [s for s in self.senders if s.state == READY or self.finished]
+        return f"/{sum(getattr(s, 'streams_limit', 0) for s in up)} streams"
 
     def rejected(self) -> dict[str, int]:
         return {key: n for key, n in self.statuses.items() if key != "200"}

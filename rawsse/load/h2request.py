@@ -27,8 +27,8 @@ AUTHORITY_INDEX, PATH_INDEX, CONTENT_LENGTH_INDEX = 1, 4, 28
 CONTENT_TYPE_INDEX, ACCEPT_ENCODING_INDEX, USER_AGENT_INDEX = 31, 16, 58
 APNS_ID_NAME = b"\x00\x07apns-id"  # a literal without indexing, new name (§6.2.2)
 APNS_EXPIRATION_NAME = b"\x00\x0fapns-expiration"
-_SMALL_LENGTH = [bytes((n,)) for n in range(127)]
-LITERAL, PRIME, INDEXED = range(3)  # how a block carries the constant fields (see above)  # a string length under 127: one byte (§5.2)
+_SMALL_LENGTH = [bytes((n,)) for n in range(127)]  # a string length under 127: one byte (§5.2)
+LITERAL, PRIME, INDEXED = range(3)  # how a block carries the constant fields (see above)
 
 
 class H2RequestEncoder:

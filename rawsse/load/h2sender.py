@@ -11,8 +11,8 @@ asked for only once ``refill`` of them are free (half the limit, at most 50), an
 each batch of HEADERS + DATA frames with one ``send()``; a freed stream costs no syscall of its own.
 
 Frames are ``rawsse.h2.frames``; answers are decoded with ``rawsse.h2.hpack.Decoder`` (anything
-HPACK allows, the dynamic table included); requests are ``rawsse.load.h2request`` (the constant fields in the server's dynamic table from
-the connection's first request on).
+HPACK allows, the dynamic table included); requests are ``rawsse.load.h2request`` (the constant
+fields in the server's dynamic table from the connection's first request on).
 
 Flow control (§5.2, §6.9): a body goes out in one DATA frame when the connection window, the
 stream's initial window and the server's MAX_FRAME_SIZE allow (always, for APNs-sized payloads);
@@ -54,11 +54,12 @@ MAX_HEADER_LIST = 64 * 1024
 CLIENT_SETTINGS = (f.settings({f.ENABLE_PUSH: 0, f.INITIAL_WINDOW_SIZE: RECEIVE_WINDOW,
                                f.HEADER_TABLE_SIZE: HEADER_TABLE_SIZE})
                    + f.window_update(0, RECEIVE_WINDOW - f.DEFAULT_WINDOW))
-ERROR_NAMES = {value: name for name, value in vars(f).items()
-               if name.isupper() and name.endswith(("_ERROR", "_STREAM", "_CLOSED", "CANCEL",
-                                                    "_CALM", "_SECURITY", "_REQUIRED"))
-               and isinstance(value, int) and value <= 0xD}
-ERROR_NAMES[f.NO_ERROR] = "NO_ERROR"
+ERROR_NAMES = {code: name for name, code in (  # RFC 9113 §7, for ``reset_<name>`` counts
+    ("NO_ERROR", f.NO_ERROR), ("PROTOCOL_ERROR", f.PROTOCOL_ERROR),
+    ("INTERNAL_ERROR", f.INTERNAL_ERROR), ("FLOW_CONTROL_ERROR", f.FLOW_CONTROL_ERROR),
+    ("STREAM_CLOSED", f.STREAM_CLOSED), ("FRAME_SIZE_ERROR", f.FRAME_SIZE_ERROR),
+    ("CANCEL", f.CANCEL), ("COMPRESSION_ERROR", f.COMPRESSION_ERROR),
+    ("ENHANCE_YOUR_CALM", f.ENHANCE_YOUR_CALM), ("HTTP_1_1_REQUIRED", f.HTTP_1_1_REQUIRED))}
 _CODE = struct.Struct(">L")
 _GOAWAY = struct.Struct(">LL")
 
@@ -173,7 +174,7 @@ class H2Sender(Sender):
     def check_timeout(self, now: float, timeout: float) -> None:
         if self.state == CONNECTING and now - self.since > timeout:
             self._fail("timeout")
-        elif self.inflight and now - min(entry[1] for entry in self.inflight.values()) > timeout:
+        elif self.inflight and now - next(iter(self.inflight.values()))[1] > timeout:  # oldest
             self._fail("timeout")
 
     @property

@@ -42,7 +42,7 @@ GIVE_UP_AFTER = 10.0
 
 # Exit codes of both tools (``--help`` lists them; an interrupted push adds 128 + the signal).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-# A push connection's life (rawsse.load.h1sender, h2sender): the driver counts only READY ones as up.
+# A push connection's life (rawsse.load.h1sender, h2sender): only READY ones count as up.
 CONNECTING, READY, CLOSED = range(3)
 
 # errno → the error kind both tools count.
