@@ -66,7 +66,8 @@ report (JSON): sent, accepted, per_second (accepted/s), statuses {"200": n, "400
   refused or left above a GOAWAY's last-stream-id is sent again on a new connection, counted once;
   connect errors add tls, tls_verify, no_h2 (the server did not choose ALPN h2).
 progress line (stderr, each second): sent, accepted (/s), rejected (non-200s by status and
-  reason), in-flight, errors by kind (connect_refused, lost_timeout, ...), p99.
+  reason), in-flight (--http2: /streams the connections up allow), errors by kind
+  (connect_refused, lost_timeout, ...), p99.
 exit codes:
   0         the run ended and enough pushes were answered 200 (see --fail-under)
   1         too few 200s: a share under --fail-under or, without it, not one 200
