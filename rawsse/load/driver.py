@@ -27,20 +27,23 @@ from __future__ import annotations
 
 import argparse
 import collections
-import errno
 import math
 import re
 import signal
-import socket
+import ssl
 import time
+import urllib.parse
 from typing import Any
 
-import httptools
 import orjson
 
 from rawsse.load import loadgen
 from rawsse.config import ConfigError
-from rawsse.server.loop import EPOLLOUT, READ_EVENTS, WRITE_EVENTS, Loop
+from rawsse.server.loop import Loop
+from rawsse.load.h1sender import Sender
+from rawsse.load.h2request import H2RequestEncoder
+from rawsse.load.h2sender import H2Sender
+from rawsse.load.loadgen import READY
 from rawsse.load.pushrequest import DEFAULT_PAYLOAD, RequestBuilder, Targets, parse_targets
 from rawsse.load.stamp import LatencyHistogram
 
@@ -53,12 +56,18 @@ examples:
   rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --rate 500 --duration 10
   rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --senders 5 --pipeline 16 --count 100000
   rawsse push --url http://127.0.0.1:8378 --broadcast --count 3 --rate 1
+  rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --http2 --streams 100 --count 100000
+  rawsse push --url https://localhost:8443 --cacert ca.pem --http2 --tokens fleet:0-999
 report (JSON): sent, accepted, per_second (accepted/s), statuses {"200": n, "400 BadDeviceToken": n},
   latency_ms {count,p50,p90,p99,max,mean} (response, from the scheduled send time), duration_s;
   also errors (connect failures; pushes lost in flight), unsent, streams (broadcasts), and ended
-  (done, max_time, gave_up, SIGINT or SIGTERM).
+  (done, max_time, gave_up, SIGINT or SIGTERM). --http2 adds http2 {streams, server_max_streams,
+  streams_in_flight, batches, mean_batch, goaways, resent {goaway, refused}}: a stream the server
+  refused or left above a GOAWAY's last-stream-id is sent again on a new connection, counted once;
+  connect errors add tls, tls_verify, no_h2 (the server did not choose ALPN h2).
 progress line (stderr, each second): sent, accepted (/s), rejected (non-200s by status and
-  reason), in-flight, errors by kind (connect_refused, lost_timeout, ...), p99.
+  reason), in-flight (--http2: /streams the connections up allow), errors by kind
+  (connect_refused, lost_timeout, ...), p99.
 exit codes:
   0         the run ended and enough pushes were answered 200 (see --fail-under)
   1         too few 200s: a share under --fail-under or, without it, not one 200
@@ -67,182 +76,28 @@ exit codes:
   130, 143  ended by SIGINT (Ctrl-C) / SIGTERM: the report and a summary line are still written
 """
 
-RECV_SIZE = 64 * 1024
-RECONNECT_MIN, RECONNECT_MAX = 0.05, 2.0
 TICK_SECONDS = 0.25
 # Without --duration and --rate, nothing else bounds a run of --count pushes.
 UNPACED_MAX_TIME = 600.0
-
-CONNECTING, READY, CLOSED = range(3)
-
-
-class Sender:
-    """One keep-alive connection; the httptools protocol object for its responses."""
-
-    __slots__ = ("driver", "sock", "state", "parser", "inflight", "out", "body", "backoff",
-                 "timer", "closing", "since")
-
-    def __init__(self, driver: "Driver") -> None:
-        self.driver = driver
-        self.sock: socket.socket | None = None
-        self.state = CLOSED
-        self.parser: Any = None
-        self.inflight: collections.deque[tuple[float, float]] = collections.deque()  # (sched, sent)
-        self.out: memoryview | None = None
-        self.body: list[bytes] = []
-        self.backoff = RECONNECT_MIN
-        self.timer: list | None = None
-        self.closing = False
-        self.since = 0.0  # when the connect began: one that hangs is ended after --timeout
-
-    def connect(self) -> None:
-        self.timer = None
-        driver = self.driver
-        if driver.finished:
-            return
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                             | socket.SOCK_CLOEXEC)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        err = sock.connect_ex(driver.address)
-        if err not in (0, errno.EINPROGRESS):
-            self._fail(loadgen.error_kind(err, "connect"))
-            return
-        self.state = CONNECTING
-        self.since = driver.loop.now
-        self.parser = httptools.HttpResponseParser(self)
-        self.closing = False
-        driver.loop.add(sock.fileno(), self, WRITE_EVENTS)
-
-    def handle_events(self, events: int) -> None:
-        sock = self.sock
-        assert sock is not None  # registered with the loop only while it has a socket
-        if self.state == CONNECTING:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._fail(loadgen.error_kind(err, "connect"))
-                return
-            self.state = READY
-            self.backoff = RECONNECT_MIN
-            self.driver.last_up = self.driver.loop.now
-            self.driver.ever_up = True
-            self.driver.loop.modify(sock.fileno(), READ_EVENTS)
-            self.driver.request_pump()
-            return
-        if events & EPOLLOUT and self.out is not None:
-            self._flush(sock, self.out, first=False)
-        if self.state == READY and events & ~EPOLLOUT:
-            self._read(sock)
-
-    def write(self, data: bytes) -> None:
-        assert self.sock is not None and self.out is None  # free_slots promised both
-        self._flush(self.sock, memoryview(data), first=True)
-
-    def _flush(self, sock: socket.socket, out: memoryview, first: bool) -> None:
-        """Send what is buffered; wait for EPOLLOUT only while bytes remain (rawsse.server.loop rules)."""
-        try:
-            sent = sock.send(out)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self._fail(loadgen.error_kind(exc.errno, "send"))
-            return
-        if sent < len(out):
-            self.out = out[sent:]
-            if first:
-                self.driver.loop.modify(sock.fileno(), WRITE_EVENTS)
-        else:
-            self.out = None
-            if not first:
-                self.driver.loop.modify(sock.fileno(), READ_EVENTS)
-
-    def _read(self, sock: socket.socket) -> None:
-        try:
-            data = sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._fail(loadgen.error_kind(exc.errno, "recv"))
-            return
-        if not data:
-            self._fail("closed")
-            return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._fail("bad_response")
-            return
-        if self.closing:  # the server said Connection: close
-            self._fail("closed")
-        else:
-            self.driver.request_pump()
-
-    # httptools callbacks
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        if not self.inflight:  # an answer to nothing we asked: the connection is out of step
-            self.closing = True
-            return
-        scheduled, _ = self.inflight.popleft()
-        body = b"".join(self.body) if self.body else b""
-        self.body = []
-        self.driver.record(self.parser.get_status_code(), body, scheduled)
-        if not self.parser.should_keep_alive():
-            self.closing = True
-
-    def check_timeout(self, now: float, timeout: float) -> None:
-        if self.state == CONNECTING and now - self.since > timeout:  # a black-holed address
-            self._fail("timeout")
-        elif self.inflight and now - self.inflight[0][1] > timeout:
-            self._fail("timeout")
-
-    def close(self, reason: str = "closed") -> None:
-        """The loop's handler interface (a handler that raised is closed with "error")."""
-        self._fail(reason)
-
-    def _fail(self, kind: str) -> None:
-        driver = self.driver
-        if self.state != READY:
-            driver.count_error(f"connect_{kind}")
-        elif self.inflight:
-            driver.count_error(f"lost_{kind}", len(self.inflight))
-            self.inflight.clear()
-        else:  # an idle connection ended (the server's idle timeout, a restart)
-            driver.count_error(f"disconnect_{kind}")
-        self.shutdown()
-        if not driver.finished:
-            self.timer = driver.loop.call_later(self.backoff, self.connect)
-            self.backoff = min(self.backoff * 2, RECONNECT_MAX)
-        driver.check_done()
-
-    def shutdown(self) -> None:
-        self.driver.loop.cancel(self.timer)
-        self.timer = None
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            self.driver.loop.remove(sock.fileno())
-            sock.close()
-        self.state = CLOSED
-        self.out = None
-        self.body = []
-
-    @property
-    def free_slots(self) -> int:
-        if self.state != READY or self.out is not None or self.closing:
-            return 0
-        return self.driver.pipeline - len(self.inflight)
 
 
 class Driver:
     """The schedule, the senders and the counters of one ``rawsse push`` run."""
 
     def __init__(self, args: argparse.Namespace, loop: Loop) -> None:
-        host, port, base = loadgen.parse_url(args.url)
+        host, port, base = loadgen.parse_url(args.url, https=args.http2)
         self.loop = loop
         self.address = (host, port)
         self.builder = RequestBuilder(args, loadgen.host_header(host, port), base)
+        url = urllib.parse.urlsplit(args.url)
+        self.server_name = url.hostname or host  # TLS: SNI and the name the certificate must hold
+        self.http2 = args.http2
+        self.streams_wanted = args.streams  # --http2: streams in flight per connection, at most
+        self.h2_encoder = H2RequestEncoder(args, url.netloc, base, url.scheme)
+        self.h2_batches = self.h2_goaways = 0
+        self.server_streams: int | None = None  # the lowest MAX_CONCURRENT_STREAMS announced
+        self.resent: dict[str, int] = {}  # pushes sent again, by why (goaway, refused)
+        self.retry: collections.deque[tuple[int, float]] = collections.deque()  # (k, scheduled)
         self.targets = None if args.broadcast else parse_targets(args.tokens, args.token_seed)
         self.pipeline = args.pipeline
         self.rate = args.rate
@@ -256,7 +111,9 @@ class Driver:
             self.total = 1 if self.targets is None else len(self.targets)
         self.send_until = math.inf if args.duration is None else args.duration
         self.max_time = args.max_time or default_max_time(args, self.total)
-        self.senders = [Sender(self) for _ in range(args.senders)]
+        tls = tls_context(args.cacert) if url.scheme == "https" else None
+        self.senders: list[Sender] = [H2Sender(self, tls) if args.http2 else Sender(self)
+                                      for _ in range(args.senders)]
         self.progress_line = loadgen.ProgressLine(args.quiet)
         # state
         self.start = self.wall_start = 0.0
@@ -307,11 +164,10 @@ class Driver:
         limit = self.due(now)
         senders = self.senders
         for i in range(len(senders)):
-            if self.next_index >= limit:
+            if self.next_index >= limit and not self.retry:
                 break
             sender = senders[(self.rr + i) % len(senders)]
-            take = min(sender.free_slots, int(min(limit, self.next_index + self.pipeline))
-                       - self.next_index)
+            take = int(min(sender.free_slots, limit - self.next_index + len(self.retry)))
             if take > 0:
                 sender.write(b"".join([self._request(sender, now) for _ in range(take)]))
         self.rr = (self.rr + 1) % len(senders)
@@ -319,16 +175,29 @@ class Driver:
         self.check_done()
 
     def _request(self, sender: Sender, now: float) -> bytes:
-        k = self.next_index
-        self.next_index += 1
-        self.sent += 1
-        scheduled = self.start + k / self.rate if self.rate > 0 else now
-        sender.inflight.append((scheduled, now))
+        if self.retry:  # sent before, never processed (GOAWAY, REFUSED_STREAM): not counted again
+            k, scheduled = self.retry.popleft()
+        else:
+            k = self.next_index
+            self.next_index += 1
+            self.sent += 1
+            scheduled = self.start + k / self.rate if self.rate > 0 else now
         stamp_at = self.wall_start + (scheduled - self.start)
         if self.targets is None:
-            return self.builder.build(None, b"", stamp_at)
+            return sender.request(k, None, b"", stamp_at, scheduled, now)
         i = k % len(self.targets)
-        return self.builder.build(self.targets.paths[i], self.targets.serial(i), stamp_at)
+        return sender.request(k, self.targets.paths[i], self.targets.serial(i), stamp_at,
+                              scheduled, now)
+
+    def resend(self, k: int, scheduled: float, why: str) -> None:
+        """Push ``k`` was not processed by the server (RFC 9113 §8.7): send it again."""
+        self.retry.append((k, scheduled))
+        self.resent[why] = self.resent.get(why, 0) + 1
+        self.request_pump()
+
+    def note_server_streams(self, value: int) -> None:
+        if self.server_streams is None or value < self.server_streams:
+            self.server_streams = value
 
     def _arm_wake(self, now: float) -> None:
         """A timer at the next push's scheduled time (rate-paced runs only)."""
@@ -362,7 +231,7 @@ class Driver:
         self.errors[kind] = self.errors.get(kind, 0) + n
 
     def check_done(self) -> None:
-        if self.finished or any(s.inflight for s in self.senders):
+        if self.finished or self.retry or any(s.inflight for s in self.senders):
             return
         if self.next_index >= self.total or self.loop.now - self.start >= self.send_until:
             self.finish()
@@ -412,6 +281,9 @@ class Driver:
         if self.finished:
             return
         self.finished = True
+        if self.retry:  # to be sent again when the run ended: never answered
+            self.count_error(f"lost_{self.ended.lower()}", len(self.retry))
+            self.retry.clear()
         for sender in self.senders:
             sender.shutdown()
         self.loop.stop()
@@ -421,9 +293,16 @@ class Driver:
         self.progress_line.show(
             f"push t={elapsed:5.1f}s sent {self.sent} accepted {self.accepted} "
             f"({self.accepted / elapsed:.0f}/s) rejected {loadgen.count_summary(self.rejected())} "
-            f"in-flight {sum(len(s.inflight) for s in self.senders)} "
+            f"in-flight {sum(len(s.inflight) for s in self.senders)}{self._streams_shown()} "
             f"errors {loadgen.count_summary(self.errors)} "
             f"p99 {self.latency.percentile(99):.2f} ms")
+
+    def _streams_shown(self) -> str:
+        """--http2: the streams the connections up may have in flight, e.g. ``/500 streams``."""
+        if not self.http2:
+            return ""
+        up = [s for s in self.senders if s.state == READY or self.finished]
+        return f"/{sum(getattr(s, 'streams_limit', 0) for s in up)} streams"
 
     def rejected(self) -> dict[str, int]:
         return {key: n for key, n in self.statuses.items() if key != "200"}
@@ -447,7 +326,19 @@ class Driver:
         }
         if self.targets is None:
             report["streams"] = self.streams
+        if self.http2:
+            report["http2"] = self.http2_report()
         return report
+
+    def http2_report(self) -> dict[str, Any]:
+        """The streams figures: asked, allowed by the server, and how demand was refilled."""
+        requests = self.sent + sum(self.resent.values())
+        wanted = self.streams_wanted
+        return {"streams": wanted, "server_max_streams": self.server_streams,
+                "streams_in_flight": min(wanted, self.server_streams or wanted),
+                "batches": self.h2_batches,
+                "mean_batch": round(requests / self.h2_batches, 1) if self.h2_batches else 0,
+                "goaways": self.h2_goaways, "resent": dict(sorted(self.resent.items()))}
 
 
 def _json_field(body: bytes, name: str, kind: type) -> Any:
@@ -456,6 +347,14 @@ def _json_field(body: bytes, name: str, kind: type) -> Any:
     except (orjson.JSONDecodeError, AttributeError):
         return None
     return value if isinstance(value, kind) else None
+
+
+def tls_context(cacert: str | None) -> ssl.SSLContext:
+    """TLS 1.2+ with ALPN h2, verifying the server against ``--cacert`` (else the system CAs)."""
+    context = ssl.create_default_context(cafile=cacert)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["h2"])
+    return context
 
 
 def default_max_time(args: argparse.Namespace, total: float) -> float:
@@ -483,6 +382,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep-alive connections (default 5, Fleet's push workers)")
     parser.add_argument("--pipeline", type=int, default=1, metavar="D",
                         help="requests in flight per connection (default 1)")
+    parser.add_argument("--http2", action="store_true",
+                        help="send over HTTP/2 (h2c with prior knowledge for http://, TLS with "
+                             "ALPN h2 for https://), --streams pushes in flight per connection")
+    parser.add_argument("--streams", type=int, default=100, metavar="M",
+                        help="--http2: streams in flight per connection, never above the "
+                             "server's SETTINGS_MAX_CONCURRENT_STREAMS (default 100); refilled in "
+                             "batches once min(50, M/2) are free")
+    parser.add_argument("--cacert", metavar="FILE",
+                        help="https:// only: PEM CA certificates to verify the server with "
+                             "(default: the system's)")
     parser.add_argument("--rate", type=float, default=0.0, metavar="R",
                         help="pushes per second in all; 0 = as fast as answers come (default)")
     parser.add_argument("--count", type=int, metavar="N",
@@ -520,6 +429,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def validate(args: argparse.Namespace) -> None:
     if args.senders < 1 or args.pipeline < 1:
         raise ConfigError("--senders", "--senders and --pipeline must be at least 1")
+    if args.streams < 1:
+        raise ConfigError("--streams", "must be at least 1")
+    if args.url.startswith("https:") and not args.http2:
+        raise ConfigError("--url", "https:// needs --http2 (over HTTP/1.1, rawsse push speaks "
+                                   "plain http:// only)")
+    if args.cacert is not None:
+        if not args.url.startswith("https:"):
+            raise ConfigError("--cacert", "only for an https:// --url")
+        try:
+            ssl.create_default_context(cafile=args.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("--cacert", f"{args.cacert}: {exc}") from None
     if args.count is not None and args.count < 1:
         raise ConfigError("--count", "must be at least 1")
     if args.duration is not None and args.duration <= 0:

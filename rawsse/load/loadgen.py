@@ -42,6 +42,8 @@ GIVE_UP_AFTER = 10.0
 
 # Exit codes of both tools (``--help`` lists them; an interrupted push adds 128 + the signal).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# A push connection's life (rawsse.load.h1sender, h2sender): only READY ones count as up.
+CONNECTING, READY, CLOSED = range(3)
 
 # errno → the error kind both tools count.
 ERRNO_KIND = {errno.ECONNREFUSED: "refused", errno.ECONNRESET: "reset", errno.EPIPE: "reset",
@@ -102,13 +104,16 @@ def tokens_for(scheme: str, start: int, count: int, seed: int = 0,
 
 # -- addresses ----------------------------------------------------------------------------------
 
-def parse_url(url: str, flag: str = "--url") -> tuple[str, int, str]:
-    """``http://host[:port][/base]`` → (IPv4 address, port, base path without trailing /)."""
+def parse_url(url: str, flag: str = "--url", https: bool = False) -> tuple[str, int, str]:
+    """``http://host[:port][/base]`` (or ``https://`` when ``https``) → (IPv4 address, port,
+    base path without trailing /)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ConfigError(flag, f"{url!r} is not an http://HOST:PORT URL")
+    schemes = ("http", "https") if https else ("http",)
+    if parts.scheme not in schemes or not parts.hostname:
+        wanted = "an http:// or https://HOST:PORT URL" if https else "an http://HOST:PORT URL"
+        raise ConfigError(flag, f"{url!r} is not {wanted}")
     try:
-        port = parts.port or 80
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         host = str(socket.getaddrinfo(parts.hostname, port, socket.AF_INET)[0][4][0])
     except (OSError, ValueError) as exc:
         raise ConfigError(flag, f"{url!r}: {exc}") from None
