@@ -57,6 +57,7 @@ import time
 from typing import Any, Callable
 
 from rawsse import __version__
+from rawsse.h2 import huffman
 from rawsse.node import statefile
 from rawsse.apns.admin import AdminError, AdminState
 from rawsse.node.process import BOOT_ERROR, NodeProcess, run_worker
@@ -118,6 +119,7 @@ class Arbiter:
 
     def run(self) -> int:
         self._warn_if_capacity_short()
+        huffman.prepare()  # built once here, shared by every worker forked below
         pending = self._load_state()
         shards: list[dict[bytes, Push]] = [{} for _ in range(self.count)]
         for token, push in pending.items():
