@@ -47,7 +47,8 @@ from rawsse.h2 import control
 from rawsse.h2 import frames as f
 from rawsse.h2.hpack import Decoder, HpackError, response_block
 from rawsse.server.exchange import Answer, Request
-from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from rawsse.server.connection import LINGER, READABLE, ClientConnection
+from rawsse.server.loop import EPOLLOUT
 from rawsse.server.transport import SocketTransport
 
 if TYPE_CHECKING:
@@ -55,15 +56,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READABLE = EPOLLIN | EPOLLRDHUP
 MAX_HEADER_LIST_SIZE = 8000
 HEADER_TABLE_SIZE = 4096
 MAX_BLOCK = 64 * 1024  # a header block this big is far over MAX_HEADER_LIST_SIZE: not buffered
 MAX_BODY = 64 * 1024  # as HTTP/1.1: the largest body any route reads
 MAX_OUT = 1024 * 1024
-LINGER_SECONDS = 2.0
 GOING_AWAY_SECONDS = 30.0  # a GOAWAY'd connection waits this long for its last answers
-_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 _SSE_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                   "detail": "device streams (GET /events) are served over "
                                             "HTTP/1.1 only"})
@@ -73,7 +71,7 @@ _TIMEOUT = answers.error(408, "RequestTimeout")
 _CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                                 b"transfer-encoding", b"upgrade"})
 
-OPEN, GOING, LINGER = 0, 1, 2
+OPEN, GOING = 0, 1  # and LINGER (rawsse/server/connection.py)
 
 
 class H2Stream:
@@ -91,12 +89,11 @@ class H2Stream:
         self.stale = False  # still uploading at the last deadline check
 
 
-class H2Connection:
+class H2Connection(ClientConnection):
     __slots__ = (
-        "host", "transport", "fd", "operator", "inbuf", "out", "events", "decoder", "streams",
-        "blocked", "last_stream_id", "max_streams", "send_window", "peer_window",
-        "peer_frame_size", "recv_window", "unacked", "block_stream", "block", "block_flags",
-        "state", "goaway_id", "deadline", "flush_scheduled", "resets", "control",
+        "operator", "inbuf", "decoder", "streams", "blocked", "last_stream_id", "max_streams",
+        "send_window", "peer_window", "peer_frame_size", "recv_window", "unacked",
+        "block_stream", "block", "block_flags", "goaway_id", "resets", "control",
         "budget_start", "reset_limit",
     )
 
@@ -142,14 +139,6 @@ class H2Connection:
         self._received(memoryview(received)[len(f.PREFACE):])
 
     # -- reading ------------------------------------------------------------------------------
-
-    def handle_events(self, events: int) -> None:
-        if events & EPOLLOUT:
-            self._flush()
-            if self.fd < 0:
-                return
-        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-            self._read()
 
     def _read(self) -> None:
         host = self.host
@@ -483,32 +472,12 @@ class H2Connection:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def schedule_flush(self) -> None:
-        """One write per loop turn carries every answer of that turn (as HTTP/1.1 does)."""
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.host.loop.call_soon(self._flush_soon)
+    def _finished(self) -> bool:
+        return self.goaway_id >= 0 and not self.streams
 
-    def _flush_soon(self) -> None:
-        self.flush_scheduled = False
-        if self.fd >= 0:
-            self._flush()
-
-    def _flush(self) -> None:
-        out = self.out
-        if out:
-            try:
-                written = self.transport.write(out)
-            except BlockingIOError:
-                written = 0
-            except _GONE:
-                self.close("client")
-                return
-            del out[:written]
-        if not out and self.goaway_id >= 0 and not self.streams and self.state != LINGER:
-            self._start_linger()
-            return
-        self._update_events()
+    def _forget(self) -> None:
+        self.streams.clear()  # breaks the request -> channel -> streams cycles
+        self.blocked.clear()
 
     def _update_events(self) -> None:
         if self.fd < 0:
@@ -519,30 +488,6 @@ class H2Connection:
             self.events = events
             self.host.loop.modify(self.fd, events)
 
-    def _start_linger(self) -> None:
-        """Half-close and read to EOF for a while: closing with unread input would send an RST
-        that can destroy the GOAWAY and the last answers before the client reads them."""
-        self.state = LINGER
-        self.deadline = self.host.loop.now + LINGER_SECONDS
-        try:
-            self.transport.shutdown_write()
-        except OSError:
-            self.close("client")
-            return
-        self._update_events()
-
-    def close(self, reason: str = "client") -> None:
-        fd = self.fd
-        if fd < 0:
-            return
-        self.fd = -1
-        host = self.host
-        host.loop.remove(fd)
-        self.transport.close()
-        host.http_conns.discard(self)
-        host.stats.disconnect(reason)
-        self.streams.clear()  # breaks the request -> channel -> streams cycles
-        self.blocked.clear()
 
 
 def _unpad(payload: Any, flags: int) -> Any:

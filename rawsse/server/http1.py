@@ -34,9 +34,8 @@ Rules
 - The last request is the last one parsed: after ``close`` or an HTTP/1.0 request without
   keep-alive (RFC 9112 §9.6), or a ``GET /events`` (the socket becomes a stream), the parser is
   dropped and whatever follows is read and discarded, never answered.
-- A closing connection half-closes after its last response and reads until EOF for up to
-  ``LINGER_SECONDS``: closing with unread input would send an RST that can destroy the response
-  before the client reads it (RFC 9112 §9.6; Apache's lingering close).
+- A closing connection half-closes after its last response and reads until EOF for a while
+  (the lingering close of ``connection.py``, shared with HTTP/2).
 """
 
 from __future__ import annotations
@@ -51,8 +50,9 @@ from rawsse.apns import answers
 from rawsse.apns.apple import REQUEST_HEADERS
 from rawsse.h2.frames import PREFACE
 from rawsse.server import http1_wire as wire
+from rawsse.server.connection import LINGER, READABLE, ClientConnection
 from rawsse.server.exchange import Answer, Request
-from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from rawsse.server.loop import EPOLLOUT
 from rawsse.server.transport import SocketTransport
 
 if TYPE_CHECKING:
@@ -60,10 +60,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IDLE, HEAD, BODY, LINGER = 0, 1, 2, 3
+IDLE, HEAD, BODY = 0, 1, 2  # and LINGER (connection.py)
 # What the connection does once a request's answer is written (``Request.after``).
 KEEP, CLOSE, KEEP_10, STREAM, INTERIM = 0, 1, 2, 3, 4
-READABLE = EPOLLIN | EPOLLRDHUP
 
 MAX_QUEUED = 256  # unanswered pipelined requests before reading pauses
 # The same on the operator listener, where no scraper pipelines and each /stats or /metrics
@@ -77,20 +76,17 @@ MAX_OUT = 256 * 1024  # unsent response bytes before reading pauses
 MIN_REQUEST = 16
 MAX_BODY = 64 * 1024  # largest body any route reads (admin JSON); pushes stop at 5120
 DISCARD_BODY = 1024 * 1024  # beyond this an oversized body is not drained: 413 and close
-LINGER_SECONDS = 2.0
 
-_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 _CONNECTION = (wire.KEEP, wire.CLOSE, wire.KEEP_ALIVE_10)  # indexed by KEEP, CLOSE, KEEP_10
 _HTTP2_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                     "detail": "rawsse speaks HTTP/1.1 only"})
 
 
-class Http1Connection:
+class Http1Connection(ClientConnection):
     __slots__ = (
         # per connection
-        "host", "transport", "fd", "parser", "operator", "state", "deadline", "responses",
-        "out", "events", "reading", "closing", "head_bytes", "unparsed", "progress",
-        "flush_scheduled", "stopping", "held", "sniffed",
+        "parser", "operator", "responses", "reading", "closing", "head_bytes", "unparsed",
+        "progress", "stopping", "held", "sniffed",
         # per request
         "request", "target", "body_size", "upgrade_left",
     )
@@ -305,38 +301,17 @@ class Http1Connection:
                 self.closing = True
                 responses.clear()
                 break
-        self._schedule_flush()
+        self.schedule_flush()
 
-    def _schedule_flush(self) -> None:
-        """Write once per loop turn: a read of 32 pipelined requests, or a batch of acks from
-        the owner workers, fills many slots, and one write carries all their answers (one
-        write per answer was 22% of a pipelined push's CPU, measured with py-spy)."""
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            self.host.loop.call_soon(self._flush_soon)
+    def _finished(self) -> bool:
+        # Half-close only once every answer is out: a client that shut down its side after
+        # sending may still be owed a push answer another worker has not acknowledged yet.
+        return self.closing and not self.responses
 
-    def _flush_soon(self) -> None:
-        self.flush_scheduled = False
-        if self.fd >= 0:
-            self._flush()
-
-    def _flush(self) -> None:
-        out = self.out
-        if out:
-            try:
-                written = self.transport.write(out)
-            except BlockingIOError:
-                written = 0
-            except _GONE:
-                self.close("client")
-                return
-            del out[:written]
-        if not out and self.closing and not self.responses and self.state != LINGER:
-            # Half-close only once every answer is out: a client that shut down its side after
-            # sending may still be owed a push answer another worker has not acknowledged yet.
-            self._start_linger()
-            return
-        self._update_events()
+    def _forget(self) -> None:
+        self.parser = None
+        self.request = None
+        self.responses.clear()
 
     def _update_events(self) -> None:
         if self.fd < 0:
@@ -359,18 +334,6 @@ class Http1Connection:
         self.host.place_stream(fd, token, bytes(self.out), self.events)
 
     # -- events -------------------------------------------------------------------------------
-
-    def handle_events(self, events: int) -> None:
-        if events & EPOLLOUT:
-            self._flush()
-            if self.fd < 0:
-                return
-        if events & (EPOLLHUP | EPOLLERR) and self.held is not None:
-            # Reported even while reading is paused; _read would only parse what it holds (or
-            # find no room for it) and be woken again at once: the client is gone anyway.
-            self.close("client")
-        elif events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-            self._read()
 
     def _read(self) -> None:
         if self.held is not None:  # what was read before goes first
@@ -555,16 +518,6 @@ class Http1Connection:
 
     # -- ending -------------------------------------------------------------------------------
 
-    def _start_linger(self) -> None:
-        self.state = LINGER
-        self.deadline = self.host.loop.now + LINGER_SECONDS
-        try:
-            self.transport.shutdown_write()
-        except OSError:
-            self.close("client")
-            return
-        self._update_events()
-
     def finish_then_close(self) -> None:
         """Drain: answer what was asked, then close; close at once if nothing is in flight."""
         if not self.responses and not self.out and self.state == IDLE:
@@ -586,20 +539,6 @@ class Http1Connection:
         elif not self.responses:
             self.close("timeout")
 
-    def close(self, reason: str = "client") -> None:
-        fd = self.fd
-        if fd < 0:
-            return
-        self.fd = -1
-        self.parser = None
-        self.request = None
-        self.held = None
-        host = self.host
-        host.loop.remove(fd)
-        self.transport.close()
-        host.http_conns.discard(self)
-        host.stats.disconnect(reason)
-        self.responses.clear()
 
 
 class _TooLarge(Exception):
