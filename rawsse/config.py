@@ -181,6 +181,9 @@ class ServeConfig:
     header_timeout: float = 10.0
     idle_timeout: float = 120.0
     h2_max_streams: int = 1000  # SETTINGS_MAX_CONCURRENT_STREAMS, as api.push.apple.com
+    tls_listen: tuple[str, int] | None = None  # None: no TLS listener
+    tls_cert: str = ""  # PEM, checked at start (rawsse.server.tls.server_context)
+    tls_key: str = ""
     backlog: int = 65535
     workers: int = 0  # 0 = sized from --max-connections and the open-file limit
     drain_seconds: float = 10.0

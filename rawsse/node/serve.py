@@ -95,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--h2-max-streams", default=str(d.h2_max_streams), metavar="N",
         help="HTTP/2: concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS); "
              "more are refused with REFUSED_STREAM (default: %(default)s, as Apple)")
+    add("--tls-listen", metavar="HOST:PORT",
+        help="also serve the push API over TLS here (https://, ALPN h2 and http/1.1, TLS 1.2+), "
+             "as api.push.apple.com; device streams stay on --listen (default: off)")
+    add("--tls-cert", metavar="FILE",
+        help="PEM certificate chain for --tls-listen (rawsse certs DIR writes a throwaway one)")
+    add("--tls-key", metavar="FILE", help="PEM private key of --tls-cert, unencrypted")
     add("--workers", default="auto", metavar="N",
         help="worker processes; auto = enough to hold --max-connections under the open-file "
              "limit, and at least one per CPU (default: auto)")
@@ -145,6 +151,8 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         state_file=_writable_state_file(args.state_file),
         log_level=args.log_level,
         **_redis_options(args),
+        **_tls_options(args, [("--listen", listen),
+                              ("--admin-listen", admin_address(args.admin_listen, listen))]),
     )
 
 
@@ -204,6 +212,29 @@ def _redis_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"redis_url": url, "node_id": node_id, "redis_prefix": prefix}
 
 
+def _tls_options(args: argparse.Namespace,
+                 others: list[tuple[str, tuple[str, int] | None]]) -> dict[str, Any]:
+    """--tls-listen with its certificate and key, loaded once here so a bad file is one line at
+    start, not a failure in every worker."""
+    if not args.tls_listen:
+        for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+            if value:
+                raise ConfigError(flag, "only means something with --tls-listen")
+        return {}
+    address = parse_address(args.tls_listen, "--tls-listen")
+    for flag, other in others:
+        if other is not None and _same_socket(address, other):
+            raise ConfigError("--tls-listen", f"{args.tls_listen.strip()} overlaps {flag} "
+                                              f"{other[0]}:{other[1]}: choose another port")
+    for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if not value:
+            raise ConfigError(flag, "needed with --tls-listen (rawsse certs DIR writes one)")
+    from rawsse.server.tls import server_context
+
+    server_context(args.tls_cert, args.tls_key)
+    return {"tls_listen": address, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+
+
 def _writable_state_file(path: str | None) -> str | None:
     """Found now, not at the stop that would fail to save: try a file beside it."""
     if not path:
@@ -255,7 +286,8 @@ def shared_port_refusal(config: ServeConfig) -> str | None:
 
 
 def _addresses(config: ServeConfig) -> list[tuple[str, tuple[str, int] | None]]:
-    return [("--listen", config.listen), ("--admin-listen", config.admin_listen)]
+    return [("--listen", config.listen), ("--admin-listen", config.admin_listen),
+            ("--tls-listen", config.tls_listen)]
 
 
 def bind_refusal(config: ServeConfig) -> str | None:
