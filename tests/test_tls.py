@@ -317,3 +317,97 @@ def test_node_https_and_http2_with_ca(tls, certs, tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"http2": [200, True], "https": [200, True]}
+
+
+def test_answers_a_slow_reader_holds_back_all_arrive_in_order(tls, certs):
+    """A client that reads late, with a tiny receive buffer: the server's writes go out in
+    pieces, each piece of ciphertext sent whole before the next (SSL_write's retry rule), and
+    the last piece is not forgotten once the protocol's own buffer is empty."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(5)
+    raw.connect(("127.0.0.1", tls.tls_port))
+    sock = client_context(certs, ["http/1.1"]).wrap_socket(raw, server_hostname="localhost")
+    sock.setblocking(False)
+    count, token = 6000, new_token()
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    requests = memoryview(b"".join(
+        f"POST /3/device/{token} HTTP/1.1\r\nHost: x\r\napns-id: {i}\r\n"
+        f"Content-Length: 10\r\n\r\n{{\"aps\":{{}}}}".encode() for i in ids))
+    answers = bytearray()
+    reading_from = time.monotonic() + 0.7  # until then the server answers into a full socket
+    deadline = time.monotonic() + 15
+    try:
+        while answers.count(b"HTTP/1.1 200") < count and time.monotonic() < deadline:
+            try:
+                if requests:
+                    requests = requests[sock.send(requests[:16384]):]
+                if time.monotonic() > reading_from:
+                    answers += sock.recv(65536)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                time.sleep(0.002)
+    finally:
+        sock.close()
+    echoed = [line.split(b": ")[1].decode() for line in bytes(answers).split(b"\r\n")
+              if line.startswith(b"apns-id: ")]
+    assert echoed == ids
+
+
+def test_tls_transport_resends_nothing_and_loses_nothing_on_a_full_socket(certs):
+    """``TlsTransport`` over a socketpair whose send buffer is tiny, written the way both
+    protocols write (a buffer, ``del out[:written]``, again on EPOLLOUT): 1 MB arrives intact
+    and in order, including the last piece of ciphertext the socket did not take at first."""
+    from rawsse.server.tls import TlsTransport, server_context
+
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    transport = TlsTransport(ours.fileno(), server_context(f"{certs}/server.pem",
+                                                          f"{certs}/server-key.pem"))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(certs, ["h2"]).wrap_bio(incoming, outgoing, server_hostname="localhost")
+
+    def client_io() -> None:
+        if outgoing.pending:
+            theirs.sendall(outgoing.read())
+        try:
+            incoming.write(theirs.recv(65536))
+        except BlockingIOError:
+            pass
+
+    try:
+        for _ in range(50):  # the handshake, both ends in this thread
+            try:
+                client.do_handshake()
+                handshaken = True
+            except ssl.SSLWantReadError:
+                handshaken = False
+            client_io()
+            try:
+                done = transport.handshake()
+            except ssl.SSLWantReadError:
+                done = False
+            client_io()
+            if handshaken and done:
+                break
+        assert transport.alpn() == "h2"
+        sent = os.urandom(1 << 20)
+        out, received = bytearray(sent), bytearray()
+        deadline = time.monotonic() + 10
+        while len(received) < len(sent) and time.monotonic() < deadline:
+            if out:
+                try:
+                    del out[:transport.write(out)]
+                except BlockingIOError:
+                    pass
+            client_io()
+            try:
+                while True:
+                    received += client.read(65536)
+            except ssl.SSLWantReadError:
+                pass
+        assert len(received) == len(sent) and received == sent
+    finally:
+        ours.close()
+        theirs.close()
