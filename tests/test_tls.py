@@ -160,6 +160,18 @@ def test_tls_flags_without_tls_listen_are_refused(certs):
     assert "--tls-cert: only means something with --tls-listen" in result.stderr
 
 
+def test_a_tls_listen_port_already_served_or_overlapping_is_refused(certs):
+    pair = ["--tls-cert", f"{certs}/server.pem", "--tls-key", f"{certs}/server-key.pem"]
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        busy = rawsse("serve", "--listen", "127.0.0.1:0", "--tls-listen", f"127.0.0.1:{port}",
+                      *pair)
+    assert busy.returncode == 3 and "--tls-listen" in busy.stderr, busy.stderr
+    same = rawsse("serve", "--listen", "127.0.0.1:18999", "--tls-listen", "0.0.0.0:18999", *pair)
+    assert same.returncode == 2
+    assert "--tls-listen: 0.0.0.0:18999 overlaps --listen" in same.stderr, same.stderr
+
+
 # -- clients --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("version, status_line", [("--http2", "HTTP/2 200"),

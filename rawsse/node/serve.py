@@ -31,6 +31,8 @@ fault rules (--fault, repeatable; also POST /admin/faults at run time):
 
 routes on --listen (default 0.0.0.0:8378), for senders and devices:
   POST /3/device/<token> (APNs), GET /events?token=<hex> (SSE), POST /broadcast, GET /healthz
+  on --tls-listen (https, HTTP/2 or 1.1) the same but GET /events, which gets 421: devices
+  use --listen; rawsse certs DIR writes a CA and a certificate to try it with
 operator routes on --admin-listen, by default 127.0.0.1 on the --listen port + 1
 (127.0.0.1:8379), so two nodes on one host do not collide:
   GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults
@@ -272,6 +274,9 @@ def run(args: argparse.Namespace) -> int:
     if refusal:
         print(f"rawsse serve: {refusal}", file=sys.stderr)
         return BOOT_ERROR  # what a worker that cannot bind would make the master exit with
+    if config.tls_listen is not None:
+        log.info("TLS on %s:%d (ALPN h2, http/1.1), certificate %s", *config.tls_listen,
+                 config.tls_cert)
     return Arbiter(config).run()
 
 

@@ -1,2 +1,3 @@
-"""Operating a node: kernel and limit checks for N connections (``rawsse tune``).
+"""Operating a node: kernel and limit checks for N connections (``rawsse tune``), throwaway TLS
+material (``rawsse certs``).
 """

@@ -48,6 +48,9 @@ ALPN = ["h2", "http/1.1"]  # the server's preference order, as api.push.apple.co
 READABLE = EPOLLIN | EPOLLRDHUP
 HANDSHAKE_READ = 16 * 1024 + 512  # one TLS record with its header and tag
 FAILED = "tls_handshake"  # the disconnect reason of a failed or timed-out handshake
+# One ciphertext read buffer per process (the loop is single-threaded): os.read would allocate
+# and shrink a 64 KB bytes object on every read.
+_CIPHERTEXT_VIEW = memoryview(bytearray(64 * 1024))
 STREAM_OVER_TLS = answers.json(421, {
     "reason": "MisdirectedRequest",
     "detail": "device streams (GET /events) are served on --listen (plain TCP), not over TLS"})
@@ -154,13 +157,14 @@ class TlsTransport(SocketTransport):
         buffer = buffers[0]
         if self.write_closed:  # lingering after close_notify: what comes is discarded anyway
             return os.readv(self.fd, buffers)
-        self._pull(len(buffer) - self.incoming.pending)
+        incoming, tls = self.incoming, self.ssl
+        self._pull(len(buffer) - incoming.pending)
         total = 0
         size = len(buffer)
         while total < size:
             try:
                 # With a buffer, read() fills it and returns a count (typeshed says bytes).
-                n = cast(int, self.ssl.read(size - total, buffer[total:]))
+                n = cast(int, tls.read(size - total, buffer[total:]))
             except ssl.SSLWantReadError:
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # close_notify, or a bare FIN
@@ -169,6 +173,8 @@ class TlsTransport(SocketTransport):
             if n == 0:
                 break
             total += n
+            if not incoming.pending and not tls.pending():
+                break  # all decrypted: spare the exception a further read would raise
         if self.outgoing.pending:  # an alert or a TLS 1.3 key update answer
             self.flush()
         if total:
@@ -214,12 +220,13 @@ class TlsTransport(SocketTransport):
         """Move up to ``limit`` bytes of ciphertext from the socket into the incoming BIO."""
         if limit <= 0 or self.eof:
             return
+        view = _CIPHERTEXT_VIEW[:limit] if limit < len(_CIPHERTEXT_VIEW) else _CIPHERTEXT_VIEW
         try:
-            data = os.read(self.fd, limit)
+            n = os.readv(self.fd, [view])
         except BlockingIOError:
             return
-        if data:
-            self.incoming.write(data)
+        if n:
+            self.incoming.write(view[:n])
         else:
             self.eof = True
             self.incoming.write_eof()
