@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -423,3 +424,38 @@ def test_tls_transport_resends_nothing_and_loses_nothing_on_a_full_socket(certs)
     finally:
         ours.close()
         theirs.close()
+
+
+def test_drain_over_tls_sends_goaway_answers_its_streams_then_close_notify(start_server, certs):
+    """SIGTERM with HTTP/2 streams in flight over TLS: GOAWAY Shutdown, each stream answered,
+    then the TLS session ends cleanly (close_notify, which the ssl module reads as EOF)."""
+    import hpack
+
+    from rawsse.h2 import frames as f
+    from test_h2_hostile import RawH2, frame, goaway_of
+
+    holder, tls_port = reserve_port()
+    srv = start_server("--workers", "1", "--response-delay", "uniform:500ms-500ms",
+                       "--drain-seconds", "0.5", "--tls-listen", f"127.0.0.1:{tls_port}",
+                       "--tls-cert", f"{certs}/server.pem", "--tls-key", f"{certs}/server-key.pem")
+    srv.tls_port = tls_port
+    conn = RawH2.__new__(RawH2)  # its frame reader, over TLS
+    conn.sock, conn.buffer = tls_socket(srv, certs, ["h2"]), b""
+    try:
+        conn.send(f.PREFACE + frame(f.SETTINGS, 0, 0))
+        encoder = hpack.Encoder()
+        ids = list(range(1, 20, 2))
+        conn.send(*(frame(f.HEADERS, f.END_HEADERS, i, encoder.encode(
+            [(":method", "POST"), (":scheme", "https"), (":path", f"/3/device/{new_token()}")]))
+            + frame(f.DATA, f.END_STREAM, i, b"{}") for i in ids))
+        time.sleep(0.2)  # all read by the server, answers held by --response-delay
+        srv.signal(signal.SIGTERM)
+        frames_ = conn.frames(timeout=5)
+        assert goaway_of(frames_) == (ids[-1], f.NO_ERROR, {"reason": "Shutdown"})
+        answered = {s: dict(hpack.Decoder().decode(p))[":status"]
+                    for t, _, s, p in frames_ if t == f.HEADERS}
+        assert answered == {i: "200" for i in ids}
+    finally:
+        conn.close()
+        holder.close()
+    assert "Traceback" not in srv.output()
