@@ -459,3 +459,13 @@ def test_drain_over_tls_sends_goaway_answers_its_streams_then_close_notify(start
         conn.close()
         holder.close()
     assert "Traceback" not in srv.output()
+
+
+def test_tls_1_2_is_served(tls, certs):
+    context = client_context(certs, ["http/1.1"])
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    raw = socket.create_connection(("127.0.0.1", tls.tls_port), timeout=5)
+    with context.wrap_socket(raw, server_hostname="localhost") as sock:
+        assert sock.version() == "TLSv1.2"
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
