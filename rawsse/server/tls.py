@@ -184,11 +184,10 @@ class TlsTransport(SocketTransport):
         raise BlockingIOError
 
     def write(self, data: Any) -> int:
-        acked = 0
-        if self.pending or self.outgoing.pending:
-            if not self.flush():
-                raise BlockingIOError
-            acked, self.inflight = self.inflight, 0
+        if (self.pending or self.outgoing.pending) and not self.flush():
+            raise BlockingIOError
+        # Out now, whoever sent it (a read that had an alert to send flushes too).
+        acked, self.inflight = self.inflight, 0
         rest = memoryview(data)[acked:]
         if not rest:
             return acked
