@@ -1,3 +1,2 @@
-"""Operating a node: kernel and limit checks for N connections (``rawsse tune``), throwaway TLS
-material (``rawsse certs``).
+"""Operating a node: kernel and limit checks for N connections (``rawsse tune``).
 """
