@@ -184,6 +184,9 @@ class ServeConfig:
     h2_idle_timeout: float = 120.0  # an HTTP/2 connection with no stream: GOAWAY IdleTimeout
     # "development": a 200 carries apns-unique-id, as Apple's sandbox answers
     environment: str = "production"
+    tls_listen: tuple[str, int] | None = None  # None: no TLS listener
+    tls_cert: str = ""  # PEM, checked at start (rawsse.server.tls.server_context)
+    tls_key: str = ""
     backlog: int = 65535
     workers: int = 0  # 0 = sized from --max-connections and the open-file limit
     drain_seconds: float = 10.0

@@ -31,6 +31,8 @@ fault rules (--fault, repeatable; also POST /admin/faults at run time):
 
 routes on --listen (default 0.0.0.0:8378), for senders and devices:
   POST /3/device/<token> (APNs), GET /events?token=<hex> (SSE), POST /broadcast, GET /healthz
+  on --tls-listen (https, HTTP/2 or 1.1) the same but GET /events, which gets 421: devices
+  use --listen; rawsse certs DIR writes a CA and a certificate to try it with
 operator routes on --admin-listen, by default 127.0.0.1 on the --listen port + 1
 (127.0.0.1:8379), so two nodes on one host do not collide:
   GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults
@@ -101,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--environment", default=d.environment, choices=["production", "development"],
         help="which APNs to act as: development (api.sandbox.push.apple.com) adds "
              "apns-unique-id (a UUID) to every 200, as Apple's sandbox does (default: %(default)s)")
+    add("--tls-listen", metavar="HOST:PORT",
+        help="also serve the push API over TLS here (https://, ALPN h2 and http/1.1, TLS 1.2+), "
+             "as api.push.apple.com; device streams stay on --listen (default: off)")
+    add("--tls-cert", metavar="FILE",
+        help="PEM certificate chain for --tls-listen (rawsse certs DIR writes a throwaway one)")
+    add("--tls-key", metavar="FILE", help="PEM private key of --tls-cert, unencrypted")
     add("--workers", default="auto", metavar="N",
         help="worker processes; auto = enough to hold --max-connections under the open-file "
              "limit, and at least one per CPU (default: auto)")
@@ -154,6 +162,8 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         state_file=_writable_state_file(args.state_file),
         log_level=args.log_level,
         **_redis_options(args),
+        **_tls_options(args, [("--listen", listen),
+                              ("--admin-listen", admin_address(args.admin_listen, listen))]),
     )
 
 
@@ -213,6 +223,29 @@ def _redis_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"redis_url": url, "node_id": node_id, "redis_prefix": prefix}
 
 
+def _tls_options(args: argparse.Namespace,
+                 others: list[tuple[str, tuple[str, int] | None]]) -> dict[str, Any]:
+    """--tls-listen with its certificate and key, loaded once here so a bad file is one line at
+    start, not a failure in every worker."""
+    if not args.tls_listen:
+        for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+            if value:
+                raise ConfigError(flag, "only means something with --tls-listen")
+        return {}
+    address = parse_address(args.tls_listen, "--tls-listen")
+    for flag, other in others:
+        if other is not None and _same_socket(address, other):
+            raise ConfigError("--tls-listen", f"{args.tls_listen.strip()} overlaps {flag} "
+                                              f"{other[0]}:{other[1]}: choose another port")
+    for flag, value in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if not value:
+            raise ConfigError(flag, "needed with --tls-listen (rawsse certs DIR writes one)")
+    from rawsse.server.tls import server_context
+
+    server_context(args.tls_cert, args.tls_key)
+    return {"tls_listen": address, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+
+
 def _writable_state_file(path: str | None) -> str | None:
     """Found now, not at the stop that would fail to save: try a file beside it."""
     if not path:
@@ -250,6 +283,9 @@ def run(args: argparse.Namespace) -> int:
     if refusal:
         print(f"rawsse serve: {refusal}", file=sys.stderr)
         return BOOT_ERROR  # what a worker that cannot bind would make the master exit with
+    if config.tls_listen is not None:
+        log.info("TLS on %s:%d (ALPN h2, http/1.1), certificate %s", *config.tls_listen,
+                 config.tls_cert)
     return Arbiter(config).run()
 
 
@@ -264,7 +300,8 @@ def shared_port_refusal(config: ServeConfig) -> str | None:
 
 
 def _addresses(config: ServeConfig) -> list[tuple[str, tuple[str, int] | None]]:
-    return [("--listen", config.listen), ("--admin-listen", config.admin_listen)]
+    return [("--listen", config.listen), ("--admin-listen", config.admin_listen),
+            ("--tls-listen", config.tls_listen)]
 
 
 def bind_refusal(config: ServeConfig) -> str | None:

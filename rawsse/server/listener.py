@@ -37,13 +37,15 @@ def bind_listener(address: tuple[str, int], backlog: int) -> socket.socket:
 class Listener:
     """Accepts on one listening socket, at most ``ACCEPTS_PER_WAKEUP`` per loop turn."""
 
-    __slots__ = ("sock", "fd", "worker", "operator", "paused")
+    __slots__ = ("sock", "fd", "worker", "operator", "tls", "paused")
 
-    def __init__(self, sock: socket.socket, worker: "Worker", operator: bool) -> None:
+    def __init__(self, sock: socket.socket, worker: "Worker", operator: bool,
+                 tls: bool = False) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.worker = worker
         self.operator = operator
+        self.tls = tls  # --tls-listen: the connection starts with a TLS handshake
         self.paused = True  # until ``resume``: a booting worker binds first, accepts later
 
     def handle_events(self, events: int) -> None:
@@ -62,7 +64,10 @@ class Listener:
                 if exc.errno in _ACCEPT_PAUSE_ERRNOS:
                     self.pause(EMFILE_PAUSE_SECONDS)
                 return
-            worker.accept(fd, self.operator)
+            if self.tls:
+                worker.accept_tls(fd)
+            else:
+                worker.accept(fd, self.operator)
 
     def pause(self, seconds: float) -> None:
         if not self.paused:

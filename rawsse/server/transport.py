@@ -1,10 +1,11 @@
 """The transport seam: how a connection reads and writes its socket.
 
 A protocol object (``http1.py``) never calls ``os.read``/``os.write`` itself; it asks its
-transport. ``SocketTransport`` is the plain TCP socket: a non-blocking fd. A TLS transport (a
-non-blocking ``ssl.SSLObject`` over two ``ssl.MemoryBIO``, Python's "Memory BIO support") offers
-the same four calls with decrypted bytes, so it replaces this one per connection without a change
-to the protocol code.
+transport. ``SocketTransport`` is the plain TCP socket: a non-blocking fd. ``TlsTransport``
+(``tls.py``: a non-blocking ``ssl.SSLObject`` over two ``ssl.MemoryBIO``, Python's "Memory BIO
+support") offers the same calls with decrypted bytes, so it replaces this one per connection
+without a change to the protocol code; its ``detach`` refuses (a TLS session cannot follow
+its fd).
 
 Errors follow the socket's: ``BlockingIOError`` when nothing can be read or written now,
 ``OSError`` (``ConnectionResetError``, ``BrokenPipeError``…) when the peer is gone, a read of 0

@@ -56,6 +56,7 @@ from rawsse.server.listener import Listener, bind_listener
 from rawsse.server.loop import READ_EVENTS, Loop
 from rawsse.server.stats import Stats, snapshot
 from rawsse.server.stream import Stream
+from rawsse.server.tls import TlsHandshake, refuse_tls, server_context
 from rawsse.server.transport import SocketTransport
 
 TICK_SECONDS = 1.0
@@ -91,8 +92,11 @@ class Worker:
         self.routes = Routes(self)
         self.router: Router = LocalRouter(self, LocalOwner(self.delivery))
         self.stream_type: type[Stream] = Stream  # a Redis-mode stream carries one more slot
-        self.http_conns: set[Http1Connection | H2Connection] = set()
+        self.http_conns: set[Http1Connection | H2Connection | TlsHandshake] = set()
         self.listeners: list[Listener] = []
+        # Loaded per worker (an SSLContext does not survive fork); checked by the master first.
+        self.tls_context = (server_context(config.tls_cert, config.tls_key)
+                            if config.tls_listen is not None else None)
         self.draining = False
         # What a topology adds: work on every tick, fields in every snapshot, and reasons not
         # to accept yet (a prefork worker waits for its peers, a cluster node for Redis).
@@ -127,6 +131,9 @@ class Worker:
                 sockets.append((bind_listener(self.config.admin_listen, self.config.backlog), True))
         for sock, operator in sockets:
             self.listeners.append(Listener(sock, self, operator))
+        if self.config.tls_listen is not None:
+            sock = bind_listener(self.config.tls_listen, self.config.backlog)
+            self.listeners.append(Listener(sock, self, False, tls=True))
         self._accept_if_open()
 
     def hold(self, gate: str) -> None:
@@ -166,6 +173,19 @@ class Worker:
             # The connection cap answers 503 (uvicorn's limit_concurrency) and closes.
             self.stats.disconnect("rejected")
             conn.refuse_now(SERVICE_UNAVAILABLE_CLOSE)
+
+    def accept_tls(self, fd: int) -> None:
+        """A connection on ``--tls-listen``: its handshake runs in this loop (``tls.py``), and
+        it stays on this worker."""
+        self.stats.connections_accepted += 1
+        if self.draining or self.connections() >= self.capacity or self.tls_context is None:
+            self.stats.disconnect("rejected")
+            refuse_tls(fd)
+            return
+        os.set_blocking(fd, False)
+        handshake = TlsHandshake(self, fd, self.tls_context)
+        self.loop.add(fd, handshake, READ_EVENTS)
+        self.http_conns.add(handshake)
 
     def switch_to_h2(self, conn: Http1Connection, transport: SocketTransport, received: bytes) -> None:
         """The client opened with the HTTP/2 preface: the same socket goes on as HTTP/2."""
