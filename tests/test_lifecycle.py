@@ -305,6 +305,9 @@ def test_pending_store_is_capped_by_bytes(start_server):
 def test_start_hup_and_stop_logs_are_one_line_per_event(start_server):
     srv = start_server("--workers", "4", "--drain-seconds", "0.2", "--fault", "1%:500",
                        "--delivery-delay", "10ms", admin=True)
+    # Ready to the fixture means accepting; the master's "all 4 workers serving" may come a
+    # moment later and must not be counted among the HUP's lines.
+    assert wait_for(lambda: "all 4 workers serving" in srv.output(), timeout=10)
     start = srv.output()
     from rawsse import __version__
 
