@@ -141,20 +141,10 @@ class H2Connection(ClientConnection):
     # -- reading ------------------------------------------------------------------------------
 
     def _read(self) -> None:
-        host = self.host
-        try:
-            n = self.transport.readv(host.read_buffers)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close("client")
-            return
-        if n == 0:
-            self._end_of_input()
-            return
-        if self.state != OPEN:
+        n = self._receive()
+        if not n or self.state != OPEN:
             return  # after a connection error nothing more is read; lingering discards
-        self._received(host.read_view[:n])
+        self._received(self.host.read_view[:n])
 
     def _received(self, data: Any) -> None:
         inbuf = self.inbuf

@@ -46,6 +46,10 @@ class ClientConnection:
     def _read(self) -> None:
         raise NotImplementedError
 
+    def _end_of_input(self) -> None:
+        """The client closed its side (a read of 0)."""
+        raise NotImplementedError
+
     def _finished(self) -> bool:
         """Nothing more will be sent: once ``out`` is written, linger and close."""
         raise NotImplementedError
@@ -56,7 +60,22 @@ class ClientConnection:
     def _forget(self) -> None:
         """Drop what the connection holds once it is closed (breaks reference cycles)."""
 
-    # -- events and writing --------------------------------------------------------------------
+    # -- events, reading and writing -----------------------------------------------------------
+
+    def _receive(self) -> int:
+        """Read into the worker's one shared buffer (``host.read_view``): how many bytes came,
+        or 0 when there is nothing to parse (nothing waiting; the client gone, and the
+        connection closed; its end of input, and ``_end_of_input`` called)."""
+        try:
+            n: int = self.transport.readv(self.host.read_buffers)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.close("client")
+            return 0
+        if n == 0:
+            self._end_of_input()
+        return n
 
     def handle_events(self, events: int) -> None:
         if events & EPOLLOUT:

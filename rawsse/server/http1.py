@@ -339,19 +339,10 @@ class Http1Connection(ClientConnection):
         if self.held is not None:  # what was read before goes first
             self._parse_held()
             return
+        n = self._receive()
+        if not n or self.state == LINGER or self.parser is None:
+            return
         host = self.host
-        try:
-            n = self.transport.readv(host.read_buffers)
-        except BlockingIOError:
-            return
-        except OSError:
-            self.close("client")
-            return
-        if n == 0:
-            self._end_of_input()
-            return
-        if self.state == LINGER or self.parser is None:
-            return
         self.progress = False
         data = host.read_view[:n]
         if self.sniffed is not None:
