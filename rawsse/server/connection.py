@@ -125,13 +125,21 @@ class ClientConnection:
         self._update_events()
 
     def close(self, reason: str = "client") -> None:
-        fd = self.fd
-        if fd < 0:
-            return
-        self.fd = -1
-        host = self.host
-        host.loop.remove(fd)
-        self.transport.close()
-        host.http_conns.discard(self)
-        host.stats.disconnect(reason)
-        self._forget()
+        if end_connection(self, reason):
+            self._forget()
+
+
+def end_connection(conn: Any, reason: str) -> bool:
+    """Take ``conn`` (anything with ``host``, ``fd`` and ``transport``: a connection, a TLS
+    handshake) out of its worker: unregister, close the transport, forget it, count why. False
+    when it had ended already."""
+    fd = conn.fd
+    if fd < 0:
+        return False
+    conn.fd = -1
+    host = conn.host
+    host.loop.remove(fd)
+    conn.transport.close()
+    host.http_conns.discard(conn)
+    host.stats.disconnect(reason)
+    return True

@@ -34,6 +34,7 @@ from rawsse.apns import answers
 from rawsse.config import ConfigError
 from rawsse.h2.connection import H2Connection
 from rawsse.h2.frames import PREFACE
+from rawsse.server.connection import end_connection
 from rawsse.server.exchange import Request
 from rawsse.server.http1 import Http1Connection
 from rawsse.server.loop import EPOLLIN, EPOLLOUT, EPOLLRDHUP
@@ -349,15 +350,7 @@ class TlsHandshake:
         self.close("shutdown")  # nothing asked yet: nothing to finish
 
     def close(self, reason: str = "client") -> None:
-        fd = self.fd
-        if fd < 0:
-            return
-        self.fd = -1
-        host = self.host
-        host.loop.remove(fd)
-        self.transport.close()
-        host.http_conns.discard(self)
-        host.stats.disconnect(reason)
+        end_connection(self, reason)
 
 
 def refuse_tls(fd: int) -> None:
