@@ -187,6 +187,13 @@ class ServeConfig:
     tls_listen: tuple[str, int] | None = None  # None: no TLS listener
     tls_cert: str = ""  # PEM, checked at start (rawsse.server.tls.server_context)
     tls_key: str = ""
+    # Provider authentication (rawsse/apns/auth.py): off, token, cert or any
+    auth: str = "off"
+    auth_keys: tuple[tuple[str, bytes], ...] = ()  # (key id, PEM of its .p8)
+    team_id: str = ""  # "": any team
+    token_max_age: float = 3600.0  # Apple: a token older than one hour is expired
+    topics: tuple[str, ...] = ()  # (): any well-formed topic
+    tls_client_ca: str = ""  # PEM CAs a client certificate must chain to; "": none asked for
     backlog: int = 65535
     workers: int = 0  # 0 = sized from --max-connections and the open-file limit
     drain_seconds: float = 10.0

@@ -11,6 +11,7 @@ Token states (reasons and the 410 ``timestamp`` as in Apple, "Handling notificat
 APNs"): ``active`` (default), ``unregistered`` → ``410 Unregistered`` with the
 timestamp in ms, ``expired`` → ``410 ExpiredToken``, ``bad`` → ``400 BadDeviceToken``.
 Fault rules: a share of pushes answered with a status and reason instead of being accepted.
+Provider authentication (revoked key ids and certificates, the auth clock): ``auth_admin.py``.
 
 Every number in a command is checked before anything changes: a change is handed on as JSON
 (orjson, 64-bit integers) through the mesh and stored in Redis, whose Lua scripts see numbers as
@@ -27,6 +28,7 @@ import time
 from typing import Any
 
 from rawsse.apns.apple import MAX_TOKEN_BYTES
+from rawsse.apns.auth_admin import AuthAdmin, AuthAdminError
 from rawsse.config import ConfigError, FaultRule, parse_fault
 
 # Every process (each worker, the master) holds every state: the cap bounds that memory per
@@ -57,7 +59,7 @@ class AdminState:
     the newest stamp wins, an older change arriving late is ignored."""
 
     __slots__ = ("token_states", "faults", "_rng", "token_stamps", "tokens_cleared",
-                 "faults_stamp")
+                 "faults_stamp", "auth")
 
     def __init__(self, faults: tuple[FaultRule, ...] = ()) -> None:
         # raw token -> (state name, timestamp ms)
@@ -67,6 +69,7 @@ class AdminState:
         self.token_stamps: dict[bytes, int] = {}  # also for tokens set back to active
         self.tokens_cleared = 0
         self.faults_stamp = 0
+        self.auth = AuthAdmin()
 
     def copy(self) -> "AdminState":
         """The same states and rules with a random generator of its own: workers forked with
@@ -75,6 +78,7 @@ class AdminState:
         other.token_states = dict(self.token_states)
         other.token_stamps = dict(self.token_stamps)
         other.tokens_cleared, other.faults_stamp = self.tokens_cleared, self.faults_stamp
+        other.auth = self.auth.copy()
         return other
 
     # -- the push path ------------------------------------------------------------------------
@@ -120,6 +124,12 @@ class AdminState:
             return {"tokens": len(self.token_states)}
         if op in ("add_fault", "set_faults", "clear_faults"):
             return self._set_faults(op, command, stamp)
+        if op in ("update_auth", "set_auth", "clear_auth"):
+            try:
+                return self.auth.apply(op, command, self._now(self.auth.stamp)
+                                       if stamp is None else stamp)
+            except AuthAdminError as exc:
+                raise AdminError(str(exc)) from None
         raise AdminError(f"unknown admin command {op!r}")
 
     @staticmethod
@@ -139,6 +149,8 @@ class AdminState:
             return {**replay, "state": entry[0], "timestamp": entry[1]}
         if op == "clear_tokens":
             return {"op": "clear_tokens", "stamp": self.tokens_cleared}
+        if op in ("update_auth", "set_auth", "clear_auth"):
+            return self.auth.replayable()
         return {"op": "set_faults", "stamp": self.faults_stamp, "rules": [
             # not describe(): its %g drops digits
             {"percent": rule.share * 100, "status": rule.status, "reason": rule.reason}

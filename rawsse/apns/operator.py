@@ -38,6 +38,7 @@ class OperatorRoutes:
             b"/metrics": self.metrics,
             _TOKENS: self.admin_tokens,
             b"/admin/faults": self.admin_faults,
+            b"/admin/auth": self.admin_auth,
         }
 
     def handle(self, request: Request) -> None:
@@ -91,6 +92,22 @@ class OperatorRoutes:
                 self._apply(request, {**body, "op": op})
         elif method == b"DELETE":
             self._apply(request, {"op": "clear_faults"})
+        else:
+            request.answer(answers.error(405, "MethodNotAllowed"))
+
+    def admin_auth(self, request: Request, rest: bytes) -> None:
+        """GET lists; POST adds revocations or sets the clock offset; PUT replaces the whole
+        state; DELETE clears it (``auth_admin.py``)."""
+        method = request.method
+        if method == b"GET":
+            request.answer(answers.json(200, self.worker.admin.auth.describe()))
+        elif method in (b"POST", b"PUT"):
+            body = _json_body(request)
+            if body is not None:
+                self._apply(request, {**body, "op": "update_auth" if method == b"POST"
+                                      else "set_auth"})
+        elif method == b"DELETE":
+            self._apply(request, {"op": "clear_auth"})
         else:
             request.answer(answers.error(405, "MethodNotAllowed"))
 

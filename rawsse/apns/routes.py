@@ -14,6 +14,7 @@ Route map:
   GET  /stats, /metrics       JSON and Prometheus                  operator listener*
   /admin/tokens[/<hex>]       per-token simulated states           operator listener*
   /admin/faults               fault rules                          operator listener*
+  /admin/auth                 revoked keys and certificates         operator listener*
   (* the public listener too with --admin-listen public)
 
 A new admin route is one entry in ``Routes._operator`` and a handler (see ``operator.py``);
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
 from rawsse.apns import answers
+from rawsse.apns.apple import REASON_STATUS
 from rawsse.apns.operator import OperatorRoutes
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import HELD, UNREACHABLE, Accepted
@@ -45,7 +47,7 @@ OTHER_BODY_LIMIT = 1024 * 1024
 
 
 class Routes:
-    __slots__ = ("worker", "config", "stats", "operator", "development")
+    __slots__ = ("worker", "config", "stats", "operator", "development", "auth")
 
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
@@ -53,6 +55,7 @@ class Routes:
         self.stats = worker.stats
         self.operator = OperatorRoutes(worker)
         self.development = worker.config.environment == "development"
+        self.auth = worker.auth  # None under --auth off
 
     # -- entry points from a protocol ---------------------------------------------------------
 
@@ -102,6 +105,11 @@ class Routes:
         self.stats.pushes_received += 1
         config = self.config
         now = time.time()
+        if self.auth is not None:  # --auth token|cert|any: once per connection (auth.py)
+            reason = self.auth.refusal(request, now)
+            if reason is not None:
+                self._push_error(request, self._answer_id(request), REASON_STATUS[reason], reason)
+                return
         apns_id, checked = validate_push(token_text, request.headers, request.duplicate,
                                          request.body, now, config.default_ttl,
                                          config.strict_tokens, worker.ids)

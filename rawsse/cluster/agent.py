@@ -297,11 +297,12 @@ class Agent:
         self.counters["admin_out"] += len(kept)
         await conn.send_command("HGETALL", self.keys.admin_tokens)
         tokens = await conn.read_response()
-        await conn.send_command("MGET", self.keys.admin_faults, self.keys.admin_cleared)
-        faults, cleared = await conn.read_response()
+        await conn.send_command("MGET", self.keys.admin_faults, self.keys.admin_cleared,
+                                self.keys.admin_auth)
+        faults, cleared, auth = await conn.read_response()
         if isinstance(tokens, dict):  # RESP3 maps
             tokens = [item for pair in tokens.items() for item in pair]
-        self.send_admin_to_master(scripts.admin_commands_from(tokens, faults, cleared))
+        self.send_admin_to_master(scripts.admin_commands_from(tokens, faults, cleared, auth))
 
     def _admin_message(self, command: dict[str, Any]) -> bytes:
         return orjson.dumps({"node": self.config.node_id, "commands": [command]})

@@ -19,7 +19,8 @@ Keys (``P`` is ``--redis-prefix``, ``<hex>`` the lower-case hex token, as in Fle
 - ``P admin:tokens``   hash ``<hex>`` → ``<stamp> <JSON state>``: run-time token states set on any
   node (``admin.py``; ``active`` kept as a tombstone so an older change cannot revive a state).
 - ``P admin:faults``   ``<stamp> <JSON rules>``; ``P admin:cleared`` the stamp of the last
-  ``clear_tokens``. Stamps are 20-digit zero-padded nanoseconds, so Lua compares them as strings
+  ``clear_tokens``; ``P admin:auth`` ``<stamp> <JSON state>``, the revoked keys and certificates
+  and the auth clock (``auth_admin.py``). Stamps are 20-digit zero-padded nanoseconds, so Lua compares them as strings
   (its numbers are doubles: 53 bits do not hold a nanosecond clock).
 - channel ``P admin``  every node's agent reads it: ``{"node", "commands"}``, replayable admin
   changes made on ``node``, applied by the others.
@@ -160,7 +161,7 @@ class Keys:
 
     __slots__ = ("prefix", "node", "seq", "channel_prefix", "channel", "stats",
                  "_owner", "_pending", "admin_tokens", "admin_faults", "admin_cleared",
-                 "admin_channel")
+                 "admin_auth", "admin_channel")
 
     def __init__(self, prefix: str, node: str) -> None:
         self.prefix = prefix.encode()
@@ -174,6 +175,7 @@ class Keys:
         self.admin_tokens = self.prefix + b"admin:tokens"
         self.admin_faults = self.prefix + b"admin:faults"
         self.admin_cleared = self.prefix + b"admin:cleared"
+        self.admin_auth = self.prefix + b"admin:auth"
         self.admin_channel = self.prefix + b"admin"
 
     def owner(self, token: bytes) -> bytes:
@@ -245,15 +247,21 @@ def admin_script_args(keys: Keys, command: dict, message: bytes) -> tuple:
         what: tuple = (b"token", stamp, command["token"].encode(), orjson.dumps(state))
     elif op == "clear_tokens":
         what = (b"clear", stamp, b"", b"")
+    elif op == "set_auth":  # a whole state under its own key: the script's third case
+        state = {k: v for k, v in command.items() if k not in ("op", "stamp")}
+        return (3, keys.admin_tokens, keys.admin_auth, keys.admin_cleared, b"state", stamp, b"",
+                orjson.dumps(state), keys.admin_channel, message)
     else:
         what = (b"faults", stamp, b"", orjson.dumps(command["rules"]))
     return (3, keys.admin_tokens, keys.admin_faults, keys.admin_cleared, *what,
             keys.admin_channel, message)
 
 
-def admin_commands_from(tokens: list[bytes], faults: bytes | None, cleared: bytes | None) -> list[dict]:
+def admin_commands_from(tokens: list[bytes], faults: bytes | None, cleared: bytes | None,
+                        auth: bytes | None = None) -> list[dict]:
     """The replayable commands that rebuild the cluster's admin state from what Redis holds
-    (``HGETALL admin:tokens`` as a flat list, ``GET admin:faults``, ``GET admin:cleared``)."""
+    (``HGETALL admin:tokens`` as a flat list, ``GET admin:faults``, ``GET admin:cleared``,
+    ``GET admin:auth``)."""
     commands: list[dict] = []
     if cleared:
         commands.append({"op": "clear_tokens", "stamp": int(cleared)})
@@ -264,4 +272,7 @@ def admin_commands_from(tokens: list[bytes], faults: bytes | None, cleared: byte
     if faults:
         stamp, _, rules = faults.partition(b" ")
         commands.append({"op": "set_faults", "stamp": int(stamp), "rules": orjson.loads(rules)})
+    if auth:
+        stamp, _, state = auth.partition(b" ")
+        commands.append({"op": "set_auth", "stamp": int(stamp), **orjson.loads(state)})
     return commands

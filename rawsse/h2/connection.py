@@ -110,7 +110,10 @@ class H2Connection(ClientConnection):
         self.streams: dict[int, H2Stream] = {}
         self.blocked: deque[int] = deque()  # streams whose DATA waits for a window
         self.last_stream_id = 0
-        self.max_streams = host.config.h2_max_streams
+        self.auth = None
+        # A token connection may open one stream until its first token is accepted (auth.py).
+        self.max_streams = (host.config.h2_max_streams if host.auth is None
+                            else host.auth.initial_streams(transport))
         self.send_window = f.DEFAULT_WINDOW  # the peer's connection window
         self.peer_window = f.DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self.peer_frame_size = f.MIN_FRAME_SIZE
@@ -126,7 +129,7 @@ class H2Connection(ClientConnection):
         self.resets = 0
         self.control = 0
         self.budget_start = host.loop.now
-        self.reset_limit = 2 * self.max_streams + 100
+        self.reset_limit = 2 * host.config.h2_max_streams + 100
         self.out += f.settings({
             f.MAX_CONCURRENT_STREAMS: self.max_streams,
             f.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
@@ -339,6 +342,14 @@ class H2Connection(ClientConnection):
     def become_stream(self, request: Request, token: bytes) -> None:
         """Device streams are HTTP/1.1 SSE only: an error answer says so."""
         self.answer(request, _SSE_REFUSED)
+
+    def authenticated(self) -> None:
+        """The first valid provider token: the full stream limit, in a new SETTINGS."""
+        limit = self.host.config.h2_max_streams
+        if self.max_streams < limit:
+            self.max_streams = limit
+            self.out += f.settings({f.MAX_CONCURRENT_STREAMS: limit})
+            self.schedule_flush()
 
     def send_data(self, stream_id: int, stream: H2Stream) -> None:
         body = stream.pending or b""

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from typing import Any
 
+from rawsse.apns import auth_flags
 from rawsse.apns.admin import MAX_TOKEN_STATES, TOKEN_STATE_BYTES
 from rawsse.config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
                      parse_fault, parse_int)
@@ -43,7 +44,8 @@ several nodes as one service (Redis >= 6.2, pip install 'rawsse[redis]'):
   rawsse serve --listen :8378 --redis redis://redis.internal:6379 --node-id a
   rawsse serve --listen :8378 --redis redis://redis.internal:6379 --node-id b
   A push accepted by any node reaches the node holding the device; pending pushes live in Redis.
-"""
+
+""" + auth_flags.EPILOG
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--tls-cert", metavar="FILE",
         help="PEM certificate chain for --tls-listen (rawsse certs DIR writes a throwaway one)")
     add("--tls-key", metavar="FILE", help="PEM private key of --tls-cert, unencrypted")
+    auth_flags.add_arguments(parser)
     add("--workers", default="auto", metavar="N",
         help="worker processes; auto = enough to hold --max-connections under the open-file "
              "limit, and at least one per CPU (default: auto)")
@@ -162,6 +165,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         state_file=_writable_state_file(args.state_file),
         log_level=args.log_level,
         **_redis_options(args),
+        **auth_flags.auth_options(args),
         **_tls_options(args, [("--listen", listen),
                               ("--admin-listen", admin_address(args.admin_listen, listen))]),
     )
@@ -242,7 +246,7 @@ def _tls_options(args: argparse.Namespace,
             raise ConfigError(flag, "needed with --tls-listen (rawsse certs DIR writes one)")
     from rawsse.server.tls import server_context
 
-    server_context(args.tls_cert, args.tls_key)
+    server_context(args.tls_cert, args.tls_key, args.tls_client_ca or "")
     return {"tls_listen": address, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
 
 

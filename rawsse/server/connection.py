@@ -30,7 +30,7 @@ GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutEr
 
 class ClientConnection:
     __slots__ = ("host", "transport", "fd", "out", "events", "flush_scheduled", "state",
-                 "deadline")
+                 "deadline", "auth")
 
     host: "Worker"
     transport: Any  # SocketTransport, or a TLS transport with the same calls
@@ -40,6 +40,10 @@ class ClientConnection:
     flush_scheduled: bool
     state: int
     deadline: float
+    auth: Any  # what the connection proved (rawsse/apns/auth.py); None until its first push
+
+    def authenticated(self) -> None:
+        """The connection's first provider token was accepted (HTTP/2 raises its stream limit)."""
 
     # -- what each protocol says ---------------------------------------------------------------
 

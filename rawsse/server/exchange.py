@@ -49,9 +49,13 @@ class Answer:
 class Channel(Protocol):
     """What a protocol object offers the requests it made."""
 
+    auth: Any  # what the connection proved to the push route (rawsse/apns/auth.py)
+
     def answer(self, request: "Request", answer: Answer) -> None: ...
 
     def become_stream(self, request: "Request", token: bytes) -> None: ...
+
+    def authenticated(self) -> None: ...
 
 
 class Request:

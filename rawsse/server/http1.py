@@ -118,6 +118,7 @@ class Http1Connection(ClientConnection):
         self.target = b""
         self.body_size = 0
         self.upgrade_left = 0  # body bytes of an Upgrade request still to read (_upgrade_body)
+        self.auth = None
 
     # -- httptools callbacks ------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+from rawsse.apns.auth import COUNTERS as AUTH_COUNTERS
 from rawsse.server.stats import COUNTERS, PUSHES_METRIC
 
 _GAUGES = {
@@ -67,9 +68,21 @@ def _lines(document: dict[str, Any]) -> Iterator[str]:
         yield from _family("rawsse_crash_lost_pending_total", "counter",
                            "Pending pushes that died with a killed worker.",
                            iter([(None, {}, master["lost_pending"])]))
+    yield from _auth_lines(workers)
     yield from _redis_lines(document)
     for name, value in document.get("extra_gauges", {}).items():
         yield from _family(name, "gauge", "", iter([(None, {}, value)]))
+
+
+def _auth_lines(workers: list[dict[str, Any]]) -> Iterator[str]:
+    """--auth token|cert|any only (``rawsse.apns.auth``)."""
+    workers = [w for w in workers if "auth" in w]
+    for field, (name, help_text) in AUTH_COUNTERS.items():
+        yield from _family(name, "counter", help_text, ((w, {}, w["auth"][field]) for w in workers))
+    yield from _family("rawsse_auth_refusals_total", "counter",
+                       "Pushes refused by provider authentication, by reason.",
+                       ((w, {"reason": reason}, n) for w in workers
+                        for reason, n in w["auth_refusals"].items()))
 
 
 def _redis_lines(document: dict[str, Any]) -> Iterator[str]:

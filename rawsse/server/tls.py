@@ -57,10 +57,13 @@ STREAM_OVER_TLS = answers.json(421, {
     "detail": "device streams (GET /events) are served on --listen (plain TCP), not over TLS"})
 
 
-def server_context(cert: str, key: str) -> ssl.SSLContext:
+def server_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
     """The context every TLS connection uses: TLS 1.2+, ALPN h2 and http/1.1. A file that is
     missing, unreadable, not PEM or a key that does not match is a ``ConfigError`` naming the
-    flag, found by the master at start."""
+    flag, found by the master at start. With ``client_ca`` (``--tls-client-ca``) a client
+    certificate is asked for and, when one is sent, verified against those CAs (expiry
+    included): a bad one fails the handshake, as Apple's does; none is allowed, so token
+    senders share the listener (``--auth any``)."""
     _read_pem(cert, "--tls-cert", "CERTIFICATE")
     _read_pem(key, "--tls-key", "PRIVATE KEY")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -75,6 +78,14 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
             raise ConfigError("--tls-key", f"{key} does not match the certificate in {cert}") from None
         raise ConfigError("--tls-key", f"cannot load {key} with {cert} ({exc.reason or exc}); "
                                        f"an unencrypted PEM key is needed") from None
+    if client_ca:
+        _read_pem(client_ca, "--tls-client-ca", "CERTIFICATE")
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as exc:
+            raise ConfigError("--tls-client-ca", f"cannot load {client_ca}: "
+                                                 f"{exc.reason or exc}") from None
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
 
 

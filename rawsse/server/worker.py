@@ -42,6 +42,7 @@ from typing import Any, Callable
 
 from rawsse.apns import answers
 from rawsse.apns.admin import AdminState
+from rawsse.apns.auth import Authenticator
 from rawsse.apns.delivery import Delivery
 from rawsse.apns.registry import Push, Registry
 from rawsse.apns.routes import Routes
@@ -89,13 +90,15 @@ class Worker:
         # A worker (re)spawned by the master starts from the node's run-time admin state.
         self.admin = admin.copy() if admin is not None else AdminState(config.faults)
         self.ids = IdGenerator()
+        # Provider authentication (--auth); None under --auth off: the push route skips it.
+        self.auth = Authenticator(config, self.admin.auth) if config.auth != "off" else None
         self.routes = Routes(self)
         self.router: Router = LocalRouter(self, LocalOwner(self.delivery))
         self.stream_type: type[Stream] = Stream  # a Redis-mode stream carries one more slot
         self.http_conns: set[Http1Connection | H2Connection | TlsHandshake] = set()
         self.listeners: list[Listener] = []
         # Loaded per worker (an SSLContext does not survive fork); checked by the master first.
-        self.tls_context = (server_context(config.tls_cert, config.tls_key)
+        self.tls_context = (server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
                             if config.tls_listen is not None else None)
         self.draining = False
         # What a topology adds: work on every tick, fields in every snapshot, and reasons not
@@ -115,6 +118,8 @@ class Worker:
         self._keepalive_next = 0.0
         # Sub-second keepalives (tests, aggressive proxies) need a tick at least as fast.
         self.tick_seconds = min(TICK_SECONDS, config.keepalive) if config.keepalive > 0 else TICK_SECONDS
+        if self.auth is not None:
+            self.snapshot_hooks.append(self.auth.snapshot)
         Stream.bind(self, config.stream_buffer)
         if pending:
             self.registry.pending.update(pending)
