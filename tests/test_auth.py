@@ -140,6 +140,21 @@ def keyless():
         sock.close()
 
 
+@pytest.fixture(scope="module")
+def cert_only(certs):
+    """--auth cert: client certificates only, no token taken."""
+    holder, tls_port = reserve_port()
+    d = certs["dir"]
+    srv, holders = launch("--keepalive", "0", "--auth", "cert", "--workers", "1",
+                          "--tls-listen", f"127.0.0.1:{tls_port}", "--tls-cert", f"{d}/server.pem",
+                          "--tls-key", f"{d}/server-key.pem", "--tls-client-ca", f"{d}/ca.pem")
+    srv.tls_port = tls_port
+    yield srv
+    srv.stop()
+    for sock in [holder, *holders]:
+        sock.close()
+
+
 def admin(server, method: str, body: dict | None = None):
     client = HTTPClient(server.host, server.admin_port)
     try:
@@ -253,15 +268,21 @@ def test_iat_as_integer_float_or_numeric_string(server, certs, iat):
         conn.close()
 
 
-def test_a_connection_keeps_one_team(server, certs):
-    """Apple allows one team per connection (pushy#399): the first token's team is pinned."""
-    conn = H1(socket.create_connection((server.host, server.port), timeout=5))  # over TCP too
+def test_a_connection_keeps_one_team(keyless, certs):
+    """Apple allows one team per connection (pushy#399): the first token's team is pinned,
+    even with no --team-id."""
+    conn = H1(socket.create_connection((keyless.host, keyless.port), timeout=5))  # over TCP too
     try:
-        assert conn.push(bearer(jwt(certs["p8"], certs["kid"]))) == (200, "")
-        assert conn.push(bearer(jwt(certs["p8"], certs["kid"], team="TEAM999999"))) == (
-            403, "InvalidProviderToken")
+        assert conn.push(bearer(jwt(certs["p8"], certs["kid"], team="TEAMONE"))) == (200, "")
+        other_team = bearer(jwt(certs["p8"], certs["kid"], team="TEAMTWO"))
+        assert conn.push(other_team) == (403, "InvalidProviderToken")
     finally:
         conn.close()
+    again = H1(socket.create_connection((keyless.host, keyless.port), timeout=5))
+    try:
+        assert again.push(other_team) == (200, "")  # on a connection of its own
+    finally:
+        again.close()
 
 
 def test_token_connection_gets_one_stream_until_its_first_valid_token(server, certs):
@@ -335,6 +356,23 @@ def test_a_client_certificate_from_rawsse_certs(server, certs, protocol):
         assert conn.push({"apns-topic": TOPIC + ".voip"}) == (200, "")
         assert conn.push({"apns-topic": "com.example.other"}) == (400, "TopicDisallowed")
         assert conn.push({"apns-topic": "bad topic"}) == (400, "BadTopic")
+    finally:
+        conn.close()
+
+
+def test_auth_cert_takes_certificates_only(cert_only, certs):
+    token = bearer(jwt(certs["p8"], certs["kid"]))
+    without = [sender("h1", cert_only, certs),  # TLS without a certificate, and plain TCP
+               H1(socket.create_connection((cert_only.host, cert_only.port), timeout=5))]
+    try:
+        assert [conn.push(token) for conn in without] == [(403, "MissingProviderToken")] * 2
+    finally:
+        for conn in without:
+            conn.close()
+    client = (f"{certs['dir']}/client.pem", f"{certs['dir']}/client-key.pem")
+    conn = sender("h1", cert_only, certs, client)
+    try:
+        assert conn.push({}) == (200, "")
     finally:
         conn.close()
 

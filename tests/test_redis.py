@@ -446,6 +446,9 @@ def test_admin_changes_hold_for_the_whole_cluster(own_redis, cluster, start_serv
     assert admin(a, "PUT", f"/admin/tokens/{gone}",
                  {"state": "unregistered", "timestamp": 4321}).status == 200
     assert admin(b, "PUT", "/admin/faults", {"rules": ["100%:429:TooManyRequests"]}).status == 200
+    revoked = {"revoked_keys": ["KEYID00001"], "revoked_certificates": [], "clock_offset": 60.0}
+    assert admin(a, "POST", "/admin/auth", {"revoke_key": "KEYID00001",
+                                            "clock_offset": 60}).json() == revoked
     unregistered = (410, b'{"reason":"Unregistered","timestamp":4321}')
     throttled = (429, b'{"reason":"TooManyRequests"}')
 
@@ -461,6 +464,8 @@ def test_admin_changes_hold_for_the_whole_cluster(own_redis, cluster, start_serv
     assert wait_for(lambda: stats(late).get("redis", {}).get("up") == 1, timeout=15)
     assert {answer(late, gone) for _ in range(6)} == {unregistered}
     assert {answer(late, other) for _ in range(6)} == {throttled}
+    for node in (b, late):  # provider-auth revocations too: published, and stored for a joiner
+        assert wait_for(lambda: admin(node, "GET", "/admin/auth").json() == revoked, timeout=5)
 
     own_redis.stop()  # a change made while Redis is down reaches the others when it is back
     assert wait_for(lambda: stats(b)["redis"]["up"] == 0, timeout=10)
