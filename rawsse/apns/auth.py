@@ -18,7 +18,8 @@ it once.
 
 Apple's rules (Apple, "Establishing a token-based connection to APNs"; "Handling notification
 responses from APNs" for the reasons):
-- no ``authorization`` on a connection without a certificate: ``403 MissingProviderToken``;
+- no ``authorization`` on a connection without a certificate, or under ``--auth cert`` (which
+  takes certificates only) no certificate: ``403 MissingProviderToken``;
 - a token not of Apple's form, signed by an unknown or revoked key, badly signed, or of a team
   other than ``--team-id`` or than the connection's first token (one team per connection, as
   jchambers/pushy's mock enforces, pushy#399): ``403 InvalidProviderToken``;

@@ -36,7 +36,7 @@ routes on --listen (default 0.0.0.0:8378), for senders and devices:
   use --listen; rawsse certs DIR writes a CA and a certificate to try it with
 operator routes on --admin-listen, by default 127.0.0.1 on the --listen port + 1
 (127.0.0.1:8379), so two nodes on one host do not collide:
-  GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults
+  GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults, /admin/auth
   --admin-listen public serves them on --listen too, where any sender can reach them;
   request bodies and answers: docs/runbook.md, "Admin routes"
 

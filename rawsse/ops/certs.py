@@ -10,8 +10,9 @@ Writes, with the ``cryptography`` package:
 - ``AuthKey_<KEYID>.p8``: an ES256 signing key in PKCS#8 PEM, the form Apple hands out for
   token-based (JWT) authentication.
 
-Private keys are written 0600. rawsse does not check client certificates or JWTs: any sender
-is accepted, as in Fleet's dev mode; these files let a client library run its usual setup.
+Private keys are written 0600. These files let a client library run its usual setup; rawsse
+checks the certificate and tokens made with them under ``rawsse serve --auth`` only
+(``--tls-client-ca ca.pem``, ``--auth-key KEYID=AuthKey_KEYID.p8``; ``rawsse/apns/auth.py``).
 """
 
 from __future__ import annotations
