@@ -93,3 +93,46 @@ def test_copies_draw_faults_independently():
 def test_bad_commands_are_refused_with_a_reason(command, message):
     with pytest.raises(AdminError, match=message):
         AdminState().apply(command)
+
+
+def auth_of(state: AdminState) -> dict:
+    return state.auth.describe()
+
+
+def test_auth_changes_replay_as_the_whole_state_and_converge_in_any_order():
+    origin = AdminState()
+    fingerprint = "AB:" * 31 + "AB"
+    changes = [
+        replay_of(origin, {"op": "update_auth", "revoke_key": "KEYID00001"}),
+        replay_of(origin, {"op": "update_auth", "revoke_certificate": fingerprint,
+                           "clock_offset": 1260}),
+        replay_of(origin, {"op": "clear_auth"}),
+        replay_of(origin, {"op": "update_auth", "revoke_keys": ["KEYID00002"]}),
+    ]
+    assert changes[1]["op"] == "set_auth" and changes[0]["stamp"] < changes[1]["stamp"]
+    assert {k: v for k, v in changes[1].items() if k not in ("op", "stamp")} == {
+        "revoked_keys": ["KEYID00001"], "revoked_certificates": ["ab" * 32],
+        "clock_offset": 1260.0}
+    assert auth_of(origin) == {"revoked_keys": ["KEYID00002"], "revoked_certificates": [],
+                               "clock_offset": 0.0}
+    for order in itertools.permutations(changes):
+        copy = AdminState()
+        for change in order:
+            copy.apply(change)
+        assert auth_of(copy) == auth_of(origin), order
+    respawned = origin.copy()  # what the master starts a new worker from
+    assert auth_of(respawned) == auth_of(origin)
+
+
+@pytest.mark.parametrize("command, message", [
+    ({"op": "update_auth", "revoke_certificate": "abc"}, "SHA-256 fingerprint"),
+    ({"op": "update_auth", "revoke_key": ""}, "key id"),
+    ({"op": "update_auth", "clock_offset": "1h"}, "clock_offset"),
+    ({"op": "update_auth", "clock_offset": float("nan")}, "clock_offset"),
+    ({"op": "set_auth", "revoked_keys": "KEYID00001"}, "must be a list"),
+])
+def test_bad_auth_changes_are_refused_with_a_reason(command, message):
+    state = AdminState()
+    with pytest.raises(AdminError, match=message):
+        state.apply(command)
+    assert auth_of(state) == {"revoked_keys": [], "revoked_certificates": [], "clock_offset": 0.0}
