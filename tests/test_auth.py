@@ -464,3 +464,35 @@ def test_a_bad_auth_flag_is_one_line_naming_it(flags, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"rawsse serve: {message}"), result.stderr
+
+
+# -- hostile tokens -----------------------------------------------------------------------------------
+
+def test_any_bytes_in_authorization_are_a_token_or_malformed(certs):
+    """In-process: every mutation of a real token, a header of deeply nested JSON (a
+    RecursionError inside json) and an iat beyond a double is parsed or refused as Malformed,
+    and a parsed one's signature checks to True or False: never another exception."""
+    import random
+
+    from rawsse.apns import jwt as parser
+
+    nested = b64(b"[" * 5000)
+    good = b"bearer " + jwt(certs["p8"], certs["kid"]).encode()
+    huge_iat = jwt(certs["p8"], certs["kid"], iat=10 ** 400).encode()  # beyond a double
+    samples = [b"bearer " + nested + b"." + nested + b"." + nested, b"bearer ..", b"bearer",
+               b"bearer " + huge_iat]
+    rng = random.Random(11)
+    for _ in range(3000):
+        value = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            value[rng.randrange(len(value))] = rng.randrange(256)
+        samples.append(bytes(value))
+    public_key = signing_key(certs["p8"]).public_key()
+    verified = 0
+    for value in samples:
+        try:
+            token = parser.parse(value)
+        except parser.Malformed:
+            continue
+        verified += parser.verify(token, public_key)  # a bool, whatever the signature bytes
+    assert verified >= 1  # the mutations that only touched bytes outside what is signed

@@ -68,7 +68,7 @@ def issued_at(value: Any) -> float:
         raise Malformed("iat is not a number")
     try:
         seconds = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond a double
         raise Malformed("iat is not a number") from None
     if not math.isfinite(seconds):
         raise Malformed("iat is not a finite number")
@@ -110,7 +110,7 @@ def load_public_key(pem: bytes) -> Any:
 def _json_object(part: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(_unbase64(part))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the C stack
         raise Malformed(f"the {what} is not JSON") from None
     if not isinstance(value, dict):
         raise Malformed(f"the {what} is not a JSON object")
