@@ -213,4 +213,6 @@ trust the CA in the sender (not in the system store):
   Go       SSL_CERT_FILE={ca} (replaces the system roots), or add it to an x509.CertPool in tls.Config.RootCAs
   Node     NODE_EXTRA_CA_CERTS={ca} (added to the roots), or the ca option of https/http2.connect
   Python   ssl.create_default_context(cafile="{ca}"); requests: REQUESTS_CA_BUNDLE={ca}; httpx: verify="{ca}"
-a sender hard-wired to api.push.apple.com: map it to this host in /etc/hosts, port 443 (--tls-listen :443)"""
+a sender hard-wired to api.push.apple.com: map it to this host in /etc/hosts, port 443 (--tls-listen :443)
+check what senders present (optional): add --auth any --auth-key {key_id}={files["p8"]}
+  and --tls-client-ca {ca} (client.pem); see rawsse serve --help, provider authentication"""
