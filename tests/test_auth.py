@@ -381,6 +381,7 @@ def test_an_expired_or_untrusted_certificate_fails_the_handshake(server, certs, 
                                                                    tmp_path):
     expired = expired_client_certificate(certs, str(tmp_path))
     untrusted = (f"{other_certs['dir']}/client.pem", f"{other_certs['dir']}/client-key.pem")
+    before = handshakes_failed(server)
     for client in (expired, untrusted):
         with pytest.raises((ssl.SSLError, ConnectionError)):
             # TLS 1.3 checks the client's certificate after the client's handshake ends: the
@@ -390,6 +391,12 @@ def test_an_expired_or_untrusted_certificate_fails_the_handshake(server, certs, 
                 conn.push({})
             finally:
                 conn.close()
+    assert wait_for(lambda: handshakes_failed(server) == before + 2)
+
+
+def handshakes_failed(server) -> int:
+    return get_json(server.host, server.admin_port, "/stats")["node"]["disconnects"].get(
+        "tls_handshake", 0)
 
 
 # -- revocation --------------------------------------------------------------------------------------
