@@ -20,6 +20,7 @@ import pytest
 
 from conftest import ROOT, launch
 from loadtools import ENV, Devices, rawsse, wait_streams
+from rawsse.cli import main
 from rawsse.load import progress, report
 from rawsse.load.loadgen import fleet_token
 
@@ -248,6 +249,19 @@ def test_report_refuses_a_file_it_cannot_read(tmp_path) -> None:
         report.read_report(str(path))
     with pytest.raises(report.ConfigError, match=f"^{tmp_path}/none.json: cannot read it"):
         report.read_report(str(tmp_path / "none.json"))
+
+
+def test_report_with_nothing_to_draw_exits_1(runs, tmp_path, capsys) -> None:
+    """A push report from before the series (or a run that never got an answer): no curve."""
+    old = read(runs.b_push)
+    for key in ("series", "latency_histogram"):
+        del old[key]
+    old["latency_ms"] = {"count": 0}
+    path = tmp_path / "old-push.json"
+    path.write_text(json.dumps(old))
+    assert main(["report", str(path), "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"rawsse report: nothing to draw in {path}")
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_report_labels_must_match_the_files(runs) -> None:
