@@ -31,16 +31,17 @@ def redis_server():
 
 @pytest.fixture(scope="module")
 def nodes(redis_server):
-    """Nodes na and nb, both connected to Redis and listed in P nodes."""
+    """Nodes na and nb (started side by side), both connected to Redis and in P nodes."""
     prefix = f"t{uuid.uuid4().hex[:8]}:"
     started = []
     for node_id in ("na", "nb"):
         node, holders = launch("--redis", redis_server.url, "--node-id", node_id,
                                "--redis-prefix", prefix, "--keepalive", "0",
-                               "--broadcast-wait", str(WAIT), "--stream-buffer", "4096")
+                               "--broadcast-wait", str(WAIT), "--stream-buffer", "4096",
+                               ready=False)
         node.node_id, node.prefix = node_id, prefix
         started.append((node, holders))
-    a, b = (node for node, _ in started)
+    a, b = (node.wait_ready() for node, _ in started)
     assert wait_for(lambda: listed(redis_server, a) == {"na", "nb"} and
                     all(stats(n)["redis"]["up"] == 1 for n in (a, b)), timeout=15)
     yield a, b
@@ -195,10 +196,38 @@ def test_with_its_agent_down_a_node_reaches_its_own_devices_and_says_others_were
     assert wait_for(lambda: stats(a)["redis"]["up"] == 1, timeout=15), "the agent is back"
 
 
+def test_with_redis_hung_the_answer_still_comes_within_the_wait(nodes, readers, redis_server):
+    """Redis stopped (SIGSTOP) under a broadcast: the answer does not wait for it longer than
+    --broadcast-wait, and the reply Redis gives once it runs again is dropped quietly."""
+    a, _ = nodes
+    here = devices(a, "cbhung", 1, readers)
+    assert broadcast(a, b"first")["missing"] == []  # na has seen nb in P nodes
+    assert here[0].next_event().data == "first"
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        answer = broadcast(a, b"redis hangs")
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    assert elapsed < WAIT + 1.5, elapsed  # the agent's Redis batch timeout is 3 s
+    assert answer["nodes"] == {"na": {"streams": 1, "refused": 0}}
+    assert answer["missing"] == ["nb"]
+    assert answer["reasons"]["nb"].startswith("Redis unreachable")
+    assert here[0].next_event().id == answer["apns_id"]
+    # Redis answers what it was sent before the next broadcast's commands: by then the late
+    # reply to the abandoned one has been handled.
+    assert wait_for(lambda: broadcast(a, b"redis is back")["missing"] == [], timeout=10)
+    assert "reply handler failed" not in a.output()
+
+
 def test_with_redis_down_a_broadcast_reaches_this_node_and_names_the_others(nodes, readers,
                                                                             redis_server):
     a, b = nodes
     here = devices(a, "cbdown", 2, readers)
+    assert broadcast(a, b"first")["missing"] == []  # na has seen nb in P nodes
+    for reader in here:
+        assert reader.next_event().data == "first"
     redis_server.stop()
     try:
         assert wait_for(lambda: stats(a)["redis"]["up"] == 0, timeout=10)
