@@ -2,8 +2,8 @@
 
 One ``redis-server`` and two real nodes (two workers and a Redis agent each) for the module,
 ``--broadcast-wait 1`` so a node that does not answer costs each test one second; each test uses
-its own tokens. The tests that stop a process (a node's whole process group, Redis) come last
-and put back what they stopped."""
+its own tokens. The tests that stop a process (a node's process group, an agent, Redis) come
+last and put back what they stopped, but the very last, which stops node nb for good."""
 
 from __future__ import annotations
 
