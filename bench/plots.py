@@ -1,4 +1,6 @@
-"""PNG plots of a bench result: memory vs connections with the fitted slope, and latency CDFs.
+"""PNG plot of a bench result: memory vs connections with the fitted slope. The latency CDF and
+devices connected over time are ``rawsse report``'s (``rawsse.load.report``), drawn from the same
+result by ``report.write_plots``.
 
 Imported only after matplotlib was found (``report.write_plots``), so the bench runs without it.
 """
@@ -16,9 +18,6 @@ def draw(plt: Any, result: dict[str, Any], out_dir: str, stem: str) -> dict[str,
     variants = result.get("variants", {})
     if any(v.get("memory", {}).get("samples") for v in variants.values()):
         paths["memory_png"] = memory_plot(plt, variants, os.path.join(out_dir, stem + "-memory.png"))
-    if any(latency_points(v.get("fanout", {})) for v in variants.values()):
-        paths["latency_png"] = latency_plot(plt, variants,
-                                            os.path.join(out_dir, stem + "-latency.png"))
     return paths
 
 
@@ -75,41 +74,3 @@ def draw_memory_variant(user_ax: Any, kernel_ax: Any, name: str, memory: dict[st
               for s in samples]
     kernel_ax.plot(sockets, [k / MB for k in kernel], "o-", color=line.get_color(),
                    label=f"{name}: {memory['slopes']['socket_caches_total']:,.0f} B/socket")
-
-
-def latency_points(fanout: dict[str, Any]) -> list[tuple[float, float]]:
-    """(latency ms, cumulative fraction) points: from the merged histogram when the devices report
-    has one, else the reported percentiles (p50, p90, p99, max) alone."""
-    hist = fanout.get("histogram")
-    if isinstance(hist, dict) and hist.get("buckets"):
-        from rawsse.load.stamp import LatencyHistogram
-        histogram = LatencyHistogram.from_dict(hist)
-        total, seen, points = histogram.count, 0, []
-        for index in sorted(histogram.buckets):
-            seen += histogram.buckets[index]
-            upper_ms = histogram.GROWTH ** (index + 1) / 1000.0
-            points.append((min(upper_ms, histogram.max_ms), seen / total))
-        return points
-    latency = fanout.get("latency_ms") or {}
-    if not latency.get("count"):
-        return []
-    return [(latency[k], q) for k, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
-            if k in latency]
-
-
-def latency_plot(plt: Any, variants: dict[str, Any], path: str) -> str:
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name, variant in variants.items():
-        points = latency_points(variant.get("fanout", {}))
-        if points:
-            streams = variant["fanout"].get("streams", 0)
-            ax.step([p[0] for p in points], [p[1] for p in points], where="post",
-                    label=f"{name} ({streams:,} streams)")
-    ax.set(title="Broadcast fan-out latency CDF (send stamp → device receipt)",
-           xlabel="latency (ms)", ylabel="fraction of events", xscale="log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -1,5 +1,5 @@
 """Redis mode figures: Redis commands and round trips per push, cross-node pushes/s, memory per
-pending push and per connected device.
+pending push and per connected device, and what a broadcast to both nodes costs.
 
     python bench/redis_figures.py                      # ~1 minute on 2 cores
     python bench/redis_figures.py --devices 2000 --pushes 20000 --pending 100000
@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.request
 from typing import Any
 
 import redis
@@ -125,11 +126,30 @@ def push(url: str, tokens: str, count: int, log_dir: str, name: str, pipeline: i
             "p99_ms": result["latency_ms"]["p99"]}
 
 
+def broadcasts(taker: Server, count: int, devices: int) -> dict[str, Any]:
+    """``count`` broadcasts taken by ``taker``, one at a time, each answered only once both
+    nodes wrote it (every device is on node b); answer latency and what every answer said."""
+    latencies = []
+    for n in range(count):
+        request = urllib.request.Request(taker.url + "/broadcast", data=b'{"aps":{}}',
+                                         method="POST")
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            answer = json.loads(resp.read())
+        latencies.append(time.perf_counter() - started)
+        if answer["missing"] or answer["nodes"]["b"]["streams"] != devices:
+            raise RuntimeError(f"broadcast {n} from {taker.url}: {answer}")
+    latencies.sort()
+    return {"answer_p50_ms": round(1000 * latencies[len(latencies) // 2], 2),
+            "answer_max_ms": round(1000 * latencies[-1], 2), "streams_each": devices}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--pushes", type=int, default=10000)
     parser.add_argument("--pending", type=int, default=100000)
+    parser.add_argument("--broadcasts", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", help="write the JSON here too")
     args = parser.parse_args()
@@ -166,6 +186,11 @@ def main() -> int:
         owner_bytes = client.info("memory")["used_memory"] - memory0
         figures["redis_bytes_per_connected_device"] = round(owner_bytes / args.devices)
         figures["owner_keys"] = client.dbsize() - keys0
+
+        for name, taker in (("broadcast_from_a", a), ("broadcast_from_b", b)):
+            phase = Phase(client, nodes)
+            figures[name] = {**broadcasts(taker, args.broadcasts, args.devices),
+                             **phase.end(args.broadcasts)}
 
         tokens = f"fleet:0-{args.devices - 1}"
         phase = Phase(client, nodes)

@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.logs or procs.make_log_dir()
     os.makedirs(log_dir, exist_ok=True)
     result: dict[str, Any] = {"meta": run_meta(args.plan, settings), "variants": {},
+                              "targets": report.TARGETS,
                               "preflight": problems + warnings, "log_dir": log_dir}
     for spec in variants:
         print(f"[bench] {spec.name}: {spec.levels[0]:,} → {spec.levels[-1]:,} streams ...",

@@ -1,4 +1,4 @@
-"""Command line: ``rawsse serve | devices | push | tune | certs``. Parses flags into config; no logic.
+"""Command line: ``rawsse serve | devices | push | report | tune | certs``. Parses flags into config; no logic.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
 this file only wires them together and turns every flag error, argparse's or a ``ConfigError``,
@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rawsse.node.serve", "run the push simulator (APNs push API + SSE device streams)"),
     "devices": ("rawsse.load.devices", "hold N simulated device streams and report what they receive"),
     "push": ("rawsse.load.driver", "send pushes like Fleet does (or broadcasts) and report statuses"),
+    "report": ("rawsse.load.report", "draw push and devices reports and bench results as PNGs "
+                                     "(latency CDF, pushes/s, devices connected)"),
     "tune": ("rawsse.ops.tune", "check (or apply) the kernel and limit settings N connections need"),
     "certs": ("rawsse.ops.certs", "write a throwaway CA, server and client certificates and a .p8 "
                                   "key for --tls-listen"),

@@ -203,3 +203,5 @@ class ServeConfig:
     redis_url: str | None = None
     node_id: str = ""
     redis_prefix: str = "rawsse:"
+    # How long a broadcast waits for the other nodes' answers (rawsse/cluster/broadcast.py)
+    broadcast_wait: float = 5.0

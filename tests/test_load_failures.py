@@ -5,6 +5,7 @@ line, a bad ``--report`` path found at the start, and SIGINT/SIGTERM still writi
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -85,6 +86,10 @@ def test_push_gives_up_on_a_dead_url(dead_url, tmp_path) -> None:
     assert f"could not connect to {dead_url} for 1.5 s" in line
     progress = [x for x in done.stderr.splitlines() if x.startswith("push t=")]
     assert progress and "(connect_refused " in progress[-1]  # the kind, not only a count
+    assert progress[0].endswith(" ETA ?")  # nothing answered: no rate to tell the end by
+    assert "push summary (ended: gave_up)" in done.stderr
+    assert re.search(r"^  error connect_refused +\d+$", done.stderr, re.M), done.stderr
+    assert done.stderr.splitlines()[-1] == line  # the verdict stays the last line
     result = read_json(report)
     assert result["ended"] == "gave_up"
     assert result["sent"] == 0 and set(result["errors"]) == {"connect_refused"}

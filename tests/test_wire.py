@@ -26,7 +26,7 @@ SAMPLES: dict[int, tuple[tuple[object, ...], bytes]] = {
     ACK: ((7, -1), struct.pack("!Ib", 7, -1)),
     HANDOFF: ((TOKEN, b"GET /events"), struct.pack("!B", 32) + TOKEN + b"GET /events"),
     BCAST: ((9, b"ab", FRAME), struct.pack("!IB", 9, 2) + b"ab" + FRAME),
-    BCAST_DONE: ((9, 18000), struct.pack("!II", 9, 18000)),
+    BCAST_DONE: ((9, 18000, 3), struct.pack("!III", 9, 18000, 3)),
     STATS: ((3, b""), struct.pack("!I", 3)),
     REPLY: ((3, b'{"streams":1}'), struct.pack("!I", 3) + b'{"streams":1}'),
     ADMIN: ((4, b'{"op":"x"}'), struct.pack("!I", 4) + b'{"op":"x"}'),
@@ -42,6 +42,8 @@ SAMPLES: dict[int, tuple[tuple[object, ...], bytes]] = {
     EVICT: ((-1, TOKEN), struct.pack("!qB", -1, 32) + TOKEN),
     STATE: ((True, False), struct.pack("!??", True, False)),
     CLUSTER_VIEW: ((8, b'{"nodes":{}}'), struct.pack("!I", 8) + b'{"nodes":{}}'),
+    records.CLUSTER_BCAST: ((9, b"ab", FRAME), struct.pack("!IB", 9, 2) + b"ab" + FRAME),
+    records.CLUSTER_BCAST_DONE: ((9, b'{"nodes":{}}'), struct.pack("!I", 9) + b'{"nodes":{}}'),
 }
 
 
@@ -76,10 +78,10 @@ def is_open(fd: int) -> bool:
 def test_every_kind_has_a_sample_and_keeps_its_number() -> None:
     assert set(SAMPLES) == set(wire.LAYOUTS)
     assert (PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN) == tuple(range(1, 9))
-    assert (records.ROUTE, records.CLAIM, records.RELEASE, records.STATS, records.CLUSTER) == \
-        (32, 33, 34, 35, 36)
+    assert (records.ROUTE, records.CLAIM, records.RELEASE, records.STATS, records.CLUSTER,
+            records.CLUSTER_BCAST) == (32, 33, 34, 35, 36, 37)
     assert (records.ROUTED, records.CLAIMED, records.DELIVER, records.EVICT, records.STATE,
-            records.CLUSTER_VIEW) == (40, 41, 42, 43, 44, 45)
+            records.CLUSTER_VIEW, records.CLUSTER_BCAST_DONE) == (40, 41, 42, 43, 44, 45, 46)
 
 
 @pytest.mark.parametrize("kind", sorted(SAMPLES))

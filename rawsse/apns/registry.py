@@ -140,9 +140,11 @@ class Registry:
             return
         self.store.store_requeued(token, push)
 
-    def broadcast(self, frame: bytes, prefix: bytes | str = b"") -> int:
+    def broadcast(self, frame: bytes, prefix: bytes | str = b"") -> tuple[int, int]:
         """Write one shared ``frame`` to every stream (or those whose token starts with
-        ``prefix``: raw bytes for an even-length hex prefix, the hex text for an odd one)."""
+        ``prefix``: raw bytes for an even-length hex prefix, the hex text for an odd one).
+        (written, refused): a refusing stream ended instead (a reader too far behind is closed
+        as for any push, ``Stream.send``; or its device had gone)."""
         if not prefix:
             targets = list(self.streams.values())
         elif isinstance(prefix, bytes):
@@ -153,7 +155,7 @@ class Registry:
         for stream in targets:
             if stream.send(frame):
                 written += 1
-        return written
+        return written, len(targets) - written
 
     # -- expiry -------------------------------------------------------------------------------
 

@@ -206,10 +206,10 @@ class Routes:
         except PushRejected as rejected:
             request.answer(answers.error(rejected.status, rejected.reason))
             return
-        frame = sse.encode_event(apns_id, body)
+        frame = sse.encode_event(apns_id, body)  # the same bytes on every stream of every node
         self.worker.router.broadcast(frame, prefix_text.decode(),
-                                     lambda streams: request.answer(answers.json(
-                                         200, {"apns_id": apns_id.decode(), "streams": streams})))
+                                     lambda reached: request.answer(answers.json(
+                                         200, {"apns_id": apns_id.decode(), **reached})))
 
 
 def query_value(query: bytes, name: bytes) -> bytes:

@@ -45,6 +45,14 @@ class Accepted(enum.IntEnum):
 HELD, QUEUE_FULL, UNREACHABLE = Accepted.HELD, Accepted.QUEUE_FULL, Accepted.UNREACHABLE
 
 PushAnswer = Callable[[Accepted], None]
+# What a broadcast reached: ``{"streams", "refused"}`` for a node; in Redis mode also "nodes",
+# "missing" and "reasons" (``rawsse.cluster.broadcast``). The answer to POST /broadcast.
+BroadcastAnswer = Callable[[dict[str, Any]], None]
+
+
+def tally(written: int, refused: int) -> dict[str, Any]:
+    """A node's (or a worker's) part of a broadcast, as its answer shows it."""
+    return {"streams": written, "refused": refused}
 
 
 class Owner(Protocol):
@@ -62,8 +70,8 @@ class Router(Protocol):
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         """A device's ``GET /events`` is answered: its socket goes to the token's owner."""
 
-    def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
-        """Write ``frame`` to every stream (or those under ``prefix``); ``done(streams)``."""
+    def broadcast(self, frame: bytes, prefix: str, done: BroadcastAnswer) -> None:
+        """Write ``frame`` to every stream (or those under ``prefix``); ``done(what reached)``."""
 
     def collect_stats(self, done: Callable[[dict[str, Any]], None]) -> None:
         """``done(document)``: ``/stats`` for the node (and the cluster)."""
@@ -99,8 +107,8 @@ class LocalRouter:
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         self.worker.open_stream(fd, token, leftover, events)
 
-    def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
-        done(self.worker.broadcast_local(frame, prefix))
+    def broadcast(self, frame: bytes, prefix: str, done: BroadcastAnswer) -> None:
+        done(tally(*self.worker.broadcast_local(frame, prefix)))
 
     def collect_stats(self, done: Callable[[dict[str, Any]], None]) -> None:
         done(node_document([self.worker.snapshot()]))

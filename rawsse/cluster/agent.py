@@ -47,8 +47,15 @@ Stats
 -----
 Every ``STATS_SECONDS`` worker 0 sends the node's totals (``STATS``) and the agent writes them to
 ``P stats:<node>`` with ``PX`` = 4 intervals, refreshes this node's entry in the ``P nodes``
-sorted set (score = when it lapses) and reads the others' (``ZRANGE`` + ``MGET``; no ``SCAN`` over
-a keyspace holding a key per device). ``/stats`` asks the agent for that view (``CLUSTER``).
+sorted set (score = when it lapses; lapsed and leaving nodes: ``nodes.py``) and reads the live
+ones' (``ZRANGE`` + ``MGET``; no ``SCAN`` over a keyspace holding a key per device). ``/stats``
+asks the agent for that view (``CLUSTER``).
+
+Questions to every node
+-----------------------
+A broadcast taken on any node reaches every node (``broadcast.py``): the agent asks each other
+live node once on its channel and waits a bounded time (``nodes.py``); answering one, it hands
+the event to its own workers as they hand it to each other (``BCAST``).
 """
 
 from __future__ import annotations
@@ -66,6 +73,8 @@ import orjson
 from rawsse.cluster import records
 from rawsse.cluster import scripts
 from rawsse.cluster.agent_mesh import AgentMesh
+from rawsse.cluster.broadcast import Broadcasts
+from rawsse.cluster.nodes import MESSAGES as NODE_MESSAGES, Nodes
 from rawsse.config import ServeConfig
 from rawsse.node.control import receive_from_master
 from rawsse.node.routing import owner_of
@@ -96,6 +105,8 @@ class Agent:
         self.shas = {name: scripts.sha1(text).encode() for name, text in scripts.SCRIPTS.items()}
         self.mesh = AgentMesh(mesh_node, workers, self.on_record, self.undeliverable)
         self.pipeline = Pipeline(self.lost)
+        self.nodes = Nodes(self.keys, self.pipeline, lambda: self.up)
+        self.broadcasts = Broadcasts(self.mesh, self.nodes, config.broadcast_wait)
         self.commands: Any = None  # the pipeline's connection, also while it is set up
         self.subscriber: Any = None
         self.reader: asyncio.Task[None] | None = None
@@ -135,6 +146,10 @@ class Agent:
         elif kind == records.CLUSTER:
             rid, _ = records.parse_request(body)
             self.mesh.send(sender, records.CLUSTER_VIEW, records.request(rid, self.view()))
+        elif kind == records.CLUSTER_BCAST:
+            self.broadcasts.ask_others(sender, body)
+        elif kind == records.BCAST_DONE:
+            self.broadcasts.on_done(body)
         else:
             log.error("unknown agent record %d from worker %d", kind, sender)
 
@@ -184,13 +199,17 @@ class Agent:
         return orjson.dumps({
             "node_id": self.config.node_id,
             "nodes": self.cluster_view,
-            "redis": {"up": int(self.up), **self.counters, "batches": self.pipeline.batches,
+            "redis": {"up": int(self.up), **self.counters, **self.nodes.counters,
+                      "batches": self.pipeline.batches,
                       "commands": self.pipeline.commands, "last_error": self.last_error},
         })
 
     # -- messages on our channel --------------------------------------------------------------
 
     def on_channel_message(self, data: bytes) -> None:
+        if data[:1] in NODE_MESSAGES:  # a question from another node, or a reply to ours
+            self.nodes.on_message(data)
+            return
         try:
             kind, token, delay, value = scripts.parse_message(data)
         except (ValueError, IndexError) as exc:
@@ -207,7 +226,10 @@ class Agent:
 
     def undeliverable(self, worker: int, kind: int, body: bytes) -> None:
         """A record its worker could not take (being respawned): a routed push goes back into
-        Redis (the worker's streams died with it); replies and hints are moot."""
+        Redis (the worker's streams died with it); a broadcast counts none; replies and hints
+        are moot."""
+        if kind == records.BCAST:
+            self.broadcasts.undeliverable(body)
         if kind != records.DELIVER:
             return
         expires, delay, token, frame = records.parse_deliver(memoryview(body))
@@ -448,25 +470,23 @@ class Agent:
     # -- periodic -----------------------------------------------------------------------------
 
     async def refresh_cluster(self) -> None:
-        """Our heartbeat in ``P nodes`` and every live node's last totals."""
+        """Our heartbeat in ``P nodes`` (none once we are leaving) and every live node's last
+        totals."""
         if not self.up:
             return
-        now_ms = int(time.time() * 1000)
-        nodes_key = self.keys.prefix + b"nodes"
         try:
-            await self.pipeline.ask("ZADD", nodes_key, now_ms + int(4 * STATS_SECONDS * 1000),
-                                    self.keys.node)
-            await self.pipeline.ask("ZREMRANGEBYSCORE", nodes_key, "-inf", now_ms)
-            names = await self.pipeline.ask("ZRANGE", nodes_key, 0, -1)
+            names = await (self.nodes.read() if self.stopping else
+                           self.nodes.beat(4 * STATS_SECONDS))
             values = await self.pipeline.ask(
-                "MGET", *[self.keys.prefix + b"stats:" + name for name in names]) if names else []
+                "MGET", *[self.keys.prefix + b"stats:" + name.encode() for name in names]) \
+                if names else []
         except Exception as exc:
             self._failed(exc)
             return
         view = {}
         for name, value in zip(names, values):
             if value:
-                view[name.decode(errors="replace")] = orjson.loads(value)
+                view[name] = orjson.loads(value)
         self.cluster_view = view
 
     async def tick(self) -> None:
@@ -507,6 +527,11 @@ class Agent:
         through us. Leave once no worker is linked and nothing is queued, or at the deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.drain_seconds + DRAIN_GRACE_SECONDS
+        if self.up:  # leaving: other nodes' broadcasts stop waiting for (or missing) us
+            try:
+                await self.nodes.leave()
+            except Exception as exc:
+                log.warning("could not leave %snodes: %s", self.config.redis_prefix, exc)
         await asyncio.sleep(0.3)
         while loop.time() < deadline:
             if self.mesh.inbound == 0 and self.pipeline.idle():

@@ -66,9 +66,15 @@ class Pipeline:
         self.wakeup.set()
 
     async def ask(self, *args: Any) -> Any:
-        """``call`` for the agent's own sequential work (stats): the reply, or raises."""
+        """``call`` for the agent's own work (stats, questions to the other nodes): the reply,
+        or raises. A caller may stop waiting (a bounded wait): the late reply is dropped."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.call(args, future.set_result)
+
+        def settle(reply: Any) -> None:
+            if not future.done():  # cancelled with the task awaiting it
+                future.set_result(reply)
+
+        self.call(args, settle)
         reply = await future
         if isinstance(reply, BaseException):
             raise reply

@@ -14,18 +14,23 @@ worker → agent
   RELEASE  token                                    (no reply)
   STATS    node totals JSON                         (no reply; the agent writes stats:<node>)
   CLUSTER  rid                                      → CLUSTER_VIEW rid, JSON
+  CLUSTER_BCAST  rid, prefix, frame                 → CLUSTER_BCAST_DONE rid, JSON: the other
+                                                      nodes' parts of a broadcast taken here
 agent → worker
   DELIVER  expires, delay, token, frame   a push routed here by another node
   EVICT    seq, token                     another node's connect ``seq`` superseded ours
   STATE    up, resync                     Redis reachable or not; resync = re-claim your streams
+  BCAST    rid, prefix, frame             the workers' own broadcast record (``wire.py``), for a
+                                          broadcast another node took → BCAST_DONE rid, written,
+                                          refused
 """
 
 from __future__ import annotations
 
 # The kind numbers live with the other kinds in wire.py; the cluster code names them from here.
 from rawsse.node.wire import (
-    CLAIM, CLAIMED, CLUSTER, CLUSTER_VIEW, DELIVER, EVICT, NODE_STATS, RELEASE, ROUTE, ROUTED,
-    STATE, decoder, encoder,
+    BCAST, BCAST_DONE, CLAIM, CLAIMED, CLUSTER, CLUSTER_BCAST, CLUSTER_BCAST_DONE, CLUSTER_VIEW,
+    DELIVER, EVICT, NODE_STATS, RELEASE, ROUTE, ROUTED, STATE, decoder, encoder,
 )
 
 STATS = NODE_STATS  # the agent's STATS; the workers' own STATS (wire.STATS) is another kind
@@ -49,5 +54,8 @@ claimed, parse_claimed = encoder(CLAIMED), decoder(CLAIMED)
 deliver, parse_deliver = encoder(DELIVER), decoder(DELIVER)
 evict, parse_evict = encoder(EVICT), decoder(EVICT)
 state, parse_state = encoder(STATE), decoder(STATE)
-# CLUSTER and CLUSTER_VIEW: a request id, then JSON (the view) or nothing (the request)
+# CLUSTER, CLUSTER_VIEW, CLUSTER_BCAST_DONE: a request id, then JSON or nothing (a request)
 request, parse_request = encoder(CLUSTER), decoder(CLUSTER)
+# BCAST and CLUSTER_BCAST: a request id, the prefix (hex text), the frame
+broadcast, parse_broadcast = encoder(CLUSTER_BCAST), decoder(CLUSTER_BCAST)
+parse_broadcast_done = decoder(BCAST_DONE)

@@ -3,7 +3,8 @@
 ``join_cluster(process)`` adds the cluster's parts to a prefork worker (``rawsse.node.process``)
 by composition: a ``ClusterOwner`` in its router (what the owning worker does with a push), a
 ``RedisPending`` store in its registry (where a push waits), a stream class with one more slot,
-a tick hook, a snapshot hook, a gate on accepting, and the cluster view in ``/stats``.
+a tick hook, a snapshot hook, a gate on accepting, the cluster view in ``/stats``, and
+broadcasts that reach every node (``broadcast.py``).
 
 Theory of operation
 -------------------
@@ -52,9 +53,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import HELD, UNREACHABLE, Accepted, PushAnswer
+from rawsse.apns.routing import HELD, UNREACHABLE, Accepted, BroadcastAnswer, PushAnswer
 from rawsse.cluster import records
 from rawsse.cluster import scripts
+from rawsse.cluster.broadcast import Join
+from rawsse.node.mesh import REQUEST_TIMEOUT
 from rawsse.server.documents import sum_totals
 from rawsse.server.stream import Stream
 
@@ -146,6 +149,7 @@ class AgentClient:
         mesh.handle(records.ROUTED, self._on_routed)
         mesh.handle(records.CLAIMED, self._on_claimed)
         mesh.handle(records.CLUSTER_VIEW, self._on_view)
+        mesh.handle(records.CLUSTER_BCAST_DONE, self._on_view)  # the same shape: rid, JSON
         mesh.handle(records.DELIVER, self._on_deliver)
         mesh.handle(records.EVICT, self._on_evict)
         mesh.handle(records.STATE, self._on_state)
@@ -153,11 +157,12 @@ class AgentClient:
     def waiting(self) -> int:
         return sum(1 for entry in self.mesh.waiting.values() if entry[0] == self.peer)
 
-    def _request(self, kind: int, body: Callable[[int], bytes], done: Callable[[Any], None]) -> None:
+    def _request(self, kind: int, body: Callable[[int], bytes], done: Callable[[Any], None],
+                 timeout: float = REQUEST_TIMEOUT) -> None:
         if not self.mesh.can_send(self.peer):  # the agent is down (being respawned, starting)
             done(None)
             return
-        rid = self.mesh.expect(self.peer, done, None)
+        rid = self.mesh.expect(self.peer, done, None, timeout)
         self.mesh.send(self.peer, kind, body(rid))
 
     def route(self, token: bytes, push: Push, delay: float, mode: int,
@@ -181,6 +186,14 @@ class AgentClient:
 
     def cluster_view(self, done: Callable[[dict[str, Any] | None], None]) -> None:
         self._request(records.CLUSTER, records.request, done)
+
+    def broadcast_elsewhere(self, frame: bytes, prefix: str, wait: float,
+                            done: Callable[[dict[str, Any] | None], None]) -> None:
+        """``done({"nodes", "reasons"})``: the other nodes' parts, within ``wait`` (the agent's
+        bound) and a request timeout more; None when the agent could not be asked."""
+        self._request(records.CLUSTER_BCAST,
+                      lambda rid: records.broadcast(rid, prefix.encode(), frame), done,
+                      wait + REQUEST_TIMEOUT)
 
     # -- replies and messages -----------------------------------------------------------------
 
@@ -229,6 +242,7 @@ class ClusterNode:
         owner = ClusterOwner(self)
         process.router.owner = process.mesh.owner = owner
         process.router.finish_document = self.with_cluster
+        process.router.broadcast_to = self.broadcast
         process.finish_drain = self.finish_drain
         worker.registry.store = RedisPending(self)
         worker.stream_type = ClusterStream
@@ -381,6 +395,16 @@ class ClusterNode:
             if token in self.registry.streams:
                 continue  # attach already handed it over; never both
             self.give_back(token, pending.pop(token), records.MODE_REQUEUE)
+
+    # -- broadcasts -------------------------------------------------------------------------------
+
+    def broadcast(self, frame: bytes, prefix: str, done: BroadcastAnswer) -> None:
+        """Every node's streams (``broadcast.py``): this node's through the mesh and the
+        others' through the agent, at once."""
+        config = self.worker.config
+        join = Join(config.node_id, done)
+        self.process.router.node_broadcast(frame, prefix, join.node_done)
+        self.agent.broadcast_elsewhere(frame, prefix, config.broadcast_wait, join.others_done)
 
     # -- periodic work, stats, stop ----------------------------------------------------------------
 

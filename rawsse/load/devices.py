@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rawsse.load import loadgen
+from rawsse.load import loadgen, progress, summary
 from rawsse.limits import raise_nofile_limit
 from rawsse.config import ConfigError
 from rawsse.load.device import Device
@@ -56,8 +56,16 @@ report (JSON): count, processes, connected (at end), peak_connected, events, dup
   latency_ms {count,p50,p90,p99,max,mean} (push's apns-id stamp → receipt), reconnects,
   errors {kind: n}, duration_s, connect_rate_per_s; also unstamped (events whose id is not a
   rawsse stamp), attempts, connects, latency_histogram (mergeable), and timeline {bin_s,
-  attempts, connects, drops} (counts per time bin since the start), and ended (done,
-  expected_events, gave_up, SIGINT or SIGTERM).
+  attempts, connects, drops} (counts per time bin since the start, --timeline-bin, at most
+  100,000 bins: a longer run gets wider ones; devices connected at a bin's end = the running sum
+  of connects - drops, what `rawsse report` draws), and ended (done, expected_events, gave_up,
+  SIGINT or SIGTERM).
+progress line (stderr, each second): connected/--count (peak), events (/s), reconnects, errors
+  by kind, "ramp 0:05" until the last first connect is due (its --ramp slot + --jitter; "ramp ?"
+  after that while some device never got a stream), and the ETA: the --duration left (or the
+  --expect-events left at the last 5 s's rate, when sooner). At the end a summary table (not
+  under --quiet): connected, peak, reconnects, events received, latency p50/p99 when measured,
+  errors by kind.
 exit codes:
   0  the run ended and enough devices were connected (see --fail-under); also after SIGINT or
      SIGTERM, the way a harness ends a run early (the report and a summary line are written)
@@ -238,8 +246,10 @@ def default_processes(count: int) -> int:
 class Collector:
     """The parent's view: the latest snapshot of each child, the progress line, the report."""
 
-    def __init__(self, plan: Plan, quiet: bool) -> None:
+    def __init__(self, plan: Plan, quiet: bool, expect_events: int = 0) -> None:
         self.plan = plan
+        self.expect_events = expect_events
+        self.pace = progress.RateMeter()  # events received per second, for the ETA
         self.latest: dict[int, dict[str, Any]] = {}
         self.peak_connected = 0
         self.progress_line = loadgen.ProgressLine(quiet)
@@ -260,16 +270,36 @@ class Collector:
             loadgen.merge_counts(merged, snap.get("errors", {}))
         return dict(sorted(merged.items()))
 
-    def progress(self) -> None:
+    def progress(self, final: bool = False) -> None:
         now = time.monotonic()
         events = self.total("events")
         rate = (events - self._last_events) / max(now - self._last_print, 1e-6)
         self._last_events, self._last_print = events, now
+        self.pace.sample(now - self.plan.start, events)
         errors = loadgen.count_summary(self.errors())
+        eta = progress.eta_text(0.0) if final else self.ramp_left(now) + self.eta(now)
         self.progress_line.show(
             f"devices t={now - self.plan.start:5.1f}s connected {self.total('connected')}"
             f"/{self.plan.count} (peak {self.peak_connected}) events {events} ({rate:.0f}/s) "
-            f"reconnects {self.total('reconnects')} errors {errors}")
+            f"reconnects {self.total('reconnects')} errors {errors} {eta}")
+
+    def eta(self, now: float) -> str:
+        """The run ends at ``--duration`` (exact), or sooner once ``--expect-events`` events
+        came, at the rate they came over the last seconds."""
+        time_left = max(0.0, self.plan.start + self.plan.duration - now)
+        work_left = self.expect_events - self.total("events") if self.expect_events else None
+        return progress.eta_text(time_left, work_left, self.pace.rate)
+
+    def ramp_left(self, now: float) -> str:
+        """``"ramp 0:05 "`` until the last first connect is due (its ``--ramp`` slot plus at
+        most ``--jitter``); ``"ramp ? "`` once it is due and some device never got a stream;
+        nothing once every device had one."""
+        plan = self.plan
+        if self.total("first_connects") >= plan.count:
+            return ""
+        last_slot = (plan.count - plan.processes) / plan.ramp if plan.ramp > 0 else 0.0
+        due_in = plan.start + last_slot + plan.jitter - now
+        return f"ramp {progress.clock(due_in)} " if due_in > 0 else "ramp ? "
 
     def report(self, ended: float, failed_children: int) -> dict[str, Any]:
         latency = LatencyHistogram()
@@ -383,7 +413,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def run(args: argparse.Namespace) -> int:
     plan = make_plan(args)
-    collector = Collector(plan, args.quiet)
+    collector = Collector(plan, args.quiet, args.expect_events)
     base, extra = divmod(plan.count, plan.processes)
     sizes = [base + (1 if k < extra else 0) for k in range(plan.processes)]
     slices = [(sum(sizes[:k]), sizes[k]) for k in range(plan.processes)]
@@ -411,9 +441,10 @@ def run(args: argparse.Namespace) -> int:
         ended[0] = stops.name
     report = collector.report(time.monotonic(), failed)
     report["ended"] = ended[0]
-    collector.progress()
+    collector.progress(final=True)
     collector.progress_line.done()
     loadgen.write_report(report, args.report)
+    summary.show(summary.title("devices", report), summary.devices_rows(report), args.quiet)
     return verdict(report, args, failed)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from rawsse.load import loadgen
+from rawsse.load import loadgen, progress, summary
 from rawsse.config import ConfigError
 from rawsse.server.loop import Loop
 from rawsse.load.h1sender import Sender
@@ -65,9 +65,15 @@ report (JSON): sent, accepted, per_second (accepted/s), statuses {"200": n, "400
   streams_in_flight, batches, mean_batch, goaways, resent {goaway, refused}}: a stream the server
   refused or left above a GOAWAY's last-stream-id is sent again on a new connection, counted once;
   connect errors add tls, tls_verify, no_h2 (the server did not choose ALPN h2).
+  series {t_s, accepted, rejected, errors}: counts in each interval ending at t_s seconds since
+  the start, one a second (past 86,400 samples neighbours merge in pairs); latency_histogram
+  (mergeable): what `rawsse report` draws.
 progress line (stderr, each second): sent, accepted (/s), rejected (non-200s by status and
   reason), in-flight (--http2: /streams the connections up allow), errors by kind
-  (connect_refused, lost_timeout, ...), p99.
+  (connect_refused, lost_timeout, ...), p99, ETA: the --duration left, or the --count left at
+  the last 5 s's rate ("ETA ?" before anything is answered; "ETA ≤0:42" when only the
+  --duration bound is known). At the end a summary table (not under --quiet): sent, 200s, each
+  other status, errors by kind, pushes/s, latency p50/p90/p99/max.
 exit codes:
   0         the run ended and enough pushes were answered 200 (see --fail-under)
   1         too few 200s: a share under --fail-under or, without it, not one 200
@@ -131,6 +137,9 @@ class Driver:
         self.statuses: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.latency = LatencyHistogram()
+        # once a second: the rate pushes are done at (for the ETA) and the report's series
+        self.pace = progress.RateMeter()
+        self.series = progress.Series(("accepted", "rejected", "errors"))
 
     # schedule -------------------------------------------------------------------------------------
 
@@ -247,6 +256,7 @@ class Driver:
         self.request_pump()
         if now >= self.next_progress:
             self.next_progress += 1.0
+            self.sample_second()
             self.show_progress()
         self.loop.call_later(TICK_SECONDS, self.tick)
 
@@ -286,7 +296,22 @@ class Driver:
             self.retry.clear()
         for sender in self.senders:
             sender.shutdown()
+        self.series.close(self.loop.now - self.start, self.series_totals())
         self.loop.stop()
+
+    def sample_second(self) -> None:
+        elapsed = self.loop.now - self.start
+        self.pace.sample(elapsed, self.done())
+        self.series.sample(elapsed, self.series_totals())
+
+    def done(self) -> int:
+        """Pushes handed out that are no longer in flight nor waiting to be sent again."""
+        return (self.next_index - sum(len(s.inflight) for s in self.senders)
+                - len(self.retry))
+
+    def series_totals(self) -> tuple[int, int, int]:
+        return (self.accepted, sum(self.statuses.values()) - self.accepted,
+                sum(self.errors.values()))
 
     def show_progress(self) -> None:
         elapsed = max(1e-6, self.loop.now - self.start)
@@ -295,7 +320,17 @@ class Driver:
             f"({self.accepted / elapsed:.0f}/s) rejected {loadgen.count_summary(self.rejected())} "
             f"in-flight {sum(len(s.inflight) for s in self.senders)}{self._streams_shown()} "
             f"errors {loadgen.count_summary(self.errors)} "
-            f"p99 {self.latency.percentile(99):.2f} ms")
+            f"p99 {self.latency.percentile(99):.2f} ms {self.eta()}")
+
+    def eta(self) -> str:
+        """From what bounds the run: ``--duration`` (exact), ``--count`` (or one push per
+        target) at the rate pushes were done over the last seconds."""
+        if self.finished:
+            return progress.eta_text(0.0)
+        elapsed = self.loop.now - self.start
+        time_left = None if math.isinf(self.send_until) else max(0.0, self.send_until - elapsed)
+        work_left = None if math.isinf(self.total) else self.total - self.done()
+        return progress.eta_text(time_left, work_left, self.pace.rate)
 
     def _streams_shown(self) -> str:
         """--http2: the streams the connections up may have in flight, e.g. ``/500 streams``."""
@@ -323,6 +358,8 @@ class Driver:
             "mode": "broadcast" if self.targets is None else "targeted",
             "senders": len(self.senders), "pipeline": self.pipeline, "rate": self.rate,
             "ended": self.ended,
+            "series": self.series.to_dict(),
+            "latency_histogram": self.latency.to_dict(),
         }
         if self.targets is None:
             report["streams"] = self.streams
@@ -477,7 +514,9 @@ def run(args: argparse.Namespace) -> int:
         stops.restore()
     driver.show_progress()
     driver.progress_line.done()
-    loadgen.write_report(driver.report(), args.report)
+    report = driver.report()
+    loadgen.write_report(report, args.report)
+    summary.show(summary.title("push", report), summary.push_rows(report), args.quiet)
     return verdict(driver, args)
 
 

@@ -136,6 +136,20 @@ class LatencyHistogram:
             "mean": round(self.sum_ms / self.count, 3) if self.count else 0.0,
         }
 
+    def cdf(self) -> list[tuple[float, float]]:
+        """(latency ms, fraction of values ≤ it) at each bucket's upper edge (the last capped at
+        the exact max), from (the first bucket's lower edge, 0): a step plot drawn "post"."""
+        if not self.count:
+            return []
+        indexes = sorted(self.buckets)
+        first_ms = self.GROWTH ** indexes[0] / 1000.0 if indexes[0] else 0.0
+        points, seen = [(min(first_ms, self.max_ms), 0.0)], 0
+        for index in indexes:
+            seen += self.buckets[index]
+            points.append((min(self.GROWTH ** (index + 1) / 1000.0, self.max_ms),
+                           seen / self.count))
+        return points
+
     def to_dict(self) -> dict[str, object]:
         """A JSON-able form for sending between processes (keys become strings in JSON)."""
         return {"buckets": {str(k): v for k, v in self.buckets.items()}, "count": self.count,

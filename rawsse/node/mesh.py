@@ -13,7 +13,7 @@ push or a device can land anywhere; the mesh moves it to the owner:
   (``ACK``); only then does the receiving worker answer 200. An owner that is full, dead or
   unreachable makes the answer 503: a 200 always means the owner holds the push;
 - a broadcast goes once to each worker (``BCAST``), which writes its own streams and replies with
-  a count (``BCAST_DONE``); ``/stats`` asks each worker once (``STATS``/``REPLY``); admin
+  how many took it and how many refused it (``BCAST_DONE``); ``/stats`` asks each worker once (``STATS``/``REPLY``); admin
   commands are applied everywhere (``ADMIN``).
 
 Links: every worker listens on an abstract-namespace ``SOCK_SEQPACKET`` socket named after the
@@ -32,7 +32,8 @@ that peer are answered 503, never dropped.
 
 Extra peers: in Redis mode the node's Redis agent is one more peer (index = worker count, see
 ``rawsse/cluster/records.py``). ``add_peer`` links to it and ``handle`` routes its record kinds;
-it takes no part in broadcasts, ``/stats`` collection or admin commands, which go to workers only.
+it takes no part in broadcasts, ``/stats`` collection or admin commands, which go to workers only
+(it sends ``BCAST`` itself, for a broadcast another node took: ``rawsse/cluster/broadcast.py``).
 """
 
 from __future__ import annotations
@@ -360,22 +361,23 @@ class Mesh:
         self.send(peer, HANDOFF, body, fd)
         return True
 
-    def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
-        """Ask every peer to write ``frame`` to its streams; ``done(total)`` after all replied
-        (a peer that is down counts 0)."""
-        state = {"remaining": 0, "total": 0}
+    def broadcast(self, frame: bytes, prefix: str, done: Callable[[int, int], None]) -> None:
+        """Ask every peer to write ``frame`` to its streams; ``done(written, refused)`` summed
+        over the workers once all replied (a peer that is down counts 0)."""
+        state = [0, 0, 0]  # replies still awaited, written, refused
 
-        def reply(count: int) -> None:
-            state["total"] += count
-            state["remaining"] -= 1
-            if state["remaining"] == 0:
-                done(state["total"])
+        def reply(tally: tuple[int, int]) -> None:
+            state[1] += tally[0]
+            state[2] += tally[1]
+            state[0] -= 1
+            if state[0] == 0:
+                done(state[1], state[2])
 
         prefix_bytes = prefix.encode()
         peers = self.worker_peers()
-        state["remaining"] = len(peers) + 1
+        state[0] = len(peers) + 1
         for peer in peers:
-            rid = self.expect(peer, reply, 0, BROADCAST_TIMEOUT)
+            rid = self.expect(peer, reply, (0, 0), BROADCAST_TIMEOUT)
             self.send(peer, BCAST, encode(BCAST, rid, prefix_bytes, frame))
         reply(self.worker.broadcast_local(frame, prefix))
 
@@ -435,11 +437,11 @@ class Mesh:
             self.resolve(rid, _ACK_MEANING.get(value, UNREACHABLE))
         elif kind == BCAST:
             rid, prefix, frame = decode(BCAST, body)
-            count = self.worker.broadcast_local(frame, prefix.decode())
-            self._reply(BCAST_DONE, encode(BCAST_DONE, rid, count))
+            written, refused = self.worker.broadcast_local(frame, prefix.decode())
+            self._reply(BCAST_DONE, encode(BCAST_DONE, rid, written, refused))
         elif kind == BCAST_DONE:
-            rid, count = decode(BCAST_DONE, body)
-            self.resolve(rid, count)
+            rid, written, refused = decode(BCAST_DONE, body)
+            self.resolve(rid, (written, refused))
         elif kind == STATS:
             rid, _ = decode(STATS, body)
             self._reply(REPLY, encode(REPLY, rid, self._snapshot_json()))

@@ -16,7 +16,7 @@ import zlib
 from typing import TYPE_CHECKING, Any, Callable
 
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import Owner, PushAnswer
+from rawsse.apns.routing import BroadcastAnswer, Owner, PushAnswer, tally
 from rawsse.node.wire import STATS
 from rawsse.server.documents import node_document
 
@@ -45,6 +45,8 @@ class MeshRouter:
         # The last step of /stats: the node document as is, or (Redis mode) with the cluster.
         self.finish_document: Callable[[Document, Callable[[Document], None]], None] = \
             _as_is
+        # Where a broadcast goes: this node's workers, or (Redis mode) every node's.
+        self.broadcast_to: Callable[[bytes, str, BroadcastAnswer], None] = self.node_broadcast
 
     def submit(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
         owner = owner_of(token, self.worker.count)
@@ -73,8 +75,12 @@ class MeshRouter:
         worker.stats.handoff_failures += 1
         worker.refuse_device(fd, leftover)
 
-    def broadcast(self, frame: bytes, prefix: str, done: Callable[[int], None]) -> None:
-        self.mesh.broadcast(frame, prefix, done)
+    def broadcast(self, frame: bytes, prefix: str, done: BroadcastAnswer) -> None:
+        self.broadcast_to(frame, prefix, done)
+
+    def node_broadcast(self, frame: bytes, prefix: str, done: BroadcastAnswer) -> None:
+        """Every worker of this node writes ``frame`` to its streams."""
+        self.mesh.broadcast(frame, prefix, lambda written, refused: done(tally(written, refused)))
 
     def node_stats(self, done: Callable[[Document], None]) -> None:
         """``done(document)`` for this node: every worker's snapshot and the master's facts."""

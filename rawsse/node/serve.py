@@ -15,10 +15,14 @@ from rawsse.apns import auth_flags
 from rawsse.apns.admin import MAX_TOKEN_STATES, TOKEN_STATE_BYTES
 from rawsse.config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
                      parse_fault, parse_int)
+from rawsse.node.mesh import BROADCAST_TIMEOUT
 
 log = logging.getLogger(__name__)
 
 ADMIN_ON_PUBLIC = "public"  # --admin-listen public: the operator routes on --listen too
+# A node answering another's broadcast waits this long for its own workers: waiting longer for
+# its answer would gain nothing.
+MAX_BROADCAST_WAIT = BROADCAST_TIMEOUT
 
 EPILOG = """\
 delays (--delivery-delay, --response-delay, and the per-push header rawsse-delivery-delay):
@@ -44,6 +48,8 @@ several nodes as one service (Redis >= 6.2, pip install 'rawsse[redis]'):
   rawsse serve --listen :8378 --redis redis://redis.internal:6379 --node-id a
   rawsse serve --listen :8378 --redis redis://redis.internal:6379 --node-id b
   A push accepted by any node reaches the node holding the device; pending pushes live in Redis.
+  POST /broadcast on any node reaches every node's streams; its answer sums their counts and
+  names in "missing" the nodes that did not answer within --broadcast-wait.
 
 """ + auth_flags.EPILOG
 
@@ -131,6 +137,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--redis-prefix", default=d.redis_prefix, metavar="P",
         help="prefix of every Redis key and channel; nodes of one service share it, separate "
              "services or test runs use different ones (default: %(default)s)")
+    add("--broadcast-wait", metavar="SECONDS",
+        help="Redis mode: how long POST /broadcast waits for the other nodes' counts; a node "
+             "that has not answered by then is named in the answer's \"missing\" (it may still "
+             f"write the event) (default: {d.broadcast_wait:g}, at most {MAX_BROADCAST_WAIT:g})")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="(default: %(default)s)")
 
@@ -210,8 +220,9 @@ def _redis_options(args: argparse.Namespace) -> dict[str, Any]:
     """--redis, --node-id, --redis-prefix: checked here, Redis itself is reached later (by
     the node's agent, which keeps retrying), so a node may start before its Redis."""
     if not args.redis_url:
-        if args.node_id:
-            raise ConfigError("--node-id", "only means something with --redis")
+        for flag, value in (("--node-id", args.node_id), ("--broadcast-wait", args.broadcast_wait)):
+            if value:
+                raise ConfigError(flag, "only means something with --redis")
         return {}
     url = args.redis_url.strip()
     if not url.startswith(("redis://", "rediss://", "unix://")):
@@ -224,7 +235,15 @@ def _redis_options(args: argparse.Namespace) -> dict[str, Any]:
     prefix = args.redis_prefix
     if any(c.isspace() for c in prefix):
         raise ConfigError("--redis-prefix", f"{prefix!r} contains whitespace")
-    return {"redis_url": url, "node_id": node_id, "redis_prefix": prefix}
+    options: dict[str, Any] = {"redis_url": url, "node_id": node_id, "redis_prefix": prefix}
+    if args.broadcast_wait is not None:
+        wait = _positive(args.broadcast_wait, "--broadcast-wait")
+        if wait > MAX_BROADCAST_WAIT:
+            raise ConfigError("--broadcast-wait", f"{args.broadcast_wait.strip()} is over "
+                              f"{MAX_BROADCAST_WAIT:g} s, the longest a node waits for its own "
+                              "workers' part of a broadcast")
+        options["broadcast_wait"] = wait
+    return options
 
 
 def _tls_options(args: argparse.Namespace,

@@ -54,9 +54,10 @@ TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 # worker <-> worker
 PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN = range(1, 9)
 # worker -> agent (NODE_STATS is ``records.STATS``: the node's totals for the agent to store)
-ROUTE, CLAIM, RELEASE, NODE_STATS, CLUSTER = 32, 33, 34, 35, 36
+ROUTE, CLAIM, RELEASE, NODE_STATS, CLUSTER, CLUSTER_BCAST = 32, 33, 34, 35, 36, 37
 # agent -> worker
-ROUTED, CLAIMED, DELIVER, EVICT, STATE, CLUSTER_VIEW = 40, 41, 42, 43, 44, 45
+ROUTED, CLAIMED, DELIVER, EVICT, STATE, CLUSTER_VIEW, CLUSTER_BCAST_DONE = \
+    40, 41, 42, 43, 44, 45, 46
 
 
 def address(node: int, index: int) -> str:
@@ -87,7 +88,7 @@ LAYOUTS: dict[int, Layout] = {
     ACK: Layout("!Ib", ("rid", "accepted")),  # 1 accepted, 0 queue full, -1 owner unavailable
     HANDOFF: Layout("!B", (), ("token",), "leftover"),  # the socket rides as SCM_RIGHTS
     BCAST: Layout("!IB", ("rid",), ("prefix",), "frame"),
-    BCAST_DONE: Layout("!II", ("rid", "count")),
+    BCAST_DONE: Layout("!III", ("rid", "count", "refused")),
     STATS: _REQUEST,
     REPLY: _REQUEST,
     ADMIN: _REQUEST,
@@ -96,12 +97,14 @@ LAYOUTS: dict[int, Layout] = {
     RELEASE: _RAW,  # the token
     NODE_STATS: _RAW,  # JSON
     CLUSTER: _REQUEST,
+    CLUSTER_BCAST: Layout("!IB", ("rid",), ("prefix",), "frame"),  # as BCAST
     ROUTED: Layout("!Ib", ("rid", "outcome")),
     CLAIMED: Layout("!Iq", ("rid", "seq"), rest="value"),
     DELIVER: Layout("!ddB", ("expires", "delay"), ("token",), "frame"),
     EVICT: Layout("!qB", ("seq",), ("token",)),
     STATE: Layout("!??", ("up", "resync")),
     CLUSTER_VIEW: _REQUEST,
+    CLUSTER_BCAST_DONE: _REQUEST,  # JSON: the other nodes' parts
 }
 
 Encoder = Callable[..., bytes]

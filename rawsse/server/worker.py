@@ -243,15 +243,15 @@ class Worker:
         if stream.send(leftover + head if leftover else head):
             self.registry.attach(stream)
 
-    def broadcast_local(self, frame: bytes, prefix: str) -> int:
-        """Write ``frame`` to this worker's streams (under ``prefix``); how many took it."""
+    def broadcast_local(self, frame: bytes, prefix: str) -> tuple[int, int]:
+        """Write ``frame`` to this worker's streams (under ``prefix``); (written, refused)."""
         self.stats.broadcasts += 1
         key: bytes | str = prefix
         if prefix and len(prefix) % 2 == 0:
             key = bytes.fromhex(prefix)
-        written = self.registry.broadcast(frame, key)
+        written, refused = self.registry.broadcast(frame, key)
         self.stats.broadcast_events += written
-        return written
+        return written, refused
 
     def snapshot(self) -> dict[str, Any]:
         doc = snapshot(self.stats, worker=self.index, streams=len(self.registry.streams),
