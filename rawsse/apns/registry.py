@@ -18,8 +18,10 @@ decides *whether* a push waits; the store decides *where*.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from typing import TYPE_CHECKING, Iterator, Protocol
 
+from rawsse.server.latency import BOUNDS as LATENCY_BOUNDS
 from rawsse.server.stats import Stats
 
 if TYPE_CHECKING:
@@ -27,13 +29,15 @@ if TYPE_CHECKING:
 
 
 class Push:
-    """One accepted push as it travels: the encoded SSE event and its absolute expiry."""
+    """One accepted push as it travels: the encoded SSE event, its absolute expiry, and when it
+    was received (``time.monotonic()`` seconds, for the delivery latency: ``latency.py``)."""
 
-    __slots__ = ("frame", "expires")
+    __slots__ = ("frame", "expires", "received")
 
-    def __init__(self, frame: bytes, expires: float) -> None:
+    def __init__(self, frame: bytes, expires: float, received: float) -> None:
         self.frame = frame
         self.expires = expires  # unix seconds; 0 = deliver now or discard
+        self.received = received
 
     def expired(self, now: float) -> bool:
         """Past its ``apns-expiration`` (always, for 0: deliver now or discard)."""
@@ -104,7 +108,9 @@ class Registry:
         """Write ``push`` to the token's stream, or let it wait, or discard it."""
         stream = self.streams.get(token)
         if stream is not None:
-            self.stats.delivered_live += 1
+            stats = self.stats
+            stats.delivered_live += 1
+            stats.latency[bisect_right(LATENCY_BOUNDS, time.monotonic() - push.received)] += 1
             stream.send(push.frame, push)
         elif push.expired(time.time()):
             self.stats.discarded += 1

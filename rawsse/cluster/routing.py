@@ -198,7 +198,8 @@ class AgentClient:
 
     def _on_deliver(self, body: memoryview) -> None:
         expires, delay, token, frame = records.parse_deliver(body)
-        self.cluster.routed_in(token, Push(frame, expires), delay)
+        # Received here: another node's monotonic clock is not ours (``latency.py``).
+        self.cluster.routed_in(token, Push(frame, expires, time.monotonic()), delay)
 
     def _on_evict(self, body: memoryview) -> None:
         seq, token = records.parse_evict(body)
@@ -307,7 +308,7 @@ class ClusterNode:
             stream.seq = seq
         if value:
             expires, frame = scripts.decode_value(value)
-            self._hand_claimed(token, Push(frame, expires))
+            self._hand_claimed(token, Push(frame, expires, time.monotonic()))
 
     def _hand_claimed(self, token: bytes, push: Push) -> None:
         """A pending push claimed from Redis: to the token's stream here, or back."""

@@ -234,6 +234,7 @@ class Worker:
     def _start_stream(self, stream: Stream, leftover: bytes) -> None:
         """Write the head (after any earlier pipelined response), then attach: newest wins and
         a pending push follows the head at once."""
+        self.stats.streams_opened += 1
         head = random.choice(self.preambles)
         if stream.send(leftover + head if leftover else head):
             self.registry.attach(stream)
