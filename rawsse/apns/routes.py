@@ -12,6 +12,8 @@ Route map:
   POST /broadcast[?prefix=]   one event to every stream            public listener
   GET  /healthz               liveness                             both listeners
   GET  /stats, /metrics       JSON and Prometheus                  operator listener*
+  GET  /dashboard             the live view (a page)               operator listener*
+  GET  /stats/events          its figures, SSE, one a second       operator listener*
   /admin/tokens[/<hex>]       per-token simulated states           operator listener*
   /admin/faults               fault rules                          operator listener*
   (* the public listener too with --admin-listen public)

@@ -417,7 +417,8 @@ class ClusterNode:
 
 
 def cluster_document(doc: dict[str, Any], view: dict[str, Any] | None) -> dict[str, Any]:
-    """Add the cluster to a node's ``/stats``: other nodes' last totals plus ours, live."""
+    """Add the cluster to a node's ``/stats``: other nodes' last totals plus ours, live, summed
+    (``cluster``) and by node (``cluster_nodes``, the live view's per-node rows)."""
     if view is None:  # the agent is down
         doc.update(node_id=None, nodes=1, cluster=doc["node"], redis={"up": 0})
         return doc
@@ -426,5 +427,6 @@ def cluster_document(doc: dict[str, Any], view: dict[str, Any] | None) -> dict[s
     doc["node_id"] = node_id
     doc["nodes"] = len(others) + 1
     doc["cluster"] = sum_totals([doc["node"], *others])
+    doc["cluster_nodes"] = {**view["nodes"], node_id: doc["node"]}
     doc["redis"] = view["redis"]
     return doc

@@ -55,6 +55,7 @@ from rawsse.server.http1 import Http1Connection
 from rawsse.server.listener import Listener, bind_listener
 from rawsse.server.loop import READ_EVENTS, Loop
 from rawsse.server.stats import Stats, snapshot
+from rawsse.server.statsevents import VIEWER_TOKEN, StatsEvents
 from rawsse.server.stream import Stream
 from rawsse.server.tls import TlsHandshake, refuse_tls, server_context
 from rawsse.server.transport import SocketTransport
@@ -90,6 +91,7 @@ class Worker:
         self.admin = admin.copy() if admin is not None else AdminState(config.faults)
         self.ids = IdGenerator()
         self.routes = Routes(self)
+        self.stats_events = StatsEvents(self)  # /stats/events viewers, on worker 0 only
         self.router: Router = LocalRouter(self, LocalOwner(self.delivery))
         self.stream_type: type[Stream] = Stream  # a Redis-mode stream carries one more slot
         self.http_conns: set[Http1Connection | H2Connection | TlsHandshake] = set()
@@ -201,6 +203,9 @@ class Worker:
 
     def open_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         """The fd, still registered for its connection, becomes a ``Stream`` of this worker."""
+        if token == VIEWER_TOKEN:  # /stats/events, not a device (statsevents.py)
+            self.stats_events.adopt(fd, leftover, registered=True)
+            return
         stream = self.stream_type(fd, token)
         self.loop.replace(fd, stream)
         if events != READ_EVENTS:
@@ -217,6 +222,9 @@ class Worker:
         passed on with the rest."""
         if self.draining:
             self.refuse_device(fd, leftover)
+            return
+        if token == VIEWER_TOKEN:
+            self.stats_events.adopt(fd, leftover, registered=False)
             return
         stream = self.stream_type(fd, token)
         self.loop.add(fd, stream, READ_EVENTS)
