@@ -12,6 +12,7 @@ import pytest
 
 from browser import Browser, chromium_binary
 from conftest import Server, launch
+from rawsse.node.routing import owner_of
 from viewer import Viewer
 from wire import HTTPClient, SSEReader, build_request, get_json, wait_for
 
@@ -47,19 +48,23 @@ def _latency(node: Server) -> dict[str, int]:
 
 
 def test_stats_count_live_deliveries_by_latency_bucket_across_workers(node, readers):
-    token = DEVICE + "cc"
-    readers.append(SSEReader(node.host, node.port, token))
+    # One device per worker: whichever worker takes the sender's connection, the pushes to one
+    # of them cross the mesh (their receipt time travels in the PUSH record).
+    tokens = [next(DEVICE + f"c{i}" for i in range(10)
+                   if owner_of(bytes.fromhex(DEVICE + f"c{i}"), 2) == owner) for owner in (0, 1)]
+    readers.extend(SSEReader(node.host, node.port, token) for token in tokens)
     before = _latency(node)
     client = HTTPClient(node.host, node.port)
-    try:  # the connection lands on either worker; the owner may be the other one
-        assert _push(client, token, 5, delay="300ms") == [200] * 5
-        assert _push(client, token, 5) == [200] * 5
+    try:
+        for token in tokens:
+            assert _push(client, token, 5, delay="300ms") == [200] * 5
+            assert _push(client, token, 5) == [200] * 5
     finally:
         client.close()
-    assert wait_for(lambda: sum(_latency(node).values()) - sum(before.values()) == 10)
+    assert wait_for(lambda: sum(_latency(node).values()) - sum(before.values()) == 20)
     grown = {label: n - before[label] for label, n in _latency(node).items() if n > before[label]}
-    assert grown.get("0.5") == 5  # 300 ms: the (0.2 s, 0.5 s] bucket
-    assert sum(n for label, n in grown.items() if float(label) <= 0.1) == 5, grown
+    assert grown.get("0.5") == 10  # 300 ms: the (0.2 s, 0.5 s] bucket
+    assert sum(n for label, n in grown.items() if float(label) <= 0.1) == 10, grown
 
 
 def test_the_page_is_one_self_contained_file_never_cached(node):

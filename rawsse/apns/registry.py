@@ -44,6 +44,12 @@ class Push:
         return self.expires < now
 
 
+class Clock(Protocol):
+    """What dates a delivery: the worker's ``Loop`` (``now``: monotonic, once per turn)."""
+
+    now: float
+
+
 class PendingStore(Protocol):
     """Where a push waits for its device, and what a stream is handed when it attaches."""
 
@@ -61,14 +67,18 @@ class PendingStore(Protocol):
 
 
 class Registry:
-    __slots__ = ("streams", "pending", "stats", "store", "_sweep_iter")
+    __slots__ = ("streams", "pending", "stats", "clock", "store", "_sweep_iter")
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, clock: "Clock") -> None:
+        """``clock``: the worker's ``Loop``, whose ``now`` (monotonic, read once per loop turn)
+        dates deliveries for the latency histogram: an attribute read where ``time.monotonic()``
+        is a call, 68 ns a push (``python -m timeit -s "import time" "time.monotonic()"``)."""
         self.streams: dict[bytes, Stream] = {}
         # Pushes held in this process: every pending push (one worker, a prefork node), or the
         # ones Redis could not take yet (a cluster node).
         self.pending: dict[bytes, Push] = {}
         self.stats = stats
+        self.clock = clock
         self.store: PendingStore = LocalPending(self)
         self._sweep_iter: Iterator[bytes] | None = None
 
@@ -110,7 +120,7 @@ class Registry:
         if stream is not None:
             stats = self.stats
             stats.delivered_live += 1
-            stats.latency[bisect_right(LATENCY_BOUNDS, time.monotonic() - push.received)] += 1
+            stats.latency[bisect_right(LATENCY_BOUNDS, self.clock.now - push.received)] += 1
             stream.send(push.frame, push)
         elif push.expired(time.time()):
             self.stats.discarded += 1

@@ -1,14 +1,18 @@
 """Delivery latency: a fixed log-scale histogram, one bucket count per push written live.
 
 What is measured: from the loop turn in which the worker that received the push (any worker of
-the node) parsed it, to the ``os.write`` of its event on the device's stream in the owning
-worker: the hop through the mesh, the owner's queue and any ``--delivery-delay`` included (both
-ends read ``CLOCK_MONOTONIC``, one clock for every process of a host). Pushes that waited for an
+the node) parsed it, to the loop turn in which the owning worker writes its event on the
+device's stream: the hop through the mesh, the owner's queue and any ``--delivery-delay``
+included. Both ends read their loop's ``now`` (``time.monotonic()`` when the turn began: one
+``CLOCK_MONOTONIC`` for every process of a host, and an attribute read instead of a call per
+push), so a push received and written in the same turn counts 0 and the precision is one turn. Pushes that waited for an
 offline device (delivered on connect) are not latency and are not counted; in Redis mode a push
 routed from another node counts from its arrival here (two hosts share no monotonic clock).
 
 Cost: the histogram is a list of ints on the worker's ``Stats``; a delivery adds one
-``bisect_right`` over ``BOUNDS`` and one increment (``Registry.deliver``), nothing is allocated.
+``bisect_right`` over ``BOUNDS`` and one increment (``Registry.deliver``): 142 ns a push
+(``python -m timeit``), 1.7 % of the instructions of a pipelined push through one worker
+(``bench/push_probe.py`` under callgrind: 93,882 per push with it, 92,323 without).
 Workers' counts are summed like every other ``/stats`` figure (``documents.sum_totals``); the
 quantiles are estimated from the summed counts (``quantile``).
 """

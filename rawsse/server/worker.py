@@ -85,7 +85,7 @@ class Worker:
         self.count = count
         self.loop = Loop()
         self.stats = Stats()
-        self.registry = Registry(self.stats)
+        self.registry = Registry(self.stats, self.loop)
         self.delivery = Delivery(self.registry, self.loop, config)
         # A worker (re)spawned by the master starts from the node's run-time admin state.
         self.admin = admin.copy() if admin is not None else AdminState(config.faults)
