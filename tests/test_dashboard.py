@@ -6,13 +6,18 @@ errors), so the order of the tests does not matter."""
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Iterator
 
 import pytest
 
 from browser import Browser, chromium_binary
 from conftest import Server, launch
+from rawsse.config import ServeConfig
 from rawsse.node.routing import owner_of
+from rawsse.server.statsevents import STALL_SECONDS
+from rawsse.server.worker import Worker
 from viewer import Viewer
 from wire import HTTPClient, SSEReader, build_request, get_json, wait_for
 
@@ -176,3 +181,31 @@ def test_the_dashboard_renders_in_headless_chromium(node, readers, tmp_path):
         browser.close()
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_a_viewer_that_stops_reading_holds_one_frame_and_is_closed_after_30_seconds():
+    """In-process, over a real socketpair whose reader never reads: each second's frame is
+    skipped while the last one is not all in the kernel, and 30 s of that closes the viewer."""
+    worker = Worker(ServeConfig(keepalive=0))
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ours.setblocking(False)  # as every accepted socket is (Worker.accept)
+        hub = worker.stats_events
+        hub.adopt(os.dup(ours.fileno()), b"", registered=False)  # the first collection, at once
+        (viewer,) = hub.viewers
+        frames = [hub.last_frame]
+        while not viewer.out:  # until the kernel buffer is full
+            hub._collected(worker.snapshot())
+            frames.append(hub.last_frame)
+            assert len(frames) < 1000
+        for _ in range(STALL_SECONDS):
+            hub._collected(worker.snapshot())
+            # what waits is the rest of one frame, never a backlog
+            assert viewer.fd >= 0 and any(frame.endswith(viewer.out) for frame in frames)
+        hub._collected(worker.snapshot())
+        assert viewer.fd == -1 and not hub.viewers
+    finally:
+        ours.close()
+        theirs.close()
+        worker.loop.close()
