@@ -5,7 +5,8 @@ through an SSH tunnel to the operator listener (``docs/runbook.md``). The page o
 ``EventSource`` on ``stats/events`` (relative, so a tunnel or a path prefix keeps working) and
 redraws on each event (``statsevents.py``, ``figures.py``): big numbers, two sparklines
 (pushes/s received and streams, the last two minutes), a table per worker, one per node in
-Redis mode, and the recent errors. The browser reconnects by itself when the node restarts.
+Redis mode, and the recent errors. It reconnects by itself when the node restarts, and retries
+every second after a refusal (503: too many viewers, worker 0 being replaced).
 
 Elements a test reads carry ids (``streams``, ``received``, ``p50``, …: ``tests/test_dashboard.py``).
 """
@@ -206,10 +207,19 @@ function render(f) {
   }
 }
 
-const source = new EventSource("stats/events");
-source.onopen = () => { $("state").textContent = "live"; $("state").className = "live"; };
-source.onerror = () => { $("state").textContent = "reconnecting\\u2026"; $("state").className = "down"; };
-source.onmessage = (event) => render(JSON.parse(event.data));
+// EventSource retries by itself after a lost connection, but gives up for good on an answer
+// that is not 200 (WHATWG HTML 9.2.3): a 503 (16 viewers already, worker 0 being replaced)
+// would leave the page dead, so a closed source is opened again a second later.
+function connect() {
+  const source = new EventSource("stats/events");
+  source.onopen = () => { $("state").textContent = "live"; $("state").className = "live"; };
+  source.onmessage = (event) => render(JSON.parse(event.data));
+  source.onerror = () => {
+    $("state").textContent = "reconnecting\\u2026"; $("state").className = "down";
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 1000);
+  };
+}
+connect();
 </script>
 </body>
 </html>
