@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="push API and device streams (default: %(default)s, the port of Fleet's mock)")
     add("--admin-listen", metavar="HOST:PORT",
         help="serve the operator routes (/stats, /metrics, /dashboard, /admin/*) here only "
-             "(default: "
-             "127.0.0.1 on the --listen port + 1); 'public' serves them on --listen, open to "
+             "(default: 127.0.0.1 on the --listen port + 1); 'public' serves them on --listen, "
+             "open to "
              f"every sender; at most {MAX_TOKEN_STATES:,} token states (/admin/tokens), about "
              f"{MAX_TOKEN_STATES * TOKEN_STATE_BYTES // 1_000_000} MB per process")
     add("--keepalive", default="15", metavar="SECONDS",
