@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from conftest import _die_with_parent
+from viewer import Viewer
 from wire import HTTPClient, SSEReader, build_request, get_json, wait_for
 
 def _redis_server_binary() -> str:
@@ -517,6 +518,15 @@ def test_stats_and_metrics_show_the_node_and_the_cluster(shared_redis, cluster, 
     doc = stats(a)
     assert doc["node_id"] == "na" and doc["node"]["streams"] == 3
     assert doc["redis"]["up"] == 1 and doc["redis"]["errors"] == 0
+    assert {name: n["streams"] for name, n in doc["cluster_nodes"].items()} == {"na": 3, "nb": 5}
+    viewer = Viewer(a.host, a.admin_port)  # the live view's per-node rows
+    try:
+        figures = viewer.next()
+    finally:
+        viewer.close()
+    assert figures["node_id"] == "na"
+    assert [(row["node"], row["here"], row["streams"]) for row in figures["nodes"]] == \
+        [("na", True, 3), ("nb", False, 5)]
     metrics = metrics_text(a)
     for line in ("rawsse_redis_up 1", "rawsse_redis_errors_total 0", "rawsse_cluster_nodes 2"):
         assert line in metrics

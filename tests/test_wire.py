@@ -22,7 +22,8 @@ FRAME = b'data: {"aps":{"alert":"hi"}}\n\n'
 
 # kind -> (fields in LAYOUTS order, the body as the hand-written codecs packed it before wire.py)
 SAMPLES: dict[int, tuple[tuple[object, ...], bytes]] = {
-    PUSH: ((7, 1.7e9, 0.5, TOKEN, FRAME), struct.pack("!IddB", 7, 1.7e9, 0.5, 32) + TOKEN + FRAME),
+    PUSH: ((7, 1.7e9, 4.5, 0.5, TOKEN, FRAME),
+           struct.pack("!IdddB", 7, 1.7e9, 4.5, 0.5, 32) + TOKEN + FRAME),
     ACK: ((7, -1), struct.pack("!Ib", 7, -1)),
     HANDOFF: ((TOKEN, b"GET /events"), struct.pack("!B", 32) + TOKEN + b"GET /events"),
     BCAST: ((9, b"ab", FRAME), struct.pack("!IB", 9, 2) + b"ab" + FRAME),
@@ -95,7 +96,7 @@ def test_codec_keeps_the_byte_layout_and_round_trips(kind: int) -> None:
 def test_a_trailing_byte_string_may_be_left_out() -> None:
     assert wire.encode(CLAIMED, 6, 1) == wire.encode(CLAIMED, 6, 1, b"")
     assert records.request(8) == wire.encode(CLUSTER, 8, b"")
-    assert wire.decode(PUSH, wire.encode(PUSH, 1, 2.0, 3.0, TOKEN)) == (1, 2.0, 3.0, TOKEN, b"")
+    assert wire.decode(PUSH, wire.encode(PUSH, 1, 2.0, 2.5, 3.0, TOKEN)) == (1, 2.0, 2.5, 3.0, TOKEN, b"")
 
 
 def test_records_names_are_the_wire_codecs() -> None:

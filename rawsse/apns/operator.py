@@ -1,5 +1,6 @@
-"""The operator routes: liveness, ``/stats``, ``/metrics``, and the admin routes that set the
-simulated outcomes (``admin.py``) at run time.
+"""The operator routes: liveness, ``/stats``, ``/metrics``, the live view (``/dashboard``, its
+page, and ``/stats/events``, its figures: ``rawsse/server/dashboard.py``, ``statsevents.py``), and
+the admin routes that set the simulated outcomes (``admin.py``) at run time.
 
 They are served on the operator listener only (``--admin-listen``, by default loopback on the
 public port + 1: on the public listener any sender could mark devices unregistered), or on the
@@ -17,8 +18,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from rawsse.apns import answers
 from rawsse.apns.admin import AdminError
+from rawsse.server import dashboard
 from rawsse.server.exchange import Answer, Request
 from rawsse.server.metrics import render_metrics
+from rawsse.server.statsevents import VIEWER_TOKEN
 
 if TYPE_CHECKING:
     from rawsse.server.worker import Worker
@@ -36,6 +39,8 @@ class OperatorRoutes:
             b"/healthz": self.healthz,
             b"/stats": self.stats,
             b"/metrics": self.metrics,
+            b"/stats/events": self.stats_events,
+            b"/dashboard": self.dashboard,
             _TOKENS: self.admin_tokens,
             b"/admin/faults": self.admin_faults,
             b"/admin/auth": self.admin_auth,
@@ -62,6 +67,19 @@ class OperatorRoutes:
     def metrics(self, request: Request, rest: bytes) -> None:
         self.worker.router.collect_stats(
             lambda doc: request.answer(Answer(200, render_metrics(doc), _METRICS_TYPE)))
+
+    def stats_events(self, request: Request, rest: bytes) -> None:
+        """The figures as SSE, one event a second, served by worker 0 (``statsevents.py``)."""
+        if request.method != b"GET":
+            request.answer(answers.error(405, "MethodNotAllowed"))
+            return
+        request.become_stream(VIEWER_TOKEN)
+
+    def dashboard(self, request: Request, rest: bytes) -> None:
+        if request.method != b"GET":
+            request.answer(answers.error(405, "MethodNotAllowed"))
+            return
+        request.answer(dashboard.ANSWER)
 
     def admin_tokens(self, request: Request, rest: bytes) -> None:
         """GET lists; PUT/POST /admin/tokens/<hex> {"state": ...}; DELETE one or all."""

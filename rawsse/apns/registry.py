@@ -18,8 +18,10 @@ decides *whether* a push waits; the store decides *where*.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from typing import TYPE_CHECKING, Iterator, Protocol
 
+from rawsse.server.latency import BOUNDS as LATENCY_BOUNDS
 from rawsse.server.stats import Stats
 
 if TYPE_CHECKING:
@@ -27,17 +29,25 @@ if TYPE_CHECKING:
 
 
 class Push:
-    """One accepted push as it travels: the encoded SSE event and its absolute expiry."""
+    """One accepted push as it travels: the encoded SSE event, its absolute expiry, and when it
+    was received (``time.monotonic()`` seconds, for the delivery latency: ``latency.py``)."""
 
-    __slots__ = ("frame", "expires")
+    __slots__ = ("frame", "expires", "received")
 
-    def __init__(self, frame: bytes, expires: float) -> None:
+    def __init__(self, frame: bytes, expires: float, received: float) -> None:
         self.frame = frame
         self.expires = expires  # unix seconds; 0 = deliver now or discard
+        self.received = received
 
     def expired(self, now: float) -> bool:
         """Past its ``apns-expiration`` (always, for 0: deliver now or discard)."""
         return self.expires < now
+
+
+class Clock(Protocol):
+    """What dates a delivery: the worker's ``Loop`` (``now``: monotonic, once per turn)."""
+
+    now: float
 
 
 class PendingStore(Protocol):
@@ -57,14 +67,18 @@ class PendingStore(Protocol):
 
 
 class Registry:
-    __slots__ = ("streams", "pending", "stats", "store", "_sweep_iter")
+    __slots__ = ("streams", "pending", "stats", "clock", "store", "_sweep_iter")
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, clock: "Clock") -> None:
+        """``clock``: the worker's ``Loop``, whose ``now`` (monotonic, read once per loop turn)
+        dates deliveries for the latency histogram: an attribute read where ``time.monotonic()``
+        is a call, 68 ns a push (``python -m timeit -s "import time" "time.monotonic()"``)."""
         self.streams: dict[bytes, Stream] = {}
         # Pushes held in this process: every pending push (one worker, a prefork node), or the
         # ones Redis could not take yet (a cluster node).
         self.pending: dict[bytes, Push] = {}
         self.stats = stats
+        self.clock = clock
         self.store: PendingStore = LocalPending(self)
         self._sweep_iter: Iterator[bytes] | None = None
 
@@ -104,7 +118,9 @@ class Registry:
         """Write ``push`` to the token's stream, or let it wait, or discard it."""
         stream = self.streams.get(token)
         if stream is not None:
-            self.stats.delivered_live += 1
+            stats = self.stats
+            stats.delivered_live += 1
+            stats.latency[bisect_right(LATENCY_BOUNDS, self.clock.now - push.received)] += 1
             stream.send(push.frame, push)
         elif push.expired(time.time()):
             self.stats.discarded += 1

@@ -12,6 +12,8 @@ Route map:
   POST /broadcast[?prefix=]   one event to every stream            public listener
   GET  /healthz               liveness                             both listeners
   GET  /stats, /metrics       JSON and Prometheus                  operator listener*
+  GET  /dashboard             the live view (a page)               operator listener*
+  GET  /stats/events          its figures, SSE, one a second       operator listener*
   /admin/tokens[/<hex>]       per-token simulated states           operator listener*
   /admin/faults               fault rules                          operator listener*
   /admin/auth                 revoked keys and certificates         operator listener*
@@ -126,7 +128,7 @@ class Routes:
             timestamp = int(now * 1000) if fault.status == 410 else None
             self._push_error(request, apns_id, fault.status, fault.reason, timestamp)
             return
-        push = Push(sse.encode_event(apns_id, checked.payload), checked.expires)
+        push = Push(sse.encode_event(apns_id, checked.payload), checked.expires, worker.loop.now)
         delay = (checked.delay or config.delivery_delay).sample()
         worker.router.submit(checked.token, push, delay,
                              lambda accepted: self._push_answered(request, apns_id, accepted))
@@ -141,6 +143,7 @@ class Routes:
         """200 once the owner of the token holds the push; 503 when a bounded queue was full
         or the owner is unreachable, so the sender retries (never a 200 that is then dropped)."""
         if accepted is HELD:
+            self.stats.pushes_ok += 1
             if self.development:  # Apple's sandbox: an id to look the push up in its console
                 answer = Answer(200, b"", None, ((b"apns-id", apns_id),
                                                  (b"apns-unique-id", self.worker.ids.new())))

@@ -211,7 +211,8 @@ class AgentClient:
 
     def _on_deliver(self, body: memoryview) -> None:
         expires, delay, token, frame = records.parse_deliver(body)
-        self.cluster.routed_in(token, Push(frame, expires), delay)
+        # Received here: another node's monotonic clock is not ours (``latency.py``).
+        self.cluster.routed_in(token, Push(frame, expires, time.monotonic()), delay)
 
     def _on_evict(self, body: memoryview) -> None:
         seq, token = records.parse_evict(body)
@@ -321,7 +322,7 @@ class ClusterNode:
             stream.seq = seq
         if value:
             expires, frame = scripts.decode_value(value)
-            self._hand_claimed(token, Push(frame, expires))
+            self._hand_claimed(token, Push(frame, expires, time.monotonic()))
 
     def _hand_claimed(self, token: bytes, push: Push) -> None:
         """A pending push claimed from Redis: to the token's stream here, or back."""
@@ -440,7 +441,8 @@ class ClusterNode:
 
 
 def cluster_document(doc: dict[str, Any], view: dict[str, Any] | None) -> dict[str, Any]:
-    """Add the cluster to a node's ``/stats``: other nodes' last totals plus ours, live."""
+    """Add the cluster to a node's ``/stats``: other nodes' last totals plus ours, live, summed
+    (``cluster``) and by node (``cluster_nodes``, the live view's per-node rows)."""
     if view is None:  # the agent is down
         doc.update(node_id=None, nodes=1, cluster=doc["node"], redis={"up": 0})
         return doc
@@ -449,5 +451,6 @@ def cluster_document(doc: dict[str, Any], view: dict[str, Any] | None) -> dict[s
     doc["node_id"] = node_id
     doc["nodes"] = len(others) + 1
     doc["cluster"] = sum_totals([doc["node"], *others])
+    doc["cluster_nodes"] = {**view["nodes"], node_id: doc["node"]}
     doc["redis"] = view["redis"]
     return doc

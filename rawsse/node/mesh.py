@@ -351,7 +351,8 @@ class Mesh:
             answer(QUEUE_FULL)
             return
         rid = self.expect(peer, answer, UNREACHABLE)
-        self.send(peer, PUSH, _encode_push(rid, push.expires, delay, token, push.frame))
+        self.send(peer, PUSH, _encode_push(rid, push.expires, push.received, delay, token,
+                                           push.frame))
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
         """Queue ``fd`` for ``peer``; False (the caller still owns the fd) when it cannot go."""
@@ -427,8 +428,8 @@ class Mesh:
 
     def _dispatch(self, kind: int, body: memoryview) -> None:
         if kind == PUSH:
-            rid, expires, delay, token, frame = _decode_push(body)
-            push = Push(frame, expires)
+            rid, expires, received, delay, token, frame = _decode_push(body)
+            push = Push(frame, expires, received)
             peer = self._reply_to  # the answer may come later (a cluster worker asks Redis)
             self.owner.take(token, push, delay,
                             lambda accepted: self.reply(peer, ACK, _encode_ack(rid, accepted)))

@@ -41,6 +41,8 @@ routes on --listen (default 0.0.0.0:8378), for senders and devices:
 operator routes on --admin-listen, by default 127.0.0.1 on the --listen port + 1
 (127.0.0.1:8379), so two nodes on one host do not collide:
   GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults, /admin/auth
+  GET /dashboard: the live view in a browser (over ssh -L 8379:127.0.0.1:8379 from afar),
+  fed by GET /stats/events (SSE, one JSON event a second, at most 16 viewers per node)
   --admin-listen public serves them on --listen too, where any sender can reach them;
   request bodies and answers: docs/runbook.md, "Admin routes"
 
@@ -60,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--listen", default="0.0.0.0:8378", metavar="HOST:PORT",
         help="push API and device streams (default: %(default)s, the port of Fleet's mock)")
     add("--admin-listen", metavar="HOST:PORT",
-        help="serve the operator routes (/stats, /metrics, /admin/*) here only (default: "
-             "127.0.0.1 on the --listen port + 1); 'public' serves them on --listen, open to "
+        help="serve the operator routes (/stats, /metrics, /dashboard, /admin/*) here only "
+             "(default: 127.0.0.1 on the --listen port + 1); 'public' serves them on --listen, "
+             "open to "
              f"every sender; at most {MAX_TOKEN_STATES:,} token states (/admin/tokens), about "
              f"{MAX_TOKEN_STATES * TOKEN_STATE_BYTES // 1_000_000} MB per process")
     add("--keepalive", default="15", metavar="SECONDS",

@@ -57,10 +57,12 @@ def load(path: str, now: float | None = None) -> dict[bytes, Push]:
         raise StateFileError(f"state file {path} is not a rawsse v{VERSION} state file")
     now = time.time() if now is None else now
     pending: dict[bytes, Push] = {}
+    received = time.monotonic()  # their latency, if a device takes them live, counts from here
     try:
         for token_hex, expires, frame in document["pending"]:
             if expires > now:
-                pending[bytes.fromhex(token_hex)] = Push(base64.b64decode(frame), float(expires))
+                pending[bytes.fromhex(token_hex)] = Push(base64.b64decode(frame), float(expires),
+                                                          received)
     except (KeyError, TypeError, ValueError) as exc:
         raise StateFileError(f"state file {path} has a malformed entry: {exc}") from None
     return pending

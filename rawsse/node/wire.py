@@ -13,8 +13,8 @@ the n-th ``HANDOFF`` record.
 
 Record bodies are described by one table, ``LAYOUTS``: a fixed ``struct`` part, then byte
 strings whose lengths end the fixed part (``sized``), then at most one byte string running to
-the end of the body (``rest``). PUSH, for instance, is ``!IddB`` (request id, expires, delay,
-token length), then the token, then the frame. ``encode(kind, *fields)`` and ``decode(kind,
+the end of the body (``rest``). PUSH, for instance, is ``!IdddB`` (request id, expires, received,
+delay, token length), then the token, then the frame. ``encode(kind, *fields)`` and ``decode(kind,
 body)`` work for every kind; the functions behind them are generated from the table once, at
 import, as the code one would write by hand (the way ``collections.namedtuple`` builds its
 methods), so no table is consulted per record. A kind with no byte strings is its ``struct``'s
@@ -23,7 +23,7 @@ own ``pack`` and ``unpack_from``. Against the hand-written codecs these replaced
 at 0.38 us; to measure the PUSH now::
 
     python -m timeit -s "from rawsse.node import wire; e, d = wire.encoder(wire.PUSH), \
-        wire.decoder(wire.PUSH)" "d(memoryview(e(7, 1.7e9, 0.0, bytes(32), bytes(300))))"
+        wire.decoder(wire.PUSH)" "d(memoryview(e(7, 1.7e9, 5.0, 0.0, bytes(32), bytes(300))))"
 
 Kinds 1-31 are the workers' own; kinds from 32 up are the Redis agent's (their meaning is in
 ``rawsse/cluster/records.py``).
@@ -84,7 +84,8 @@ _REQUEST = Layout("!I", ("rid",), rest="payload")  # a request id, then JSON or 
 _RAW = Layout("!", rest="body")
 
 LAYOUTS: dict[int, Layout] = {
-    PUSH: Layout("!IddB", ("rid", "expires", "delay"), ("token",), "frame"),
+    # ``received``: the receiving worker's monotonic clock, for the delivery latency (latency.py)
+    PUSH: Layout("!IdddB", ("rid", "expires", "received", "delay"), ("token",), "frame"),
     ACK: Layout("!Ib", ("rid", "accepted")),  # 1 accepted, 0 queue full, -1 owner unavailable
     HANDOFF: Layout("!B", (), ("token",), "leftover"),  # the socket rides as SCM_RIGHTS
     BCAST: Layout("!IB", ("rid",), ("prefix",), "frame"),

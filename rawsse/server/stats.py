@@ -16,6 +16,7 @@ import resource
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
+from rawsse.server import latency
 from rawsse.server.procinfo import process_memory
 
 
@@ -49,6 +50,7 @@ class Stats:
     connections_accepted: int = _counter("rawsse_connections_accepted_total",
                                          "Connections accepted.")
     pushes_received: int = _counter("rawsse_pushes_received_total", "Push requests on /3/device/.")
+    pushes_ok: int = _counter("rawsse_pushes_ok_total", "Pushes answered 200.")
     delivered_live: int = _outcome()
     delivered_on_connect: int = _counter(
         "rawsse_delivered_on_connect_total",
@@ -75,6 +77,8 @@ class Stats:
     keepalives: int = _counter("rawsse_keepalives_total", "Keepalive comments written.")
     slow_reader_closes: int = _counter("rawsse_slow_reader_closes_total",
                                        "Streams closed over their output buffer.")
+    streams_opened: int = _counter("rawsse_streams_opened_total",
+                                   "Device streams opened (first connects and reconnects).")
     takeovers: int = _counter("rawsse_takeovers_total",
                               "Streams replaced by a newer one for the same token.")
     http_requests: int = _counter("rawsse_http_requests_total", "HTTP requests parsed.")
@@ -92,6 +96,8 @@ class Stats:
         default_factory=lambda: dict.fromkeys(DISCONNECT_REASONS, 0))
     # errno name -> count
     accept_errors: dict[str, int] = field(default_factory=dict)
+    # pushes written live, by delivery latency bucket (latency.py)
+    latency: list[int] = field(default_factory=latency.new_counts)
 
     def reject(self, status: int, reason: str) -> None:
         self.rejected += 1
@@ -129,6 +135,7 @@ def snapshot(stats: Stats, *, worker: int, streams: int, http: int, pending: int
                        sorted(stats.rejections.items())},
         "disconnects": dict(stats.disconnects),
         "accept_errors": dict(stats.accept_errors),
+        "delivery_latency": latency.as_document(stats.latency),
         "rss_bytes": rss,
         "uss_bytes": uss,
         "open_fds": count_open_fds(),

@@ -56,6 +56,7 @@ from rawsse.server.http1 import Http1Connection
 from rawsse.server.listener import Listener, bind_listener
 from rawsse.server.loop import READ_EVENTS, Loop
 from rawsse.server.stats import Stats, snapshot
+from rawsse.server.statsevents import VIEWER_TOKEN, StatsEvents
 from rawsse.server.stream import Stream
 from rawsse.server.tls import TlsHandshake, refuse_tls, server_context
 from rawsse.server.transport import SocketTransport
@@ -85,7 +86,7 @@ class Worker:
         self.count = count
         self.loop = Loop()
         self.stats = Stats()
-        self.registry = Registry(self.stats)
+        self.registry = Registry(self.stats, self.loop)
         self.delivery = Delivery(self.registry, self.loop, config)
         # A worker (re)spawned by the master starts from the node's run-time admin state.
         self.admin = admin.copy() if admin is not None else AdminState(config.faults)
@@ -93,6 +94,7 @@ class Worker:
         # Provider authentication (--auth); None under --auth off: the push route skips it.
         self.auth = Authenticator(config, self.admin.auth) if config.auth != "off" else None
         self.routes = Routes(self)
+        self.stats_events = StatsEvents(self)  # /stats/events viewers, on worker 0 only
         self.router: Router = LocalRouter(self, LocalOwner(self.delivery))
         self.stream_type: type[Stream] = Stream  # a Redis-mode stream carries one more slot
         self.http_conns: set[Http1Connection | H2Connection | TlsHandshake] = set()
@@ -206,6 +208,9 @@ class Worker:
 
     def open_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         """The fd, still registered for its connection, becomes a ``Stream`` of this worker."""
+        if token == VIEWER_TOKEN:  # /stats/events, not a device (statsevents.py)
+            self.stats_events.adopt(fd, leftover, registered=True)
+            return
         stream = self.stream_type(fd, token)
         self.loop.replace(fd, stream)
         if events != READ_EVENTS:
@@ -223,6 +228,9 @@ class Worker:
         if self.draining:
             self.refuse_device(fd, leftover)
             return
+        if token == VIEWER_TOKEN:
+            self.stats_events.adopt(fd, leftover, registered=False)
+            return
         stream = self.stream_type(fd, token)
         self.loop.add(fd, stream, READ_EVENTS)
         self._start_stream(stream, leftover)
@@ -239,6 +247,7 @@ class Worker:
     def _start_stream(self, stream: Stream, leftover: bytes) -> None:
         """Write the head (after any earlier pipelined response), then attach: newest wins and
         a pending push follows the head at once."""
+        self.stats.streams_opened += 1
         head = random.choice(self.preambles)
         if stream.send(leftover + head if leftover else head):
             self.registry.attach(stream)
