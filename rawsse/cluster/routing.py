@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
+from rawsse.apns import deliverylog
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import HELD, UNREACHABLE, Accepted, PushAnswer
 from rawsse.cluster import records
@@ -70,6 +71,12 @@ STATS_SECONDS = 2.0
 RESYNC_SLICE = 2000  # re-claims per loop turn: a resync of 150k streams must not stall the loop
 OUTBOX_SLICE = 2000  # locally kept pushes given back to Redis per tick
 DRAIN_WAIT_SECONDS = 2.0
+
+# What each ROUTE outcome means for the push, in the delivery log (FAILED: not taken, so the
+# route answers 503, or the push is kept here and logged as stored).
+_ROUTE_EVENTS = {scripts.ROUTED: deliverylog.ROUTED, scripts.STORED: deliverylog.STORED_IN_REDIS,
+                 scripts.COALESCED: deliverylog.STORED_IN_REDIS,
+                 scripts.DISCARDED: deliverylog.DISCARDED}
 
 COUNTERS = ("routed_out", "routed_in", "given_back", "kept_local", "claims", "claimed",
             "claim_failures", "route_failures", "evictions", "resyncs")
@@ -104,7 +111,7 @@ class ClusterOwner:
             answer(cluster.worker.delivery.accept(token, push, delay))
             return
         cluster.agent.route(token, push, delay, records.MODE_PUSH,
-                            lambda outcome: answer(cluster.count_route(outcome)))
+                            lambda outcome: answer(cluster.count_route(outcome, token, push)))
 
 
 class RedisPending:
@@ -242,9 +249,10 @@ class ClusterNode:
 
     # -- pushes ---------------------------------------------------------------------------------
 
-    def count_route(self, outcome: int) -> Accepted:
+    def count_route(self, outcome: int, token: bytes, push: Push) -> Accepted:
         """Count a ROUTE outcome as the single-node counters would; HELD if Redis took it,
         UNREACHABLE if Redis (or the agent) could not be reached."""
+        self.log_route(outcome, token, push)
         stats = self.stats
         if outcome == scripts.ROUTED:
             self.counters["routed_out"] += 1
@@ -258,6 +266,13 @@ class ClusterNode:
             self.counters["route_failures"] += 1
             return UNREACHABLE
         return HELD
+
+    def log_route(self, outcome: int, token: bytes, push: Push) -> None:
+        """Record where ROUTE put ``push`` in the delivery log (if it is on)."""
+        log = self.registry.log
+        code = _ROUTE_EVENTS.get(outcome)
+        if log is not None and code is not None:
+            log.record(code, token, push)
 
     def routed_in(self, token: bytes, push: Push, delay: float) -> None:
         """A push another node routed here because this node owns the device."""
@@ -273,6 +288,7 @@ class ClusterNode:
         self.counters["given_back"] += 1
 
         def done(outcome: int) -> None:
+            self.log_route(outcome, token, push)
             if outcome == scripts.FAILED:
                 self.counters["kept_local"] += 1
                 self.registry.keep(token, push, newly_stored=False)
@@ -311,15 +327,19 @@ class ClusterNode:
 
     def _hand_claimed(self, token: bytes, push: Push) -> None:
         """A pending push claimed from Redis: to the token's stream here, or back."""
+        log = self.registry.log
         if push.expired(time.time()):
             self.stats.expired += 1
+            if log is not None:
+                log.record(deliverylog.EXPIRED, token, push)
             return
         stream = self.registry.streams.get(token)
         if stream is None:
             self.give_back(token, push, records.MODE_REQUEUE)
             return
         self.stats.delivered_on_connect += 1
-        stream.send(push.frame, push)
+        if stream.send(push.frame, push) and log is not None:
+            log.record(deliverylog.DELIVERED_ON_CONNECT, stream.token, push)
 
     def held(self, token: bytes) -> ClusterStream | None:
         """The token's stream here (every stream of a cluster worker is a ClusterStream)."""

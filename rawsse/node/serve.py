@@ -12,6 +12,7 @@ import tempfile
 from typing import Any
 
 from rawsse.apns.admin import MAX_TOKEN_STATES, TOKEN_STATE_BYTES
+from rawsse.apns.deliverylog import ENTRY_BYTES
 from rawsse.config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
                      parse_fault, parse_int)
 
@@ -35,7 +36,8 @@ routes on --listen (default 0.0.0.0:8378), for senders and devices:
   use --listen; rawsse certs DIR writes a CA and a certificate to try it with
 operator routes on --admin-listen, by default 127.0.0.1 on the --listen port + 1
 (127.0.0.1:8379), so two nodes on one host do not collide:
-  GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults
+  GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults,
+  /admin/deliveries?token=<hex>, /admin/deliveries/<apns-id> (--delivery-log)
   --admin-listen public serves them on --listen too, where any sender can reach them;
   request bodies and answers: docs/runbook.md, "Admin routes"
 
@@ -84,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "MiB holds ~60,000 pushes of 4 KB a worker) (default: %(default)s)")
     add("--max-delayed", default=str(d.max_delayed), metavar="N",
         help="pushes waiting out a delivery delay per worker before pushes get 503 "
+             "(default: %(default)s)")
+    add("--delivery-log", default=str(d.delivery_log), metavar="N",
+        help="push outcomes (delivered, pending, expired, discarded, rejected) each worker "
+             "keeps for GET /admin/deliveries and rawsse push --verify: the last N, about "
+             f"{ENTRY_BYTES} B each, preallocated (the default: about "
+             f"{d.delivery_log * ENTRY_BYTES // 1_000_000} MB per worker); 0 turns it off "
              "(default: %(default)s)")
     add("--stream-buffer", default=str(d.stream_buffer), metavar="BYTES",
         help="unsent bytes a stream may hold before it is closed as a slow reader "
@@ -148,6 +156,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         retry_ms=parse_int(args.retry, "--retry", 0),
         max_pending=parse_int(args.max_pending, "--max-pending", 1),
         max_delayed=parse_int(args.max_delayed, "--max-delayed", 1),
+        delivery_log=parse_int(args.delivery_log, "--delivery-log", 0),
         max_pending_bytes=parse_int(args.max_pending_bytes, "--max-pending-bytes", 4096),
         stream_buffer=parse_int(args.stream_buffer, "--stream-buffer", 256),
         header_limit=parse_int(args.header_limit, "--header-limit", 1024),

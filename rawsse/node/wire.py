@@ -53,6 +53,7 @@ TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 # worker <-> worker
 PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN = range(1, 9)
+DELIVERIES = 20  # a deliveries query (JSON), answered with REPLY (rawsse/apns/deliverylog.py)
 # worker -> agent (NODE_STATS is ``records.STATS``: the node's totals for the agent to store)
 ROUTE, CLAIM, RELEASE, NODE_STATS, CLUSTER = 32, 33, 34, 35, 36
 # agent -> worker
@@ -91,6 +92,7 @@ LAYOUTS: dict[int, Layout] = {
     STATS: _REQUEST,
     REPLY: _REQUEST,
     ADMIN: _REQUEST,
+    DELIVERIES: _REQUEST,
     ROUTE: Layout("!IBddB", ("rid", "mode", "expires", "delay"), ("token",), "frame"),
     CLAIM: Layout("!IBB", ("rid", "mode"), ("token",)),
     RELEASE: _RAW,  # the token
