@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,9 @@ from rawsse.apns.deliverylog import ENTRY_BYTES, DeliveryLog
 from rawsse.apns.registry import Push
 from rawsse.node.routing import owner_of
 from rawsse.server import sse
-from test_redis import push  # one push on a new connection: they spread over the workers
+from test_redis import (  # noqa: F401 (shared_redis and cluster are fixtures)
+    _children, cluster, push, shared_redis, stats, wait_owned,
+)
 from wire import HTTPClient, SSEReader, wait_for
 
 PAYLOAD = b'{"mdm":"x"}'  # what test_redis.push sends
@@ -157,3 +160,50 @@ def test_entry_cost_is_what_help_says():
     per_entry = (after - before) / size
     print(f"{per_entry:.1f} B per delivery-log entry")
     assert ENTRY_BYTES * 0.85 <= per_entry <= ENTRY_BYTES, per_entry
+
+
+# -- Redis mode: two nodes ------------------------------------------------------------------------
+
+def agent_pid(node) -> int:
+    workers = {w["pid"] for w in stats(node)["workers"]}
+    return next(p for p in _children(node.proc.pid) if p not in workers)
+
+
+def test_deliveries_across_two_nodes(shared_redis, cluster, readers):
+    a, b = cluster(shared_redis, 2)
+    expiring, expiring_id = tokens_of("rexpiring", 0)[0], new_id()
+    assert push(b, expiring, headers={"apns-id": expiring_id,
+                                      "apns-expiration": str(int(time.time()) + 1)}).status == 200
+    live = tokens_of("rlive", 1)[0]
+    readers.append(SSEReader(b.host, b.port, live))
+    wait_owned(shared_redis.client(), cluster.prefix, [live], "nb")
+    answer = push(a, live)  # to node a; the device is on node b
+    assert answer.status == 200
+    live_id = answer.headers["apns-id"]
+    assert readers[-1].next_event(timeout=5).id == live_id
+    for node in (a, b):  # either node's operator sees both nodes' part
+        delivered = fate(node, live_id)
+        assert delivered["fate"] == "delivered", delivered
+        assert (delivered["delivered"]["node"], delivered["delivered"]["worker"]) == ("nb", 1)
+        assert [(e["event"], e["node"]) for e in delivered["events"]] == [("routed", "na"),
+                                                                        ("delivered", "nb")]
+        assert delivered["delivered"]["delay_ms"] >= 0 and delivered["late_nodes"] == []
+
+    offline, offline_id = tokens_of("roffline", 0)[0], new_id()
+    assert push(a, offline, headers={"apns-id": offline_id}).status == 200
+    pending = fate(b, offline_id)
+    assert pending["fate"] == "pending" and pending["pending"]["where"] == "redis"
+    by_token = ask(b, "GET", f"/admin/deliveries?token={offline}").json()
+    assert by_token["pending"]["apns_id"] == offline_id
+    assert [(e["event"], e["node"]) for e in by_token["events"]] == [("stored_in_redis", "na")]
+
+    assert wait_for(lambda: fate(a, expiring_id)["fate"] == "expired", timeout=4)
+
+    agent = agent_pid(b)  # a node that cannot answer in time is named, not waited for
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        late = fate(a, live_id)
+        assert late["late_nodes"] == ["nb"] and time.monotonic() - started < 3
+    finally:
+        os.kill(agent, signal.SIGCONT)

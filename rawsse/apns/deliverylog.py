@@ -88,15 +88,16 @@ class DeliveryLog:
 
     # -- recording (the hot path: stores only) ------------------------------------------------
 
-    def record(self, code: int, token: bytes, push: "Push") -> None:
-        """``push`` (for ``token``) met outcome ``code``."""
+    def record(self, code: int, token: bytes, push: "Push", at: float = 0.0) -> None:
+        """``push`` (for ``token``) met outcome ``code``, now or at loop time ``at`` (when a
+        reply tells later what was decided: Redis routed it when it was taken)."""
         i = self.next
         frame = push.frame
         offset = i * ID_LEN
         self.ids[offset:offset + ID_LEN] = frame[_ID_START:_ID_END]
         self.tokens[i] = token
         self.codes[i] = code
-        self.times[i] = self.clock.now
+        self.times[i] = at or self.clock.now
         self.expires[i] = push.expires
         self.sizes[i] = len(frame)
         self.next = i + 1 if i + 1 < self.size else 0

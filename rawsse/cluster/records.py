@@ -14,18 +14,21 @@ worker → agent
   RELEASE  token                                    (no reply)
   STATS    node totals JSON                         (no reply; the agent writes stats:<node>)
   CLUSTER  rid                                      → CLUSTER_VIEW rid, JSON
+  FIND     rid, deliveries query JSON               → FOUND rid, the other nodes' answers JSON
+  ANSWER   rid, this node's answers JSON            (the reply to an ASK)
 agent → worker
   DELIVER  expires, delay, token, frame   a push routed here by another node
   EVICT    seq, token                     another node's connect ``seq`` superseded ours
   STATE    up, resync                     Redis reachable or not; resync = re-claim your streams
+  ASK      rid, deliveries query JSON     another node's query: answer for this node (ANSWER)
 """
 
 from __future__ import annotations
 
 # The kind numbers live with the other kinds in wire.py; the cluster code names them from here.
 from rawsse.node.wire import (
-    CLAIM, CLAIMED, CLUSTER, CLUSTER_VIEW, DELIVER, EVICT, NODE_STATS, RELEASE, ROUTE, ROUTED,
-    STATE, decoder, encoder,
+    ANSWER, ASK, CLAIM, CLAIMED, CLUSTER, CLUSTER_VIEW, DELIVER, EVICT, FIND, FOUND, NODE_STATS,
+    RELEASE, ROUTE, ROUTED, STATE, decoder, encoder,
 )
 
 STATS = NODE_STATS  # the agent's STATS; the workers' own STATS (wire.STATS) is another kind
@@ -51,3 +54,4 @@ evict, parse_evict = encoder(EVICT), decoder(EVICT)
 state, parse_state = encoder(STATE), decoder(STATE)
 # CLUSTER and CLUSTER_VIEW: a request id, then JSON (the view) or nothing (the request)
 request, parse_request = encoder(CLUSTER), decoder(CLUSTER)
+# FIND, ANSWER, FOUND and ASK have the same layout: ``request`` and ``parse_request`` serve them

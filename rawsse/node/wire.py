@@ -58,6 +58,9 @@ DELIVERIES = 20  # a deliveries query (JSON), answered with REPLY (rawsse/apns/d
 ROUTE, CLAIM, RELEASE, NODE_STATS, CLUSTER = 32, 33, 34, 35, 36
 # agent -> worker
 ROUTED, CLAIMED, DELIVER, EVICT, STATE, CLUSTER_VIEW = 40, 41, 42, 43, 44, 45
+# deliveries queries across nodes (rawsse/cluster/agent_deliveries.py): worker -> agent FIND,
+# answered FOUND; agent -> worker ASK (another node's query), answered ANSWER
+FIND, ANSWER, FOUND, ASK = 50, 51, 52, 53
 
 
 def address(node: int, index: int) -> str:
@@ -104,6 +107,10 @@ LAYOUTS: dict[int, Layout] = {
     EVICT: Layout("!qB", ("seq",), ("token",)),
     STATE: Layout("!??", ("up", "resync")),
     CLUSTER_VIEW: _REQUEST,
+    FIND: _REQUEST,
+    ANSWER: _REQUEST,
+    FOUND: _REQUEST,
+    ASK: _REQUEST,
 }
 
 Encoder = Callable[..., bytes]
