@@ -15,9 +15,10 @@ import uuid
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, reserve_port
 from rawsse.apns.deliverylog import ENTRY_BYTES, DeliveryLog
 from rawsse.apns.registry import Push
+from rawsse.load import verify
 from rawsse.node.routing import owner_of
 from rawsse.server import sse
 from test_redis import (  # noqa: F401 (shared_redis and cluster are fixtures)
@@ -146,7 +147,7 @@ def test_entry_cost_is_what_help_says():
     class Clock:
         now = 1.0
 
-    size = 20_000
+    size = 10_000
     pushes = [Push(sse.encode_event(new_id().encode(), b"{}"), 0.0) for _ in range(size)]
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
@@ -207,3 +208,50 @@ def test_deliveries_across_two_nodes(shared_redis, cluster, readers):
         assert late["late_nodes"] == ["nb"] and time.monotonic() - started < 3
     finally:
         os.kill(agent, signal.SIGCONT)
+
+
+# -- rawsse push --verify -------------------------------------------------------------------------
+
+def run_push(node, tokens: list[str], tmp_path, *flags: str) -> tuple[int, dict, str]:
+    """``rawsse push --verify`` to ``tokens`` (one push each): exit code, report, stderr."""
+    token_file, report = tmp_path / "tokens.txt", tmp_path / "report.json"
+    token_file.write_text("\n".join(tokens) + "\n")
+    done = subprocess.run([sys.executable, "-m", "rawsse", "push", "--url", node.url,
+                           "--admin-url", node.admin_url, "--tokens", f"file:{token_file}",
+                           "--verify", "--quiet", "--report", str(report), *flags], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    return done.returncode, json.loads(report.read_text()), done.stderr
+
+
+def test_push_verify_passes_delivered_and_pending_pushes_and_fails_on_missing_ones(
+        server, readers, tmp_path):
+    online = tokens_of("vlive", 0, 2) + tokens_of("vlive", 1, 2)
+    offline = tokens_of("voff", 0, 2) + tokens_of("voff", 1, 2)
+    readers.extend(SSEReader(server.host, server.port, token) for token in online)
+    code, report, stderr = run_push(server, online + offline, tmp_path, "--http2")
+    assert code == 0, stderr
+    checked = report["verify"]
+    assert (checked["checked"], checked["delivered"], checked["pending"], checked["missing"]) == \
+        (8, 4, 4, 0)
+    # Without --admin-url: rawsse serve's default --admin-listen, the push port + 1.
+    assert verify.default_admin_url("http://10.0.0.5:8378") == "http://10.0.0.5:8379"
+
+    gone = tokens_of("vgone", 1, 3)  # apns-expiration 0 and no device: discarded, not delivered
+    code, report, stderr = run_push(server, gone, tmp_path, "--expiration", "0")
+    assert code == 1
+    assert report["verify"]["missing"] == 3 and report["verify"]["fates"] == {"discarded": 3}
+    assert "--verify: 3 of 3 pushes answered 200 were neither delivered nor pending" in stderr
+
+
+def test_push_verify_says_why_it_cannot_verify(start_server, tmp_path):
+    off = start_server("--delivery-log", "0")
+    assert ask(off, "GET", f"/admin/deliveries/{new_id()}").json()["reason"] == "DeliveryLogOff"
+    code, report, stderr = run_push(off, tokens_of("voffl", 0), tmp_path)
+    assert code == 1 and "--delivery-log 0" in stderr and "error" in report["verify"]
+    holder, port = reserve_port()  # a port nothing listens on
+    try:
+        with pytest.raises(verify.VerifyError, match="cannot ask --admin-url") as refused:
+            verify.verify(f"http://127.0.0.1:{port}", [new_id().encode()], 0.0)
+        assert refused.value.unreachable  # rawsse push exits 3, as for an unreachable --url
+    finally:
+        holder.close()
