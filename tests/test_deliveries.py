@@ -140,6 +140,21 @@ def test_bad_queries_get_a_clear_answer(server):
         client.close()
 
 
+def test_the_ring_keeps_the_last_n_outcomes_oldest_first():
+    class Clock:
+        now = 0.0
+
+    log = DeliveryLog(3, Clock())  # type: ignore[arg-type]
+    ids = [new_id().encode() for _ in range(5)]
+    for n, apns_id in enumerate(ids):
+        Clock.now = float(n)
+        log.record(1, b"t", Push(sse.encode_event(apns_id, b"{}"), 9.0))
+    slots = log.find([], [b"t"])
+    assert [log.entry(slot, 0.0)["apns_id"].encode() for slot in slots] == ids[2:]
+    assert log.find([ids[0], ids[1]], []) == []  # overwritten: the ring is bounded
+    assert [log.entry(slot, 0.0)["at"] for slot in log.find([ids[3].upper()], [])] == [3.0]
+
+
 def test_entry_cost_is_what_help_says():
     """--help and the runbook give ENTRY_BYTES per entry: a full ring whose every entry keeps
     its own 32-byte token (the worst case: a delivered push records its stream's token)."""
