@@ -201,8 +201,8 @@ def test_deliveries_across_two_nodes(shared_redis, cluster, readers):
         delivered = fate(node, live_id)
         assert delivered["fate"] == "delivered", delivered
         assert (delivered["delivered"]["node"], delivered["delivered"]["worker"]) == ("nb", 1)
-        assert [(e["event"], e["node"]) for e in delivered["events"]] == [("routed", "na"),
-                                                                        ("delivered", "nb")]
+        events = [(e["event"], e["node"]) for e in delivered["events"]]
+        assert events == [("routed", "na"), ("delivered", "nb")], (node.node_id, delivered)
         assert delivered["delivered"]["delay_ms"] >= 0 and delivered["late_nodes"] == []
 
     offline, offline_id = tokens_of("roffline", 0)[0], new_id()
@@ -270,3 +270,13 @@ def test_push_verify_says_why_it_cannot_verify(start_server, tmp_path):
         assert refused.value.unreachable  # rawsse push exits 3, as for an unreachable --url
     finally:
         holder.close()
+
+
+def test_a_delivery_log_too_large_to_allocate_is_refused_naming_the_flag():
+    done = subprocess.run([sys.executable, "-m", "rawsse", "serve", "--delivery-log",
+                           "99999999999"], capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "rawsse serve: --delivery-log: 99,999,999,999 entries would take 14000.0 GB per worker; "
+        "at most 10,000,000"]

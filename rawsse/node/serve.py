@@ -91,8 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="push outcomes (delivered, pending, expired, discarded, rejected) each worker "
              "keeps for GET /admin/deliveries and rawsse push --verify: the last N, about "
              f"{ENTRY_BYTES} B each, preallocated (the default: about "
-             f"{d.delivery_log * ENTRY_BYTES // 1_000_000} MB per worker); 0 turns it off "
-             "(default: %(default)s)")
+             f"{d.delivery_log * ENTRY_BYTES // 1_000_000} MB per worker; at most "
+             f"{MAX_DELIVERY_LOG:,}); 0 turns it off (default: %(default)s)")
     add("--stream-buffer", default=str(d.stream_buffer), metavar="BYTES",
         help="unsent bytes a stream may hold before it is closed as a slow reader "
              "(its push is kept) (default: %(default)s)")
@@ -156,7 +156,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         retry_ms=parse_int(args.retry, "--retry", 0),
         max_pending=parse_int(args.max_pending, "--max-pending", 1),
         max_delayed=parse_int(args.max_delayed, "--max-delayed", 1),
-        delivery_log=parse_int(args.delivery_log, "--delivery-log", 0),
+        delivery_log=_delivery_log(args.delivery_log),
         max_pending_bytes=parse_int(args.max_pending_bytes, "--max-pending-bytes", 4096),
         stream_buffer=parse_int(args.stream_buffer, "--stream-buffer", 256),
         header_limit=parse_int(args.header_limit, "--header-limit", 1024),
@@ -174,6 +174,19 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         **_tls_options(args, [("--listen", listen),
                               ("--admin-listen", admin_address(args.admin_listen, listen))]),
     )
+
+
+MAX_DELIVERY_LOG = 10_000_000  # 1.4 GB per worker: beyond it a typo, not a plan
+
+
+def _delivery_log(text: str) -> int:
+    """``--delivery-log``: entries per worker, preallocated at start, so bounded here."""
+    size = parse_int(text, "--delivery-log", 0)
+    if size > MAX_DELIVERY_LOG:
+        raise ConfigError("--delivery-log", f"{size:,} entries would take "
+                          f"{size * ENTRY_BYTES / 1e9:.1f} GB per worker; at most "
+                          f"{MAX_DELIVERY_LOG:,}")
+    return size
 
 
 def admin_address(text: str | None, listen: tuple[str, int]) -> tuple[str, int] | None:
