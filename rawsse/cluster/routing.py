@@ -221,10 +221,11 @@ class AgentClient:
     def _on_ask(self, body: memoryview) -> None:
         """Another node's deliveries query: this node's answers, to the agent."""
         rid, payload = records.parse_request(body)
+        # ``reply`` links up first: this worker may never have sent the agent anything yet.
         self.cluster.process.router.node_deliveries(
             orjson.loads(payload),
-            lambda answers: self.mesh.send(self.peer, records.ANSWER,
-                                           records.request(rid, orjson.dumps(answers))))
+            lambda answers: self.mesh.reply(self.peer, records.ANSWER,
+                                            records.request(rid, orjson.dumps(answers))))
 
     def _on_deliver(self, body: memoryview) -> None:
         expires, delay, token, frame = records.parse_deliver(body)
