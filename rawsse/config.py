@@ -175,6 +175,7 @@ class ServeConfig:
     retry_ms: int = 5000
     max_pending: int = 1_000_000
     max_delayed: int = 100_000
+    delivery_log: int = 100_000  # outcomes kept per worker for /admin/deliveries; 0 = off
     max_pending_bytes: int = 256 * 1024 * 1024  # frame bytes, pending + delayed, per worker
     stream_buffer: int = 64 * 1024
     header_limit: int = 16 * 1024

@@ -13,8 +13,9 @@ from rawsse.cluster import records
 from rawsse.node import wire
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
-    ACK, ADMIN, BCAST, BCAST_DONE, CLAIM, CLAIMED, CLUSTER, CLUSTER_VIEW, DELIVER, EVICT, HANDOFF,
-    MAX_FDS, MAX_MESSAGE, NODE_STATS, PUSH, RELEASE, REPLY, ROUTE, ROUTED, STATE, STATS,
+    ACK, ADMIN, ANSWER, ASK, BCAST, BCAST_DONE, CLAIM, CLAIMED, CLUSTER, CLUSTER_VIEW, DELIVER,
+    DELIVERIES, EVICT, FIND, FOUND, HANDOFF, MAX_FDS, MAX_MESSAGE, NODE_STATS, PUSH, RELEASE, REPLY,
+    ROUTE, ROUTED, STATE, STATS,
 )
 
 TOKEN = bytes(range(32))
@@ -45,6 +46,11 @@ SAMPLES: dict[int, tuple[tuple[object, ...], bytes]] = {
     CLUSTER_VIEW: ((8, b'{"nodes":{}}'), struct.pack("!I", 8) + b'{"nodes":{}}'),
     records.CLUSTER_BCAST: ((9, b"ab", FRAME), struct.pack("!IB", 9, 2) + b"ab" + FRAME),
     records.CLUSTER_BCAST_DONE: ((9, b'{"nodes":{}}'), struct.pack("!I", 9) + b'{"nodes":{}}'),
+    DELIVERIES: ((10, b'{"ids":[]}'), struct.pack("!I", 10) + b'{"ids":[]}'),
+    FIND: ((11, b'{"tokens":[]}'), struct.pack("!I", 11) + b'{"tokens":[]}'),
+    ANSWER: ((12, b"[]"), struct.pack("!I", 12) + b"[]"),
+    FOUND: ((13, b'{"nodes":{}}'), struct.pack("!I", 13) + b'{"nodes":{}}'),
+    ASK: ((14, b"{}"), struct.pack("!I", 14) + b"{}"),
 }
 
 
@@ -83,6 +89,7 @@ def test_every_kind_has_a_sample_and_keeps_its_number() -> None:
             records.CLUSTER_BCAST) == (32, 33, 34, 35, 36, 37)
     assert (records.ROUTED, records.CLAIMED, records.DELIVER, records.EVICT, records.STATE,
             records.CLUSTER_VIEW, records.CLUSTER_BCAST_DONE) == (40, 41, 42, 43, 44, 45, 46)
+    assert DELIVERIES == 20 and (FIND, ANSWER, FOUND, ASK) == (50, 51, 52, 53)
 
 
 @pytest.mark.parametrize("kind", sorted(SAMPLES))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING, Iterable
 
+from rawsse.apns.deliverylog import DELAYED
 from rawsse.apns.registry import Push, Registry
 from rawsse.apns.routing import HELD, QUEUE_FULL, Accepted
 
@@ -127,6 +128,8 @@ class Delivery:
         self._seq += 1
         heapq.heappush(self.waiting, (deadline, self._seq, token, push))
         self.delayed_bytes += len(push.frame)
+        if self.registry.log is not None:
+            self.registry.log.record(DELAYED, token, push)
         if self.waiting[0][1] == self._seq:  # the new earliest: the timer moves up
             self._arm()
 

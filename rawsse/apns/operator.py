@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Callable
 
-from rawsse.apns import answers
+from rawsse.apns import answers, deliveries
 from rawsse.apns.admin import AdminError
 from rawsse.server import dashboard
+from rawsse.apns.validation import PushRejected, is_apns_id, parse_token
 from rawsse.server.exchange import Answer, Request
 from rawsse.server.metrics import render_metrics
 from rawsse.server.statsevents import VIEWER_TOKEN
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 _METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _TOKENS = b"/admin/tokens"
+_DELIVERIES = b"/admin/deliveries"
+_WITH_REST = (_TOKENS, _DELIVERIES)  # routes that take /<something> after their path
 
 
 class OperatorRoutes:
@@ -44,12 +47,15 @@ class OperatorRoutes:
             _TOKENS: self.admin_tokens,
             b"/admin/faults": self.admin_faults,
             b"/admin/auth": self.admin_auth,
+            _DELIVERIES: self.admin_deliveries,
         }
 
     def handle(self, request: Request) -> None:
         base, rest = request.path, b""
-        if base.startswith(_TOKENS + b"/"):
-            base, rest = _TOKENS, base[len(_TOKENS) + 1:]
+        for route in _WITH_REST:
+            if base.startswith(route + b"/"):
+                base, rest = route, base[len(route) + 1:]
+                break
         handler = self.routes.get(base)
         served_here = request.operator or self.worker.config.admin_listen is None
         if handler is None or (base != b"/healthz" and not served_here):
@@ -126,6 +132,32 @@ class OperatorRoutes:
                                       else "set_auth"})
         elif method == b"DELETE":
             self._apply(request, {"op": "clear_auth"})
+    def admin_deliveries(self, request: Request, rest: bytes) -> None:
+        """GET ?token=<hex>: its pending push and recent deliveries; GET /<apns-id>: that
+        push's fate; POST {"apns_ids": [...]}: the fate of each (``deliveries.py``)."""
+        from rawsse.apns.routes import query_value  # routes imports this module
+
+        find = self.worker.router.find_deliveries
+        if request.method == b"GET" and rest:
+            apns_id = rest.decode("latin-1")
+            if not is_apns_id(rest):
+                request.answer(answers.error(400, "BadMessageId"))
+                return
+            deliveries.find_then_confirm(find, [apns_id], lambda found, by_token: _answer_fate(
+                request, apns_id, found, by_token))
+        elif request.method == b"GET":
+            try:
+                token = parse_token(query_value(request.query, b"token"), False).hex()
+            except PushRejected as rejected:
+                request.answer(answers.error(rejected.status, rejected.reason))
+                return
+            find({"tokens": [token]}, lambda found: _answer(
+                request, deliveries.Found(found), lambda f: deliveries.token_document(token, f)))
+        elif request.method == b"POST":
+            ids = _apns_ids(request)
+            if ids is not None:
+                deliveries.find_then_confirm(find, ids, lambda found, by_token: _answer(
+                    request, found, lambda f: deliveries.fates(ids, f, by_token)))
         else:
             request.answer(answers.error(405, "MethodNotAllowed"))
 
@@ -143,6 +175,52 @@ class OperatorRoutes:
             return
         self.worker.router.share_admin(admin.replayable(command),
                                        lambda: request.answer(answers.json(200, answer)))
+
+
+_LOG_OFF = {"reason": "DeliveryLogOff",
+            "detail": "no delivery log is kept: the node runs with --delivery-log 0"}
+
+
+def _answer(request: Request, found: "deliveries.Found",
+            document: Callable[["deliveries.Found"], dict[str, Any]]) -> None:
+    if found.off:
+        request.answer(answers.json(409, _LOG_OFF))
+    else:
+        request.answer(answers.json(200, document(found), indent=True))
+
+
+def _answer_fate(request: Request, apns_id: str, found: "deliveries.Found",
+                 by_token: "deliveries.Found | None") -> None:
+    events = found.of_id(apns_id)
+    if found.off:
+        request.answer(answers.json(409, _LOG_OFF))
+    elif not events:
+        request.answer(answers.json(404, {
+            "reason": "UnknownApnsId", "late_nodes": found.late,
+            "detail": "no delivery log holds this apns-id (each keeps its worker's last "
+                      "--delivery-log outcomes)"}))
+    else:
+        request.answer(answers.json(200, deliveries.fate_document(apns_id, events, by_token,
+                                                                  found.late), indent=True))
+
+
+def _apns_ids(request: Request) -> list[str] | None:
+    """The body's ``apns_ids`` (each a UUID, at most ``MAX_IDS``), or None once answered 400."""
+    body = _json_body(request)
+    if body is None:
+        return None
+    ids = body.get("apns_ids")
+    problem = ""
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        problem = 'the body must be {"apns_ids": ["<uuid>", ...]}'
+    elif len(ids) > deliveries.MAX_IDS:
+        problem = f"{len(ids)} apns_ids: at most {deliveries.MAX_IDS} per request"
+    elif not all(is_apns_id(i.encode("latin-1", "replace")) for i in ids):
+        problem = "every apns_id must be a UUID (8-4-4-4-12 hex digits)"
+    if problem:
+        request.answer(answers.json(400, {"reason": "BadAdminRequest", "detail": problem}))
+        return None
+    return ids
 
 
 def _json_body(request: Request) -> dict[str, Any] | None:

@@ -22,9 +22,13 @@ from bisect import bisect_right
 from typing import TYPE_CHECKING, Iterator, Protocol
 
 from rawsse.server.latency import BOUNDS as LATENCY_BOUNDS
+from rawsse.apns.deliverylog import (
+    DELIVERED, DELIVERED_ON_CONNECT, DISCARDED, EXPIRED, REPLACED, REQUEUED, STORED,
+)
 from rawsse.server.stats import Stats
 
 if TYPE_CHECKING:
+    from rawsse.apns.deliverylog import DeliveryLog
     from rawsse.server.stream import Stream
 
 
@@ -67,7 +71,7 @@ class PendingStore(Protocol):
 
 
 class Registry:
-    __slots__ = ("streams", "pending", "stats", "clock", "store", "_sweep_iter")
+    __slots__ = ("streams", "pending", "stats", "clock", "store", "log", "_sweep_iter")
 
     def __init__(self, stats: Stats, clock: "Clock") -> None:
         """``clock``: the worker's ``Loop``, whose ``now`` (monotonic, read once per loop turn)
@@ -80,6 +84,8 @@ class Registry:
         self.stats = stats
         self.clock = clock
         self.store: PendingStore = LocalPending(self)
+        # Where each push's outcome is recorded (--delivery-log); None when it is off.
+        self.log: DeliveryLog | None = None
         self._sweep_iter: Iterator[bytes] | None = None
 
     # -- streams ------------------------------------------------------------------------------
@@ -106,11 +112,15 @@ class Registry:
         push = self.pending.pop(stream.token, None)
         if push is None:
             return
+        log = self.log
         if push.expired(time.time()):
             self.stats.expired += 1
+            if log is not None:
+                log.record(EXPIRED, stream.token, push)
             return
         self.stats.delivered_on_connect += 1
-        stream.send(push.frame, push)
+        if stream.send(push.frame, push) and log is not None:
+            log.record(DELIVERED_ON_CONNECT, stream.token, push)
 
     # -- pushes -------------------------------------------------------------------------------
 
@@ -121,39 +131,59 @@ class Registry:
             stats = self.stats
             stats.delivered_live += 1
             stats.latency[bisect_right(LATENCY_BOUNDS, self.clock.now - push.received)] += 1
-            stream.send(push.frame, push)
+            # The stream's token, not the request's: the log then keeps no token of its own.
+            if stream.send(push.frame, push) and self.log is not None:
+                self.log.record(DELIVERED, stream.token, push)
         elif push.expired(time.time()):
             self.stats.discarded += 1
+            if self.log is not None:
+                self.log.record(DISCARDED, token, push)
         else:
             self.store.store(token, push)
 
     def keep(self, token: bytes, push: Push, newly_stored: bool = True) -> None:
         """Hold ``push`` here (newest wins): the local store, and a cluster's fallback (whose
         push was counted when Redis was first asked: ``newly_stored=False``)."""
+        log = self.log
         if push.expired(time.time()):
             self.stats.discarded += 1
+            if log is not None:
+                log.record(DISCARDED, token, push)
             return
-        if token in self.pending:
+        older = self.pending.get(token)
+        if older is not None:
             self.stats.coalesced += 1
+            if log is not None:
+                log.record(REPLACED, token, older)
         elif newly_stored:
             self.stats.stored += 1
         self.pending[token] = push
+        if log is not None:
+            log.record(STORED, token, push)
 
     def requeue(self, token: bytes, push: Push) -> None:
         """A stream ended before ``push`` was all written: keep it for the next stream, unless
         a newer push is already pending (newest wins) or it was deliver-now-or-discard."""
         self.stats.requeued += 1
+        log = self.log
         if push.expired(time.time()):
             self.stats.discarded += 1
+            if log is not None:
+                log.record(DISCARDED, token, push)
             return
         if token in self.pending:
             self.stats.coalesced += 1
+            if log is not None:
+                log.record(REPLACED, token, push)
             return
         stream = self.streams.get(token)
         if stream is not None:  # a newer stream is already attached: give it straight away
             self.stats.delivered_live += 1
-            stream.send(push.frame, push)
+            if stream.send(push.frame, push) and log is not None:
+                log.record(DELIVERED, stream.token, push)
             return
+        if log is not None:
+            log.record(REQUEUED, token, push)
         self.store.store_requeued(token, push)
 
     def broadcast(self, frame: bytes, prefix: bytes | str = b"") -> tuple[int, int]:
@@ -191,6 +221,8 @@ class Registry:
             if push is not None and push.expired(now):
                 del pending[token]
                 dropped += 1
+                if self.log is not None:
+                    self.log.record(EXPIRED, token, push)
         self.stats.expired += dropped
         return dropped
 

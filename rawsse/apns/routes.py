@@ -17,6 +17,7 @@ Route map:
   /admin/tokens[/<hex>]       per-token simulated states           operator listener*
   /admin/faults               fault rules                          operator listener*
   /admin/auth                 revoked keys and certificates         operator listener*
+  /admin/deliveries[/<id>]    what became of pushes (delivery log) operator listener*
   (* the public listener too with --admin-listen public)
 
 A new admin route is one entry in ``Routes._operator`` and a handler (see ``operator.py``);
@@ -71,7 +72,10 @@ class Routes:
         path = request.path
         if request.body_too_large:
             self.stats.reject(413, "PayloadTooLarge")
-            request.answer(answers.error(413, "PayloadTooLarge", self._answer_id(request)))
+            apns_id = self._answer_id(request)
+            if path.startswith(PUSH_PREFIX):
+                self._log_rejection(apns_id, None, 413, "PayloadTooLarge")
+            request.answer(answers.error(413, "PayloadTooLarge", apns_id))
         elif request.operator and (path.startswith(PUSH_PREFIX) or path == b"/events"):
             # The operator listener serves operators only: pushes and devices use --listen.
             request.answer(answers.error(404, "BadPath"))
@@ -120,13 +124,14 @@ class Routes:
             return
         outcome = worker.admin.token_outcome(checked.token)
         if outcome is not None:
-            self._push_error(request, apns_id, *outcome)
+            self._push_error(request, apns_id, *outcome, token=checked.token)
             return
         fault = worker.admin.pick_fault()
         if fault is not None:
             self.stats.faulted += 1
             timestamp = int(now * 1000) if fault.status == 410 else None
-            self._push_error(request, apns_id, fault.status, fault.reason, timestamp)
+            self._push_error(request, apns_id, fault.status, fault.reason, timestamp,
+                             checked.token)
             return
         push = Push(sse.encode_event(apns_id, checked.payload), checked.expires, worker.loop.now)
         delay = (checked.delay or config.delivery_delay).sample()
@@ -159,14 +164,23 @@ class Routes:
         else:  # a bounded queue is full: back-pressure
             self.stats.queue_full += 1
         self.stats.reject(503, "ServiceUnavailable")
+        self._log_rejection(apns_id, None, 503, "ServiceUnavailable")
         self.answer(request, answers.error(503, "ServiceUnavailable", apns_id))
 
     def _push_error(self, request: Request, apns_id: bytes, status: int, reason: str,
-                    timestamp: int | None = None) -> None:
+                    timestamp: int | None = None, token: bytes | None = None) -> None:
         self.stats.reject(status, reason)
+        self._log_rejection(apns_id, token, status, reason)
         if status == 410 and timestamp is None:
             timestamp = int(time.time() * 1000)
         self.answer(request, answers.error(status, reason, apns_id, timestamp))
+
+    def _log_rejection(self, apns_id: bytes, token: bytes | None, status: int,
+                       reason: str) -> None:
+        """Record a refused push in the delivery log (``deliverylog.py``), if it is on."""
+        log = self.worker.registry.log
+        if log is not None:
+            log.rejected(apns_id, token, status, reason)
 
     # -- GET /events?token= -------------------------------------------------------------------
 

@@ -79,6 +79,12 @@ class Router(Protocol):
     def share_admin(self, command: dict[str, Any], done: Callable[[], None]) -> None:
         """Apply an admin change (replayable, ``admin.py``) everywhere, then ``done()``."""
 
+    def find_deliveries(self, query: dict[str, Any],
+                        done: Callable[[dict[str, Any]], None]) -> None:
+        """``done({"answers": [...], "late": [...]})``: every worker's (and node's) answer to
+        a deliveries query (``deliverylog.worker_answer``), and the nodes that did not answer
+        in time."""
+
 
 class LocalOwner:
     """Accept into this worker's own queues (``Delivery``)."""
@@ -115,3 +121,7 @@ class LocalRouter:
 
     def share_admin(self, command: dict[str, Any], done: Callable[[], None]) -> None:
         done()
+
+    def find_deliveries(self, query: dict[str, Any],
+                        done: Callable[[dict[str, Any]], None]) -> None:
+        done({"answers": [self.worker.deliveries_answer(query)], "late": []})

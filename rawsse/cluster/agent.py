@@ -72,6 +72,7 @@ import orjson
 
 from rawsse.cluster import records
 from rawsse.cluster import scripts
+from rawsse.cluster.agent_deliveries import DeliveryQueries
 from rawsse.cluster.agent_mesh import AgentMesh
 from rawsse.cluster.broadcast import Broadcasts
 from rawsse.cluster.nodes import MESSAGES as NODE_MESSAGES, Nodes
@@ -122,6 +123,7 @@ class Agent:
         self.admin_backlog: list[dict[str, Any]] = []  # changes made here while Redis is down
         self.to_master: asyncio.Queue[bytes] = asyncio.Queue()
         self.last_error = ""
+        self.deliveries = DeliveryQueries(self)  # /admin/deliveries across nodes
 
     # -- records from the workers -------------------------------------------------------------
 
@@ -150,6 +152,8 @@ class Agent:
             self.broadcasts.ask_others(sender, body)
         elif kind == records.BCAST_DONE:
             self.broadcasts.on_done(body)
+        elif kind in (records.FIND, records.ANSWER):
+            self.deliveries.on_record(sender, kind, body)
         else:
             log.error("unknown agent record %d from worker %d", kind, sender)
 
@@ -302,8 +306,9 @@ class Agent:
         # default handler formats a debug string of every message; ours passes them through
         # (redis-py's own PubSub sets its handler the same way).
         conn._parser.set_pubsub_push_handler(_as_is)
-        await conn.send_command("SUBSCRIBE", self.keys.channel, self.keys.admin_channel)
-        for _ in range(2):  # one confirmation per channel: the subscriptions are in place
+        channels = (self.keys.channel, self.keys.admin_channel, *self.deliveries.channels)
+        await conn.send_command("SUBSCRIBE", *channels)
+        for _ in channels:  # one confirmation per channel: the subscriptions are in place
             await conn.read_response(push_request=True)
 
     async def _sync_admin(self, conn: Any) -> None:
@@ -420,6 +425,8 @@ class Agent:
                 if isinstance(message, list) and message and message[0] == b"message":
                     if message[1] == self.keys.admin_channel:
                         self.on_admin_message(message[2])
+                    elif message[1] in self.deliveries.channels:
+                        self.deliveries.on_message(message[1], message[2])
                     else:
                         self.on_channel_message(message[2])
         except (RedisError, OSError) as exc:

@@ -16,6 +16,8 @@ worker → agent
   CLUSTER  rid                                      → CLUSTER_VIEW rid, JSON
   CLUSTER_BCAST  rid, prefix, frame                 → CLUSTER_BCAST_DONE rid, JSON: the other
                                                       nodes' parts of a broadcast taken here
+  FIND     rid, deliveries query JSON               → FOUND rid, the other nodes' answers JSON
+  ANSWER   rid, this node's answers JSON            (the reply to an ASK)
 agent → worker
   DELIVER  expires, delay, token, frame   a push routed here by another node
   EVICT    seq, token                     another node's connect ``seq`` superseded ours
@@ -23,6 +25,7 @@ agent → worker
   BCAST    rid, prefix, frame             the workers' own broadcast record (``wire.py``), for a
                                           broadcast another node took → BCAST_DONE rid, written,
                                           refused
+  ASK      rid, deliveries query JSON     another node's query: answer for this node (ANSWER)
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from __future__ import annotations
 from rawsse.node.wire import (
     BCAST, BCAST_DONE, CLAIM, CLAIMED, CLUSTER, CLUSTER_BCAST, CLUSTER_BCAST_DONE, CLUSTER_VIEW,
     DELIVER, EVICT, NODE_STATS, RELEASE, ROUTE, ROUTED, STATE, decoder, encoder,
+    ANSWER, ASK, CLAIM, CLAIMED, CLUSTER, CLUSTER_VIEW, DELIVER, EVICT, FIND, FOUND, NODE_STATS,
+    RELEASE, ROUTE, ROUTED, STATE, decoder, encoder,
 )
 
 STATS = NODE_STATS  # the agent's STATS; the workers' own STATS (wire.STATS) is another kind
@@ -59,3 +64,4 @@ request, parse_request = encoder(CLUSTER), decoder(CLUSTER)
 # BCAST and CLUSTER_BCAST: a request id, the prefix (hex text), the frame
 broadcast, parse_broadcast = encoder(CLUSTER_BCAST), decoder(CLUSTER_BCAST)
 parse_broadcast_done = decoder(BCAST_DONE)
+# FIND, ANSWER, FOUND and ASK have the same layout: ``request`` and ``parse_request`` serve them

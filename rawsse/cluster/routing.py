@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
+from rawsse.apns import deliverylog
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import HELD, UNREACHABLE, Accepted, BroadcastAnswer, PushAnswer
 from rawsse.cluster import records
@@ -73,6 +74,12 @@ STATS_SECONDS = 2.0
 RESYNC_SLICE = 2000  # re-claims per loop turn: a resync of 150k streams must not stall the loop
 OUTBOX_SLICE = 2000  # locally kept pushes given back to Redis per tick
 DRAIN_WAIT_SECONDS = 2.0
+
+# What each ROUTE outcome means for the push, in the delivery log (FAILED: not taken, so the
+# route answers 503, or the push is kept here and logged as stored).
+_ROUTE_EVENTS = {scripts.ROUTED: deliverylog.ROUTED, scripts.STORED: deliverylog.STORED_IN_REDIS,
+                 scripts.COALESCED: deliverylog.STORED_IN_REDIS,
+                 scripts.DISCARDED: deliverylog.DISCARDED}
 
 COUNTERS = ("routed_out", "routed_in", "given_back", "kept_local", "claims", "claimed",
             "claim_failures", "route_failures", "evictions", "resyncs")
@@ -106,8 +113,10 @@ class ClusterOwner:
         if token in cluster.registry.streams:  # held here: no Redis work at all
             answer(cluster.worker.delivery.accept(token, push, delay))
             return
+        taken = cluster.loop.now  # what the delivery log records, whenever Redis answers
         cluster.agent.route(token, push, delay, records.MODE_PUSH,
-                            lambda outcome: answer(cluster.count_route(outcome)))
+                            lambda outcome: answer(cluster.count_route(outcome, token, push,
+                                                                       taken)))
 
 
 class RedisPending:
@@ -153,6 +162,8 @@ class AgentClient:
         mesh.handle(records.DELIVER, self._on_deliver)
         mesh.handle(records.EVICT, self._on_evict)
         mesh.handle(records.STATE, self._on_state)
+        mesh.handle(records.FOUND, self._on_found)
+        mesh.handle(records.ASK, self._on_ask)
 
     def waiting(self) -> int:
         return sum(1 for entry in self.mesh.waiting.values() if entry[0] == self.peer)
@@ -194,6 +205,12 @@ class AgentClient:
         self._request(records.CLUSTER_BCAST,
                       lambda rid: records.broadcast(rid, prefix.encode(), frame), done,
                       wait + REQUEST_TIMEOUT)
+    def find_deliveries(self, query: dict[str, Any],
+                        done: Callable[[dict[str, Any] | None], None]) -> None:
+        """``done({"nodes": {id: answers}, "late": [...], "redis_waiting": [...]})`` from the
+        other nodes (``agent_deliveries.py``); None when the agent is down."""
+        payload = orjson.dumps(query)
+        self._request(records.FIND, lambda rid: records.request(rid, payload), done)
 
     # -- replies and messages -----------------------------------------------------------------
 
@@ -208,6 +225,19 @@ class AgentClient:
     def _on_view(self, body: memoryview) -> None:
         rid, payload = records.parse_request(body)
         self.mesh.resolve(rid, orjson.loads(payload))
+
+    def _on_found(self, body: memoryview) -> None:
+        rid, payload = records.parse_request(body)
+        self.mesh.resolve(rid, orjson.loads(payload))
+
+    def _on_ask(self, body: memoryview) -> None:
+        """Another node's deliveries query: this node's answers, to the agent."""
+        rid, payload = records.parse_request(body)
+        # ``reply`` links up first: this worker may never have sent the agent anything yet.
+        self.cluster.process.router.node_deliveries(
+            orjson.loads(payload),
+            lambda answers: self.mesh.reply(self.peer, records.ANSWER,
+                                            records.request(rid, orjson.dumps(answers))))
 
     def _on_deliver(self, body: memoryview) -> None:
         expires, delay, token, frame = records.parse_deliver(body)
@@ -244,6 +274,7 @@ class ClusterNode:
         process.router.owner = process.mesh.owner = owner
         process.router.finish_document = self.with_cluster
         process.router.broadcast_to = self.broadcast
+        process.router.finish_deliveries = self.with_other_nodes
         process.finish_drain = self.finish_drain
         worker.registry.store = RedisPending(self)
         worker.stream_type = ClusterStream
@@ -257,9 +288,10 @@ class ClusterNode:
 
     # -- pushes ---------------------------------------------------------------------------------
 
-    def count_route(self, outcome: int) -> Accepted:
+    def count_route(self, outcome: int, token: bytes, push: Push, taken: float) -> Accepted:
         """Count a ROUTE outcome as the single-node counters would; HELD if Redis took it,
         UNREACHABLE if Redis (or the agent) could not be reached."""
+        self.log_route(outcome, token, push, taken)
         stats = self.stats
         if outcome == scripts.ROUTED:
             self.counters["routed_out"] += 1
@@ -274,6 +306,14 @@ class ClusterNode:
             return UNREACHABLE
         return HELD
 
+    def log_route(self, outcome: int, token: bytes, push: Push, taken: float) -> None:
+        """Record where ROUTE put ``push`` in the delivery log (if it is on), as of ``taken``:
+        the device's node may have written it before our reply came."""
+        log = self.registry.log
+        code = _ROUTE_EVENTS.get(outcome)
+        if log is not None and code is not None:
+            log.record(code, token, push, taken)
+
     def routed_in(self, token: bytes, push: Push, delay: float) -> None:
         """A push another node routed here because this node owns the device."""
         self.counters["routed_in"] += 1
@@ -286,8 +326,10 @@ class ClusterNode:
         """Put a push this worker cannot write back into Redis (routed to the device's node,
         or stored); kept here if Redis cannot take it."""
         self.counters["given_back"] += 1
+        taken = self.loop.now
 
         def done(outcome: int) -> None:
+            self.log_route(outcome, token, push, taken)
             if outcome == scripts.FAILED:
                 self.counters["kept_local"] += 1
                 self.registry.keep(token, push, newly_stored=False)
@@ -326,15 +368,19 @@ class ClusterNode:
 
     def _hand_claimed(self, token: bytes, push: Push) -> None:
         """A pending push claimed from Redis: to the token's stream here, or back."""
+        log = self.registry.log
         if push.expired(time.time()):
             self.stats.expired += 1
+            if log is not None:
+                log.record(deliverylog.EXPIRED, token, push)
             return
         stream = self.registry.streams.get(token)
         if stream is None:
             self.give_back(token, push, records.MODE_REQUEUE)
             return
         self.stats.delivered_on_connect += 1
-        stream.send(push.frame, push)
+        if stream.send(push.frame, push) and log is not None:
+            log.record(deliverylog.DELIVERED_ON_CONNECT, stream.token, push)
 
     def held(self, token: bytes) -> ClusterStream | None:
         """The token's stream here (every stream of a cluster worker is a ClusterStream)."""
@@ -426,6 +472,13 @@ class ClusterNode:
         """The node document plus ``node_id``, ``nodes``, ``cluster`` totals and ``redis``."""
         self.agent.cluster_view(lambda view: done(cluster_document(doc, view)))
 
+    def with_other_nodes(self, query: dict[str, Any], found: dict[str, Any],
+                         done: Callable[[dict[str, Any]], None]) -> None:
+        """A deliveries query's answers from this node, then the other nodes' through Redis."""
+        node_id = self.worker.config.node_id
+        self.agent.find_deliveries(query, lambda others: done(
+            _deliveries_of_cluster(node_id, found, others)))
+
     def finish_drain(self, then: Callable[[], None]) -> None:
         """Wait (briefly) for the agent's answers to the pushes our closing streams gave back:
         a failed one must be kept in the state file, not lost with the process."""
@@ -438,6 +491,24 @@ class ClusterNode:
                 then()
 
         finish()
+
+
+def _deliveries_of_cluster(node_id: str, found: dict[str, Any],
+                           others: dict[str, Any] | None) -> dict[str, Any]:
+    """This node's answers to a deliveries query, with the other nodes' (or, the agent down,
+    a note that they could not be asked)."""
+    for answer in found["answers"]:
+        answer["node"] = node_id
+    if others is None:
+        found["late"] = ["(other nodes: this node's Redis agent did not answer)"]
+        return found
+    for name, answers in others["nodes"].items():
+        for answer in answers:
+            answer["node"] = name
+        found["answers"].extend(answers)
+    found["late"] = others["late"]
+    found["redis_waiting"] = others["redis_waiting"]
+    return found
 
 
 def cluster_document(doc: dict[str, Any], view: dict[str, Any] | None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from rawsse.load import loadgen, progress, summary
+from rawsse.load import loadgen, progress, summary, verify
 from rawsse.config import ConfigError
 from rawsse.server.loop import Loop
 from rawsse.load.h1sender import Sender
@@ -76,9 +76,15 @@ progress line (stderr, each second): sent, accepted (/s), rejected (non-200s by 
   other status, errors by kind, pushes/s, latency p50/p90/p99/max.
 exit codes:
   0         the run ended and enough pushes were answered 200 (see --fail-under)
-  1         too few 200s: a share under --fail-under or, without it, not one 200
+  1         too few 200s: a share under --fail-under or, without it, not one 200; or
+            (--verify) a push answered 200 was neither delivered nor pending
   2         a flag cannot be used (one line names it; --report is checked before the run)
-  3         no connection to --url for --give-up-after seconds: gave up
+  3         no connection to --url for --give-up-after seconds: gave up; or (--verify)
+            --admin-url could not be reached
+verify (--verify): after the run the apns-id of every 200 goes to the server's deliveries API
+  (POST /admin/deliveries on --admin-url, 1,000 a request); the report gains verify {checked,
+  delivered, pending, missing, fates, missing_ids, late_nodes}. Each server worker remembers its
+  last --delivery-log outcomes (default 100,000): size it above the run's pushes per worker.
   130, 143  ended by SIGINT (Ctrl-C) / SIGTERM: the report and a summary line are still written
 """
 
@@ -118,7 +124,11 @@ class Driver:
         self.send_until = math.inf if args.duration is None else args.duration
         self.max_time = args.max_time or default_max_time(args, self.total)
         tls = tls_context(args.cacert) if url.scheme == "https" else None
-        self.senders: list[Sender] = [H2Sender(self, tls) if args.http2 else Sender(self)
+        # --verify: the apns-id of every 200, asked about after the run (verify.py)
+        self.verify_ids: list[bytes] | None = [] if args.verify else None
+        self.verification: dict[str, Any] | None = None
+        h1_sender = verify.VerifyingSender if args.verify else Sender
+        self.senders: list[Sender] = [H2Sender(self, tls) if args.http2 else h1_sender(self)
                                       for _ in range(args.senders)]
         self.progress_line = loadgen.ProgressLine(args.quiet)
         # state
@@ -365,6 +375,8 @@ class Driver:
             report["streams"] = self.streams
         if self.http2:
             report["http2"] = self.http2_report()
+        if self.verification is not None:
+            report["verify"] = self.verification
         return report
 
     def http2_report(self) -> dict[str, Any]:
@@ -460,6 +472,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send no apns-id (exactly Fleet's bytes; devices see no latency)")
     parser.add_argument("--report", metavar="PATH", help="write the JSON report here (default: "
                                                           "stdout)")
+    parser.add_argument("--verify", action="store_true",
+                        help="after the run, ask the server's deliveries API what became of each "
+                             "push answered 200; exit 1 if any was neither delivered nor pending "
+                             "(a push replaced by a newer one for its offline device is "
+                             "discarded: newest wins) (see below)")
+    parser.add_argument("--admin-url", metavar="URL",
+                        help="--verify: the server's operator listener (default: the --url host, "
+                             "port + 1, as rawsse serve's default --admin-listen; name it for a "
+                             "--tls-listen --url)")
+    parser.add_argument("--verify-wait", type=float, default=5.0, metavar="SECONDS",
+                        help="--verify: keep asking about pushes whose fate is not known yet "
+                             "(in flight between nodes) this long (default 5)")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
 
 
@@ -486,7 +510,33 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError("--rate", "--rate must be ≥ 0 and --timeout positive")
     if args.prefix is not None and not re.fullmatch(r"[0-9a-fA-F]*", args.prefix):
         raise ConfigError("--prefix", f"{args.prefix!r} is not hex")
+    _validate_verify(args)
     loadgen.check_exit_arguments(args)
+
+
+def _validate_verify(args: argparse.Namespace) -> None:
+    if not args.verify:
+        if args.admin_url is not None:
+            raise ConfigError("--admin-url", "only with --verify")
+        return
+    if args.broadcast:
+        raise ConfigError("--verify", "checks pushes to tokens: not with --broadcast")
+    if args.verify_wait < 0:
+        raise ConfigError("--verify-wait", "must be ≥ 0")
+    args.admin_url = verify.check_admin_url(args.admin_url or verify.default_admin_url(args.url))
+
+
+def run_verification(driver: Driver, args: argparse.Namespace) -> int:
+    """--verify (``verify.py``): EXIT_OK, or the exit code when the API could not answer."""
+    if driver.verify_ids is None or driver.ended in ("SIGINT", "SIGTERM", "gave_up"):
+        return loadgen.EXIT_OK
+    try:
+        driver.verification = verify.verify(args.admin_url, driver.verify_ids, args.verify_wait)
+    except verify.VerifyError as exc:
+        driver.verification = {"admin_url": args.admin_url, "error": str(exc)}
+        loadgen.closing_line("push", f"--verify: {exc}")
+        return loadgen.EXIT_UNREACHABLE if exc.unreachable else loadgen.EXIT_FAILED
+    return loadgen.EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
@@ -514,10 +564,11 @@ def run(args: argparse.Namespace) -> int:
         stops.restore()
     driver.show_progress()
     driver.progress_line.done()
+    not_verified = run_verification(driver, args)
     report = driver.report()
     loadgen.write_report(report, args.report)
     summary.show(summary.title("push", report), summary.push_rows(report), args.quiet)
-    return verdict(driver, args)
+    return verdict(driver, args) or not_verified
 
 
 def verdict(driver: Driver, args: argparse.Namespace) -> int:
@@ -536,5 +587,10 @@ def verdict(driver: Driver, args: argparse.Namespace) -> int:
         loadgen.closing_line("push", f"{what} {args.url} for {driver.give_up_after:g} s "
                                      f"(--give-up-after), gave up: {tally}")
         return loadgen.EXIT_UNREACHABLE
-    return loadgen.share_verdict("push", driver.accepted, driver.sent, args.fail_under,
+    code = loadgen.share_verdict("push", driver.accepted, driver.sent, args.fail_under,
                                  "pushes answered 200", tally)
+    checked = driver.verification
+    if code == loadgen.EXIT_OK and checked is not None and checked.get("missing"):
+        loadgen.closing_line("push", f"{verify.summary(checked)}; {where}")
+        return loadgen.EXIT_FAILED
+    return code

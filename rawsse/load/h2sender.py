@@ -355,6 +355,9 @@ class H2Sender(Sender):
             status = next((value for name, value in fields if name == b":status"), b"0")
             if status[:1] != b"1":  # an informational answer is not the answer (RFC 9110 §15.2)
                 self.answers[stream_id] = [int(status) if status.isdigit() else 0]
+                if status == b"200" and self.driver.verify_ids is not None:  # --verify
+                    self.driver.verify_ids.append(
+                        next((value for name, value in fields if name == b"apns-id"), b""))
         if flags & f.END_STREAM:
             self._complete(stream_id)
 

@@ -278,6 +278,15 @@ class Mesh:
         """Route records of ``kind`` (one not defined here) to ``handler(body)``."""
         self.handlers[kind] = handler
 
+    def serve(self, kind: int, answer: Callable[[bytes], bytes]) -> None:
+        """Answer requests of ``kind`` (a request id, then a payload: ``collect``) with a
+        REPLY holding ``answer(payload)``."""
+        def handler(body: memoryview) -> None:
+            rid, payload = decode(kind, body)
+            self._reply(REPLY, encode(REPLY, rid, answer(payload)))
+
+        self.handlers[kind] = handler
+
     def worker_peers(self) -> list[int]:
         """The other workers that can be reached now."""
         return [peer for peer in self.links if peer < self.count and self.links[peer].connect()]

@@ -15,9 +15,11 @@ import os
 import zlib
 from typing import TYPE_CHECKING, Any, Callable
 
+import orjson
+
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import BroadcastAnswer, Owner, PushAnswer, tally
-from rawsse.node.wire import STATS
+from rawsse.node.wire import DELIVERIES, STATS
 from rawsse.server.documents import node_document
 
 if TYPE_CHECKING:
@@ -47,6 +49,12 @@ class MeshRouter:
             _as_is
         # Where a broadcast goes: this node's workers, or (Redis mode) every node's.
         self.broadcast_to: Callable[[bytes, str, BroadcastAnswer], None] = self.node_broadcast
+        # The last step of a deliveries query: this node's answers as they are, or (Redis mode)
+        # with the other nodes' (``rawsse.cluster.routing``).
+        self.finish_deliveries: Callable[[Document, Document, Callable[[Document], None]],
+                                         None] = _found_as_is
+        mesh.serve(DELIVERIES, lambda query: orjson.dumps(
+            worker.deliveries_answer(orjson.loads(query))))
 
     def submit(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
         owner = owner_of(token, self.worker.count)
@@ -95,6 +103,17 @@ class MeshRouter:
     def collect_stats(self, done: Callable[[Document], None]) -> None:
         self.node_stats(lambda doc: self.finish_document(doc, done))
 
+    def node_deliveries(self, query: Document, done: Callable[[list[Document]], None]) -> None:
+        """Every worker's answer to a deliveries query (``deliverylog.worker_answer``); a
+        worker that does not answer within the mesh's request timeout is left out."""
+        own = self.worker.deliveries_answer(query)
+        self.mesh.collect(DELIVERIES, orjson.dumps(query),
+                          lambda replies: done([own, *replies]))
+
+    def find_deliveries(self, query: Document, done: Callable[[Document], None]) -> None:
+        self.node_deliveries(query, lambda answers: self.finish_deliveries(
+            query, {"answers": answers, "late": []}, done))
+
     def share_admin(self, command: Document, done: Callable[[], None]) -> None:
         """The running workers get it through the mesh before the answer (so it holds for the
         very next push wherever it lands); the master gets it too, keeps the node's state for
@@ -105,3 +124,7 @@ class MeshRouter:
 
 def _as_is(doc: Document, done: Callable[[Document], None]) -> None:
     done(doc)
+
+
+def _found_as_is(query: Document, found: Document, done: Callable[[Document], None]) -> None:
+    done(found)

@@ -13,6 +13,7 @@ from typing import Any
 
 from rawsse.apns import auth_flags
 from rawsse.apns.admin import MAX_TOKEN_STATES, TOKEN_STATE_BYTES
+from rawsse.apns.deliverylog import ENTRY_BYTES
 from rawsse.config import (ConfigError, ServeConfig, parse_address, parse_distribution, parse_duration,
                      parse_fault, parse_int)
 from rawsse.node.mesh import BROADCAST_TIMEOUT
@@ -40,7 +41,8 @@ routes on --listen (default 0.0.0.0:8378), for senders and devices:
   use --listen; rawsse certs DIR writes a CA and a certificate to try it with
 operator routes on --admin-listen, by default 127.0.0.1 on the --listen port + 1
 (127.0.0.1:8379), so two nodes on one host do not collide:
-  GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults, /admin/auth
+  GET /healthz, /stats, /metrics, /admin/tokens[/<hex>], /admin/faults, /admin/auth,
+  /admin/deliveries?token=<hex>, /admin/deliveries/<apns-id> (--delivery-log)
   GET /dashboard: the live view in a browser (over ssh -L 8379:127.0.0.1:8379 from afar),
   fed by GET /stats/events (SSE, one JSON event a second, at most 16 viewers per node)
   --admin-listen public serves them on --listen too, where any sender can reach them;
@@ -96,6 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-delayed", default=str(d.max_delayed), metavar="N",
         help="pushes waiting out a delivery delay per worker before pushes get 503 "
              "(default: %(default)s)")
+    add("--delivery-log", default=str(d.delivery_log), metavar="N",
+        help="push outcomes (delivered, pending, expired, discarded, rejected) each worker "
+             "keeps for GET /admin/deliveries and rawsse push --verify: the last N, about "
+             f"{ENTRY_BYTES} B each, preallocated (the default: about "
+             f"{d.delivery_log * ENTRY_BYTES // 1_000_000} MB per worker; at most "
+             f"{MAX_DELIVERY_LOG:,}); 0 turns it off (default: %(default)s)")
     add("--stream-buffer", default=str(d.stream_buffer), metavar="BYTES",
         help="unsent bytes a stream may hold before it is closed as a slow reader "
              "(its push is kept) (default: %(default)s)")
@@ -164,6 +172,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         retry_ms=parse_int(args.retry, "--retry", 0),
         max_pending=parse_int(args.max_pending, "--max-pending", 1),
         max_delayed=parse_int(args.max_delayed, "--max-delayed", 1),
+        delivery_log=_delivery_log(args.delivery_log),
         max_pending_bytes=parse_int(args.max_pending_bytes, "--max-pending-bytes", 4096),
         stream_buffer=parse_int(args.stream_buffer, "--stream-buffer", 256),
         header_limit=parse_int(args.header_limit, "--header-limit", 1024),
@@ -182,6 +191,19 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         **_tls_options(args, [("--listen", listen),
                               ("--admin-listen", admin_address(args.admin_listen, listen))]),
     )
+
+
+MAX_DELIVERY_LOG = 10_000_000  # 1.4 GB per worker: beyond it a typo, not a plan
+
+
+def _delivery_log(text: str) -> int:
+    """``--delivery-log``: entries per worker, preallocated at start, so bounded here."""
+    size = parse_int(text, "--delivery-log", 0)
+    if size > MAX_DELIVERY_LOG:
+        raise ConfigError("--delivery-log", f"{size:,} entries would take "
+                          f"{size * ENTRY_BYTES / 1e9:.1f} GB per worker; at most "
+                          f"{MAX_DELIVERY_LOG:,}")
+    return size
 
 
 def admin_address(text: str | None, listen: tuple[str, int]) -> tuple[str, int] | None:

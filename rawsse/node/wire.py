@@ -53,11 +53,15 @@ TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 # worker <-> worker
 PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN = range(1, 9)
+DELIVERIES = 20  # a deliveries query (JSON), answered with REPLY (rawsse/apns/deliverylog.py)
 # worker -> agent (NODE_STATS is ``records.STATS``: the node's totals for the agent to store)
 ROUTE, CLAIM, RELEASE, NODE_STATS, CLUSTER, CLUSTER_BCAST = 32, 33, 34, 35, 36, 37
 # agent -> worker
 ROUTED, CLAIMED, DELIVER, EVICT, STATE, CLUSTER_VIEW, CLUSTER_BCAST_DONE = \
     40, 41, 42, 43, 44, 45, 46
+# deliveries queries across nodes (rawsse/cluster/agent_deliveries.py): worker -> agent FIND,
+# answered FOUND; agent -> worker ASK (another node's query), answered ANSWER
+FIND, ANSWER, FOUND, ASK = 50, 51, 52, 53
 
 
 def address(node: int, index: int) -> str:
@@ -93,6 +97,7 @@ LAYOUTS: dict[int, Layout] = {
     STATS: _REQUEST,
     REPLY: _REQUEST,
     ADMIN: _REQUEST,
+    DELIVERIES: _REQUEST,
     ROUTE: Layout("!IBddB", ("rid", "mode", "expires", "delay"), ("token",), "frame"),
     CLAIM: Layout("!IBB", ("rid", "mode"), ("token",)),
     RELEASE: _RAW,  # the token
@@ -106,6 +111,10 @@ LAYOUTS: dict[int, Layout] = {
     STATE: Layout("!??", ("up", "resync")),
     CLUSTER_VIEW: _REQUEST,
     CLUSTER_BCAST_DONE: _REQUEST,  # JSON: the other nodes' parts
+    FIND: _REQUEST,
+    ANSWER: _REQUEST,
+    FOUND: _REQUEST,
+    ASK: _REQUEST,
 }
 
 Encoder = Callable[..., bytes]

@@ -44,6 +44,7 @@ from rawsse.apns import answers
 from rawsse.apns.admin import AdminState
 from rawsse.apns.auth import Authenticator
 from rawsse.apns.delivery import Delivery
+from rawsse.apns.deliverylog import DeliveryLog, worker_answer
 from rawsse.apns.registry import Push, Registry
 from rawsse.apns.routes import Routes
 from rawsse.apns.routing import LocalOwner, LocalRouter, Router
@@ -88,6 +89,8 @@ class Worker:
         self.stats = Stats()
         self.registry = Registry(self.stats, self.loop)
         self.delivery = Delivery(self.registry, self.loop, config)
+        if config.delivery_log:
+            self.registry.log = DeliveryLog(config.delivery_log, self.loop)
         # A worker (re)spawned by the master starts from the node's run-time admin state.
         self.admin = admin.copy() if admin is not None else AdminState(config.faults)
         self.ids = IdGenerator()
@@ -261,6 +264,10 @@ class Worker:
         written, refused = self.registry.broadcast(frame, key)
         self.stats.broadcast_events += written
         return written, refused
+
+    def deliveries_answer(self, query: dict[str, Any]) -> dict[str, Any]:
+        """This worker's part of a deliveries query (``deliverylog.worker_answer``)."""
+        return worker_answer(self.registry.log, self.registry, self.delivery, self.index, query)
 
     def snapshot(self) -> dict[str, Any]:
         doc = snapshot(self.stats, worker=self.index, streams=len(self.registry.streams),
