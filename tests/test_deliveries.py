@@ -148,7 +148,7 @@ def test_the_ring_keeps_the_last_n_outcomes_oldest_first():
     ids = [new_id().encode() for _ in range(5)]
     for n, apns_id in enumerate(ids):
         Clock.now = float(n)
-        log.record(1, b"t", Push(sse.encode_event(apns_id, b"{}"), 9.0))
+        log.record(1, b"t", Push(sse.encode_event(apns_id, b"{}"), 9.0, 0.0))
     slots = log.find([], [b"t"])
     assert [log.entry(slot, 0.0)["apns_id"].encode() for slot in slots] == ids[2:]
     assert log.find([ids[0], ids[1]], []) == []  # overwritten: the ring is bounded
@@ -163,7 +163,7 @@ def test_entry_cost_is_what_help_says():
         now = 1.0
 
     size = 10_000
-    pushes = [Push(sse.encode_event(new_id().encode(), b"{}"), 0.0) for _ in range(size)]
+    pushes = [Push(sse.encode_event(new_id().encode(), b"{}"), 0.0, 0.0) for _ in range(size)]
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     log = DeliveryLog(size, Clock())  # type: ignore[arg-type]
