@@ -9,9 +9,14 @@ push or a device can land anywhere; the mesh moves it to the owner:
 - a device's socket is handed to the owner with ``SCM_RIGHTS`` once its ``GET /events`` is
   parsed (``HANDOFF``); the owner writes the head and any pending push, so every stream of a
   token lives in exactly one process and "newest wins" stays a local decision;
-- a push is forwarded to the owner (``PUSH``), which stores or delivers it and acknowledges
-  (``ACK``); only then does the receiving worker answer 200. An owner that is full, dead or
-  unreachable makes the answer 503: a 200 always means the owner holds the push;
+- a push is forwarded to the owner (``PUSH``). Within the credit the owner granted, the
+  receiving worker answers 200 as soon as the kernel took the message carrying it, and keeps the
+  push until the owner's cumulative acknowledgement (``TAKEN``) covers it; a broken link sends
+  what is kept again to the owner's replacement. Without credit it waits for the owner's
+  ``ACK``. Either way a 200 means the push is held by its owner or in the owner's socket queue
+  (it survives a ``kill -9`` of the worker that took the request); a full owner queue is a 503
+  before any 200, never a drop after one; an owner's crash loses what it held, no more
+  (``forwarding.py`` has the protocol);
 - a broadcast goes once to each worker (``BCAST``), which writes its own streams and replies with
   a count (``BCAST_DONE``); ``/stats`` asks each worker once (``STATS``/``REPLY``); admin
   commands are applied everywhere (``ADMIN``).
@@ -27,6 +32,9 @@ node (``SO_PEERCRED``: another uid, or not a child of our master) is closed at o
 Batching: records for one peer accumulate during a loop turn and leave as one ``sendmsg`` per
 peer per turn (split at ``MAX_MESSAGE`` bytes or ``MAX_FDS`` fds); the framing and the record
 codecs are ``wire.py``'s, the ordered queue of what the kernel has not taken ``sendqueue.py``'s.
+A reader stops after the last message of a batch (``wire.more_follows``) rather than pay a
+``recvmsg`` that returns EAGAIN. An owner takes the pushes of a message before its other records
+and sends their ``TAKEN`` at once, before writing any of them (``forwarding.py``).
 Back-pressure: bytes a peer has not taken yet are bounded (``MAX_QUEUED``); over it, pushes for
 that peer are answered 503, never dropped.
 
@@ -45,21 +53,25 @@ from typing import Any, Callable, Sequence
 import orjson
 
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import QUEUE_FULL, UNREACHABLE, Accepted, Owner, PushAnswer
+from rawsse.apns.routing import (
+    HELD, QUEUE_FULL, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
+)
 from rawsse.node import peercred
+from rawsse.node.forwarding import Decoded, Ledgers, Outbox, encode_push, first_sequence
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
-    ACK, ADMIN, ANCILLARY_SIZE, BCAST, BCAST_DONE, HANDOFF, PUSH, RECV_SIZE, REPLY, STATS,
-    TRUNCATED, address, decode, decoder, encode, encoder, iter_records, pack_messages,
-    received_fds, record, sender_of,
+    ACK, ADMIN, ANCILLARY_SIZE, BCAST, BCAST_DONE, HANDOFF, PUSH, RECV_SIZE, REPLY, STATS, TAKEN,
+    TRUNCATED, address, decode, decoder, encode, encoder, iter_records, more_follows,
+    pack_messages, received_fds, record, sender_of,
 )
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
 
 log = logging.getLogger(__name__)
 
 # The hot kinds' codecs, bound once (``wire.encode``/``decode`` look the kind up per call).
-_encode_push, _decode_push = encoder(PUSH), decoder(PUSH)
+_encode_push, _decode_push = encode_push, decoder(PUSH)
 _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
+_encode_taken, _decode_taken = encoder(TAKEN), decoder(TAKEN)
 _ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
 MAX_QUEUED = 8 * 1024 * 1024
@@ -75,12 +87,11 @@ REQUEST_TIMEOUT = 5.0
 BROADCAST_TIMEOUT = 120.0
 
 
-
-
 class OutLink:
-    """The connection this worker sends on to one peer, with what the kernel has not taken."""
+    """The connection this worker sends on to one peer, with what the kernel has not taken
+    and the pushes forwarded to that peer that it has not taken yet (``outbox``)."""
 
-    __slots__ = ("mesh", "peer", "sock", "fd", "out", "events")
+    __slots__ = ("mesh", "peer", "sock", "fd", "out", "events", "outbox")
 
     def __init__(self, mesh: "Mesh", peer: int) -> None:
         self.mesh = mesh
@@ -89,6 +100,7 @@ class OutLink:
         self.fd = -1
         self.out: SendQueue | None = None
         self.events = 0
+        self.outbox = Outbox()
 
     @property
     def queued(self) -> int:
@@ -114,7 +126,14 @@ class OutLink:
         self.sock, self.fd, self.out = sock, sock.fileno(), SendQueue(sock)
         self.events = READ_EVENTS
         loop.add(self.fd, self, READ_EVENTS)
-        return True
+        if self.outbox.kept:  # promised to the peer's predecessor, never taken: first in line
+            resent = self.outbox.resend()
+            log.warning("sending %d forwarded pushes again to worker %d (its link broke "
+                        "before it took them)", len(resent), self.peer)
+            for message, fds in pack_messages(self.mesh.index, resent):
+                self.out.push(message, fds)
+            self.flush()
+        return self.sock is not None
 
     def send(self, messages: list[tuple[bytes, list[int]]]) -> None:
         """Queue this turn's messages behind any still waiting, and send what the kernel takes."""
@@ -135,6 +154,8 @@ class OutLink:
             self.close("send failed")
             return
         self._want_write(not drained)
+        if drained and self.outbox.unsent:
+            self.outbox.sent()
 
     def _want_write(self, on: bool) -> None:
         events = READ_EVENTS | (EPOLLOUT if on else 0)
@@ -166,6 +187,7 @@ class OutLink:
         self.sock.close()
         _close_fds(self.out.close())  # streams that never reached their owner: devices reconnect
         self.sock, self.fd, self.out = None, -1, None
+        self.outbox.lost()
         self.mesh.link_lost(self.peer)
 
 
@@ -178,19 +200,21 @@ def _close_fds(messages: Sequence[tuple[bytes, Sequence[int]]]) -> None:
 class InLink:
     """A peer's connection to us: reads its messages."""
 
-    __slots__ = ("mesh", "sock", "fd")
+    __slots__ = ("mesh", "sock", "fd", "peer")
 
     def __init__(self, mesh: "Mesh", sock: socket.socket) -> None:
         self.mesh = mesh
         self.sock = sock
         self.fd = sock.fileno()
+        self.peer = -1  # known from its first message
 
     def handle_events(self, events: int) -> None:
-        # One recvmsg is one message (SOCK_SEQPACKET); read until EAGAIN, at most
-        # RECEIVE_MESSAGES or RECEIVE_BYTES per turn, so one busy peer cannot starve the others
-        # nor the worker's timers (its heartbeat: issue 12). What is left waits in the kernel
-        # and level-triggered epoll brings us back next turn. Linux has no flag on a received
-        # message saying another one waits, so finding the queue empty costs that last EAGAIN.
+        # One recvmsg is one message (SOCK_SEQPACKET); read to the end of the peer's batch, at
+        # most RECEIVE_MESSAGES or RECEIVE_BYTES per turn, so one busy peer cannot starve the
+        # others nor the worker's timers (its heartbeat: issue 12). What is left waits in the
+        # kernel and level-triggered epoll brings us back next turn. Linux has no flag on a
+        # received message saying another one waits; the sender's MORE bit says whether its
+        # batch goes on, which spares the recvmsg that would only return EAGAIN.
         recvmsg = self.sock.recvmsg
         budget = RECEIVE_BYTES
         for _ in range(RECEIVE_MESSAGES):
@@ -211,13 +235,16 @@ class InLink:
                 log.error("mesh message truncated (flags %#x): %d fds lost", flags, len(fds))
                 self.mesh.worker.stats.disconnect("error")
             budget -= len(data)
-            self.mesh.receive(data, fds)
+            self.peer = self.mesh.receive(data, fds)
+            if not more_follows(data):
+                return
 
     def close(self, reason: str = "") -> None:
         if self.fd >= 0:
             self.mesh.worker.loop.remove(self.fd)
             self.sock.close()
             self.fd = -1
+            self.mesh.sender_gone(self.peer)
 
 
 class MeshListener:
@@ -266,8 +293,24 @@ class Mesh:
         self.listener: MeshListener | None = None
         # record kind -> handler(body) for kinds this module does not know (the Redis agent's)
         self.handlers: dict[int, Callable[[memoryview], None]] = {}
-        self.owner: Owner  # what this worker does with a push for its own shard (set by the node)
+        self._owner: Owner | None = None
+        # Set with a LocalOwner: the senders' credit and numbers (forwarding.py). None for an
+        # owner that answers later (Redis mode): every forwarded push is then asked.
+        self.ledgers: Ledgers | None = None
+        self._next_seq = first_sequence()
         self._snapshot: tuple[float, bytes] = (-1.0, b"")  # (loop turn, JSON) for STATS replies
+
+    @property
+    def owner(self) -> Owner:
+        """What this worker does with a push for its own shard (set by the node)."""
+        assert self._owner is not None
+        return self._owner
+
+    @owner.setter
+    def owner(self, owner: Owner) -> None:
+        self._owner = owner
+        self.ledgers = Ledgers(owner.delivery, self.count) if isinstance(owner, LocalOwner) \
+            else None
 
     def add_peer(self, peer: int) -> None:
         """Link to a peer that is not a worker (the node's Redis agent)."""
@@ -314,7 +357,9 @@ class Mesh:
         self.flush_scheduled = False
         batches, self.batches = self.batches, {}
         for peer, records in batches.items():
-            self.links[peer].send(pack_messages(self.index, records))
+            link = self.links[peer]
+            link.outbox.queued()
+            link.send(pack_messages(self.index, records))
 
     def expect(self, peer: int, callback: Callable[[Any], None], failure: Any,
                timeout: float = REQUEST_TIMEOUT) -> int:
@@ -327,8 +372,22 @@ class Mesh:
         """Fail requests a peer never answered (it hung, or its reply link could not form)."""
         self._fail([rid for rid, entry in self.waiting.items() if entry[3] < now])
 
+    def resend_kept(self) -> None:
+        """Reconnect to owners that died holding pushes promised to them (once per tick):
+        connecting sends those pushes again to the replacement, as soon as it listens."""
+        for link in self.links.values():
+            if link.sock is None and link.outbox.kept:
+                link.connect()
+
+    def kept(self) -> int:
+        """Promised pushes no owner has taken yet."""
+        return sum(len(link.outbox.kept) for link in self.links.values())
+
     def link_lost(self, peer: int) -> None:
-        """Every request waiting on ``peer`` fails now (a forwarded push becomes a 503)."""
+        """Every request waiting on ``peer`` fails now (a forwarded push becomes a 503), and
+        this turn's records for it are dropped: a link made again this turn must not carry
+        pushes already answered 503."""
+        _close_fds([(framed, [fd] if fd >= 0 else []) for framed, fd in self.batches.pop(peer, [])])
         self._fail([rid for rid, entry in self.waiting.items() if entry[0] == peer])
 
     def _fail(self, request_ids: list[int]) -> None:
@@ -340,8 +399,8 @@ class Mesh:
 
     def forward_push(self, peer: int, token: bytes, push: Push, delay: float,
                      answer: PushAnswer) -> None:
-        """``answer``: HELD, QUEUE_FULL (back-pressure), or UNREACHABLE (the owner could not
-        be reached or did not answer)."""
+        """``answer``: HELD (within credit: once the kernel took it), QUEUE_FULL
+        (back-pressure), or UNREACHABLE (the owner could not be reached or did not answer)."""
         link = self.links[peer]
         if not link.connect():
             answer(UNREACHABLE)
@@ -349,8 +408,12 @@ class Mesh:
         if link.queued >= MAX_QUEUED:
             answer(QUEUE_FULL)
             return
-        rid = self.expect(peer, answer, UNREACHABLE)
-        self.send(peer, PUSH, _encode_push(rid, push.expires, delay, token, push.frame))
+        self._next_seq = seq = self._next_seq + 1
+        if link.outbox.promise(seq, token, push, delay, answer):
+            rid = 0
+        else:
+            rid = self.expect(peer, answer, UNREACHABLE)
+        self.send(peer, PUSH, _encode_push(rid, seq, push.expires, delay, token, push.frame))
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
         """Queue ``fd`` for ``peer``; False (the caller still owns the fd) when it cannot go."""
@@ -407,10 +470,20 @@ class Mesh:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def receive(self, data: bytes, fds: list[int]) -> None:
-        self._reply_to = sender_of(data)
+    def receive(self, data: bytes, fds: list[int]) -> int:
+        """Handle one message; returns the index of the peer that sent it."""
+        self._reply_to = sender = sender_of(data)
+        records = iter_records(data)
+        pushes = [_decode_push(body) for kind, body in records if kind == PUSH]
+        if pushes:
+            try:
+                self._take_pushes(sender, pushes)
+            except Exception:
+                log.exception("mesh pushes from worker %d failed", sender)
         fd_index = 0
-        for kind, body in iter_records(data):
+        for kind, body in records:
+            if kind == PUSH:
+                continue
             if kind == HANDOFF:
                 fd = fds[fd_index] if fd_index < len(fds) else -1
                 fd_index += 1
@@ -422,14 +495,51 @@ class Mesh:
                     log.exception("mesh record %d failed", kind)
         for fd in fds[fd_index:]:
             os.close(fd)
+        return sender
+
+    def _take_pushes(self, sender: int, pushes: list[Decoded]) -> None:
+        """The owner's half: acknowledge the message's pushes (``TAKEN``) before writing any
+        of them, then accept each; an asked one is answered with its ``ACK``."""
+        ledgers = self.ledgers
+        if ledgers is None:  # an owner that may answer later (a cluster worker asks Redis)
+            self._take_asked(sender, pushes)
+            return
+        fresh, upto, grant, grant_bytes = ledgers.arrived(sender, pushes)
+        self._send_now(sender, TAKEN, _encode_taken(upto, grant, grant_bytes))
+        accept = ledgers.delivery.accept
+        for rid, _seq, expires, delay, token, frame in fresh:
+            push = Push(frame, expires)
+            accepted = accept(token, push, delay)
+            if rid:
+                self.reply(sender, ACK, _encode_ack(rid, accepted))
+            elif accepted is not HELD:
+                ledgers.hold_over_limit(token, push)
+
+    def _take_asked(self, sender: int, pushes: list[Decoded]) -> None:
+        # A closure per push, in Redis mode only: its answer comes after a Redis round trip.
+        for rid, _seq, expires, delay, token, frame in pushes:
+            self.owner.take(token, Push(frame, expires), delay, self._acknowledge(sender, rid))
+
+    def _acknowledge(self, peer: int, rid: int) -> PushAnswer:
+        def answer(accepted: Accepted) -> None:
+            self.reply(peer, ACK, _encode_ack(rid, accepted))
+        return answer
+
+    def _send_now(self, peer: int, kind: int, body: bytes) -> None:
+        """One record to ``peer`` in its own message now, not with the turn's batch."""
+        link = self.links.get(peer)
+        if link is not None and link.connect():
+            link.send(pack_messages(self.index, [(record(kind, body), -1)]))
+
+    def sender_gone(self, peer: int) -> None:
+        """A peer's link to us ended: the credit it held is void."""
+        if self.ledgers is not None and peer >= 0:
+            self.ledgers.sender_gone(peer)
 
     def _dispatch(self, kind: int, body: memoryview) -> None:
-        if kind == PUSH:
-            rid, expires, delay, token, frame = _decode_push(body)
-            push = Push(frame, expires)
-            peer = self._reply_to  # the answer may come later (a cluster worker asks Redis)
-            self.owner.take(token, push, delay,
-                            lambda accepted: self.reply(peer, ACK, _encode_ack(rid, accepted)))
+        if kind == TAKEN:
+            upto, pushes, size = _decode_taken(body)
+            self.links[self._reply_to].outbox.taken(upto, pushes, size)
         elif kind == ACK:
             rid, value = _decode_ack(body)
             self.resolve(rid, _ACK_MEANING.get(value, UNREACHABLE))
