@@ -56,3 +56,15 @@ def test_quick_bench_end_to_end(tmp_path) -> None:
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "quick-memory.png").stat().st_size > 0
         assert (tmp_path / "quick-latency.png").stat().st_size > 0
+
+
+def test_only_names_a_rawsse_variant_with_any_worker_count() -> None:
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from bench.run import pick_variants, plan_quick
+
+    plan, _ = plan_quick()
+    picked = pick_variants(plan, ["rawsse-1w", "rawsse-16w", "rawsse-1w", "nosuch-3w"])
+    assert [(v.name, v.kind, v.workers) for v in picked] == \
+        [("rawsse-1w", "rawsse", 1), ("rawsse-16w", "rawsse", 16)]
+    assert picked[1].levels == plan[0].levels

@@ -88,7 +88,7 @@ class Forwarded:
 class Outbox:
     """The sender's side, for one owner: the credit it holds and the pushes it promised."""
 
-    __slots__ = ("credit", "credit_bytes", "kept", "staged", "unsent")
+    __slots__ = ("credit", "credit_bytes", "kept", "staged", "unsent", "staged_pushes")
 
     def __init__(self) -> None:
         self.credit = 0
@@ -97,6 +97,7 @@ class Outbox:
         # Promised, not yet answered: in this turn's batch, then in the link's send queue.
         self.staged: list[Forwarded] = []
         self.unsent: list[Forwarded] = []
+        self.staged_pushes = False  # this turn's batch has pushes (each message gets a TAKEN)
 
     def promise(self, seq: int, token: bytes, push: Push, delay: float,
                 answer: PushAnswer) -> bool:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import orjson
 
@@ -56,221 +56,28 @@ from rawsse.apns.registry import Push
 from rawsse.apns.routing import (
     HELD, QUEUE_FULL, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
 )
-from rawsse.node import peercred
-from rawsse.node.forwarding import Decoded, Ledgers, Outbox, encode_push, first_sequence
-from rawsse.node.sendqueue import SendQueue
+from rawsse.node.forwarding import Decoded, Ledgers, encode_push, first_sequence
+from rawsse.node.links import RECEIVE_MESSAGES, InLink, MeshListener, OutLink, close_fds
 from rawsse.node.wire import (
-    ACK, ADMIN, ANCILLARY_SIZE, BCAST, BCAST_DONE, HANDOFF, PUSH, RECV_SIZE, REPLY, STATS, TAKEN,
-    TRUNCATED, address, decode, decoder, encode, encoder, iter_records, more_follows,
-    pack_messages, received_fds, record, sender_of,
+    ACK, ADMIN, BCAST, BCAST_DONE, HANDOFF, PUSH, REPLY, SENDER, STATS, address, decode,
+    decoder, encode, encoder, iter_records, pack_messages, record, sender_of,
 )
-from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
+from rawsse.server.loop import EPOLLIN
 
 log = logging.getLogger(__name__)
 
 # The hot kinds' codecs, bound once (``wire.encode``/``decode`` look the kind up per call).
 _encode_push, _decode_push = encode_push, decoder(PUSH)
 _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
-_encode_taken, _decode_taken = encoder(TAKEN), decoder(TAKEN)
 _ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
 MAX_QUEUED = 8 * 1024 * 1024
-# What one peer's link may bring in one loop turn: 64 messages, or ~4 full ones by bytes (a
-# burst of REPLYs to /metrics is a render each; ~1,000 forwarded pushes fit in it).
-RECEIVE_MESSAGES = 64
-RECEIVE_BYTES = 256 * 1024
 REQUEST_TIMEOUT = 5.0
 # A broadcast reply comes after the peer wrote to every one of its streams: ~18k loopback writes
 # per worker took 3-6 s at 300k streams on 2 shared cores (measured with ``python bench/run.py
 # --full``), so a 5 s timeout under-counted; the answer waits longer rather than report a wrong
 # count.
 BROADCAST_TIMEOUT = 120.0
-
-
-class OutLink:
-    """The connection this worker sends on to one peer, with what the kernel has not taken
-    and the pushes forwarded to that peer that it has not taken yet (``outbox``)."""
-
-    __slots__ = ("mesh", "peer", "sock", "fd", "out", "events", "outbox")
-
-    def __init__(self, mesh: "Mesh", peer: int) -> None:
-        self.mesh = mesh
-        self.peer = peer
-        self.sock: socket.socket | None = None
-        self.fd = -1
-        self.out: SendQueue | None = None
-        self.events = 0
-        self.outbox = Outbox()
-
-    @property
-    def queued(self) -> int:
-        """Bytes the peer has not taken yet."""
-        return self.out.queued if self.out is not None else 0
-
-    def connect(self) -> bool:
-        """Link up now if the peer listens. A refused connect is not remembered: a peer is
-        reachable the moment it listens, which it does before it tells the master it is ready.
-        (A 100 ms retry pause here once answered 503 to pushes for a respawned worker that the
-        master already counted as up.) A refused connect to an abstract unix name costs ~17 us,
-        paid only while a peer is down, by requests that would otherwise get 503 anyway."""
-        if self.sock is not None:
-            return True
-        loop = self.mesh.worker.loop
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            sock.connect(address(self.mesh.node, self.peer))
-        except OSError:
-            sock.close()
-            return False
-        sock.setblocking(False)
-        self.sock, self.fd, self.out = sock, sock.fileno(), SendQueue(sock)
-        self.events = READ_EVENTS
-        loop.add(self.fd, self, READ_EVENTS)
-        if self.outbox.kept:  # promised to the peer's predecessor, never taken: first in line
-            resent = self.outbox.resend()
-            log.warning("sending %d forwarded pushes again to worker %d (its link broke "
-                        "before it took them)", len(resent), self.peer)
-            for message, fds in pack_messages(self.mesh.index, resent):
-                self.out.push(message, fds)
-            self.flush()
-        return self.sock is not None
-
-    def send(self, messages: list[tuple[bytes, list[int]]]) -> None:
-        """Queue this turn's messages behind any still waiting, and send what the kernel takes."""
-        out = self.out
-        if out is None:  # the link died after these were queued: the waiting requests already
-            _close_fds(messages)  # failed; the hand-offs' devices reconnect
-            return
-        for message, fds in messages:
-            out.push(message, fds)
-        self.flush()
-
-    def flush(self) -> None:
-        if self.out is None:
-            return
-        try:
-            drained = self.out.flush()
-        except OSError:
-            self.close("send failed")
-            return
-        self._want_write(not drained)
-        if drained and self.outbox.unsent:
-            self.outbox.sent()
-
-    def _want_write(self, on: bool) -> None:
-        events = READ_EVENTS | (EPOLLOUT if on else 0)
-        if self.fd >= 0 and events != self.events:
-            self.events = events
-            self.mesh.worker.loop.modify(self.fd, events)
-
-    def handle_events(self, events: int) -> None:
-        if events & (EPOLLHUP | EPOLLERR | EPOLLRDHUP):
-            self.close("peer closed")
-        elif events & EPOLLIN:
-            try:
-                if not self.sock.recv(1):  # type: ignore[union-attr]
-                    self.close("peer closed")
-            except BlockingIOError:
-                pass
-            except OSError:
-                self.close("peer closed")
-        elif events & EPOLLOUT:
-            self.flush()
-
-    def close(self, why: str = "") -> None:
-        if self.sock is None or self.out is None:
-            return
-        # debug: a rolling restart loses every link to each replaced worker (once 130 lines
-        # per HUP); what an operator acts on is logged by the master.
-        log.debug("link to worker %d lost (%s)", self.peer, why)
-        self.mesh.worker.loop.remove(self.fd)
-        self.sock.close()
-        _close_fds(self.out.close())  # streams that never reached their owner: devices reconnect
-        self.sock, self.fd, self.out = None, -1, None
-        self.outbox.lost()
-        self.mesh.link_lost(self.peer)
-
-
-def _close_fds(messages: Sequence[tuple[bytes, Sequence[int]]]) -> None:
-    for _message, fds in messages:
-        for fd in fds:
-            os.close(fd)
-
-
-class InLink:
-    """A peer's connection to us: reads its messages."""
-
-    __slots__ = ("mesh", "sock", "fd", "peer")
-
-    def __init__(self, mesh: "Mesh", sock: socket.socket) -> None:
-        self.mesh = mesh
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.peer = -1  # known from its first message
-
-    def handle_events(self, events: int) -> None:
-        # One recvmsg is one message (SOCK_SEQPACKET); read to the end of the peer's batch, at
-        # most RECEIVE_MESSAGES or RECEIVE_BYTES per turn, so one busy peer cannot starve the
-        # others nor the worker's timers (its heartbeat: issue 12). What is left waits in the
-        # kernel and level-triggered epoll brings us back next turn. Linux has no flag on a
-        # received message saying another one waits; the sender's MORE bit says whether its
-        # batch goes on, which spares the recvmsg that would only return EAGAIN.
-        recvmsg = self.sock.recvmsg
-        budget = RECEIVE_BYTES
-        for _ in range(RECEIVE_MESSAGES):
-            if budget <= 0:
-                return
-            try:
-                data, ancdata, flags, _addr = recvmsg(RECV_SIZE, ANCILLARY_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.close()
-                return
-            if not data:
-                self.close()
-                return
-            fds = received_fds(ancdata) if ancdata else []
-            if flags & TRUNCATED:
-                log.error("mesh message truncated (flags %#x): %d fds lost", flags, len(fds))
-                self.mesh.worker.stats.disconnect("error")
-            budget -= len(data)
-            self.peer = self.mesh.receive(data, fds)
-            if not more_follows(data):
-                return
-
-    def close(self, reason: str = "") -> None:
-        if self.fd >= 0:
-            self.mesh.worker.loop.remove(self.fd)
-            self.sock.close()
-            self.fd = -1
-            self.mesh.sender_gone(self.peer)
-
-
-class MeshListener:
-    __slots__ = ("mesh", "sock", "fd")
-
-    def __init__(self, mesh: "Mesh", sock: socket.socket) -> None:
-        self.mesh, self.sock, self.fd = mesh, sock, sock.fileno()
-
-    def handle_events(self, events: int) -> None:
-        while True:
-            try:
-                sock, _ = self.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.error("mesh accept failed: %s", exc)
-                return
-            if not peercred.admit(sock, self.mesh.node):  # only this node's processes
-                continue
-            sock.setblocking(False)
-            link = InLink(self.mesh, sock)
-            self.mesh.worker.loop.add(link.fd, link, READ_EVENTS)
-
-    def close(self, reason: str = "") -> None:
-        self.mesh.worker.loop.remove(self.fd)
-        self.sock.close()
 
 
 class Mesh:
@@ -298,6 +105,7 @@ class Mesh:
         # owner that answers later (Redis mode): every forwarded push is then asked.
         self.ledgers: Ledgers | None = None
         self._next_seq = first_sequence()
+        self.taken_prefix = SENDER.pack(self.index)
         self._snapshot: tuple[float, bytes] = (-1.0, b"")  # (loop turn, JSON) for STATS replies
 
     @property
@@ -350,7 +158,7 @@ class Mesh:
         batch.append((record(kind, body), fd))
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.worker.loop.call_soon(self.flush)
+            self.worker.loop.call_first(self.flush)  # the answers it gives write this turn
 
     def flush(self) -> None:
         """One sendmsg per peer per loop turn (split only at the size and fd limits)."""
@@ -358,8 +166,15 @@ class Mesh:
         batches, self.batches = self.batches, {}
         for peer, records in batches.items():
             link = self.links[peer]
-            link.outbox.queued()
-            link.send(pack_messages(self.index, records))
+            outbox = link.outbox
+            if outbox.kept:
+                link.read_acks()
+            outbox.queued()
+            messages = pack_messages(self.index, records)
+            if outbox.staged_pushes:
+                outbox.staged_pushes = False
+                link.acks_due += len(messages)
+            link.send(messages)
 
     def expect(self, peer: int, callback: Callable[[Any], None], failure: Any,
                timeout: float = REQUEST_TIMEOUT) -> int:
@@ -373,10 +188,14 @@ class Mesh:
         self._fail([rid for rid, entry in self.waiting.items() if entry[3] < now])
 
     def resend_kept(self) -> None:
-        """Reconnect to owners that died holding pushes promised to them (once per tick):
-        connecting sends those pushes again to the replacement, as soon as it listens."""
+        """Once per tick: take the TAKENs an idle link holds, and reconnect to owners that died
+        holding pushes promised to them (connecting sends those pushes again to the
+        replacement, as soon as it listens)."""
         for link in self.links.values():
-            if link.sock is None and link.outbox.kept:
+            if link.sock is not None:
+                link.acks_due = max(link.acks_due, RECEIVE_MESSAGES)  # all that came, to EAGAIN
+                link.read_acks()
+            elif link.outbox.kept:
                 link.connect()
 
     def kept(self) -> int:
@@ -387,7 +206,7 @@ class Mesh:
         """Every request waiting on ``peer`` fails now (a forwarded push becomes a 503), and
         this turn's records for it are dropped: a link made again this turn must not carry
         pushes already answered 503."""
-        _close_fds([(framed, [fd] if fd >= 0 else []) for framed, fd in self.batches.pop(peer, [])])
+        close_fds([(framed, [fd] if fd >= 0 else []) for framed, fd in self.batches.pop(peer, [])])
         self._fail([rid for rid, entry in self.waiting.items() if entry[0] == peer])
 
     def _fail(self, request_ids: list[int]) -> None:
@@ -409,10 +228,17 @@ class Mesh:
             answer(QUEUE_FULL)
             return
         self._next_seq = seq = self._next_seq + 1
-        if link.outbox.promise(seq, token, push, delay, answer):
+        outbox = link.outbox
+        if outbox.credit <= 0:  # the owner's TAKENs may have brought more meanwhile
+            link.read_acks()
+            if link.out is None:  # and the owner's end with them
+                answer(UNREACHABLE)
+                return
+        if outbox.promise(seq, token, push, delay, answer):
             rid = 0
         else:
             rid = self.expect(peer, answer, UNREACHABLE)
+        outbox.staged_pushes = True
         self.send(peer, PUSH, _encode_push(rid, seq, push.expires, delay, token, push.frame))
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
@@ -470,14 +296,14 @@ class Mesh:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def receive(self, data: bytes, fds: list[int]) -> int:
-        """Handle one message; returns the index of the peer that sent it."""
+    def receive(self, data: bytes, fds: list[int], link: InLink) -> int:
+        """Handle one message that came on ``link``; returns the index of the peer that sent it."""
         self._reply_to = sender = sender_of(data)
         records = iter_records(data)
         pushes = [_decode_push(body) for kind, body in records if kind == PUSH]
         if pushes:
             try:
-                self._take_pushes(sender, pushes)
+                self._take_pushes(sender, pushes, link)
             except Exception:
                 log.exception("mesh pushes from worker %d failed", sender)
         fd_index = 0
@@ -497,7 +323,7 @@ class Mesh:
             os.close(fd)
         return sender
 
-    def _take_pushes(self, sender: int, pushes: list[Decoded]) -> None:
+    def _take_pushes(self, sender: int, pushes: list[Decoded], link: InLink) -> None:
         """The owner's half: acknowledge the message's pushes (``TAKEN``) before writing any
         of them, then accept each; an asked one is answered with its ``ACK``."""
         ledgers = self.ledgers
@@ -505,7 +331,7 @@ class Mesh:
             self._take_asked(sender, pushes)
             return
         fresh, upto, grant, grant_bytes = ledgers.arrived(sender, pushes)
-        self._send_now(sender, TAKEN, _encode_taken(upto, grant, grant_bytes))
+        link.acknowledge(upto, grant, grant_bytes)
         accept = ledgers.delivery.accept
         for rid, _seq, expires, delay, token, frame in fresh:
             push = Push(frame, expires)
@@ -525,22 +351,13 @@ class Mesh:
             self.reply(peer, ACK, _encode_ack(rid, accepted))
         return answer
 
-    def _send_now(self, peer: int, kind: int, body: bytes) -> None:
-        """One record to ``peer`` in its own message now, not with the turn's batch."""
-        link = self.links.get(peer)
-        if link is not None and link.connect():
-            link.send(pack_messages(self.index, [(record(kind, body), -1)]))
-
     def sender_gone(self, peer: int) -> None:
         """A peer's link to us ended: the credit it held is void."""
         if self.ledgers is not None and peer >= 0:
             self.ledgers.sender_gone(peer)
 
     def _dispatch(self, kind: int, body: memoryview) -> None:
-        if kind == TAKEN:
-            upto, pushes, size = _decode_taken(body)
-            self.links[self._reply_to].outbox.taken(upto, pushes, size)
-        elif kind == ACK:
+        if kind == ACK:
             rid, value = _decode_ack(body)
             self.resolve(rid, _ACK_MEANING.get(value, UNREACHABLE))
         elif kind == BCAST:
