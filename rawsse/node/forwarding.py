@@ -22,7 +22,10 @@ busy node: 110 µs per push with 2 workers against 55 µs with one, issue 14). I
   of yours up to sequence number ``upto`` is held, and here is more credit". It sends it the
   moment it has read the message, *before* it writes any of the pushes to a stream, so a push it
   acknowledged is one it holds (its crash loses it, as it loses everything it holds: counted by
-  the master from its heartbeat), and a push it did not acknowledge is one it never wrote.
+  the master from its heartbeat), and a push it did not acknowledge is one it never wrote. The
+  ``TAKEN`` goes back on the connection the pushes came on, which the sender does not watch for
+  input: it reads its TAKENs when it is awake anyway (``links.OutLink.read_acks``), so an
+  acknowledgement never costs it a wakeup.
 - **Kept until taken.** The worker that promised a push keeps it (``Outbox.kept``, at most the
   credit: ``CREDIT_PUSHES`` per owner) until a ``TAKEN`` covers it. When the link to the owner
   breaks (the owner died), whatever is kept is sent again, in order, to whatever listens at the
