@@ -20,6 +20,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import shlex
 import sys
 from typing import Any
@@ -63,6 +64,21 @@ def plan_full() -> tuple[list[VariantSpec], PhaseSettings]:
 
 
 PLANS = {"quick": plan_quick, "standard": plan_standard, "full": plan_full}
+WORKERS_VARIANT = re.compile(r"rawsse-(\d+)w")
+
+
+def pick_variants(plan: list[VariantSpec], names: list[str]) -> list[VariantSpec]:
+    """The plan's variants named in ``names``, in their order; a ``rawsse-Nw`` the plan lacks is
+    rawsse with N workers at the plan's first variant's levels (``--only rawsse-1w --only
+    rawsse-16w``: what the workers themselves cost, for the same load)."""
+    known = {v.name: v for v in plan}
+    picked = []
+    for name in dict.fromkeys(names):
+        if name in known:
+            picked.append(known[name])
+        elif match := WORKERS_VARIANT.fullmatch(name):
+            picked.append(VariantSpec(name, "rawsse", int(match[1]), plan[0].levels))
+    return picked
 
 
 def preflight(top: int) -> tuple[list[str], list[str]]:
@@ -138,7 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--full", dest="plan", action="store_const", const="full",
                       help="standard plus 20k → 300k streams with as many workers as needed")
     parser.add_argument("--only", action="append", default=[], metavar="VARIANT",
-                        help="run only this variant (repeatable), e.g. rawsse-1w, baseline-1w")
+                        help="run only this variant (repeatable), e.g. rawsse-1w, baseline-1w; "
+                             "rawsse-Nw for any N runs rawsse with N workers at the plan's levels")
     parser.add_argument("--out", default=RESULTS_DIR, help="results directory (default %(default)s)")
     parser.add_argument("--name", help="file name stem (default: PLAN-YYYYmmdd-HHMMSS)")
     parser.add_argument("--logs", help="directory for child logs and device/push reports "
@@ -153,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     variants, settings = PLANS[args.plan]()
     if args.only:
-        variants = [v for v in variants if v.name in args.only]
+        variants = pick_variants(variants, args.only)
         if not variants:
             print(f"no variant named {args.only}; plan {args.plan} has "
                   f"{[v.name for v in PLANS[args.plan]()[0]]}", file=sys.stderr)

@@ -56,3 +56,32 @@ def test_quick_bench_end_to_end(tmp_path) -> None:
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "quick-memory.png").stat().st_size > 0
         assert (tmp_path / "quick-latency.png").stat().st_size > 0
+
+
+def test_only_names_a_rawsse_variant_with_any_worker_count() -> None:
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from bench.run import pick_variants, plan_quick
+
+    plan, _ = plan_quick()
+    picked = pick_variants(plan, ["rawsse-1w", "rawsse-16w", "rawsse-1w", "nosuch-3w"])
+    assert [(v.name, v.kind, v.workers) for v in picked] == \
+        [("rawsse-1w", "rawsse", 1), ("rawsse-16w", "rawsse", 16)]
+    assert picked[1].levels == plan[0].levels
+
+
+def test_workers_bench_prices_a_forwarded_push_from_the_owner_split(tmp_path) -> None:
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from bench.workers import split, token_file
+    from rawsse.node.routing import owner_of
+
+    path = tmp_path / "tokens.txt"
+    token_file(str(path), 50, 1)
+    tokens = path.read_text().split()
+    assert len(tokens) == 50 and {owner_of(bytes.fromhex(t), 2) for t in tokens} == {1}
+    # worker 0 received 100 pushes (all forwarded) in 0.01 s; worker 1 took 100 local ones and
+    # the 100 forwarded in 0.015 s; a local push costs 100 us: forwarded = 100 + 50 us
+    got = split({"cpu_us_per_push": 100.0},
+                {"worker_pushes": {0: 100, 1: 100}, "worker_cpu_s": {0: 0.01, 1: 0.015}})
+    assert (got["receiver_us"], got["owner_us"], got["ratio"]) == (100.0, 50.0, 1.5)

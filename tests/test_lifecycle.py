@@ -323,3 +323,12 @@ def test_start_hup_and_stop_logs_are_one_line_per_event(start_server):
     srv.signal(signal.SIGTERM)
     assert srv.proc.wait(20) == 0
     assert srv.output().splitlines()[-1].endswith("stopped (exit code 0)")
+
+
+def test_an_automatic_worker_count_says_why_in_the_start_log(start_server):
+    srv = start_server("--workers", "auto", "--max-connections", "1000")
+    assert wait_for(lambda: "workers serving" in srv.output(), timeout=10)
+    line = next(line for line in srv.output().splitlines() if "(--workers auto)" in line)
+    cpus = os.cpu_count() or 1
+    assert f"{max(cpus, 1)} workers (--workers auto): 1 to hold --max-connections 1000" in line
+    assert f"one per CPU ({cpus})" in line and "each idle worker costs" in line

@@ -15,7 +15,7 @@ from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
     ACK, ADMIN, ANSWER, ASK, BCAST, BCAST_DONE, CLAIM, CLAIMED, CLUSTER, CLUSTER_VIEW, DELIVER,
     DELIVERIES, EVICT, FIND, FOUND, HANDOFF, MAX_FDS, MAX_MESSAGE, NODE_STATS, PUSH, RELEASE, REPLY,
-    ROUTE, ROUTED, STATE, STATS,
+    ROUTE, ROUTED, STATE, STATS, TAKEN,
 )
 
 TOKEN = bytes(range(32))
@@ -23,9 +23,10 @@ FRAME = b'data: {"aps":{"alert":"hi"}}\n\n'
 
 # kind -> (fields in LAYOUTS order, the body as the hand-written codecs packed it before wire.py)
 SAMPLES: dict[int, tuple[tuple[object, ...], bytes]] = {
-    PUSH: ((7, 1.7e9, 4.5, 0.5, TOKEN, FRAME),
-           struct.pack("!IdddB", 7, 1.7e9, 4.5, 0.5, 32) + TOKEN + FRAME),
+    PUSH: ((7, 2**40 + 3, 1.7e9, 4.5, 0.5, TOKEN, FRAME),
+           struct.pack("!IQdddB", 7, 2**40 + 3, 1.7e9, 4.5, 0.5, 32) + TOKEN + FRAME),
     ACK: ((7, -1), struct.pack("!Ib", 7, -1)),
+    TAKEN: ((2**40 + 3, 256, 1 << 20), struct.pack("!QII", 2**40 + 3, 256, 1 << 20)),
     HANDOFF: ((TOKEN, b"GET /events"), struct.pack("!B", 32) + TOKEN + b"GET /events"),
     BCAST: ((9, b"ab", FRAME), struct.pack("!IB", 9, 2) + b"ab" + FRAME),
     BCAST_DONE: ((9, 18000, 3), struct.pack("!III", 9, 18000, 3)),
@@ -85,6 +86,7 @@ def is_open(fd: int) -> bool:
 def test_every_kind_has_a_sample_and_keeps_its_number() -> None:
     assert set(SAMPLES) == set(wire.LAYOUTS)
     assert (PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN) == tuple(range(1, 9))
+    assert TAKEN == 16
     assert (records.ROUTE, records.CLAIM, records.RELEASE, records.STATS, records.CLUSTER,
             records.CLUSTER_BCAST) == (32, 33, 34, 35, 36, 37)
     assert (records.ROUTED, records.CLAIMED, records.DELIVER, records.EVICT, records.STATE,
@@ -103,7 +105,7 @@ def test_codec_keeps_the_byte_layout_and_round_trips(kind: int) -> None:
 def test_a_trailing_byte_string_may_be_left_out() -> None:
     assert wire.encode(CLAIMED, 6, 1) == wire.encode(CLAIMED, 6, 1, b"")
     assert records.request(8) == wire.encode(CLUSTER, 8, b"")
-    assert wire.decode(PUSH, wire.encode(PUSH, 1, 2.0, 2.5, 3.0, TOKEN)) == (1, 2.0, 2.5, 3.0, TOKEN, b"")
+    assert wire.decode(PUSH, wire.encode(PUSH, 1, 5, 2.0, 2.5, 3.0, TOKEN)) == (1, 5, 2.0, 2.5, 3.0, TOKEN, b"")
 
 
 def test_records_names_are_the_wire_codecs() -> None:
@@ -135,6 +137,9 @@ def test_packing_splits_at_max_message_bytes() -> None:
     messages = wire.pack_messages(0, framed)
     assert len(messages) == 4  # six 10 kB records fit in 60 KiB, a seventh does not
     assert all(len(message) <= MAX_MESSAGE for message, _ in messages)
+    # every message but the last says the batch goes on; the sender index is unchanged
+    assert [wire.more_follows(message) for message, _ in messages] == [True, True, True, False]
+    assert {wire.sender_of(message) for message, _ in messages} == {0}
     got = [bytes(body) for message, _ in messages for _, body in wire.iter_records(message)]
     assert got == [f[len(wire.record(REPLY, b"")):] for f, _ in framed]
 

@@ -6,6 +6,10 @@ pending store and the pushes waiting out a delivery delay (themselves bounded by
 ``--max-delayed``). Past those bounds the answer is 503 (the sender retries), never a 200 that is
 then dropped.
 
+Room reserved for pushes that peers already answered 200 on their way here (``reserved_pushes``,
+``reserved_bytes``: the mesh's credit, ``rawsse/node/forwarding.py``) counts as taken, so those
+pushes always find their place.
+
 Delayed pushes wait in this object's own heap, ordered by deadline, with one loop timer armed
 for the earliest: never found by scanning the loop's timers. A drain (``flush_delayed``)
 delivers, or keeps pending, every one of them in deadline order, so the push due last is the one
@@ -77,7 +81,7 @@ class PendingPushes(dict[bytes, Push]):
 
 class Delivery:
     __slots__ = ("registry", "loop", "config", "waiting", "delayed_bytes", "timer", "_seq",
-                 "flushed")
+                 "flushed", "reserved_pushes", "reserved_bytes")
 
     def __init__(self, registry: Registry, loop: "Loop", config: "ServeConfig") -> None:
         self.registry = registry
@@ -92,6 +96,9 @@ class Delivery:
         self.timer: "Timer | None" = None  # armed for waiting[0]'s deadline
         self._seq = 0
         self.flushed = False  # a drain began: no push waits for a timer any more
+        # Room held for pushes peers promised (module docstring): counted as taken.
+        self.reserved_pushes = 0
+        self.reserved_bytes = 0
 
     @property
     def delayed(self) -> int:
@@ -101,7 +108,8 @@ class Delivery:
     def accept(self, token: bytes, push: Push, delay: float) -> Accepted:
         """Deliver now or after ``delay``; QUEUE_FULL when a bounded queue is full (→ 503)."""
         if delay > 0 and not self.flushed:
-            if len(self.waiting) >= self.config.max_delayed or not self._has_room(token, push):
+            if len(self.waiting) + self.reserved_pushes >= self.config.max_delayed \
+                    or not self._has_room(token, push):
                 return QUEUE_FULL
             self._wait(token, push, self.loop.now + delay)
             return HELD
@@ -119,10 +127,11 @@ class Delivery:
             return True
         pending = registry.pending
         config = self.config
-        if len(pending) + len(self.waiting) >= config.max_pending:
+        if len(pending) + len(self.waiting) + self.reserved_pushes >= config.max_pending:
             return False
         stored = pending.frame_bytes if isinstance(pending, PendingPushes) else 0
-        return stored + self.delayed_bytes + len(push.frame) <= config.max_pending_bytes
+        return stored + self.delayed_bytes + self.reserved_bytes + len(push.frame) \
+            <= config.max_pending_bytes
 
     def _wait(self, token: bytes, push: Push, deadline: float) -> None:
         self._seq += 1

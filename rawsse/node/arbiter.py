@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_TIMEOUT = 30.0
 STATUS_SECONDS = 5.0
 STOP_GRACE_SECONDS = 15.0
+# Anonymous PSS of one more idle worker, measured with ``python bench/workers.py`` (idle anon PSS
+# of the node at 16 workers against 1, divided by 15; bench/README.md).
+IDLE_WORKER_MB = 7
 
 
 def workers_needed(max_connections: int, fd_limit: int) -> int:
@@ -148,10 +151,23 @@ class Arbiter:
         log.info("rawsse %s master %d: %d workers on %s:%d, operator routes %s, state file %s",
                  __version__, os.getpid(), self.count, *c.listen, operator,
                  c.state_file or "none")
+        if not c.workers:
+            self._log_worker_count()
         faults = ", ".join(rule.describe() for rule in c.faults) or "none"
         log.info("delivery delay %s, response delay %s, faults %s, max pending %d / %d bytes "
                  "per worker", c.delivery_delay.describe(), c.response_delay.describe(), faults,
                  c.max_pending, c.max_pending_bytes)
+
+    def _log_worker_count(self) -> None:
+        """Why ``--workers auto`` chose this many: an operator sees the cost before paying it."""
+        c = self.config
+        per_worker = max(1, self.fd_limit - FD_RESERVE)
+        log.info("%d workers (--workers auto): %d to hold --max-connections %d at %d each under "
+                 "the open-file limit %d, at least one per CPU (%d); each idle worker costs "
+                 "~%d MB and pushes for a token another worker owns are forwarded to it: with "
+                 "fewer connections to hold, a lower --max-connections or --workers N saves "
+                 "both", self.count, math.ceil(c.max_connections / per_worker), c.max_connections,
+                 per_worker, self.fd_limit, os.cpu_count() or 1, IDLE_WORKER_MB)
 
     def _remove_private_dir(self) -> None:
         if not self.config.state_file:

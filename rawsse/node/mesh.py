@@ -9,9 +9,14 @@ push or a device can land anywhere; the mesh moves it to the owner:
 - a device's socket is handed to the owner with ``SCM_RIGHTS`` once its ``GET /events`` is
   parsed (``HANDOFF``); the owner writes the head and any pending push, so every stream of a
   token lives in exactly one process and "newest wins" stays a local decision;
-- a push is forwarded to the owner (``PUSH``), which stores or delivers it and acknowledges
-  (``ACK``); only then does the receiving worker answer 200. An owner that is full, dead or
-  unreachable makes the answer 503: a 200 always means the owner holds the push;
+- a push is forwarded to the owner (``PUSH``). Within the credit the owner granted, the
+  receiving worker answers 200 as soon as the kernel took the message carrying it, and keeps the
+  push until the owner's cumulative acknowledgement (``TAKEN``) covers it; a broken link sends
+  what is kept again to the owner's replacement. Without credit it waits for the owner's
+  ``ACK``. Either way a 200 means the push is held by its owner or in the owner's socket queue
+  (it survives a ``kill -9`` of the worker that took the request); a full owner queue is a 503
+  before any 200, never a drop after one; an owner's crash loses what it held, no more
+  (``forwarding.py`` has the protocol);
 - a broadcast goes once to each worker (``BCAST``), which writes its own streams and replies with
   how many took it and how many refused it (``BCAST_DONE``); ``/stats`` asks each worker once (``STATS``/``REPLY``); admin
   commands are applied everywhere (``ADMIN``).
@@ -27,6 +32,9 @@ node (``SO_PEERCRED``: another uid, or not a child of our master) is closed at o
 Batching: records for one peer accumulate during a loop turn and leave as one ``sendmsg`` per
 peer per turn (split at ``MAX_MESSAGE`` bytes or ``MAX_FDS`` fds); the framing and the record
 codecs are ``wire.py``'s, the ordered queue of what the kernel has not taken ``sendqueue.py``'s.
+A reader stops after the last message of a batch (``wire.more_follows``) rather than pay a
+``recvmsg`` that returns EAGAIN. An owner takes the pushes of a message before its other records
+and sends their ``TAKEN`` at once, before writing any of them (``forwarding.py``).
 Back-pressure: bytes a peer has not taken yet are bounded (``MAX_QUEUED``); over it, pushes for
 that peer are answered 503, never dropped.
 
@@ -41,210 +49,36 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import orjson
 
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import QUEUE_FULL, UNREACHABLE, Accepted, Owner, PushAnswer
-from rawsse.node import peercred
-from rawsse.node.sendqueue import SendQueue
-from rawsse.node.wire import (
-    ACK, ADMIN, ANCILLARY_SIZE, BCAST, BCAST_DONE, HANDOFF, PUSH, RECV_SIZE, REPLY, STATS,
-    TRUNCATED, address, decode, decoder, encode, encoder, iter_records, pack_messages,
-    received_fds, record, sender_of,
+from rawsse.apns.routing import (
+    HELD, QUEUE_FULL, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
 )
-from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
+from rawsse.node.forwarding import Decoded, Ledgers, encode_push, first_sequence
+from rawsse.node.links import RECEIVE_MESSAGES, InLink, MeshListener, OutLink, close_fds
+from rawsse.node.wire import (
+    ACK, ADMIN, BCAST, BCAST_DONE, HANDOFF, PUSH, REPLY, SENDER, STATS, address, decode,
+    decoder, encode, encoder, iter_records, pack_messages, record, sender_of,
+)
+from rawsse.server.loop import EPOLLIN
 
 log = logging.getLogger(__name__)
 
 # The hot kinds' codecs, bound once (``wire.encode``/``decode`` look the kind up per call).
-_encode_push, _decode_push = encoder(PUSH), decoder(PUSH)
+_encode_push, _decode_push = encode_push, decoder(PUSH)
 _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
 _ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
 MAX_QUEUED = 8 * 1024 * 1024
-# What one peer's link may bring in one loop turn: 64 messages, or ~4 full ones by bytes (a
-# burst of REPLYs to /metrics is a render each; ~1,000 forwarded pushes fit in it).
-RECEIVE_MESSAGES = 64
-RECEIVE_BYTES = 256 * 1024
 REQUEST_TIMEOUT = 5.0
 # A broadcast reply comes after the peer wrote to every one of its streams: ~18k loopback writes
 # per worker took 3-6 s at 300k streams on 2 shared cores (measured with ``python bench/run.py
 # --full``), so a 5 s timeout under-counted; the answer waits longer rather than report a wrong
 # count.
 BROADCAST_TIMEOUT = 120.0
-
-
-
-
-class OutLink:
-    """The connection this worker sends on to one peer, with what the kernel has not taken."""
-
-    __slots__ = ("mesh", "peer", "sock", "fd", "out", "events")
-
-    def __init__(self, mesh: "Mesh", peer: int) -> None:
-        self.mesh = mesh
-        self.peer = peer
-        self.sock: socket.socket | None = None
-        self.fd = -1
-        self.out: SendQueue | None = None
-        self.events = 0
-
-    @property
-    def queued(self) -> int:
-        """Bytes the peer has not taken yet."""
-        return self.out.queued if self.out is not None else 0
-
-    def connect(self) -> bool:
-        """Link up now if the peer listens. A refused connect is not remembered: a peer is
-        reachable the moment it listens, which it does before it tells the master it is ready.
-        (A 100 ms retry pause here once answered 503 to pushes for a respawned worker that the
-        master already counted as up.) A refused connect to an abstract unix name costs ~17 us,
-        paid only while a peer is down, by requests that would otherwise get 503 anyway."""
-        if self.sock is not None:
-            return True
-        loop = self.mesh.worker.loop
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            sock.connect(address(self.mesh.node, self.peer))
-        except OSError:
-            sock.close()
-            return False
-        sock.setblocking(False)
-        self.sock, self.fd, self.out = sock, sock.fileno(), SendQueue(sock)
-        self.events = READ_EVENTS
-        loop.add(self.fd, self, READ_EVENTS)
-        return True
-
-    def send(self, messages: list[tuple[bytes, list[int]]]) -> None:
-        """Queue this turn's messages behind any still waiting, and send what the kernel takes."""
-        out = self.out
-        if out is None:  # the link died after these were queued: the waiting requests already
-            _close_fds(messages)  # failed; the hand-offs' devices reconnect
-            return
-        for message, fds in messages:
-            out.push(message, fds)
-        self.flush()
-
-    def flush(self) -> None:
-        if self.out is None:
-            return
-        try:
-            drained = self.out.flush()
-        except OSError:
-            self.close("send failed")
-            return
-        self._want_write(not drained)
-
-    def _want_write(self, on: bool) -> None:
-        events = READ_EVENTS | (EPOLLOUT if on else 0)
-        if self.fd >= 0 and events != self.events:
-            self.events = events
-            self.mesh.worker.loop.modify(self.fd, events)
-
-    def handle_events(self, events: int) -> None:
-        if events & (EPOLLHUP | EPOLLERR | EPOLLRDHUP):
-            self.close("peer closed")
-        elif events & EPOLLIN:
-            try:
-                if not self.sock.recv(1):  # type: ignore[union-attr]
-                    self.close("peer closed")
-            except BlockingIOError:
-                pass
-            except OSError:
-                self.close("peer closed")
-        elif events & EPOLLOUT:
-            self.flush()
-
-    def close(self, why: str = "") -> None:
-        if self.sock is None or self.out is None:
-            return
-        # debug: a rolling restart loses every link to each replaced worker (once 130 lines
-        # per HUP); what an operator acts on is logged by the master.
-        log.debug("link to worker %d lost (%s)", self.peer, why)
-        self.mesh.worker.loop.remove(self.fd)
-        self.sock.close()
-        _close_fds(self.out.close())  # streams that never reached their owner: devices reconnect
-        self.sock, self.fd, self.out = None, -1, None
-        self.mesh.link_lost(self.peer)
-
-
-def _close_fds(messages: Sequence[tuple[bytes, Sequence[int]]]) -> None:
-    for _message, fds in messages:
-        for fd in fds:
-            os.close(fd)
-
-
-class InLink:
-    """A peer's connection to us: reads its messages."""
-
-    __slots__ = ("mesh", "sock", "fd")
-
-    def __init__(self, mesh: "Mesh", sock: socket.socket) -> None:
-        self.mesh = mesh
-        self.sock = sock
-        self.fd = sock.fileno()
-
-    def handle_events(self, events: int) -> None:
-        # One recvmsg is one message (SOCK_SEQPACKET); read until EAGAIN, at most
-        # RECEIVE_MESSAGES or RECEIVE_BYTES per turn, so one busy peer cannot starve the others
-        # nor the worker's timers (its heartbeat: issue 12). What is left waits in the kernel
-        # and level-triggered epoll brings us back next turn. Linux has no flag on a received
-        # message saying another one waits, so finding the queue empty costs that last EAGAIN.
-        recvmsg = self.sock.recvmsg
-        budget = RECEIVE_BYTES
-        for _ in range(RECEIVE_MESSAGES):
-            if budget <= 0:
-                return
-            try:
-                data, ancdata, flags, _addr = recvmsg(RECV_SIZE, ANCILLARY_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.close()
-                return
-            if not data:
-                self.close()
-                return
-            fds = received_fds(ancdata) if ancdata else []
-            if flags & TRUNCATED:
-                log.error("mesh message truncated (flags %#x): %d fds lost", flags, len(fds))
-                self.mesh.worker.stats.disconnect("error")
-            budget -= len(data)
-            self.mesh.receive(data, fds)
-
-    def close(self, reason: str = "") -> None:
-        if self.fd >= 0:
-            self.mesh.worker.loop.remove(self.fd)
-            self.sock.close()
-            self.fd = -1
-
-
-class MeshListener:
-    __slots__ = ("mesh", "sock", "fd")
-
-    def __init__(self, mesh: "Mesh", sock: socket.socket) -> None:
-        self.mesh, self.sock, self.fd = mesh, sock, sock.fileno()
-
-    def handle_events(self, events: int) -> None:
-        while True:
-            try:
-                sock, _ = self.sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                log.error("mesh accept failed: %s", exc)
-                return
-            if not peercred.admit(sock, self.mesh.node):  # only this node's processes
-                continue
-            sock.setblocking(False)
-            link = InLink(self.mesh, sock)
-            self.mesh.worker.loop.add(link.fd, link, READ_EVENTS)
-
-    def close(self, reason: str = "") -> None:
-        self.mesh.worker.loop.remove(self.fd)
-        self.sock.close()
 
 
 class Mesh:
@@ -267,8 +101,25 @@ class Mesh:
         self.listener: MeshListener | None = None
         # record kind -> handler(body) for kinds this module does not know (the Redis agent's)
         self.handlers: dict[int, Callable[[memoryview], None]] = {}
-        self.owner: Owner  # what this worker does with a push for its own shard (set by the node)
+        self._owner: Owner | None = None
+        # Set with a LocalOwner: the senders' credit and numbers (forwarding.py). None for an
+        # owner that answers later (Redis mode): every forwarded push is then asked.
+        self.ledgers: Ledgers | None = None
+        self._next_seq = first_sequence()
+        self.taken_prefix = SENDER.pack(self.index)
         self._snapshot: tuple[float, bytes] = (-1.0, b"")  # (loop turn, JSON) for STATS replies
+
+    @property
+    def owner(self) -> Owner:
+        """What this worker does with a push for its own shard (set by the node)."""
+        assert self._owner is not None
+        return self._owner
+
+    @owner.setter
+    def owner(self, owner: Owner) -> None:
+        self._owner = owner
+        self.ledgers = Ledgers(owner.delivery, self.count) if isinstance(owner, LocalOwner) \
+            else None
 
     def add_peer(self, peer: int) -> None:
         """Link to a peer that is not a worker (the node's Redis agent)."""
@@ -317,14 +168,23 @@ class Mesh:
         batch.append((record(kind, body), fd))
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.worker.loop.call_soon(self.flush)
+            self.worker.loop.call_first(self.flush)  # the answers it gives write this turn
 
     def flush(self) -> None:
         """One sendmsg per peer per loop turn (split only at the size and fd limits)."""
         self.flush_scheduled = False
         batches, self.batches = self.batches, {}
         for peer, records in batches.items():
-            self.links[peer].send(pack_messages(self.index, records))
+            link = self.links[peer]
+            outbox = link.outbox
+            if outbox.kept:
+                link.read_acks()
+            outbox.queued()
+            messages = pack_messages(self.index, records)
+            if outbox.staged_pushes:
+                outbox.staged_pushes = False
+                link.acks_due += len(messages)
+            link.send(messages)
 
     def expect(self, peer: int, callback: Callable[[Any], None], failure: Any,
                timeout: float = REQUEST_TIMEOUT) -> int:
@@ -337,8 +197,26 @@ class Mesh:
         """Fail requests a peer never answered (it hung, or its reply link could not form)."""
         self._fail([rid for rid, entry in self.waiting.items() if entry[3] < now])
 
+    def resend_kept(self) -> None:
+        """Once per tick: take the TAKENs an idle link holds, and reconnect to owners that died
+        holding pushes promised to them (connecting sends those pushes again to the
+        replacement, as soon as it listens)."""
+        for link in self.links.values():
+            if link.sock is not None:
+                link.acks_due = max(link.acks_due, RECEIVE_MESSAGES)  # all that came, to EAGAIN
+                link.read_acks()
+            elif link.outbox.kept:
+                link.connect()
+
+    def kept(self) -> int:
+        """Promised pushes no owner has taken yet."""
+        return sum(len(link.outbox.kept) for link in self.links.values())
+
     def link_lost(self, peer: int) -> None:
-        """Every request waiting on ``peer`` fails now (a forwarded push becomes a 503)."""
+        """Every request waiting on ``peer`` fails now (a forwarded push becomes a 503), and
+        this turn's records for it are dropped: a link made again this turn must not carry
+        pushes already answered 503."""
+        close_fds([(framed, [fd] if fd >= 0 else []) for framed, fd in self.batches.pop(peer, [])])
         self._fail([rid for rid, entry in self.waiting.items() if entry[0] == peer])
 
     def _fail(self, request_ids: list[int]) -> None:
@@ -350,8 +228,8 @@ class Mesh:
 
     def forward_push(self, peer: int, token: bytes, push: Push, delay: float,
                      answer: PushAnswer) -> None:
-        """``answer``: HELD, QUEUE_FULL (back-pressure), or UNREACHABLE (the owner could not
-        be reached or did not answer)."""
+        """``answer``: HELD (within credit: once the kernel took it), QUEUE_FULL
+        (back-pressure), or UNREACHABLE (the owner could not be reached or did not answer)."""
         link = self.links[peer]
         if not link.connect():
             answer(UNREACHABLE)
@@ -359,8 +237,19 @@ class Mesh:
         if link.queued >= MAX_QUEUED:
             answer(QUEUE_FULL)
             return
-        rid = self.expect(peer, answer, UNREACHABLE)
-        self.send(peer, PUSH, _encode_push(rid, push.expires, push.received, delay, token,
+        self._next_seq = seq = self._next_seq + 1
+        outbox = link.outbox
+        if outbox.credit <= 0:  # the owner's TAKENs may have brought more meanwhile
+            link.read_acks()
+            if link.out is None:  # and the owner's end with them
+                answer(UNREACHABLE)
+                return
+        if outbox.promise(seq, token, push, delay, answer):
+            rid = 0
+        else:
+            rid = self.expect(peer, answer, UNREACHABLE)
+        outbox.staged_pushes = True
+        self.send(peer, PUSH, _encode_push(rid, seq, push.expires, push.received, delay, token,
                                            push.frame))
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
@@ -419,10 +308,20 @@ class Mesh:
 
     # -- receiving ----------------------------------------------------------------------------
 
-    def receive(self, data: bytes, fds: list[int]) -> None:
-        self._reply_to = sender_of(data)
+    def receive(self, data: bytes, fds: list[int], link: InLink) -> int:
+        """Handle one message that came on ``link``; returns the index of the peer that sent it."""
+        self._reply_to = sender = sender_of(data)
+        records = iter_records(data)
+        pushes = [_decode_push(body) for kind, body in records if kind == PUSH]
+        if pushes:
+            try:
+                self._take_pushes(sender, pushes, link)
+            except Exception:
+                log.exception("mesh pushes from worker %d failed", sender)
         fd_index = 0
-        for kind, body in iter_records(data):
+        for kind, body in records:
+            if kind == PUSH:
+                continue
             if kind == HANDOFF:
                 fd = fds[fd_index] if fd_index < len(fds) else -1
                 fd_index += 1
@@ -434,15 +333,43 @@ class Mesh:
                     log.exception("mesh record %d failed", kind)
         for fd in fds[fd_index:]:
             os.close(fd)
+        return sender
+
+    def _take_pushes(self, sender: int, pushes: list[Decoded], link: InLink) -> None:
+        """The owner's half: acknowledge the message's pushes (``TAKEN``) before writing any
+        of them, then accept each; an asked one is answered with its ``ACK``."""
+        ledgers = self.ledgers
+        if ledgers is None:  # an owner that may answer later (a cluster worker asks Redis)
+            self._take_asked(sender, pushes)
+            return
+        fresh, upto, grant, grant_bytes = ledgers.arrived(sender, pushes)
+        link.acknowledge(upto, grant, grant_bytes)
+        accept = ledgers.delivery.accept
+        for rid, _seq, expires, received, delay, token, frame in fresh:
+            push = Push(frame, expires, received)
+            accepted = accept(token, push, delay)
+            if rid:
+                self.reply(sender, ACK, _encode_ack(rid, accepted))
+            elif accepted is not HELD:
+                ledgers.hold_over_limit(token, push)
+
+    def _take_asked(self, sender: int, pushes: list[Decoded]) -> None:
+        # A closure per push, in Redis mode only: its answer comes after a Redis round trip.
+        for rid, _seq, expires, received, delay, token, frame in pushes:
+            self.owner.take(token, Push(frame, expires, received), delay, self._acknowledge(sender, rid))
+
+    def _acknowledge(self, peer: int, rid: int) -> PushAnswer:
+        def answer(accepted: Accepted) -> None:
+            self.reply(peer, ACK, _encode_ack(rid, accepted))
+        return answer
+
+    def sender_gone(self, peer: int) -> None:
+        """A peer's link to us ended: the credit it held is void."""
+        if self.ledgers is not None and peer >= 0:
+            self.ledgers.sender_gone(peer)
 
     def _dispatch(self, kind: int, body: memoryview) -> None:
-        if kind == PUSH:
-            rid, expires, received, delay, token, frame = _decode_push(body)
-            push = Push(frame, expires, received)
-            peer = self._reply_to  # the answer may come later (a cluster worker asks Redis)
-            self.owner.take(token, push, delay,
-                            lambda accepted: self.reply(peer, ACK, _encode_ack(rid, accepted)))
-        elif kind == ACK:
+        if kind == ACK:
             rid, value = _decode_ack(body)
             self.resolve(rid, _ACK_MEANING.get(value, UNREACHABLE))
         elif kind == BCAST:

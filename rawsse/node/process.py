@@ -73,6 +73,7 @@ class NodeProcess:
 
     def _tick(self) -> None:
         self.mesh.expire_waiting(self.worker.loop.now)
+        self.mesh.resend_kept()
         self.control.beat()
 
     def drain(self) -> None:
@@ -97,6 +98,11 @@ class NodeProcess:
 
     def _save_and_stop(self) -> None:
         worker = self.worker
+        self.mesh.resend_kept()  # the TAKENs not read yet, and a last try for a dead owner
+        kept = self.mesh.kept()
+        if kept:  # their owner died and no replacement listened before this stop
+            log.error("worker %d: %d forwarded pushes answered 200 never reached their owner "
+                      "and are lost", worker.index, kept)
         items = worker.pending_items()
         if self.exit_code == ORPHANED and not worker.config.state_file:
             if items:

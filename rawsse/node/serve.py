@@ -131,7 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     auth_flags.add_arguments(parser)
     add("--workers", default="auto", metavar="N",
         help="worker processes; auto = enough to hold --max-connections under the open-file "
-             "limit, and at least one per CPU (default: auto)")
+             "limit, and at least one per CPU; the start log says how many and why "
+             "(default: auto)")
     add("--drain-seconds", default="10", metavar="SECONDS",
         help="on SIGTERM, close streams spread over this window so devices do not reconnect "
              "at once (default: 10)")

@@ -9,12 +9,16 @@ order, and one ``recvmsg`` returns exactly one message (``socket(2)``, ``SOCK_SE
 A message is a 2-byte sender index, then records, each ``kind`` (u8), body length (u32), body,
 all in network byte order. A message carries as many records as fit in ``MAX_MESSAGE`` bytes and
 at most ``MAX_FDS`` sockets (``pack_messages``); the n-th fd in the ancillary data belongs to
-the n-th ``HANDOFF`` record.
+the n-th ``HANDOFF`` record. The sender index's top bit (``MORE``) says that the same batch
+continues in the next message: a reader that gets a message without it stops reading that
+socket for this loop turn instead of paying one more ``recvmsg`` to learn the queue is empty
+(Linux tells no such thing on a received message; level-triggered epoll brings the reader back
+if another batch arrived meanwhile).
 
 Record bodies are described by one table, ``LAYOUTS``: a fixed ``struct`` part, then byte
 strings whose lengths end the fixed part (``sized``), then at most one byte string running to
-the end of the body (``rest``). PUSH, for instance, is ``!IdddB`` (request id, expires, received,
-delay, token length), then the token, then the frame. ``encode(kind, *fields)`` and ``decode(kind,
+the end of the body (``rest``). PUSH, for instance, is ``!IQdddB`` (request id, sequence number,
+expires, received, delay, token length), then the token, then the frame. ``encode(kind, *fields)`` and ``decode(kind,
 body)`` work for every kind; the functions behind them are generated from the table once, at
 import, as the code one would write by hand (the way ``collections.namedtuple`` builds its
 methods), so no table is consulted per record. A kind with no byte strings is its ``struct``'s
@@ -38,6 +42,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 SENDER = struct.Struct("!H")  # each message starts with the sending peer's index
+MORE = 0x8000  # set in the sender index of every message of a batch but its last
+_INDEX = MORE - 1
 HEADER = struct.Struct("!BI")  # record kind, body length
 
 # Under the default net.core.wmem_default/rmem_default (212992 bytes on Linux) so one message
@@ -54,6 +60,7 @@ TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 # worker <-> worker
 PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN = range(1, 9)
 DELIVERIES = 20  # a deliveries query (JSON), answered with REPLY (rawsse/apns/deliverylog.py)
+TAKEN = 16  # the owner's cumulative acknowledgement and credit (``forwarding.py``)
 # worker -> agent (NODE_STATS is ``records.STATS``: the node's totals for the agent to store)
 ROUTE, CLAIM, RELEASE, NODE_STATS, CLUSTER, CLUSTER_BCAST = 32, 33, 34, 35, 36, 37
 # agent -> worker
@@ -88,9 +95,12 @@ _REQUEST = Layout("!I", ("rid",), rest="payload")  # a request id, then JSON or 
 _RAW = Layout("!", rest="body")
 
 LAYOUTS: dict[int, Layout] = {
+    # rid 0: promised (already answered 200 within the owner's credit); seq: per sender, rising.
     # ``received``: the receiving worker's monotonic clock, for the delivery latency (latency.py)
-    PUSH: Layout("!IdddB", ("rid", "expires", "received", "delay"), ("token",), "frame"),
+    PUSH: Layout("!IQdddB", ("rid", "seq", "expires", "received", "delay"), ("token",), "frame"),
     ACK: Layout("!Ib", ("rid", "accepted")),  # 1 accepted, 0 queue full, -1 owner unavailable
+    # every push up to seq is held; this much more credit (pushes, frame bytes) is reserved
+    TAKEN: Layout("!QII", ("upto", "pushes", "bytes")),
     HANDOFF: Layout("!B", (), ("token",), "leftover"),  # the socket rides as SCM_RIGHTS
     BCAST: Layout("!IB", ("rid",), ("prefix",), "frame"),
     BCAST_DONE: Layout("!III", ("rid", "count", "refused")),
@@ -218,7 +228,12 @@ def record(kind: int, body: bytes) -> bytes:
 def sender_of(message: bytes) -> int:
     """The index of the peer that sent ``message``."""
     index: int = SENDER.unpack_from(message)[0]
-    return index
+    return index & _INDEX
+
+
+def more_follows(message: bytes) -> bool:
+    """True when the sender's batch continues in its next message (``MORE``)."""
+    return message[0] >= 0x80
 
 
 def iter_records(message: bytes) -> list[tuple[int, memoryview]]:
@@ -238,8 +253,10 @@ def iter_records(message: bytes) -> list[tuple[int, memoryview]]:
 
 def pack_messages(sender: int, records: Sequence[tuple[bytes, int]]) -> list[tuple[bytes, list[int]]]:
     """Pack framed records, each with the fd it carries or -1, into as few messages as
-    ``MAX_MESSAGE`` and ``MAX_FDS`` allow, in order; each message comes with its fds."""
+    ``MAX_MESSAGE`` and ``MAX_FDS`` allow, in order; each message comes with its fds. Every
+    message but the last is marked ``MORE``."""
     prefix = SENDER.pack(sender)
+    continued = SENDER.pack(sender | MORE)
     messages: list[tuple[bytes, list[int]]] = []
     parts: list[bytes] = [prefix]
     fds: list[int] = []
@@ -247,6 +264,7 @@ def pack_messages(sender: int, records: Sequence[tuple[bytes, int]]) -> list[tup
     for framed, fd in records:
         if len(parts) > 1 and (size + len(framed) > MAX_MESSAGE
                                or (fd >= 0 and len(fds) >= MAX_FDS)):
+            parts[0] = continued
             messages.append((b"".join(parts), fds))
             parts, fds, size = [prefix], [], len(prefix)
         parts.append(framed)

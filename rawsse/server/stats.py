@@ -86,6 +86,9 @@ class Stats:
                                  "Malformed HTTP requests answered 4xx and closed.")
     forwarded: int = _counter("rawsse_forwarded_pushes_total",
                               "Pushes forwarded to the worker owning the token.")
+    promised_over_limit: int = _counter(
+        "rawsse_promised_over_limit_total",
+        "Forwarded pushes already answered 200 that met a full queue here and were held anyway.")
     handoffs: int = _counter("rawsse_stream_handoffs_total",
                              "Device sockets handed to the worker owning the token.")
     handoff_failures: int = _counter("rawsse_stream_handoff_failures_total",

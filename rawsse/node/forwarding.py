@@ -1,0 +1,252 @@
+"""Forwarded pushes: answered at once within the owner's credit, kept until the owner holds them.
+
+Theory of operation
+-------------------
+A push that lands on a worker other than its token's owner is forwarded over the mesh
+(``mesh.py``). Waiting for the owner's answer before answering the sender would cost every
+forwarded push a round trip between two processes (two loop turns, two context switches on a
+busy node: 110 µs per push with 2 workers against 55 µs with one, issue 14). Instead:
+
+- **Credit.** Each owner reserves room in its bounded queues (``Delivery.reserved_pushes``,
+  ``reserved_bytes``: counted against ``--max-pending``, ``--max-pending-bytes`` and
+  ``--max-delayed`` like pushes it holds) for each peer, up to ``CREDIT_PUSHES`` pushes and
+  ``CREDIT_BYTES`` frame bytes, and grants it to the peer in its acknowledgements (``TAKEN``). It
+  grants only what its queues can still take, so a reservation is never a promise it cannot keep.
+- **Promise.** A worker holding credit for the owner sends the push marked *promised* (request
+  id 0) and answers 200 as soon as the kernel has taken the message carrying it: from then on
+  the push sits in the owner's socket queue, where it survives a ``kill -9`` of the worker that
+  took the request (the owner reads what a dead peer sent before it sees the end of the link).
+  Without credit (a new link, a full owner, Redis mode) the push is *asked*: it carries a
+  request id and is answered with the owner's ``ACK`` (HELD, or QUEUE_FULL → 503), as before.
+- **Acknowledgement.** The owner answers each message of pushes with one ``TAKEN``: "every push
+  of yours up to sequence number ``upto`` is held, and here is more credit". It sends it the
+  moment it has read the message, *before* it writes any of the pushes to a stream, so a push it
+  acknowledged is one it holds (its crash loses it, as it loses everything it holds: counted by
+  the master from its heartbeat), and a push it did not acknowledge is one it never wrote. The
+  ``TAKEN`` goes back on the connection the pushes came on, which the sender does not watch for
+  input: it reads its TAKENs when it is awake anyway (``links.OutLink.read_acks``), so an
+  acknowledgement never costs it a wakeup.
+- **Kept until taken.** The worker that promised a push keeps it (``Outbox.kept``, at most the
+  credit: ``CREDIT_PUSHES`` per owner) until a ``TAKEN`` covers it. When the link to the owner
+  breaks (the owner died), whatever is kept is sent again, in order, to whatever listens at the
+  owner's address next (its respawned replacement), on the next push for it or the next tick.
+  The owner skips a push whose sequence number it has seen from that sender (a link that broke
+  while both ends lived), so no push is taken twice; a replacement has seen none, and none of
+  them reached a stream before (see Acknowledgement).
+- **Numbers.** A sender numbers its forwarded pushes from ``time.monotonic_ns()`` at its start,
+  one up per push: always rising per sender, and a respawned sender (same index, new process)
+  starts above anything its predecessor sent, so an owner needs no per-process bookkeeping.
+
+Bounds and edges. A promised push that finds the owner's queue full anyway (a replacement that
+received more resent pushes than its room, or a credit granted just as a link broke) is still
+held, over the bound, and counted (``promised_over_limit``): never a 200 then a drop. A promised
+push whose message the kernel had not taken when its link broke is answered 503 and forgotten.
+A worker that stops while it keeps pushes for an owner that is not back logs their count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from rawsse.apns.registry import Push
+from rawsse.apns.routing import HELD, UNREACHABLE, PushAnswer
+from rawsse.node.wire import PUSH, encoder, record
+
+if TYPE_CHECKING:
+    from rawsse.apns.delivery import Delivery
+
+# The credit an owner grants each peer. A worker's pushes in flight to one owner within a loop
+# turn are what its senders have in flight (5 keep-alive senders: 5; pipelined 5 x 16: 80);
+# 256 leaves room for bursts, and bounds what each worker keeps per owner (256 pushes, 1 MiB).
+CREDIT_PUSHES = 256
+CREDIT_BYTES = 1024 * 1024
+
+encode_push = encoder(PUSH)
+
+# A decoded PUSH: (rid, seq, expires, received, delay, token, frame)
+Decoded = tuple[int, int, float, float, float, bytes, bytes]
+
+
+def first_sequence() -> int:
+    """Where a sender's numbers start (module docstring, Numbers)."""
+    return time.monotonic_ns()
+
+
+class Forwarded:
+    """One promised push, kept until its owner says it holds it."""
+
+    __slots__ = ("seq", "token", "push", "delay", "answer")
+
+    def __init__(self, seq: int, token: bytes, push: Push | None, delay: float,
+                 answer: PushAnswer | None) -> None:
+        self.seq = seq
+        self.token = token
+        self.push = push  # None once forgotten (answered 503 after a broken link)
+        self.delay = delay
+        self.answer = answer  # None once answered
+
+
+class Outbox:
+    """The sender's side, for one owner: the credit it holds and the pushes it promised."""
+
+    __slots__ = ("credit", "credit_bytes", "kept", "staged", "unsent", "staged_pushes")
+
+    def __init__(self) -> None:
+        self.credit = 0
+        self.credit_bytes = 0
+        self.kept: deque[Forwarded] = deque()  # promised, not yet taken, oldest first
+        # Promised, not yet answered: in this turn's batch, then in the link's send queue.
+        self.staged: list[Forwarded] = []
+        self.unsent: list[Forwarded] = []
+        self.staged_pushes = False  # this turn's batch has pushes (each message gets a TAKEN)
+
+    def promise(self, seq: int, token: bytes, push: Push, delay: float,
+                answer: PushAnswer) -> bool:
+        """Keep ``push`` as promised if the credit covers it (its answer waits for ``sent``)."""
+        size = len(push.frame)
+        if self.credit <= 0 or size > self.credit_bytes:
+            return False
+        self.credit -= 1
+        self.credit_bytes -= size
+        entry = Forwarded(seq, token, push, delay, answer)
+        self.kept.append(entry)
+        self.staged.append(entry)
+        return True
+
+    def queued(self) -> None:
+        """This turn's batch went into the link's send queue."""
+        if self.staged:
+            self.unsent += self.staged
+            self.staged = []
+
+    def sent(self) -> None:
+        """The kernel took every message queued for the owner: the promised pushes are on
+        their way, answer them 200."""
+        unsent, self.unsent = self.unsent, []
+        for entry in unsent:
+            answer = entry.answer
+            if answer is not None:
+                entry.answer = None
+                answer(HELD)
+
+    def taken(self, upto: int, pushes: int, size: int) -> None:
+        """The owner holds every push numbered up to ``upto`` and grants more credit."""
+        kept = self.kept
+        while kept and kept[0].seq <= upto:
+            entry = kept.popleft()
+            answer = entry.answer
+            if answer is not None:  # taken before this side saw its message leave
+                entry.answer = None
+                answer(HELD)
+        self.credit += pushes
+        self.credit_bytes += size
+
+    def lost(self) -> None:
+        """The link broke: the credit went with it; promised pushes the kernel never took are
+        answered 503 and forgotten (the sender sends them again); the rest stay kept."""
+        self.credit = self.credit_bytes = 0
+        if not self.unsent and not self.staged:
+            return
+        unsent, self.unsent, self.staged = self.unsent + self.staged, [], []
+        for entry in unsent:
+            answer = entry.answer
+            if answer is not None:
+                entry.answer = None
+                entry.push = None
+                answer(UNREACHABLE)
+        self.kept = deque(entry for entry in self.kept if entry.push is not None)
+
+    def resend(self) -> list[tuple[bytes, int]]:
+        """The kept pushes as framed records, oldest first, for a new link to the owner."""
+        return [(record(PUSH, encode_push(0, entry.seq, push.expires, push.received,
+                                          entry.delay, entry.token, push.frame)), -1)
+                for entry in self.kept if (push := entry.push) is not None]
+
+
+class Ledger:
+    """The owner's side, for one sender: the last number taken and the credit reserved."""
+
+    __slots__ = ("last_seq", "pushes", "bytes")
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.pushes = 0
+        self.bytes = 0
+
+
+class Ledgers:
+    """What an owner with its own bounded queues (``Delivery``) knows of each sender."""
+
+    __slots__ = ("delivery", "workers", "senders")
+
+    def __init__(self, delivery: "Delivery", workers: int) -> None:
+        self.delivery = delivery
+        self.workers = workers  # no peer is granted more than its share of the room
+        self.senders: dict[int, Ledger] = {}
+
+    def arrived(self, sender: int, pushes: list[Decoded]) -> tuple[list[Decoded], int, int, int]:
+        """The pushes of one message from ``sender``: the ones not taken before, the number
+        to acknowledge and the credit to grant (``TAKEN``'s fields)."""
+        ledger = self.senders.get(sender)
+        if ledger is None:
+            ledger = self.senders[sender] = Ledger()
+        last = ledger.last_seq
+        fresh = [p for p in pushes if p[1] > last] if pushes[0][1] <= last else pushes
+        delivery = self.delivery
+        count = size = 0
+        promised = promised_size = 0
+        for rid, _seq, _expires, _received, _delay, _token, frame in fresh:
+            count += 1
+            size += len(frame)
+            if not rid:
+                promised += 1
+                promised_size += len(frame)
+        if fresh:
+            ledger.last_seq = fresh[-1][1]
+        # The promised pushes use the room reserved for them: release it, they take it now.
+        promised, promised_size = min(promised, ledger.pushes), min(promised_size, ledger.bytes)
+        ledger.pushes -= promised
+        ledger.bytes -= promised_size
+        delivery.reserved_pushes -= promised
+        delivery.reserved_bytes -= promised_size
+        room, room_bytes = free_room(delivery)
+        share = self.workers
+        grant = min(CREDIT_PUSHES - ledger.pushes, (room - count) // share)
+        grant_bytes = min(CREDIT_BYTES - ledger.bytes, (room_bytes - size) // share)
+        if grant <= 0 or grant_bytes <= 0:
+            grant = grant_bytes = 0
+        ledger.pushes += grant
+        ledger.bytes += grant_bytes
+        delivery.reserved_pushes += grant
+        delivery.reserved_bytes += grant_bytes
+        return fresh, ledger.last_seq, grant, grant_bytes
+
+    def sender_gone(self, sender: int) -> None:
+        """``sender``'s link ended: the credit it held is void (a replacement starts with none)
+        and its room is free again. Its last number stays: a replacement's are higher."""
+        ledger = self.senders.get(sender)
+        if ledger is None:
+            return
+        self.delivery.reserved_pushes -= ledger.pushes
+        self.delivery.reserved_bytes -= ledger.bytes
+        ledger.pushes = ledger.bytes = 0
+
+    def hold_over_limit(self, token: bytes, push: Push) -> None:
+        """A promised push met a full queue (module docstring, Bounds): hold it anyway."""
+        delivery = self.delivery
+        delivery.registry.stats.promised_over_limit += 1
+        delivery.registry.deliver(token, push)
+
+
+def free_room(delivery: "Delivery") -> tuple[int, int]:
+    """Pushes and frame bytes ``delivery``'s bounded queues can still take, reservations
+    counted: what an owner may still grant."""
+    config = delivery.config
+    pending: Any = delivery.registry.pending
+    waiting = len(delivery.waiting) + delivery.reserved_pushes
+    pushes = min(config.max_pending - len(pending), config.max_delayed) - waiting
+    stored = getattr(pending, "frame_bytes", 0)
+    size = config.max_pending_bytes - stored - delivery.delayed_bytes - delivery.reserved_bytes
+    return pushes, size
