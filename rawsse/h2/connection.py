@@ -72,6 +72,7 @@ _TIMEOUT = answers.error(408, "RequestTimeout")
 _CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                                 b"transfer-encoding", b"upgrade"})
 
+_pack_header = f.HEADER.pack
 _PLAIN_HEADERS = f.PADDED | f.PRIORITY_FLAG | f.END_HEADERS  # END_HEADERS alone: no unpadding
 OPEN, GOING = 0, 1  # and LINGER (rawsse/server/connection.py)
 
@@ -339,11 +340,13 @@ class H2Connection(ClientConnection):
             stream.pending = body
             stream.stale = False  # from here it counts how long the peer's window holds it
             self.send_data(stream_id, stream)
-        else:
-            out += f.header(len(block), f.HEADERS, f.END_HEADERS | f.END_STREAM, stream_id)
+        else:  # every push's 200: the frame header packed here, not in a call
+            out += _pack_header(len(block) >> 16, len(block) & 0xFFFF, f.HEADERS,
+                                f.END_HEADERS | f.END_STREAM, stream_id)
             out += block
             self._stream_done(stream_id, stream)
-        self.schedule_flush()
+        if not self.flush_scheduled:
+            self.schedule_flush()
 
     def become_stream(self, request: Request, token: bytes) -> None:
         """Device streams are HTTP/1.1 SSE only: an error answer says so."""

@@ -15,7 +15,8 @@ to one big entry costs only the loop, never memory), but the block is still deco
 the dynamic table stays in step with the peer's encoder.
 
 Huffman-coded strings repeat (topic, push type, a token pushed again), so decoded ones are kept
-in a small dict, cleared when full.
+in a small dict, cleared when full. So do the ends of blocks: what follows a literal without
+indexing (nghttp2's ``:path``) is decoded once per dynamic table state and kept (``decode``).
 
 Encoding
 --------
@@ -56,6 +57,7 @@ ENTRY_OVERHEAD = 32  # RFC 7541 §4.1
 STATIC_SIZES = tuple(len(name) + len(value) + ENTRY_OVERHEAD for name, value in STATIC_TABLE)
 HUFFMAN_CACHE_SIZE = 4096
 SUFFIX_CACHE_SIZE = 64  # distinct suffixes one connection's client sends: a handful
+SUFFIX_MAX = 256  # bytes: nghttp2's is about 10; a longer one is not kept (64 × 256 B at most)
 
 
 class HpackError(ValueError):
@@ -139,7 +141,8 @@ class Decoder:
             size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
             if size <= limit:
                 fields.append(field)
-        if suffix_at >= 0 and size <= limit and self.generation == suffix_generation:
+        if (suffix_at >= 0 and size <= limit and self.generation == suffix_generation
+                and end - suffix_at <= SUFFIX_MAX):
             suffixes = self.suffixes
             if len(suffixes) >= SUFFIX_CACHE_SIZE:
                 suffixes.clear()
