@@ -98,6 +98,7 @@ class Decoder:
         pos, end = 0, len(block)
         first = True
         suffix_at = -1  # where the suffix being decoded for the cache starts
+        table = self.table
         while pos < end:
             byte = block[pos]
             if byte & 0x80:  # §6.1 indexed field; a static entry in one byte is the common case
@@ -109,8 +110,13 @@ class Decoder:
                     if size <= limit:
                         fields.append(STATIC_TABLE[index - 1])
                     continue
-                index, pos = _integer(block, pos, 7)
-                field = self._field(index)
+                dynamic = index - STATIC_COUNT - 1
+                if 0 <= dynamic < len(table) and index < 0x7F:  # a recent entry, one byte
+                    pos += 1
+                    field = table[dynamic]
+                else:
+                    index, pos = _integer(block, pos, 7)
+                    field = self._field(index)
             elif byte & 0x40:  # §6.2.1 literal with incremental indexing
                 field, pos = self._literal(block, pos, 6)
                 self._insert(field)
