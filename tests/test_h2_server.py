@@ -261,9 +261,11 @@ def test_body_larger_than_the_window_is_let_through(client):
 
 
 
-def _raw_answers(server, blocks: list[bytes], body: bytes = b'{"aps":{}}') -> list[dict]:
+def _raw_answers(server, blocks: list[bytes], body: bytes = b'{"aps":{}}',
+                 padded: bool = False) -> list[dict]:
     """Send each hand-made request header block on one raw connection (stream 1, 3, ...), each
-    followed by ``body``; the answers' fields, in stream order (the ``hpack`` decoder)."""
+    followed by ``body`` (``padded``: both frames padded, HEADERS with priority fields); the
+    answers' fields, in stream order (the ``hpack`` decoder)."""
     import hpack
 
     from rawsse.h2 import frames as f
@@ -272,8 +274,14 @@ def _raw_answers(server, blocks: list[bytes], body: bytes = b'{"aps":{}}') -> li
     try:
         out = [f.PREFACE, f.header(0, f.SETTINGS, 0, 0)]
         for i, block in enumerate(blocks):
-            out += [f.header(len(block), f.HEADERS, f.END_HEADERS, 2 * i + 1), block,
-                    f.header(len(body), f.DATA, f.END_STREAM, 2 * i + 1), body]
+            headers, data, flags = block, body, 0
+            if padded:  # §6.1, §6.2: pad length, [priority,] content, padding
+                headers = b"\x03" + b"\x00\x00\x00\x00\x10" + block + b"\x00" * 3
+                data = b"\x05" + body + b"\x00" * 5
+                flags = f.PADDED
+            out += [f.header(len(headers), f.HEADERS,
+                             f.END_HEADERS | flags | (f.PRIORITY_FLAG if padded else 0), 2 * i + 1),
+                    headers, f.header(len(data), f.DATA, f.END_STREAM | flags, 2 * i + 1), data]
         sock.sendall(b"".join(out))
         answers: dict[int, dict] = {}
         decoder, data = hpack.Decoder(), b""
@@ -318,3 +326,13 @@ def test_a_repeated_block_suffix_follows_the_dynamic_table(server):
     ])
     assert [a[b":status"] for a in answers] == [b"200"] * 5
     assert [a[b"apns-id"] for a in answers] == [ids[0], ids[0], ids[1], ids[1], ids[1]]
+
+
+def test_padded_frames_and_priority_fields_are_stripped(server):
+    """§6.1, §6.2: a padded HEADERS with priority fields and a padded DATA serve the push
+    (content-length is checked against the body without its padding)."""
+    body = b'{"aps":{}}'
+    value = f"/3/device/{new_token()}".encode()
+    block = b"\x83\x86" + bytes((0x04, len(value))) + value + b"\x0f\x0d" + bytes((2,)) + b"%d" % len(body)
+    answers = _raw_answers(server, [block], body, padded=True)
+    assert answers[0][b":status"] == b"200"
