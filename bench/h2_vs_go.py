@@ -4,6 +4,7 @@ Writes ``bench/results/h2-vs-go.md`` and ``.json``; not a timed test.
     apt-get install -y nghttp2-client       # h2load
     python bench/h2_vs_go.py                # 30,000 pushes per run, 1,000 devices
     python bench/h2_vs_go.py --rawsse-tls   # + rawsse over TLS (needs its --tls-listen)
+    git worktree add /tmp/before <commit> && python bench/h2_vs_go.py --before /tmp/before
 
 Each server has ``--devices`` Fleet-scheme devices connected (SSE over HTTP/1.1, read by
 one process), and nghttp2's ``h2load`` posts pushes spread over them (``-i``, one URI per device):
@@ -33,6 +34,8 @@ import subprocess
 import sys
 import time
 import types
+
+import psutil
 
 if __package__ in (None, ""):  # ``python bench/h2_vs_go.py``: ``bench``, ``rawsse`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,17 +119,49 @@ def connect_devices(port: int, pids: list[int],
     return child
 
 
-def measure(label: str, pids: list[int], command: list[str], pushes: int, repeat: int) -> dict:
-    """The median of ``repeat`` runs (a shared VM's noise moves single runs by ±20 %)."""
-    h2load([*command, "-n", "5000"])  # warm-up: connections, caches, Go's GC sizing
-    samples = [cpu_per_push_pids(pids, [*command, "-n", str(pushes)]) for _ in range(repeat)]
-    us, ok, rate = sorted(samples)[len(samples) // 2]
-    print(f"  {label:50s} {us:6.1f} µs CPU/push  {rate:8.0f} pushes/s  (runs: "
-          f"{', '.join(f'{s[0]:.1f}' for s in samples)})", flush=True)
-    return {"run": label, "us_cpu_per_push": round(us, 1), "pushes_per_s": round(rate),
-            "pushes_2xx": ok, "samples_us": [round(s[0], 1) for s in samples],
-            "command": " ".join(os.path.basename(c) if i == 0 else c
-                                for i, c in enumerate(command))}
+def measure(targets: list[tuple[str, list[int], list[str]]], pushes: int,
+            repeat: int) -> list[dict]:
+    """For each (label, server pids, h2load command): the median of ``repeat`` runs (a shared
+    VM's noise moves single runs by ±20 %); several targets take turns run by run, so a
+    neighbour's load falls on each alike."""
+    for _, _, command in targets:
+        h2load([*command, "-n", "5000"])  # warm-up: connections, caches, Go's GC sizing
+    samples: list[list[tuple[float, int, float]]] = [[] for _ in targets]
+    splits: list[list[tuple[float, float]]] = [[] for _ in targets]
+    for _ in range(repeat):
+        for (_, pids, command), runs, split in zip(targets, samples, splits):
+            before = user_system_seconds(pids)
+            runs.append(cpu_per_push_pids(pids, [*command, "-n", str(pushes)]))
+            after = user_system_seconds(pids)
+            split.append(((after[0] - before[0]) / runs[-1][1] * 1e6,
+                          (after[1] - before[1]) / runs[-1][1] * 1e6))
+    rows = []
+    for (label, _, command), runs, split in zip(targets, samples, splits):
+        us, ok, rate = sorted(runs)[len(runs) // 2]
+        user = sorted(u for u, _ in split)[len(split) // 2]
+        system = sorted(k for _, k in split)[len(split) // 2]
+        print(f"  {label:50s} {us:6.1f} µs CPU/push (user {user:.1f}, system {system:.1f})  "
+              f"{rate:8.0f} pushes/s  (runs: {', '.join(f'{s[0]:.1f}' for s in runs)})",
+              flush=True)
+        rows.append({"run": label, "us_cpu_per_push": round(us, 1), "pushes_per_s": round(rate),
+                     "us_user": round(user, 1), "us_system": round(system, 1),
+                     "pushes_2xx": ok, "samples_us": [round(s[0], 1) for s in runs],
+                     "command": " ".join(os.path.basename(c) if i == 0 else c
+                                         for i, c in enumerate(command))})
+    return rows
+
+
+def user_system_seconds(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pids`` so far, every thread (10 ms clock ticks: about
+    1 % of a 30,000-push run): where the time goes, beside schedstat's finer total."""
+    user = system = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        user, system = user + times.user, system + times.system
+    return user, system
 
 
 def cpu_per_push_pids(pids: list[int], argv: list[str]) -> tuple[float, int, float]:
@@ -152,46 +187,77 @@ def run_go(args: argparse.Namespace, tool: str, work: str, log_dir: str) -> list
         uris = write_uris(os.path.join(log_dir, "go-uris.txt"), f"https://127.0.0.1:{tls_port}",
                           args.devices)
         common = ["-d", os.path.join(log_dir, "body.json"), "-i", uris]
-        return [measure("Go net/http, HTTP/2 over TLS  h2load -c 5 -m 100", pids,
-                        [tool, "-c", "5", "-m", "100", *common], args.pushes, args.repeat)]
+        return measure([("Go net/http, HTTP/2 over TLS  h2load -c 5 -m 100", pids,
+                         [tool, "-c", "5", "-m", "100", *common])], args.pushes, args.repeat)
     finally:
         if devices is not None:
             devices.terminate()
         go.stop()
 
 
-def run_rawsse(args: argparse.Namespace, tool: str, work: str, log_dir: str) -> list[dict]:
-    holder, port = procs.reserve_port()
-    extra = ["--keepalive", "0"]
-    tls_port = 0
-    if args.rawsse_tls:
-        cert, key = make_cert(work)
-        tls_holder, tls_port = procs.reserve_port()
-        tls_holder.close()
-        extra += ["--tls-listen", f"127.0.0.1:{tls_port}", "--tls-cert", cert, "--tls-key", key]
-    server = procs.Server("rawsse", 1, "127.0.0.1", port, log_dir, extra).wait_ready()
-    devices = None
-    try:
-        devices = connect_devices(port, server.pids, args.devices)
+class Rawsse:
+    """One rawsse server (one worker) from the checkout ``root``, its devices and its runs."""
+
+    def __init__(self, args: argparse.Namespace, tool: str, work: str, log_dir: str,
+                 root: str, name: str) -> None:
+        self.name = name
+        holder, port = procs.reserve_port()
+        self.holders = [holder]
+        extra = ["--keepalive", "0"]
+        tls_port = 0
+        if args.rawsse_tls:
+            cert, key = make_cert(work)
+            tls_holder, tls_port = procs.reserve_port()
+            tls_holder.close()
+            extra += ["--tls-listen", f"127.0.0.1:{tls_port}", "--tls-cert", cert,
+                      "--tls-key", key]
+        self.server = procs.Server("rawsse", 1, "127.0.0.1", port, log_dir, extra,
+                                   root=root).wait_ready()
+        self.devices = connect_devices(port, self.server.pids, args.devices)
         body = ["-d", os.path.join(log_dir, "body.json")]
-        plain = body + ["-i", write_uris(os.path.join(log_dir, "uris.txt"), server.url,
-                                         args.devices)]
-        rows = [measure("rawsse, h2c  h2load -c 5 -m 100", server.pids,
-                        [tool, "-c", "5", "-m", "100", *plain], args.pushes, args.repeat)]
+        plain = body + ["-i", write_uris(os.path.join(log_dir, f"uris-{port}.txt"),
+                                         self.server.url, args.devices)]
+        self.runs = [("h2c  h2load -c 5 -m 100", [tool, "-c", "5", "-m", "100", *plain])]
         if tls_port:
-            tls = body + ["-i", write_uris(os.path.join(log_dir, "tls-uris.txt"),
+            tls = body + ["-i", write_uris(os.path.join(log_dir, f"tls-uris-{port}.txt"),
                                            f"https://127.0.0.1:{tls_port}", args.devices)]
-            rows.append(measure("rawsse, HTTP/2 over TLS  h2load -c 5 -m 100", server.pids,
-                                [tool, "-c", "5", "-m", "100", *tls], args.pushes, args.repeat))
-        rows.append(measure("rawsse, HTTP/1.1 pipelined  h2load --h1 -c 5 -m 16", server.pids,
-                            [tool, "--h1", "-c", "5", "-m", "16", *plain], args.pushes,
-                            args.repeat))
+            self.runs.append(("HTTP/2 over TLS  h2load -c 5 -m 100",
+                              [tool, "-c", "5", "-m", "100", *tls]))
+        self.runs.append(("HTTP/1.1 pipelined  h2load --h1 -c 5 -m 16",
+                          [tool, "--h1", "-c", "5", "-m", "16", *plain]))
+
+    def stop(self) -> None:
+        if self.devices is not None:
+            self.devices.terminate()
+        self.server.stop()
+        for holder in self.holders:
+            holder.close()
+
+
+def run_rawsse(args: argparse.Namespace, tool: str, work: str, log_dir: str) -> list[dict]:
+    """Each run on this checkout's rawsse and, with ``--before TREE``, the same run on TREE's
+    right after it, round by round."""
+    trees = [(procs.ROOT, "rawsse")]
+    if args.before:
+        trees.append((os.path.abspath(args.before), f"rawsse {_revision(args.before)} (before)"))
+    servers: list[Rawsse] = []
+    try:
+        for root, name in trees:
+            servers.append(Rawsse(args, tool, work, log_dir, root, name))
+        rows = []
+        for i, (label, _) in enumerate(servers[0].runs):
+            rows += measure([(f"{s.name}, {label}", s.server.pids, s.runs[i][1])
+                             for s in servers], args.pushes, args.repeat)
         return rows
     finally:
-        if devices is not None:
-            devices.terminate()
-        server.stop()
-        holder.close()
+        for server in servers:
+            server.stop()
+
+
+def _revision(tree: str) -> str:
+    result = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True)
+    return result.stdout.strip() or os.path.basename(os.path.abspath(tree))
 
 
 def _wait_http(url: str, child: procs.Child, timeout: float = 20.0) -> None:
@@ -229,14 +295,15 @@ def write_results(rows: list[dict], args: argparse.Namespace, argv: list[str],
         f"{args.pushes} pushes after a 5,000-push warm-up. CPU per push = server CPU time "
         "(every thread, schedstat) ÷ 2xx answers; rawsse runs one worker, Go uses every core "
         "it wants. `$LOGS`: the run's temporary directory (body, one URI per device).", "",
-        "| run | µs CPU / push | × Go | pushes/s | runs (µs) | command |",
-        "| --- | ---: | ---: | ---: | --- | --- |",
+        "| run | µs CPU / push | × Go | user / system µs | pushes/s | runs (µs) | command |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in rows:
         ratio = f"{r['us_cpu_per_push'] / go:.2f}" if go else "-"
         runs = ", ".join(map(str, r["samples_us"]))
         lines.append(f"| {r['run'].split('  ')[0]} | {r['us_cpu_per_push']} | {ratio} | "
-                     f"{r['pushes_per_s']} | {runs} | `{r['command']}` |")
+                     f"{r['us_user']} / {r['us_system']} | {r['pushes_per_s']} | {runs} | "
+                     f"`{r['command']}` |")
     with open(os.path.join(RESULTS, "h2-vs-go.md"), "w") as out:
         out.write("\n".join(lines) + "\n")
 
@@ -251,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rawsse-tls", action="store_true",
                         help="also measure rawsse over TLS (--tls-listen, --tls-cert, --tls-key)")
     parser.add_argument("--no-go", action="store_true", help="rawsse only")
+    parser.add_argument("--before", metavar="TREE",
+                        help="also run rawsse from the checkout TREE (a worktree of an older "
+                             "commit), each run right after this checkout's: a before/after "
+                             "comparison under the same neighbours' load")
     args = parser.parse_args(argv)
     tool = find_h2load()
     if tool is None:

@@ -39,22 +39,24 @@ def process_tree(pid: int) -> list[int]:
     return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
 
 
-def child_env() -> dict[str, str]:
+def child_env(root: str = ROOT) -> dict[str, str]:
+    """The environment of a child: ``rawsse`` imported from ``root`` (this checkout)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
 class Child:
     """A subprocess in its own session whose output goes to a log file."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: str, report_path: str = "") -> None:
+    def __init__(self, name: str, argv: list[str], log_dir: str, report_path: str = "",
+                 root: str = ROOT) -> None:
         self.name, self.argv, self.report_path = name, argv, report_path
         self._tree: list[int] | None = None
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=child_env(),
+                                     stdin=subprocess.DEVNULL, env=child_env(root),
                                      start_new_session=True)
 
     @property
@@ -120,7 +122,7 @@ class Server(Child):
     """``rawsse serve`` or the baseline, listening on ``host:port``."""
 
     def __init__(self, kind: str, workers: int, host: str, port: int, log_dir: str,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, root: str = ROOT) -> None:
         listen = f"{host}:{port}"
         if kind == "rawsse":
             # The bench reads /stats on the push URL, as it does the baseline's: both listen on
@@ -132,7 +134,8 @@ class Server(Child):
             argv = [sys.executable, BASELINE, "--listen", listen, "--workers", str(workers)]
         else:
             raise ValueError(f"unknown server kind {kind!r}")
-        super().__init__(f"{kind}-{workers}w-server", argv + list(extra or ()), log_dir)
+        name = f"{kind}-{workers}w-server" + ("" if root == ROOT else f"-{os.path.basename(root)}")
+        super().__init__(name, argv + list(extra or ()), log_dir, root=root)
         self.kind, self.workers, self.url = kind, workers, f"http://{listen}"
         # The master and its workers, read once at readiness (``process_tree`` walks /proc).
         self.pids = [self.pid]

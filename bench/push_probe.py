@@ -24,6 +24,7 @@ import os
 import socket
 import sys
 import time
+from typing import Any
 
 BATCH = 16
 IN_FLIGHT = 64
@@ -56,18 +57,11 @@ def main() -> int:
             auth = {"auth": "token", "auth_keys": ((kid, pem),), "topics": ("com.example.app",)}
     worker = Worker(ServeConfig(keepalive=0, max_pending=10**7, **auth))
 
-    def connect() -> socket.socket:
-        ours, theirs = socket.socketpair()
-        worker.accept(os.dup(ours.fileno()), False)
-        ours.close()
-        theirs.setblocking(False)
-        return theirs
-
-    device = connect()
+    device = connect(worker)
     device.send(f"GET /events?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     for _ in range(5):
         worker.loop.run_once()
-    sender = connect()
+    sender = connect(worker)
     sent = answered = 0
     start = time.process_time()
     while answered < args.count:
@@ -75,8 +69,8 @@ def main() -> int:
             sender.send(request * BATCH)
             sent += BATCH
         worker.loop.run_once()
-        answered += _drain(sender).count(b"HTTP/1.1 200")
-        _drain(device)
+        answered += drain(sender).count(b"HTTP/1.1 200")
+        drain(device)
     cpu = time.process_time() - start
     print(f"{cpu / answered * 1e6:.2f} us CPU per push ({answered} pushes)")
     return 0
@@ -103,7 +97,16 @@ def _provider_token() -> tuple[str, bytes, bytes]:
     return "PROBEKEY01", pem, signed + b"." + b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
 
 
-def _drain(sock: socket.socket) -> bytes:
+def connect(worker: Any) -> socket.socket:
+    """A client socket whose other end ``worker`` has accepted."""
+    ours, theirs = socket.socketpair()
+    worker.accept(os.dup(ours.fileno()), False)
+    ours.close()
+    theirs.setblocking(False)
+    return theirs
+
+
+def drain(sock: socket.socket) -> bytes:
     chunks = []
     while True:
         try:

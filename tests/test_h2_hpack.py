@@ -107,3 +107,68 @@ def test_frames_parse_with_hyperframe():
     goaway = parse(f.goaway(7, f.PROTOCOL_ERROR, "HEADERS on stream 0"))
     assert (goaway.last_stream_id, goaway.error_code) == (7, f.PROTOCOL_ERROR)
     assert goaway.additional_data == b'{"reason":"HEADERS on stream 0"}'
+
+
+def test_huffman_decodes_what_the_hpack_encoder_makes():
+    """Random octets, printable text and push paths (hex tokens), each Huffman-coded by the
+    ``hpack`` library and decoded by ours."""
+    encoder = hpack.huffman.HuffmanEncoder(hpack.huffman_constants.REQUEST_CODES,
+                                           hpack.huffman_constants.REQUEST_CODES_LENGTH)
+    rng = random.Random(11)
+    for n in range(3000):
+        kind = n % 3
+        if kind == 0:
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(80)))
+        elif kind == 1:
+            data = bytes(rng.randrange(32, 127) for _ in range(rng.randrange(120)))
+        else:
+            data = b"/3/device/%x" % rng.getrandbits(256)
+        assert huffman.decode(encoder.encode(data)) == data
+
+
+def _bits(*codes: tuple[int, int]) -> bytes:
+    """Huffman codes (code, bit length) packed MSB first, padded with 1s (§5.2)."""
+    value, length = 0, 0
+    for code, bits in codes:
+        value, length = value << bits | code, length + bits
+    pad = -length % 8
+    return ((value << pad | (1 << pad) - 1)).to_bytes((length + pad) // 8, "big")
+
+
+def test_huffman_eos_anywhere_is_an_error():
+    """RFC 7541 §5.2: EOS in a string is a decoding error, also when symbols follow it."""
+    eos, zero = huffman.CODES[256], huffman.CODES[ord("0")]
+    assert huffman.decode(_bits(zero, zero)) == b"00"
+    for codes in [(eos,), (eos, zero), (zero, eos, zero, zero), (zero,) * 5 + (eos,) + (zero,) * 9]:
+        with pytest.raises(huffman.HuffmanError):
+            huffman.decode(_bits(*codes))
+
+
+def test_block_suffix_cache_hits_and_follows_the_dynamic_table():
+    """nghttp2's shape: ``:path`` never indexed, then indexes. The bytes after ``:path`` are
+    decoded once per dynamic table state: a second block with the same suffix reuses the
+    fields, a change of the table (a new entry) makes the same bytes decode afresh."""
+    decoder = Decoder(4096, 8000)
+
+    def path(token: str) -> bytes:
+        value = f"/3/device/{token}".encode()
+        return bytes((0x14, len(value))) + value
+
+    def index_apns_id(apns_id: bytes) -> bytes:
+        return b"\x40\x07apns-id" + bytes((len(apns_id),)) + apns_id
+
+    suffix = b"\x83\x86\xbe"
+    decoder.decode(path("aa") + b"\x83\x86" + index_apns_id(b"first"))
+    first, _ = decoder.decode(path("bb") + suffix)
+    again, _ = decoder.decode(path("cc") + suffix)
+    assert first[1:] == again[1:] == [(b":method", b"POST"), (b":scheme", b"http"),
+                                      (b"apns-id", b"first")]
+    assert first[3] is again[3] and list(decoder.suffixes) == [suffix]  # served from the cache
+    assert again[0] == (b":path", b"/3/device/cc")
+    decoder.decode(path("dd") + b"\x83\x86" + index_apns_id(b"second"))
+    assert decoder.decode(path("ee") + suffix)[0][3] == (b"apns-id", b"second")
+    # a suffix over the header list limit is decoded, and refused, as without the cache
+    small = Decoder(4096, 200)
+    small.decode(b"\x40\x07apns-id\x40" + b"x" * 64)
+    assert not small.decode(path("ff") + b"\xbe")[1]
+    assert small.decode(path("ff" * 40) + b"\xbe")[1]

@@ -259,3 +259,80 @@ def test_body_larger_than_the_window_is_let_through(client):
     # and the connection still serves
     assert client.request("POST", f"/3/device/{new_token()}", b"{}").status == 200
 
+
+
+def _raw_answers(server, blocks: list[bytes], body: bytes = b'{"aps":{}}',
+                 padded: bool = False) -> list[dict]:
+    """Send each hand-made request header block on one raw connection (stream 1, 3, ...), each
+    followed by ``body`` (``padded``: both frames padded, HEADERS with priority fields); the
+    answers' fields, in stream order (the ``hpack`` decoder)."""
+    import hpack
+
+    from rawsse.h2 import frames as f
+
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    try:
+        out = [f.PREFACE, f.header(0, f.SETTINGS, 0, 0)]
+        for i, block in enumerate(blocks):
+            headers, data, flags = block, body, 0
+            if padded:  # §6.1, §6.2: pad length, [priority,] content, padding
+                headers = b"\x03" + b"\x00\x00\x00\x00\x10" + block + b"\x00" * 3
+                data = b"\x05" + body + b"\x00" * 5
+                flags = f.PADDED
+            out += [f.header(len(headers), f.HEADERS,
+                             f.END_HEADERS | flags | (f.PRIORITY_FLAG if padded else 0), 2 * i + 1),
+                    headers, f.header(len(data), f.DATA, f.END_STREAM | flags, 2 * i + 1), data]
+        sock.sendall(b"".join(out))
+        answers: dict[int, dict] = {}
+        decoder, data = hpack.Decoder(), b""
+        while len(answers) < len(blocks):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {len(answers)} answers"
+            data += chunk
+            while len(data) >= 9:
+                high, low, type_, _, stream_id = f.HEADER.unpack_from(data)
+                end = 9 + (high << 16 | low)
+                if len(data) < end:
+                    break
+                if type_ == f.HEADERS:
+                    answers[stream_id] = dict(decoder.decode(data[9:end], raw=True))
+                assert type_ != f.GOAWAY, data[9:end]
+                data = data[end:]
+        return [answers[2 * i + 1] for i in range(len(blocks))]
+    finally:
+        sock.close()
+
+
+def test_a_repeated_block_suffix_follows_the_dynamic_table(server):
+    """nghttp2's shape (``:path`` a literal without indexing, the rest indexes) with the same
+    bytes after ``:path`` twice around a change of the entry they index: the server's cached
+    suffix must not outlive the entry (the answer echoes the apns-id the index names)."""
+    ids = [f"0f3a1a2e-0c54-4c0b-9d9a-8c2a4b5b6c{i:02d}".encode() for i in range(2)]
+
+    def path(i: int) -> bytes:  # never indexed (§6.2.3), name :path (4), plain value
+        value = f"/3/device/{new_token()}".encode()
+        return bytes((0x14, len(value))) + value
+
+    def index_apns_id(apns_id: bytes) -> bytes:  # with incremental indexing, new name
+        return b"\x40\x07apns-id" + bytes((len(apns_id),)) + apns_id
+
+    suffix = b"\x83\x86\xbe"  # :method POST, :scheme http, dynamic entry 62 (the newest)
+    answers = _raw_answers(server, [
+        path(0) + b"\x83\x86" + index_apns_id(ids[0]),
+        path(1) + suffix,  # 62 = ids[0]
+        path(2) + b"\x83\x86" + index_apns_id(ids[1]),
+        path(3) + suffix,  # the same bytes: 62 = ids[1] now
+        path(4) + suffix,
+    ])
+    assert [a[b":status"] for a in answers] == [b"200"] * 5
+    assert [a[b"apns-id"] for a in answers] == [ids[0], ids[0], ids[1], ids[1], ids[1]]
+
+
+def test_padded_frames_and_priority_fields_are_stripped(server):
+    """§6.1, §6.2: a padded HEADERS with priority fields and a padded DATA serve the push
+    (content-length is checked against the body without its padding)."""
+    body = b'{"aps":{}}'
+    value = f"/3/device/{new_token()}".encode()
+    block = b"\x83\x86" + bytes((0x04, len(value))) + value + b"\x0f\x0d" + bytes((2,)) + b"%d" % len(body)
+    answers = _raw_answers(server, [block], body, padded=True)
+    assert answers[0][b":status"] == b"200"

@@ -43,6 +43,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rawsse.apns import answers
+from rawsse.apns.apple import REQUEST_HEADERS
 from rawsse.h2 import control
 from rawsse.h2 import frames as f
 from rawsse.h2.hpack import Decoder, HpackError, response_block
@@ -71,6 +72,8 @@ _TIMEOUT = answers.error(408, "RequestTimeout")
 _CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                                 b"transfer-encoding", b"upgrade"})
 
+_pack_header = f.HEADER.pack
+_PLAIN_HEADERS = f.PADDED | f.PRIORITY_FLAG | f.END_HEADERS  # END_HEADERS alone: no unpadding
 OPEN, GOING = 0, 1  # and LINGER (rawsse/server/connection.py)
 
 
@@ -150,10 +153,16 @@ class H2Connection(ClientConnection):
         self._received(self.host.read_view[:n])
 
     def _received(self, data: Any) -> None:
+        # One copy of the read into bytes: each frame's payload is then a bytes slice, which a
+        # header block needs anyway (the decoder's caches key on it), with no memoryview made
+        # and copied per frame.
         inbuf = self.inbuf
         if inbuf:
             inbuf += data
-            data = inbuf
+            data = bytes(inbuf)
+            inbuf.clear()
+        else:
+            data = bytes(data)
         try:
             used = self._frames(data)
         except f.ConnectionError_ as error:
@@ -162,9 +171,7 @@ class H2Connection(ClientConnection):
         except HpackError as error:
             self._fail(f.COMPRESSION_ERROR, f"HPACK: {error}")
             return
-        if data is inbuf:
-            del inbuf[:used]
-        elif used < len(data):
+        if used < len(data):
             inbuf += data[used:]
         if self.goaway_id < 0:
             self._rearm()
@@ -188,7 +195,10 @@ class H2Connection(ClientConnection):
                 raise f.ConnectionError_(f.PROTOCOL_ERROR, "frame interleaved in a header block")
             payload = data[start:pos]
             if type_ == f.HEADERS:
-                self._on_headers(stream_id, flags, payload)
+                if flags & _PLAIN_HEADERS == f.END_HEADERS and stream_id:  # the common case
+                    self._header_block(stream_id, flags, payload)
+                else:
+                    self._on_headers(stream_id, flags, payload)
             elif type_ == f.DATA:
                 self._on_data(stream_id, flags, payload)
             elif type_ == f.CONTINUATION:
@@ -197,7 +207,7 @@ class H2Connection(ClientConnection):
                 control.on_control(self, type_, stream_id, flags, payload)
         return pos
 
-    def _on_headers(self, stream_id: int, flags: int, payload: Any) -> None:
+    def _on_headers(self, stream_id: int, flags: int, payload: bytes) -> None:
         if stream_id == 0:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "HEADERS on stream 0")
         payload = _unpad(payload, flags)
@@ -206,7 +216,7 @@ class H2Connection(ClientConnection):
                 raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "HEADERS priority fields truncated")
             payload = payload[5:]
         if flags & f.END_HEADERS:
-            self._header_block(stream_id, flags, bytes(payload))
+            self._header_block(stream_id, flags, payload)
         else:
             self.block_stream = stream_id
             self.block_flags = flags
@@ -283,14 +293,14 @@ class H2Connection(ClientConnection):
             self.schedule_flush()
         elif not end:
             control.count_control(self)  # empty DATA without END_STREAM: a flood if repeated
-        body = _unpad(payload, flags)
+        body = _unpad(payload, flags) if flags & f.PADDED else payload
         request = stream.request
         if body and not request.body_too_large:
             if len(request.body) + len(body) > MAX_BODY:
                 request.body_too_large = True
                 request.body = b""
             else:
-                request.body += bytes(body)
+                request.body = request.body + body if request.body else body
         if end:
             self._request_complete(stream_id, stream)
 
@@ -333,11 +343,13 @@ class H2Connection(ClientConnection):
             stream.pending = body
             stream.stale = False  # from here it counts how long the peer's window holds it
             self.send_data(stream_id, stream)
-        else:
-            out += f.header(len(block), f.HEADERS, f.END_HEADERS | f.END_STREAM, stream_id)
+        else:  # every push's 200: the frame header packed here, not in a call
+            out += _pack_header(len(block) >> 16, len(block) & 0xFFFF, f.HEADERS,
+                                f.END_HEADERS | f.END_STREAM, stream_id)
             out += block
             self._stream_done(stream_id, stream)
-        self.schedule_flush()
+        if not self.flush_scheduled:
+            self.schedule_flush()
 
     def become_stream(self, request: Request, token: bytes) -> None:
         """Device streams are HTTP/1.1 SSE only: an error answer says so."""
@@ -502,27 +514,41 @@ def _unpad(payload: Any, flags: int) -> Any:
 
 def _fill(request: Request, stream: H2Stream, fields: list[tuple[bytes, bytes]]) -> bool:
     """The request's method, target and kept headers from its fields; False if malformed
-    (§8.3.1: pseudo-fields first, :method and :path present; §8.2.2)."""
+    (§8.3.1: pseudo-fields first, :method and :path present; §8.2.2). One dict lookup per
+    field (``_KINDS``) says what it is; a header no route reads costs nothing more."""
     regular = False
     for name, value in fields:
-        if name[:1] == b":":
+        kind = _KINDS.get(name)
+        if kind is None:  # not read by any route: host (aioapns' :authority), user-agent, ...
+            if name[:1] == b":":
+                return False  # an unknown pseudo-field
+            regular = True
+            continue
+        if kind <= _PSEUDO:
             if regular:
                 return False
-            if name == b":method":
+            if kind == _METHOD:
                 request.method = value
-            elif name == b":path":
+            elif kind == _PATH:
                 request.set_target(value)
-            elif name not in (b":scheme", b":authority"):
-                return False
             continue
         regular = True
-        if name in _CONNECTION_FIELDS:
+        if kind == _CONNECTION:
             return False
-        if name == b"content-length":
+        if kind == _LENGTH:
             if not value.isdigit():
                 return False
             stream.length = int(value)
-        elif name == b"apns-id" and (b"\r" in value or b"\n" in value or b"\x00" in value):
+        elif kind == _APNS_ID and (b"\r" in value or b"\n" in value or b"\x00" in value):
             return False  # §8.2.1: malformed; and the answer echoes apns-id as sent
-        request.add_header(name, value)  # host stands in for :authority (aioapns): not read
+        request.add_header(name, value)
     return bool(request.method) and bool(request.path)
+
+
+_METHOD, _PATH, _PSEUDO, _CONNECTION, _LENGTH, _APNS_ID, _KEPT = range(7)
+_KINDS: dict[bytes, int] = {
+    **{name: _KEPT for name in REQUEST_HEADERS},
+    **{name: _CONNECTION for name in _CONNECTION_FIELDS},
+    b":method": _METHOD, b":path": _PATH, b":scheme": _PSEUDO, b":authority": _PSEUDO,
+    b"content-length": _LENGTH, b"apns-id": _APNS_ID,
+}

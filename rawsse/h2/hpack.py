@@ -15,7 +15,8 @@ to one big entry costs only the loop, never memory), but the block is still deco
 the dynamic table stays in step with the peer's encoder.
 
 Huffman-coded strings repeat (topic, push type, a token pushed again), so decoded ones are kept
-in a small dict, cleared when full.
+in a small dict, cleared when full. So do the ends of blocks: what follows a literal without
+indexing (nghttp2's ``:path``) is decoded once per dynamic table state and kept (``decode``).
 
 Encoding
 --------
@@ -55,6 +56,8 @@ STATIC_COUNT = len(STATIC_TABLE)  # 61
 ENTRY_OVERHEAD = 32  # RFC 7541 §4.1
 STATIC_SIZES = tuple(len(name) + len(value) + ENTRY_OVERHEAD for name, value in STATIC_TABLE)
 HUFFMAN_CACHE_SIZE = 4096
+SUFFIX_CACHE_SIZE = 64  # distinct suffixes one connection's client sends: a handful
+SUFFIX_MAX = 256  # bytes: nghttp2's is about 10; a longer one is not kept (64 × 256 B at most)
 
 
 class HpackError(ValueError):
@@ -64,7 +67,8 @@ class HpackError(ValueError):
 class Decoder:
     """One connection's decoder: its dynamic table and limits."""
 
-    __slots__ = ("table", "table_size", "capacity", "max_table_size", "max_list_size", "cache")
+    __slots__ = ("table", "table_size", "capacity", "max_table_size", "max_list_size", "cache",
+                 "generation", "suffixes")
 
     def __init__(self, max_table_size: int, max_list_size: int) -> None:
         self.table: deque[tuple[bytes, bytes]] = deque()  # newest first (index 62)
@@ -73,15 +77,28 @@ class Decoder:
         self.max_table_size = max_table_size  # what our SETTINGS_HEADER_TABLE_SIZE allows
         self.max_list_size = max_list_size
         self.cache: dict[bytes, bytes] = {}
+        self.generation = 0  # counts changes to the dynamic table: a cached suffix names one
+        # The bytes after a literal without indexing -> (generation, fields, list size): see
+        # ``decode``.
+        self.suffixes: dict[bytes, tuple[int, tuple[tuple[bytes, bytes], ...], int]] = {}
 
     def decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The fields of ``block`` and whether the list went past ``max_list_size`` (then the
-        list is incomplete and the request must be refused)."""
+        list is incomplete and the request must be refused).
+
+        Suffix cache: nghttp2's clients (h2load, curl, nghttp, Node) send ``:path`` as a
+        literal without indexing and, from the second request on, every other field as an
+        index, so the bytes after ``:path`` are the same on every request of a connection. The
+        fields those bytes decode to are kept, keyed by the bytes and valid while the dynamic
+        table is unchanged (``generation``); a suffix that changes the table is never kept.
+        """
         fields: list[tuple[bytes, bytes]] = []
         size = 0
         limit = self.max_list_size
         pos, end = 0, len(block)
         first = True
+        suffix_at = -1  # where the suffix being decoded for the cache starts
+        table = self.table
         while pos < end:
             byte = block[pos]
             if byte & 0x80:  # §6.1 indexed field; a static entry in one byte is the common case
@@ -93,8 +110,13 @@ class Decoder:
                     if size <= limit:
                         fields.append(STATIC_TABLE[index - 1])
                     continue
-                index, pos = _integer(block, pos, 7)
-                field = self._field(index)
+                dynamic = index - STATIC_COUNT - 1
+                if 0 <= dynamic < len(table) and index < 0x7F:  # a recent entry, one byte
+                    pos += 1
+                    field = table[dynamic]
+                else:
+                    index, pos = _integer(block, pos, 7)
+                    field = self._field(index)
             elif byte & 0x40:  # §6.2.1 literal with incremental indexing
                 field, pos = self._literal(block, pos, 6)
                 self._insert(field)
@@ -108,10 +130,30 @@ class Decoder:
                 continue
             else:  # §6.2.2 without indexing, §6.2.3 never indexed: same for a decoder
                 field, pos = self._literal(block, pos, 4)
+                if suffix_at < 0 and pos < end:
+                    size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
+                    if size <= limit:
+                        fields.append(field)
+                    first = False
+                    hit = self.suffixes.get(block[pos:])
+                    if (hit is not None and hit[0] == self.generation
+                            and size + hit[2] <= limit):
+                        fields.extend(hit[1])
+                        return fields, False
+                    suffix_at, suffix_fields, suffix_size = pos, len(fields), size
+                    suffix_generation = self.generation
+                    continue
             first = False
             size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
             if size <= limit:
                 fields.append(field)
+        if (suffix_at >= 0 and size <= limit and self.generation == suffix_generation
+                and end - suffix_at <= SUFFIX_MAX):
+            suffixes = self.suffixes
+            if len(suffixes) >= SUFFIX_CACHE_SIZE:
+                suffixes.clear()
+            suffixes[block[suffix_at:]] = (suffix_generation, tuple(fields[suffix_fields:]),
+                                           size - suffix_size)
         return fields, size > limit
 
     def _field(self, index: int) -> tuple[bytes, bytes]:
@@ -125,19 +167,26 @@ class Decoder:
         return self.table[dynamic]
 
     def _literal(self, block: bytes, pos: int, prefix: int) -> tuple[tuple[bytes, bytes], int]:
-        index, pos = _integer(block, pos, prefix)
-        if index:
-            name = self._field(index)[0]
+        mask = (1 << prefix) - 1
+        index = block[pos] & mask
+        if index == mask:
+            index, pos = _integer(block, pos, prefix)
         else:
+            pos += 1
+        if not index:
             name, pos = self._string(block, pos)
+        elif index <= STATIC_COUNT:
+            name = STATIC_TABLE[index - 1][0]
+        else:
+            name = self._field(index)[0]
         value, pos = self._string(block, pos)
         return (name, value), pos
 
     def _string(self, block: bytes, pos: int) -> tuple[bytes, int]:
         if pos >= len(block):
             raise HpackError("truncated string")
-        coded = block[pos] & 0x80
-        length = block[pos] & 0x7F
+        byte = block[pos]
+        length = byte & 0x7F
         if length == 0x7F:
             length, pos = _integer(block, pos, 7)
         else:
@@ -146,7 +195,7 @@ class Decoder:
         if end > len(block):
             raise HpackError("string longer than its block")
         raw = block[pos:end]
-        if not coded:
+        if not byte & 0x80:
             return raw, end
         cache = self.cache
         text = cache.get(raw)
@@ -162,6 +211,7 @@ class Decoder:
 
     def _insert(self, field: tuple[bytes, bytes]) -> None:
         """§4.4: evict oldest entries to make room; an entry larger than the table empties it."""
+        self.generation += 1
         size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
         table = self.table
         while table and self.table_size + size > self.capacity:
@@ -172,6 +222,7 @@ class Decoder:
             self.table_size += size
 
     def _resize(self, new_size: int) -> None:
+        self.generation += 1
         self.capacity = new_size
         table = self.table
         while table and self.table_size > new_size:
@@ -238,7 +289,7 @@ DATE_INDEX = 33
 APNS_ID_NAME = b"\x00\x07apns-id"
 
 _name_prefix: dict[bytes, bytes] = {}
-_date_cache: list = [0, b""]
+_date_cache: list = [0, b"", b""]  # the second, its ``date`` field, a 200's block up to apns-id
 
 
 def _date() -> bytes:
@@ -246,7 +297,9 @@ def _date() -> bytes:
     now = int(time.time())
     if _date_cache[0] != now:
         _date_cache[0] = now
-        _date_cache[1] = literal_indexed_name(DATE_INDEX, email.utils.formatdate(now, usegmt=True).encode())
+        date = literal_indexed_name(DATE_INDEX, email.utils.formatdate(now, usegmt=True).encode())
+        _date_cache[1] = date
+        _date_cache[2] = STATUS[200] + date + APNS_ID_NAME
     return _date_cache[1]
 
 
@@ -255,6 +308,11 @@ def response_block(status: int, headers: tuple[tuple[bytes, bytes], ...],
     """The header block of an answer: ``:status``, ``date``, the answer's own fields (a 200
     with ``apns-id`` is the cached status and date, the cached name and the id), content-type
     and content-length when there is a body."""
+    if status == 200 and len(headers) == 1 and not body_length and content_type is None:
+        name, value = headers[0]
+        if name == b"apns-id" and len(value) < 127:  # every push answered: one concatenation
+            _date()
+            return _date_cache[2] + _SMALL_LENGTH[len(value)] + value
     parts = [STATUS[status], _date()]
     for name, value in headers:
         prefix = _name_prefix.get(name)
