@@ -22,6 +22,7 @@ with callgrind, subtracting a short run to leave out start-up::
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -65,6 +66,11 @@ def main() -> int:
     from rawsse.config import ServeConfig
 
     worker = Worker(ServeConfig(keepalive=0, max_pending=10**7))
+    # The garbage collector as Worker.start sets it (without its once-a-second tick, whose count
+    # would depend on how slowly the run goes, as under callgrind).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 100)
     if args.mode == "broadcast":
         tokens = ["%064x" % (i + 1) for i in range(args.devices)]
     else:

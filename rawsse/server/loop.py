@@ -175,8 +175,11 @@ class Loop:
             except Exception:
                 log.exception("handler for fd %d failed; closing it", fd)
                 self._close_failed(fd, handler)
-        self._run_timers(now)
-        self._run_soon()
+        timers = self.timers
+        if timers and timers[0][0] <= now:
+            self._run_timers(now)
+        if self._soon:
+            self._run_soon()
 
     def _poll_timeout(self) -> float:
         if self._soon:
