@@ -18,12 +18,10 @@ decides *whether* a push waits; the store decides *where*.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import Iterator, Protocol
 
 from rawsse.server.stats import Stats
-
-if TYPE_CHECKING:
-    from rawsse.server.stream import Stream
+from rawsse.server.stream import Stream
 
 
 class Push:
@@ -149,11 +147,7 @@ class Registry:
             targets = [s for t, s in self.streams.items() if t.startswith(prefix)]
         else:
             targets = [s for t, s in self.streams.items() if t.hex().startswith(prefix)]
-        written = 0
-        for stream in targets:
-            if stream.send(frame):
-                written += 1
-        return written
+        return Stream.send_to_all(targets, frame)
 
     # -- expiry -------------------------------------------------------------------------------
 

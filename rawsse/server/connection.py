@@ -10,8 +10,9 @@ keep-alive push does not wait for the end of the turn (``Http1Connection._read``
 epoll interest in step with what it can do (``_update_events``), and ends with a lingering
 close: it half-closes once everything is out and reads to EOF for up to ``LINGER_SECONDS``,
 because closing with unread input sends an RST that can destroy the last answers before the
-client reads them (RFC 9112 §9.6; Apache's lingering close). Each protocol says when it has nothing left to send (``_finished``), what it
-reads (``_read``, ``_update_events``) and what it drops at the end (``_forget``).
+client reads them (RFC 9112 §9.6; Apache's lingering close). Each protocol says when it has
+nothing left to send (``_finished``), what it reads (``_read``, ``_update_events``) and what it
+drops at the end (``_forget``).
 """
 
 from __future__ import annotations
