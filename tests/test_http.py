@@ -521,8 +521,12 @@ def test_http10_without_keep_alive_is_closed_after_the_response(server):
     assert response.status == 200 and closed
 
 
-def test_http10_with_keep_alive_stays_open_for_a_second_request(server):
-    keep = request("GET", "/healthz", headers={"Connection": "keep-alive"}, version="1.0")
+# Every spelling llhttp reads as a keep-alive: the common one, one the server's table of header
+# names does not list (lowered first), and Proxy-Connection (nodejs/llhttp ``src/llhttp/http.ts``
+# reads it as Connection).
+@pytest.mark.parametrize("name", ["Connection", "CONNECTION", "Proxy-Connection"])
+def test_http10_with_keep_alive_stays_open_for_a_second_request(server, name):
+    keep = request("GET", "/healthz", headers={name: "keep-alive"}, version="1.0")
     sock = connect(server)
     try:
         sock.sendall(keep)
@@ -556,6 +560,20 @@ def test_connection_close_ends_the_connection_and_ignores_what_follows(server, m
     assert [r.headers.get("connection") for r in responses] == [None, "close"], raw
     assert closed
     assert bad_requests(server) == before
+
+
+def test_header_names_are_read_in_any_case(server):
+    """RFC 9110 §5.1: field names are case-insensitive. Go writes ``Apns-Id``; a spelling the
+    server's table of names does not list is read too: the id is echoed, the push type checked."""
+    apns_id = str(uuid.uuid4()).upper()
+    client = HTTPClient(server.host, server.port)
+    try:
+        response = client.request("POST", f"/3/device/{new_token()}", b'{"aps":{}}',
+                                  {"APNS-ID": apns_id, "aPnS-PuSh-TyPe": "nonsense"})
+    finally:
+        client.close()
+    assert response.status == 400 and json.loads(response.body) == {"reason": "InvalidPushType"}
+    assert response.headers.get("apns-id") == apns_id
 
 
 def test_half_closed_client_still_gets_its_responses(server):

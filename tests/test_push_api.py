@@ -368,6 +368,41 @@ def test_slow_reader_is_closed_and_the_push_it_held_goes_to_its_next_stream(star
     reader.close()
 
 
+def test_broadcasts_to_a_stream_the_kernel_cannot_take_are_kept_whole_and_in_order(start_server):
+    """A broadcast writes most streams in one loop (``Stream.send_to_all``); a stream whose
+    socket takes only part of an event, or none, keeps the rest and writes it once the device
+    reads: every event arrives whole, in order. 1,000 events of 4 KB pass what the kernel holds
+    for a device that does not read (~700 of them, see the slow reader above)."""
+    srv = start_server("--stream-buffer", str(16 * 1024 * 1024))
+    token = new_token()
+    with socket.socket() as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # not read until the end
+        slow.connect((srv.host, srv.port))
+        slow.sendall(f"GET /events?token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        client = HTTPClient(srv.host, srv.port)
+        payload, ids = b"z" * 4000, [str(uuid.UUID(int=n)) for n in range(1000)]
+        for apns_id in ids:
+            client.send(build_request("POST", "/broadcast", payload, {"apns-id": apns_id}))
+            assert client.read_responses(1)[0].json()["streams"] >= 1
+        client.close()
+        count = len(ids)
+        event_size = len(b"id: %s\nevent: ping\ndata: %s\n\n" % (ids[0].encode(), payload))
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)  # now read it quickly
+        slow.settimeout(5.0)
+        data = bytearray()
+        deadline = time.monotonic() + 10
+        while (first := data.find(b"id: ")) < 0 or len(data) - first < count * event_size:
+            assert time.monotonic() < deadline, f"{data.count(b'id: ')} of {count} events"
+            chunk = slow.recv(1 << 20)
+            assert chunk, "the stream closed"
+            data += chunk
+    got = bytes(data[first:]).split(b"\n\n")
+    assert got[-1] == b"" and len(got) == count + 1
+    assert [e.split(b"\n")[0] for e in got[:-1]] == [b"id: %s" % i.encode() for i in ids]
+    assert all(e.endswith(b"data: " + payload) for e in got[:-1])
+    assert stats(srv)["slow_reader_closes"] == 0
+
+
 # -- delays ---------------------------------------------------------------------------------------
 
 def test_delivery_delay_and_per_push_override(start_server):

@@ -26,10 +26,10 @@ from rawsse.apns.deliverylog import (
     DELIVERED, DELIVERED_ON_CONNECT, DISCARDED, EXPIRED, REPLACED, REQUEUED, STORED,
 )
 from rawsse.server.stats import Stats
+from rawsse.server.stream import Stream
 
 if TYPE_CHECKING:
     from rawsse.apns.deliverylog import DeliveryLog
-    from rawsse.server.stream import Stream
 
 
 class Push:
@@ -197,10 +197,7 @@ class Registry:
             targets = [s for t, s in self.streams.items() if t.startswith(prefix)]
         else:
             targets = [s for t, s in self.streams.items() if t.hex().startswith(prefix)]
-        written = 0
-        for stream in targets:
-            if stream.send(frame):
-                written += 1
+        written = Stream.send_to_all(targets, frame)
         return written, len(targets) - written
 
     # -- expiry -------------------------------------------------------------------------------

@@ -1,22 +1,27 @@
 """What every client connection of a worker does with its socket, whatever protocol it speaks.
 
 A connection (HTTP/1.1 in ``http1.py``, HTTP/2 in ``rawsse/h2/connection.py``) reads and writes
-through its transport (``transport.py``), collects what it has to send in ``out`` and writes it
-once per loop turn (``schedule_flush``: a read of 32 pipelined requests, or a batch of answers
-from the owner workers, fills many answers, and one write carries them all; one write per answer
-was 22 % of a pipelined push's CPU, measured with py-spy), keeps epoll interest in step with what
-it can do (``_update_events``), and ends with a lingering close: it half-closes once everything
-is out and reads to EOF for up to ``LINGER_SECONDS``, because closing with unread input sends an
-RST that can destroy the last answers before the client reads them (RFC 9112 §9.6; Apache's
-lingering close). Each protocol says when it has nothing left to send (``_finished``), what it
-reads (``_read``, ``_update_events``) and what it drops at the end (``_forget``).
+through its transport (``transport.py``; a plain socket's two calls are made here directly),
+collects what it has to send in ``out`` and writes it once per loop turn (``schedule_flush``: a
+read of 32 pipelined requests, or a batch of answers from the owner workers, fills many answers,
+and one write carries them all; one write per answer was 22 % of a pipelined push's CPU, measured
+with py-spy); HTTP/1.1 writes what one read answers at the end of that read instead, so a
+keep-alive push does not wait for the end of the turn (``Http1Connection._read``). It keeps
+epoll interest in step with what it can do (``_update_events``), and ends with a lingering
+close: it half-closes once everything is out and reads to EOF for up to ``LINGER_SECONDS``,
+because closing with unread input sends an RST that can destroy the last answers before the
+client reads them (RFC 9112 §9.6; Apache's lingering close). Each protocol says when it has
+nothing left to send (``_finished``), what it reads (``_read``, ``_update_events``) and what it
+drops at the end (``_forget``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
+from rawsse.server.transport import SocketTransport
 
 if TYPE_CHECKING:
     from rawsse.server.worker import Worker
@@ -26,6 +31,9 @@ LINGER = -1  # the ``state`` of a lingering connection, whatever the protocol's 
 LINGER_SECONDS = 2.0
 # Errors that mean "the client went away": counted, never logged (tornado's errno sets).
 GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+# _PLAIN: a plain socket (``SocketTransport``, the push path) is read and written here with the
+# very calls its methods make (``os.readv``, ``os.write`` on the connection's fd): a Python call
+# less per read and per write. Any other transport (TLS) is asked.
 
 
 class ClientConnection:
@@ -70,8 +78,12 @@ class ClientConnection:
         """Read into the worker's one shared buffer (``host.read_view``): how many bytes came,
         or 0 when there is nothing to parse (nothing waiting; the client gone, and the
         connection closed; its end of input, and ``_end_of_input`` called)."""
+        transport = self.transport
         try:
-            n: int = self.transport.readv(self.host.read_buffers)
+            if transport.__class__ is SocketTransport:  # see _PLAIN
+                n: int = os.readv(self.fd, self.host.read_buffers)
+            else:
+                n = transport.readv(self.host.read_buffers)
         except BlockingIOError:
             return 0
         except OSError:
@@ -103,8 +115,12 @@ class ClientConnection:
     def _flush(self) -> None:
         out = self.out
         if out:
+            transport = self.transport
             try:
-                written = self.transport.write(out)
+                if transport.__class__ is SocketTransport:  # see _PLAIN
+                    written = os.write(self.fd, out)
+                else:
+                    written = transport.write(out)
             except BlockingIOError:
                 written = 0
             except GONE:

@@ -15,7 +15,8 @@ Rules
 -----
 - Pipelining (RFC 9112 §9.3.2): answers leave in request order. Each request is queued in
   ``responses`` as it completes; its answer fills ``request.slot`` now or later (a push waiting
-  for its owner worker, ``--response-delay``); only the answered prefix is written.
+  for its owner worker, ``--response-delay``); only the answered prefix is written: what a read
+  answers in one write at the end of that read, what is answered later once per loop turn.
 - Bounded per connection: ``MAX_QUEUED`` unanswered requests or ``MAX_OUT`` unsent bytes pause
   parsing and reading (TCP pushes back on the sender) until they drain, within one read too:
   a 64 KB read can hold ~1,700 pipelined ``GET /metrics``, so a read is parsed in slices too
@@ -78,6 +79,23 @@ MAX_BODY = 64 * 1024  # largest body any route reads (admin JSON); pushes stop a
 DISCARD_BODY = 1024 * 1024  # beyond this an oversized body is not drained: 413 and close
 
 _CONNECTION = (wire.KEEP, wire.CLOSE, wire.KEEP_ALIVE_10)  # indexed by KEEP, CLOSE, KEEP_10
+
+# Header names as senders spell them (lower case; Go's canonical ``Apns-Id``) → the lower-case
+# name a request keeps, or b"" for one nothing reads: one dict lookup per header instead of a
+# lower() and a set lookup (a push from Go's net/http has six headers). Any other spelling
+# is lowered first. Besides the routes' headers (REQUEST_HEADERS) this module keeps two of its
+# own: Transfer-Encoding (an Upgrade request's body, _upgrade_length) and Connection, also
+# spelled Proxy-Connection as llhttp reads it (only a request that has one may be an HTTP/1.0
+# keep-alive: on_message_complete).
+_OWN_HEADERS = {b"transfer-encoding": b"transfer-encoding", b"connection": b"connection",
+                b"proxy-connection": b"connection"}
+_HEADER_NAMES: dict[bytes, bytes] = {
+    spelling: kept
+    for name, kept in [*((n, n) for n in REQUEST_HEADERS), *_OWN_HEADERS.items(),
+                       *((n, b"") for n in (b"host", b"user-agent", b"content-type",
+                                            b"accept-encoding", b"accept"))]
+    for spelling in (name, name.title())
+}
 _HTTP2_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                     "detail": "rawsse speaks HTTP/1.1 only"})
 
@@ -138,12 +156,15 @@ class Http1Connection(ClientConnection):
         self.head_bytes += len(name) + len(value) + 4
         self.unparsed = 0  # those raw bytes are now counted exactly, in head_bytes
         self.progress = True
-        name = name.lower()
+        kept = _HEADER_NAMES.get(name)
+        if kept is None:  # a spelling not listed
+            kept = _HEADER_NAMES.get(name.lower(), b"")
         request = self.request
-        if name in REQUEST_HEADERS and request is not None:  # the rest skipped, no call
-            request.add_header(name, value)
-        elif name == b"transfer-encoding" and request is not None:
-            request.headers[name] = value  # read only by an Upgrade request (_upgrade_length)
+        if kept and request is not None:  # the rest skipped, no call
+            if kept in REQUEST_HEADERS:
+                request.add_header(kept, value)
+            else:  # read by this module only (_OWN_HEADERS)
+                request.headers[kept] = value
 
     def on_headers_complete(self) -> None:
         if self.head_bytes > self.host.config.header_limit:
@@ -222,7 +243,10 @@ class Http1Connection(ClientConnection):
             return
         if not keep_alive or self.stopping:
             request.after = CLOSE
-        elif parser.get_http_version() == "1.0":  # type: ignore[union-attr]
+        # An HTTP/1.0 request is kept alive only with a Connection header asking for it; without
+        # one the version (a str formatted per call) need not be asked.
+        elif (b"connection" in request.headers
+              and parser.get_http_version() == "1.0"):  # type: ignore[union-attr]
             request.after = KEEP_10
         else:
             request.after = KEEP
@@ -302,7 +326,8 @@ class Http1Connection(ClientConnection):
                 self.closing = True
                 responses.clear()
                 break
-        self.schedule_flush()
+        if not self.flush_scheduled:  # (set while a read is parsed: _read writes at its end)
+            self.schedule_flush()
 
     def _finished(self) -> bool:
         # Half-close only once every answer is out: a client that shut down its side after
@@ -317,10 +342,12 @@ class Http1Connection(ClientConnection):
     def _update_events(self) -> None:
         if self.fd < 0:
             return
-        self.reading = not self.closing and self._has_room()
-        if self.reading and self.held is not None:
+        limit = MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
+        self.reading = reading = (not self.closing and len(self.out) < MAX_OUT
+                                  and len(self.responses) < limit)
+        if reading and self.held is not None:
             self.host.loop.call_soon(self._parse_held)
-        events = (READABLE if self.reading or self.state == LINGER else 0) | (EPOLLOUT if self.out else 0)
+        events = (READABLE if reading or self.state == LINGER else 0) | (EPOLLOUT if self.out else 0)
         if events != self.events:
             self.events = events
             self.host.loop.modify(self.fd, events)
@@ -343,16 +370,32 @@ class Http1Connection(ClientConnection):
         n = self._receive()
         if not n or self.state == LINGER or self.parser is None:
             return
-        host = self.host
         self.progress = False
-        data = host.read_view[:n]
+        data = self.host.read_view[:n]
         if self.sniffed is not None:
             data = self._sniff_preface(data)
             if data is None:
                 return
-        fed = self._parse(data)
-        if self._parsing():
-            self._check_head_size(fed)
+        # What this read answers is written at once, in one write, at its end: with nothing
+        # else pipelined a keep-alive push is answered without waiting for the end of the loop
+        # turn (a call_soon and two calls more per push). The flag keeps _write_ready from
+        # scheduling a write meanwhile; if one is due this turn anyway, it takes these too.
+        write_now = not self.flush_scheduled
+        self.flush_scheduled = True
+        try:
+            limit = MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
+            if n <= (limit - len(self.responses)) * MIN_REQUEST and len(self.out) < MAX_OUT:
+                self._feed(data)  # room for every request the read can hold: no slicing
+                fed = n
+            else:
+                fed = self._parse(data)
+            if self.state == HEAD and self._parsing():
+                self._check_head_size(fed)
+        finally:
+            if write_now:
+                self.flush_scheduled = False
+        if write_now and self.out and self.fd >= 0:
+            self._flush()
 
     def _has_room(self) -> bool:
         return len(self.responses) < self._queue_limit() and len(self.out) < MAX_OUT

@@ -41,7 +41,9 @@ def serialize(answer: Answer, connection: bytes = KEEP) -> bytes:
     """The whole response: status line, ``connection`` (one of the constants above), Date, the
     answer's own header lines, Content-Type, Content-Length, the body. Concatenation beats a
     list join for these few short parts (0.70 vs 0.91 us for a push's 200, python -m timeit)."""
-    head = STATUS_LINE[answer.status] + connection + date_header()
+    if _date_cache[0] != int(time.time()):
+        date_header()
+    head = STATUS_LINE[answer.status] + connection + _date_cache[1]
     for name, value in answer.headers:
         head += name + b": " + value + b"\r\n"
     content_type = answer.content_type

@@ -184,12 +184,15 @@ class Loop:
             except Exception:
                 log.exception("handler for fd %d failed; closing it", fd)
                 self._close_failed(fd, handler)
-        self._run_timers(now)
+        timers = self.timers
+        if timers and timers[0][0] <= now:
+            self._run_timers(now)
         if self._first:
             first, self._first = self._first, []
             for callback, args in first:
                 self._call(callback, args)
-        self._run_soon()
+        if self._soon:
+            self._run_soon()
 
     def _poll_timeout(self) -> float:
         if self._soon or self._first:

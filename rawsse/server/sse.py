@@ -48,11 +48,14 @@ def retry_preambles(retry_ms: int) -> tuple[bytes, ...]:
 # WHATWG: a line ends at CRLF, LF or a lone CR. Every one of them must start a new data: line or
 # the payload would be cut (or a stray "\r" would end a field early).
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+# The bytes as ints: ``b"\n" in payload`` first tries its operand as an integer and raises (and
+# clears) a TypeError inside, ~2,000 instructions a test (callgrind); an int is one memchr.
+_LF, _CR = ord("\n"), ord("\r")
 
 
 def encode_event(apns_id: bytes, payload: bytes) -> bytes:
     """One push as an SSE event: ``id:``, ``event: ping``, one ``data:`` line per payload line."""
-    if b"\n" not in payload and b"\r" not in payload:
+    if _LF not in payload and _CR not in payload:
         return b"id: %s\nevent: ping\ndata: %s\n\n" % (apns_id, payload)
     lines = _LINE_BREAK.split(payload)
     return b"id: %s\nevent: ping\n%s\n" % (apns_id, b"".join(b"data: %s\n" % line for line in lines))

@@ -11,7 +11,9 @@ for the next keepalive (Fleet's mock, fleetdm/fleet cmd/apple-apns-mock, notices
 Rules
 -----
 - Send first, buffer the rest: ``os.write`` straight away; only what the kernel did not take is
-  copied into ``out`` and only then is ``EPOLLOUT`` requested (asyncio's write template).
+  copied into ``out`` and only then is ``EPOLLOUT`` requested (asyncio's write template). A
+  broadcast does the same for every stream in one loop (``send_to_all``), with no call per
+  stream that has nothing queued.
 - ``held`` is the newest push whose bytes are not all in the kernel yet. A stream that ends with
   ``held`` set hands it back to the registry as pending: nothing accepted is silently lost.
 - ``out`` is bounded (``--stream-buffer``): a reader that falls further behind is closed and its
@@ -25,7 +27,7 @@ Rules
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, READ_EVENTS, WRITE_EVENTS
 
@@ -81,13 +83,16 @@ class Stream:
                 self.held = push
             self.close("client")
             return False
-        if written == len(data):
-            return True
+        if written != len(data):
+            self._keep(data, written, push)
+        return True
+
+    def _keep(self, data: bytes, written: int, push: Any) -> None:
+        """Hold what the kernel did not take of ``data`` until the socket is writable."""
         if push is not None:
             self.held = push
         self.out = bytearray(memoryview(data)[written:])
         self.worker.loop.modify(self.fd, WRITE_EVENTS)
-        return True
 
     def _flush(self) -> None:
         out = self.out
@@ -105,6 +110,31 @@ class Stream:
             self.out = None
             self.held = None
             self.worker.loop.modify(self.fd, READ_EVENTS)
+
+    @staticmethod
+    def send_to_all(streams: Iterable["Stream"], frame: bytes) -> int:
+        """Write one shared ``frame`` (a broadcast) to each of ``streams``; how many took it.
+        A stream with nothing queued, nearly every one, is written right here, as ``send``
+        would: one Python call less per stream (of ~3,900 instructions a stream written,
+        callgrind, bench/push_probe.py --mode broadcast)."""
+        size = len(frame)
+        written = 0
+        write = os.write
+        for stream in streams:
+            if stream.out is None:
+                try:
+                    n = write(stream.fd, frame)
+                except BlockingIOError:
+                    n = 0
+                except _GONE:
+                    stream.close("client")
+                    continue
+                if n != size:
+                    stream._keep(frame, n, None)
+                written += 1
+            elif stream.send(frame):
+                written += 1
+        return written
 
     # -- events -------------------------------------------------------------------------------
 
