@@ -379,6 +379,10 @@ def test_broadcasts_to_a_stream_the_kernel_cannot_take_are_kept_whole_and_in_ord
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # not read until the end
         slow.connect((srv.host, srv.port))
         slow.sendall(f"GET /events?token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        slow.settimeout(5.0)
+        opened = b""
+        while b"retry:" not in opened:  # the stream is held: the first broadcast reaches it
+            opened += slow.recv(4096)
         client = HTTPClient(srv.host, srv.port)
         payload, ids = b"z" * 4000, [str(uuid.UUID(int=n)) for n in range(1000)]
         for apns_id in ids:

@@ -116,8 +116,7 @@ class Delivery:
         registry = self.registry
         stream = registry.streams.get(token)
         if stream is not None:  # online: written now, no queue bound applies (the hot path)
-            registry.stats.delivered_live += 1
-            stream.send(push.frame, push)
+            registry.write_live(stream, push)
             return HELD
         if not self._has_room(token, push):
             return QUEUE_FULL

@@ -128,18 +128,23 @@ class Registry:
         """Write ``push`` to the token's stream, or let it wait, or discard it."""
         stream = self.streams.get(token)
         if stream is not None:
-            stats = self.stats
-            stats.delivered_live += 1
-            stats.latency[bisect_right(LATENCY_BOUNDS, self.clock.now - push.received)] += 1
-            # The stream's token, not the request's: the log then keeps no token of its own.
-            if stream.send(push.frame, push) and self.log is not None:
-                self.log.record(DELIVERED, stream.token, push)
+            self.write_live(stream, push)
         elif push.expired(time.time()):
             self.stats.discarded += 1
             if self.log is not None:
                 self.log.record(DISCARDED, token, push)
         else:
             self.store.store(token, push)
+
+    def write_live(self, stream: Stream, push: Push) -> None:
+        """Write ``push`` to its device's open stream, and count it: the latency histogram (the
+        live view) and the delivery log (``/admin/deliveries``)."""
+        stats = self.stats
+        stats.delivered_live += 1
+        stats.latency[bisect_right(LATENCY_BOUNDS, self.clock.now - push.received)] += 1
+        # The stream's token, not the request's: the log then keeps no token of its own.
+        if stream.send(push.frame, push) and self.log is not None:
+            self.log.record(DELIVERED, stream.token, push)
 
     def keep(self, token: bytes, push: Push, newly_stored: bool = True) -> None:
         """Hold ``push`` here (newest wins): the local store, and a cluster's fallback (whose
