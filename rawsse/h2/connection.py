@@ -26,7 +26,9 @@ Rules
   last-stream-id is the highest stream taken, every stream up to it that was complete is still
   answered, and streams still uploading are refused (REFUSED_STREAM: safe to retry, §8.7).
   ``shutdown`` sends the same GOAWAY with NO_ERROR for a drain and keeps reading the streams it
-  covers.
+  covers. A connection that opens while its worker refuses it (``going_away``: over capacity,
+  draining) sends that GOAWAY with last-stream-id 0 right after its SETTINGS and reads nothing
+  more: no stream of it is processed, and the client sends them again elsewhere (§6.8).
 - Floods are bounded per second and per connection: client resets (rapid reset,
   CVE-2023-44487) and control frames (SETTINGS, PING, PRIORITY, empty DATA) past their budget end
   the connection with ENHANCE_YOUR_CALM; more than ``MAX_OUT`` unsent bytes pause reading.
@@ -101,7 +103,7 @@ class H2Connection(ClientConnection):
     )
 
     def __init__(self, host: "Worker", transport: SocketTransport, operator: bool,
-                 received: bytes) -> None:
+                 received: bytes, going_away: tuple[int, str] | None = None) -> None:
         self.host = host
         self.transport = transport
         self.fd = transport.fd
@@ -142,6 +144,12 @@ class H2Connection(ClientConnection):
             f.ENABLE_PUSH: 0,
         })
         self.schedule_flush()
+        if going_away is not None:
+            # Refused, or draining: GOAWAY before any stream is taken, and nothing more read (a
+            # SETTINGS ACK after it makes the h2 library fail: it treats GOAWAY as the end).
+            self.go_away(*going_away)
+            self.state = GOING
+            return
         self._received(memoryview(received)[len(f.PREFACE):])
 
     # -- reading ------------------------------------------------------------------------------

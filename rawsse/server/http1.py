@@ -304,11 +304,6 @@ class Http1Connection(ClientConnection):
         self.responses.append(request)
         self.answer(request, answer)
 
-    def refuse_now(self, answer: Answer) -> None:
-        """Answer a connection the worker will not serve (over capacity, draining) and close."""
-        self.parser = None  # nothing it sends is served
-        self._queue_answer(answer, CLOSE)
-
     def _write_ready(self) -> None:
         responses = self.responses
         out = self.out
@@ -554,7 +549,14 @@ class Http1Connection(ClientConnection):
     # -- ending -------------------------------------------------------------------------------
 
     def finish_then_close(self) -> None:
-        """Drain: answer what was asked, then close; close at once if nothing is in flight."""
+        """Drain: answer what was asked, then close; close at once if nothing is in flight.
+        A connection that has shown nothing but (part of) the preface first reads what its
+        socket already holds, without waiting: an HTTP/2 sender whose preface is in gets a
+        GOAWAY "Shutdown" (``Worker.switch_to_h2``) instead of a reset."""
+        if self.sniffed is not None and self.state == IDLE and not self.responses:
+            self._read()
+            if self.fd < 0:
+                return  # HTTP/2 now, or gone
         if not self.responses and not self.out and self.state == IDLE:
             self.close("shutdown")
             return

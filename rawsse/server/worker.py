@@ -49,12 +49,14 @@ from rawsse.apns.registry import Push, Registry
 from rawsse.apns.routes import Routes
 from rawsse.apns.routing import LocalOwner, LocalRouter, Router
 from rawsse.apns.validation import IdGenerator
+from rawsse.h2 import frames as h2_frames
 from rawsse.config import ServeConfig
 from rawsse.h2.connection import H2Connection
 from rawsse.limits import raise_nofile_limit
 from rawsse.server import http1_wire, sse
 from rawsse.server.http1 import Http1Connection
 from rawsse.server.listener import Listener, bind_listener
+from rawsse.server.refusal import RefusedConnection
 from rawsse.server.loop import READ_EVENTS, Loop
 from rawsse.server.stats import Stats, snapshot
 from rawsse.server.statsevents import VIEWER_TOKEN, StatsEvents
@@ -100,7 +102,8 @@ class Worker:
         self.stats_events = StatsEvents(self)  # /stats/events viewers, on worker 0 only
         self.router: Router = LocalRouter(self, LocalOwner(self.delivery))
         self.stream_type: type[Stream] = Stream  # a Redis-mode stream carries one more slot
-        self.http_conns: set[Http1Connection | H2Connection | TlsHandshake] = set()
+        self.http_conns: set[Http1Connection | H2Connection | TlsHandshake
+                             | RefusedConnection] = set()
         self.listeners: list[Listener] = []
         # Loaded per worker (an SSLContext does not survive fork); checked by the master first.
         self.tls_context = (server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -176,13 +179,16 @@ class Worker:
     def accept(self, fd: int, operator: bool) -> None:
         os.set_blocking(fd, False)
         self.stats.connections_accepted += 1
-        conn = Http1Connection(self, fd, operator)
+        conn: Http1Connection | RefusedConnection
+        if self.draining or (not operator and self.connections() >= self.capacity):
+            # The connection cap answers 503 (uvicorn's limit_concurrency), or GOAWAY to an
+            # HTTP/2 client (refusal.py), and closes.
+            self.stats.disconnect("rejected")
+            conn = RefusedConnection(self, fd, SERVICE_UNAVAILABLE_CLOSE)
+        else:
+            conn = Http1Connection(self, fd, operator)
         self.loop.add(fd, conn, READ_EVENTS)
         self.http_conns.add(conn)
-        if self.draining or (not operator and self.connections() > self.capacity):
-            # The connection cap answers 503 (uvicorn's limit_concurrency) and closes.
-            self.stats.disconnect("rejected")
-            conn.refuse_now(SERVICE_UNAVAILABLE_CLOSE)
 
     def accept_tls(self, fd: int) -> None:
         """A connection on ``--tls-listen``: its handshake runs in this loop (``tls.py``), and
@@ -197,9 +203,15 @@ class Worker:
         self.loop.add(fd, handshake, READ_EVENTS)
         self.http_conns.add(handshake)
 
-    def switch_to_h2(self, conn: Http1Connection, transport: SocketTransport, received: bytes) -> None:
-        """The client opened with the HTTP/2 preface: the same socket goes on as HTTP/2."""
-        h2 = H2Connection(self, transport, conn.operator, received)
+    def switch_to_h2(self, conn: Http1Connection | RefusedConnection, transport: SocketTransport,
+                     received: bytes, going_away: tuple[int, str] | None = None) -> None:
+        """The client opened with the HTTP/2 preface: the same socket goes on as HTTP/2. A
+        refused connection gets its ``going_away`` GOAWAY at once; so does one whose preface
+        completes while this worker drains (its Drainer has already passed: the GOAWAY it
+        would have sent, NO_ERROR "Shutdown", with no stream processed)."""
+        if going_away is None and self.draining:
+            going_away = (h2_frames.NO_ERROR, "Shutdown")
+        h2 = H2Connection(self, transport, conn.operator, received, going_away)
         self.http_conns.discard(conn)
         if h2.fd >= 0:
             self.loop.replace(h2.fd, h2)
