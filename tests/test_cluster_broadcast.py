@@ -7,15 +7,19 @@ last and put back what they stopped, but the very last, which stops node nb for 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
+import subprocess
 import time
 import uuid
 
 import pytest
 
 from conftest import launch
+from loadtools import ENV, rawsse
 from test_redis import RedisServer, _children, stats, token
 from wire import HTTPClient, SSEReader, build_request, wait_for
 
@@ -132,6 +136,40 @@ def test_each_node_says_what_it_refused(nodes, readers):
     assert refused["nodes"]["na"] == {"streams": 0, "refused": 0}
     assert refused["missing"] == []
     assert stats(b)["node"]["slow_reader_closes"] == 1
+
+
+def test_push_broadcast_sums_refused_and_counts_missing_nodes(nodes, redis_server, tmp_path):
+    """``rawsse push --broadcast`` on node na: a stream there too far behind is refused once (its
+    reader never reads), and a node listed with no agent (named at once, no wait) is missing from
+    every answer; the report, the progress line and the summary say both."""
+    a, _ = nodes
+    key = f"{a.prefix}nodes"
+    slow_token = token(0, "cbpush")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # never read: the kernel fills up
+    slow.connect((a.host, a.port))
+    redis_server.client().zadd(key, {"nquiet": int(time.time() * 1000) + 60_000})
+    report_path = tmp_path / "push.json"
+    try:
+        slow.sendall(f"GET /events?token={slow_token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert wait_for(lambda: broadcast(a, b"hello", prefix=slow_token)["streams"] == 1)
+        # ~700 events of 4 KB fill the kernel's buffers (test_each_node_says_what_it_refused).
+        done = subprocess.run(
+            rawsse("push", "--url", a.url, "--broadcast", "--prefix", slow_token, "--count",
+                   "1500", "--pipeline", "32", "--payload", '{"aps":{},"x":"' + "y" * 3980 + '"}',
+                   "--report", str(report_path)),
+            env=ENV, capture_output=True, text=True, timeout=60, start_new_session=True)
+    finally:
+        redis_server.client().zrem(key, "nquiet")
+        slow.close()
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    assert report["statuses"] == {"200": 1500}
+    assert report["refused"] == 1 and 1 <= report["streams"] < 1500
+    assert report["missing"] == {"nquiet": 1500}
+    assert report["missing_reasons"]["nquiet"].startswith("not subscribed")
+    assert "refused 1 missing nquiet 1500" in done.stderr  # the last progress line
+    assert re.search(r"node nquiet missing +1,500 broadcasts", done.stderr), done.stderr
 
 
 def test_nodes_listed_but_unreachable_or_lapsed_are_named(nodes, redis_server):

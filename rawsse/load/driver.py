@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from rawsse.load import loadgen, progress, summary, verify
+from rawsse.load import broadcasts, loadgen, progress, summary, verify
 from rawsse.config import ConfigError
 from rawsse.server.loop import Loop
 from rawsse.load.h1sender import Sender
@@ -60,20 +60,21 @@ examples:
   rawsse push --url https://localhost:8443 --cacert ca.pem --http2 --tokens fleet:0-999
 report (JSON): sent, accepted, per_second (accepted/s), statuses {"200": n, "400 BadDeviceToken": n},
   latency_ms {count,p50,p90,p99,max,mean} (response, from the scheduled send time), duration_s;
-  also errors (connect failures; pushes lost in flight), unsent, streams (broadcasts), and ended
-  (done, max_time, gave_up, SIGINT or SIGTERM). --http2 adds http2 {streams, server_max_streams,
+  also errors (connect failures; pushes lost in flight), unsent, ended (done, max_time, gave_up,
+  SIGINT or SIGTERM). --broadcast adds streams, refused (summed over the 200s), missing {node:
+  broadcasts naming it}, missing_reasons. --http2 adds http2 {streams, server_max_streams,
   streams_in_flight, batches, mean_batch, goaways, resent {goaway, refused}}: a stream the server
   refused or left above a GOAWAY's last-stream-id is sent again on a new connection, counted once;
-  connect errors add tls, tls_verify, no_h2 (the server did not choose ALPN h2).
-  series {t_s, accepted, rejected, errors}: counts in each interval ending at t_s seconds since
-  the start, one a second (past 86,400 samples neighbours merge in pairs); latency_histogram
-  (mergeable): what `rawsse report` draws.
+  connect errors add tls, tls_verify, no_h2 (the server did not choose ALPN h2). series {t_s,
+  accepted, rejected, errors}: counts per second-long interval ending t_s s after the start (past
+  86,400 samples neighbours merge in pairs); latency_histogram (mergeable): `rawsse report`'s.
 progress line (stderr, each second): sent, accepted (/s), rejected (non-200s by status and
   reason), in-flight (--http2: /streams the connections up allow), errors by kind
-  (connect_refused, lost_timeout, ...), p99, ETA: the --duration left, or the --count left at
-  the last 5 s's rate ("ETA ?" before anything is answered; "ETA ≤0:42" when only the
-  --duration bound is known). At the end a summary table (not under --quiet): sent, 200s, each
-  other status, errors by kind, pushes/s, latency p50/p90/p99/max.
+  (connect_refused, lost_timeout, ...), p99 (--broadcast: streams, refused, missing nodes), ETA:
+  the --duration left, or the --count left at the last 5 s's rate ("ETA ?" before anything is
+  answered; "ETA ≤0:42" when only the --duration bound is known). At the end a summary table
+  (not under --quiet): sent, 200s, each other status, errors by kind, pushes/s (--broadcast:
+  streams, each missing node), latency p50/p90/p99/max.
 exit codes:
   0         the run ended and enough pushes were answered 200 (see --fail-under)
   1         too few 200s: a share under --fail-under or, without it, not one 200; or
@@ -143,7 +144,8 @@ class Driver:
         self.last_up = 0.0  # the last time a sender was connected
         self.last_answer = self.next_progress = 0.0
         # counters
-        self.sent = self.accepted = self.streams = 0
+        self.sent = self.accepted = 0
+        self.broadcasts = broadcasts.BroadcastTally() if self.targets is None else None
         self.statuses: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.latency = LatencyHistogram()
@@ -239,8 +241,8 @@ class Driver:
         if status == 200:
             self.accepted += 1
             key = "200"
-            if self.targets is None:
-                self.streams += _json_field(body, "streams", int) or 0
+            if self.broadcasts is not None:
+                self.broadcasts.add(body)
         else:
             reason = _json_field(body, "reason", str)
             key = f"{status} {reason}" if reason else str(status)
@@ -330,7 +332,8 @@ class Driver:
             f"({self.accepted / elapsed:.0f}/s) rejected {loadgen.count_summary(self.rejected())} "
             f"in-flight {sum(len(s.inflight) for s in self.senders)}{self._streams_shown()} "
             f"errors {loadgen.count_summary(self.errors)} "
-            f"p99 {self.latency.percentile(99):.2f} ms {self.eta()}")
+            f"p99 {self.latency.percentile(99):.2f} ms"
+            f"{self.broadcasts.progress_text() if self.broadcasts else ''} {self.eta()}")
 
     def eta(self) -> str:
         """From what bounds the run: ``--duration`` (exact), ``--count`` (or one push per
@@ -371,8 +374,8 @@ class Driver:
             "series": self.series.to_dict(),
             "latency_histogram": self.latency.to_dict(),
         }
-        if self.targets is None:
-            report["streams"] = self.streams
+        if self.broadcasts is not None:
+            report.update(self.broadcasts.report())
         if self.http2:
             report["http2"] = self.http2_report()
         if self.verification is not None:
@@ -423,7 +426,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--tokens", metavar="SCHEME",
                         help="fleet:A-B, random:N or file:PATH[:A-B] (see below)")
     target.add_argument("--broadcast", action="store_true",
-                        help="POST /broadcast (every connected device) instead")
+                        help="POST /broadcast (every connected device) instead; sums streams "
+                             "and refused, names nodes missing from the answers (Redis mode)")
     parser.add_argument("--prefix", metavar="HEX", help="broadcast only to tokens with this prefix")
     parser.add_argument("--token-seed", type=int, default=0, metavar="N",
                         help="seed of random:N tokens (default 0)")

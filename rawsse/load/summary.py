@@ -61,8 +61,21 @@ def push_rows(report: dict[str, Any]) -> list[Row]:
     if report.get("unsent"):
         rows.append(("unsent", count(report["unsent"]), ""))
     rows.append(("pushes/s (200s)", f"{report['per_second']:,.1f}", ""))
+    rows += broadcast_rows(report)
     rows += latency_rows(report["latency_ms"], ("p50", "p90", "p99", "max"))
     rows.append(("duration", f"{report['duration_s']:,.1f}", "s"))
+    return rows
+
+
+def broadcast_rows(report: dict[str, Any]) -> list[Row]:
+    """--broadcast: streams written and refused over the run, and each node missing from its
+    answers (Redis mode) with how many broadcasts named it."""
+    if report.get("mode") != "broadcast":
+        return []
+    rows: list[Row] = [("streams written", count(report["streams"]), ""),
+                       ("streams refused", count(report["refused"]), "")]
+    rows += [(f"node {node} missing", count(n), "broadcasts")
+             for node, n in report["missing"].items()]
     return rows
 
 

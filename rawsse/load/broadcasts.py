@@ -1,0 +1,63 @@
+"""What the ``200`` answers of ``rawsse push --broadcast`` add up to.
+
+Each ``POST /broadcast`` answer says how many streams took the event (``streams``) and how many
+could not (``refused``: closed as slow readers, or gone); in Redis mode it also names the nodes
+that gave no part (``missing``, with one ``reasons`` entry each: no answer within
+``--broadcast-wait``, lapsed, not subscribed, Redis down; ``*`` when none could be named). A run
+sums both counts and counts, per missing node, the broadcasts that named it, keeping the last
+reason given: a node missing from every broadcast is down, one missing now and then is slow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class BroadcastTally:
+    __slots__ = ("streams", "refused", "missing", "reasons")
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.refused = 0
+        self.missing: dict[str, int] = {}  # node id -> broadcasts that named it
+        self.reasons: dict[str, str] = {}  # node id -> the last reason given
+
+    def add(self, body: bytes) -> None:
+        """One ``200`` answer's body; fields that are absent (a single node) or malformed are
+        skipped."""
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(doc, dict):
+            return
+        self.streams += _count(doc.get("streams"))
+        self.refused += _count(doc.get("refused"))
+        missing, reasons = doc.get("missing"), doc.get("reasons")
+        if not isinstance(missing, list):
+            return
+        for node in missing:
+            if isinstance(node, str):
+                self.missing[node] = self.missing.get(node, 0) + 1
+                reason = reasons.get(node) if isinstance(reasons, dict) else None
+                if isinstance(reason, str):
+                    self.reasons[node] = reason
+
+    def progress_text(self) -> str:
+        """`` streams 1200 refused 3 missing nb 2``: for the progress line (a node, then how
+        many broadcasts named it)."""
+        text = f" streams {self.streams} refused {self.refused}"
+        if self.missing:
+            text += " missing " + ", ".join(f"{node} {n}" for node, n in self.missing.items())
+        return text
+
+    def report(self) -> dict[str, Any]:
+        return {"streams": self.streams, "refused": self.refused,
+                "missing": dict(sorted(self.missing.items())),
+                "missing_reasons": dict(sorted(self.reasons.items()))}
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
