@@ -74,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--default-ttl", default="24h", metavar="DURATION",
         help="how long a push without apns-expiration waits for an offline device (default: 24h)")
     add("--max-connections", default=str(d.max_connections), metavar="N",
-        help="connections the node is sized for; each worker answers 503 past its share "
-             "plus 10%% (tokens hash unevenly over workers) (default: %(default)s)")
+        help="connections the node is sized for; each worker refuses connections past its "
+             "share plus 10%% (tokens hash unevenly over workers): HTTP/1.1 gets 503, an "
+             "HTTP/2 preface GOAWAY REFUSED_STREAM (default: %(default)s)")
     add("--delivery-delay", default="0", metavar="DELAY",
         help="delay between accepting a push and writing it to the device (default: 0)")
     add("--response-delay", default="0", metavar="DELAY",
