@@ -5,8 +5,9 @@ Where a second worker's cost goes (issue 14). One ``rawsse serve --workers N`` o
 push in flight per connection). Prints, per worker: pushes received over HTTP, pushes forwarded
 and how many of them were promised (answered within the owner's credit: ``forwarded_promised``),
 and with ``--strace`` the syscalls ``strace -c -p PID`` counted on that worker during the run.
-Without ``--strace`` it also prints pushes/s and server CPU per push (schedstat, as
-``bench/run.py``); under strace those figures mean nothing.
+It also prints pushes/s, server CPU per push (schedstat, as ``bench/run.py``) and the
+sender's CPU per push (``getrusage(RUSAGE_CHILDREN)``: the load generator shares the cores);
+under strace those figures mean nothing.
 
 Every child runs in its own session and is ended by PID; every wait has a deadline.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -41,6 +43,11 @@ def strace_counts(path: str) -> dict[str, int]:
             if match and match.group(2) != "total":
                 counts[match.group(2)] = int(match.group(1))
     return counts
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                        for i, w in sorted(before.items())]
             time.sleep(1.0)  # attached
         cpu_before = memory.cpu_seconds(server.pids)
+        client_before = children_cpu()
         report = f"{log_dir}/push.json"
         procs.run_to_end("push", [
             sys.executable, "-m", "rawsse", "push", "--url", server.url, "--tokens",
             f"file:{tokens}", "--senders", "5", "--count", str(args.pushes), "--max-time", "60",
             "--report", report, "--quiet"], log_dir, timeout=90)
         cpu = memory.cpu_seconds(server.pids) - cpu_before
+        client = children_cpu() - client_before  # the sender, reaped by run_to_end
         pushed = procs.read_report(report)
         accepted = pushed.get("accepted") or 0
         after = {w["worker"]: w for w in server.stats()["workers"]}
@@ -88,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             tracer.wait(10)
         print(f"{args.workers} workers: {accepted} pushes accepted, "
               f"{pushed.get('per_second') or 0:.0f}/s, server CPU {cpu / max(1, accepted) * 1e6:.1f}"
-              f" µs/push{' (under strace)' if tracers else ''}")
+              f" µs/push, sender (rawsse push) CPU {client / max(1, accepted) * 1e6:.1f} µs/push"
+              f"{' (under strace)' if tracers else ''}")
         for i in sorted(after):
             delta = {k: after[i][k] - before[i][k]
                      for k in ("pushes_received", "forwarded", "forwarded_promised")}
