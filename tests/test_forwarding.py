@@ -171,3 +171,5 @@ def test_a_full_owner_queue_is_a_503_never_a_200_then_a_drop(start_server):
     assert set(statuses) == {200, 503}
     assert statuses.count(200) + 1 == owner["pending"] <= 30, "every 200 is held, in bounds"
     assert doc["node"]["promised_over_limit"] == 0
+    receiver = doc["workers"][RECEIVER]  # later rounds went on credit, the first ones asked
+    assert 0 < receiver["forwarded_promised"] < receiver["forwarded"]

@@ -246,6 +246,7 @@ class Mesh:
                 return
         if outbox.promise(seq, token, push, delay, answer):
             rid = 0
+            self.worker.stats.forwarded_promised += 1
         else:
             rid = self.expect(peer, answer, UNREACHABLE)
         outbox.staged_pushes = True

@@ -86,6 +86,10 @@ class Stats:
                                  "Malformed HTTP requests answered 4xx and closed.")
     forwarded: int = _counter("rawsse_forwarded_pushes_total",
                               "Pushes forwarded to the worker owning the token.")
+    forwarded_promised: int = _counter(
+        "rawsse_forwarded_promised_total",
+        "Forwarded pushes answered 200 within the owner's credit, without waiting for its "
+        "answer (the rest of rawsse_forwarded_pushes_total waited for it).")
     promised_over_limit: int = _counter(
         "rawsse_promised_over_limit_total",
         "Forwarded pushes already answered 200 that met a full queue here and were held anyway.")
