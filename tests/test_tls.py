@@ -23,6 +23,7 @@ import h2.events
 import pytest
 
 from conftest import ROOT, launch, reserve_port
+from rawsse.node.routing import owner_of
 from test_h2_server import H2Client
 from test_push_api import new_token
 from wire import SSEReader, get_json, wait_for
@@ -226,7 +227,13 @@ def test_a_device_stream_over_tls_is_sent_to_listen(tls, certs):
 
 
 def test_pushes_over_tls_reach_sse_devices_through_the_other_worker(tls, certs, readers):
-    tokens = [new_token() for _ in range(8)]  # owned by both workers: some pushes cross the mesh
+    # Four tokens owned by each worker: whichever worker takes the TLS connection, four of its
+    # pushes cross the mesh.
+    by_owner: dict[int, list[str]] = {0: [], 1: []}
+    while min(len(owned) for owned in by_owner.values()) < 4:
+        token = new_token()
+        by_owner[owner_of(bytes.fromhex(token), 2)].append(token)
+    tokens = by_owner[0][:4] + by_owner[1][:4]
     readers += [SSEReader(tls.host, tls.port, t) for t in tokens]
     before = get_json(tls.host, tls.admin_port, "/stats")["node"]["forwarded"]
     sock = tls_socket(tls, certs, ["http/1.1"])
@@ -244,8 +251,8 @@ def test_pushes_over_tls_reach_sse_devices_through_the_other_worker(tls, certs, 
         sock.close()
     for reader, t in zip(readers, tokens):
         event = reader.next_event(timeout=5)
-        assert event is not None and event.id == ids[t]
-    assert get_json(tls.host, tls.admin_port, "/stats")["node"]["forwarded"] > before
+        assert event is not None and event.id == ids[t], (t, event)
+    assert get_json(tls.host, tls.admin_port, "/stats")["node"]["forwarded"] >= before + 4
 
 
 def test_a_stalled_handshake_blocks_no_one_and_is_closed_after_header_timeout(tls, certs):
