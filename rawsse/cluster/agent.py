@@ -141,10 +141,10 @@ class Agent:
         elif kind == records.RELEASE:
             token = bytes(body)
             self.pipeline.call(("EVALSHA", self.shas["release"], 1, self.keys.owner(token),
-                                self.keys.node), self._check)
+                                self.keys.node), self.check)
         elif kind == records.STATS:
             self.pipeline.call(("SET", self.keys.stats, bytes(body), "PX",
-                                int(4 * STATS_SECONDS * 1000)), self._check)
+                                int(4 * STATS_SECONDS * 1000)), self.check)
         elif kind == records.CLUSTER:
             rid, _ = records.parse_request(body)
             self.mesh.send(sender, records.CLUSTER_VIEW, records.request(rid, self.view()))
@@ -166,7 +166,7 @@ class Agent:
                 records.ROUTE_MODES.get(mode, b"set"))
 
         def routed(reply: Any) -> None:
-            done(reply if isinstance(reply, int) else self._failed(reply))
+            done(reply if isinstance(reply, int) else self.failed(reply))
 
         self.pipeline.call(args, routed)
 
@@ -179,12 +179,12 @@ class Agent:
             if isinstance(reply, list) and reply:
                 body = records.claimed(rid, int(reply[0]), reply[1] if len(reply) > 1 else b"")
             else:
-                body = records.claimed(rid, self._failed(reply))
+                body = records.claimed(rid, self.failed(reply))
             self.mesh.send(sender, records.CLAIMED, body)
 
         self.pipeline.call(args, claimed)
 
-    def _failed(self, error: Any) -> int:
+    def failed(self, error: Any) -> int:
         """Count a failed command; a script missing from Redis (``SCRIPT FLUSH``, a failover)
         is repaired the way a lost connection is: reconnect, load, resync."""
         self.counters["errors"] += 1
@@ -194,9 +194,10 @@ class Agent:
                 self.lost(error)
         return scripts.FAILED
 
-    def _check(self, reply: Any) -> None:
+    def check(self, reply: Any) -> None:
+        """The callback of a command whose reply is not needed: count it if it failed."""
         if isinstance(reply, BaseException):
-            self._failed(reply)
+            self.failed(reply)
 
     def view(self) -> bytes:
         """What ``/stats`` shows of Redis and the other nodes (at most one interval old)."""
@@ -344,7 +345,7 @@ class Agent:
 
             def done(reply: Any, command: dict[str, Any] = command) -> None:
                 if isinstance(reply, BaseException):
-                    self._failed(reply)
+                    self.failed(reply)
                     self._keep_admin(command)
                 else:
                     self.counters["admin_out"] += 1
@@ -488,7 +489,7 @@ class Agent:
                 "MGET", *[self.keys.prefix + b"stats:" + name.encode() for name in names]) \
                 if names else []
         except Exception as exc:
-            self._failed(exc)
+            self.failed(exc)
             return
         view = {}
         for name, value in zip(names, values):

@@ -120,7 +120,7 @@ class DeliveryQueries:
         if query is None:
             return
         if not isinstance(reply, int):
-            self.agent._failed(reply)
+            self.agent.failed(reply)
             self.finish(qid)
             return
         query.expected = max(0, reply - 1)  # every subscriber but ourselves
@@ -197,4 +197,4 @@ class DeliveryQueries:
         node, qid, _deadline = entry
         message = b'{"node":%s,"qid":%d,"answers":%s}' % (orjson.dumps(self.node), qid, answers)
         self.agent.pipeline.call(("PUBLISH", self.reply_prefix + node.encode(), message),
-                                 self.agent._check)
+                                 self.agent.check)
