@@ -55,7 +55,8 @@ Questions to every node
 -----------------------
 A broadcast taken on any node reaches every node (``broadcast.py``): the agent asks each other
 live node once on its channel and waits a bounded time (``nodes.py``); answering one, it hands
-the event to its own workers as they hand it to each other (``BCAST``).
+the event to its own workers as they hand it to each other (``BCAST``). A deliveries query
+(``agent_deliveries.py``) is the same kind of question, answered by one of its workers.
 """
 
 from __future__ import annotations
@@ -307,7 +308,7 @@ class Agent:
         # default handler formats a debug string of every message; ours passes them through
         # (redis-py's own PubSub sets its handler the same way).
         conn._parser.set_pubsub_push_handler(_as_is)
-        channels = (self.keys.channel, self.keys.admin_channel, *self.deliveries.channels)
+        channels = (self.keys.channel, self.keys.admin_channel)
         await conn.send_command("SUBSCRIBE", *channels)
         for _ in channels:  # one confirmation per channel: the subscriptions are in place
             await conn.read_response(push_request=True)
@@ -426,8 +427,6 @@ class Agent:
                 if isinstance(message, list) and message and message[0] == b"message":
                     if message[1] == self.keys.admin_channel:
                         self.on_admin_message(message[2])
-                    elif message[1] in self.deliveries.channels:
-                        self.deliveries.on_message(message[1], message[2])
                     else:
                         self.on_channel_message(message[2])
         except (RedisError, OSError) as exc:

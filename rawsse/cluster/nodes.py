@@ -1,8 +1,9 @@
 """The other nodes of a cluster: who they are (``P nodes``), and asking each of them one question.
 
 Used by the Redis agent (``agent.py``) for what needs every node's answer: a broadcast taken
-here (``broadcast.py``), and any later query of that shape ("ask every node, wait a bounded time,
-name who did not answer"): register a topic on every node with ``answer_with``, call ``ask``.
+here (``broadcast.py``), a deliveries query (``agent_deliveries.py``), and any other question of
+that shape ("ask every node, wait a bounded time, name who did not answer"): register a topic
+on every node with ``answer_with``, call ``ask``.
 
 Membership
 ----------
@@ -239,6 +240,10 @@ class Nodes:
     async def _answer(self, handler: Handler, rid: int, origin: bytes, body: bytes) -> None:
         try:
             reply = await handler(body)
+        except TimeoutError:  # the asking node has stopped waiting, and names us late
+            log.warning("answering node %s: this node's answer took too long",
+                        origin.decode(errors="replace"))
+            return
         except Exception:
             log.exception("answering node %s failed", origin.decode(errors="replace"))
             return
