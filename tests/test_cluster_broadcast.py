@@ -20,7 +20,7 @@ import pytest
 
 from conftest import launch
 from loadtools import ENV, rawsse
-from test_redis import RedisServer, _children, stats, token
+from test_redis import RedisServer, _children, metrics_text, stats, token
 from wire import HTTPClient, SSEReader, build_request, wait_for
 
 WAIT = 1.0  # --broadcast-wait of both nodes
@@ -210,6 +210,8 @@ def test_a_stopped_node_is_named_within_the_wait(nodes, readers):
     assert answer["streams"] == 2
     for reader in here + there:
         assert reader.next_event().id == answer["apns_id"]
+    counted = re.search(r"^rawsse_cluster_unanswered_total (\d+)$", metrics_text(a), re.M)
+    assert counted and int(counted[1]) >= 1  # what an alert on unanswered nodes reads
 
 
 def test_with_its_agent_down_a_node_reaches_its_own_devices_and_says_others_were_not_asked(

@@ -97,6 +97,17 @@ def _redis_lines(document: dict[str, Any]) -> Iterator[str]:
                        "and failed connection attempts.", iter([(None, {}, redis.get("errors", 0))]))
     yield from _family("rawsse_cluster_nodes", "gauge", "Nodes reporting to the cluster in Redis.",
                        iter([(None, {}, document.get("nodes", 1))]))
+    # Questions to every other node (a cluster broadcast, a deliveries query: nodes.py) and the
+    # nodes that gave no answer within the wait, as the answer's "missing" names them.
+    yield from _family("rawsse_cluster_questions_total", "counter",
+                       "Questions this node asked every other node (out) or answered (in): "
+                       "cluster broadcasts and deliveries queries.",
+                       iter([(None, {"direction": "out"}, redis.get("questions_out", 0)),
+                             (None, {"direction": "in"}, redis.get("questions_in", 0))]))
+    yield from _family("rawsse_cluster_unanswered_total", "counter",
+                       "Nodes named missing in the answer to a cluster question: no answer "
+                       "within the wait, lapsed, not subscribed, or Redis unreachable.",
+                       iter([(None, {}, redis.get("unanswered", 0))]))
     workers = [w for w in document.get("workers", []) if "redis_routing" in w]
     yield from _family("rawsse_routed_pushes_total", "counter",
                        "Pushes routed through Redis to the node holding the device (out) or "
