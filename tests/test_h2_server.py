@@ -336,3 +336,16 @@ def test_padded_frames_and_priority_fields_are_stripped(server):
     block = b"\x83\x86" + bytes((0x04, len(value))) + value + b"\x0f\x0d" + bytes((2,)) + b"%d" % len(body)
     answers = _raw_answers(server, [block], body, padded=True)
     assert answers[0][b":status"] == b"200"
+
+
+def test_live_figures_over_http2_get_an_error_naming_them(server):
+    """``/stats/events`` on the operator listener over h2c: refused as a device stream is (an
+    SSE stream is HTTP/1.1 here), in words about the live figures, not about devices."""
+    c = H2Client(server.host, server.admin_port)
+    try:
+        response = c.request("GET", "/stats/events")
+    finally:
+        c.close()
+    assert response.status == 505
+    detail = response.json()["detail"]
+    assert "/stats/events" in detail and "HTTP/1.1" in detail and "device" not in detail

@@ -52,6 +52,7 @@ from rawsse.h2.hpack import Decoder, HpackError, response_block
 from rawsse.server.exchange import Answer, Request
 from rawsse.server.connection import LINGER, READABLE, ClientConnection
 from rawsse.server.loop import EPOLLOUT
+from rawsse.server.statsevents import VIEWER_TOKEN
 from rawsse.server.transport import SocketTransport
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ GOING_AWAY_SECONDS = 30.0  # a GOAWAY'd connection waits this long for its last 
 _SSE_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                   "detail": "device streams (GET /events) are served over "
                                             "HTTP/1.1 only"})
+# The live view's figures are an SSE stream too (``rawsse/server/statsevents.py``).
+_FIGURES_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
+                                      "detail": "the live figures (GET /stats/events) are "
+                                                "served over HTTP/1.1 only"})
 _TOO_LARGE = answers.error(431, "RequestHeaderFieldsTooLarge")
 _TIMEOUT = answers.error(408, "RequestTimeout")
 # §8.2.2: connection-specific fields make a request malformed.
@@ -360,8 +365,9 @@ class H2Connection(ClientConnection):
             self.schedule_flush()
 
     def become_stream(self, request: Request, token: bytes) -> None:
-        """Device streams are HTTP/1.1 SSE only: an error answer says so."""
-        self.answer(request, _SSE_REFUSED)
+        """SSE streams (a device's, the live view's) are HTTP/1.1 only: an error answer says
+        which."""
+        self.answer(request, _FIGURES_REFUSED if token == VIEWER_TOKEN else _SSE_REFUSED)
 
     def authenticated(self) -> None:
         """The first valid provider token: the full stream limit, in a new SETTINGS."""

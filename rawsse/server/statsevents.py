@@ -22,7 +22,7 @@ dashboard wants the latest figures, not a backlog), so each holds at most one fr
 one that has taken nothing for ``STALL_SECONDS`` is closed. Viewers are not device streams:
 they are in no registry and in no stream count or close reason of ``/stats`` (one handed over
 from another worker counts in its ``handoffs``, as the hand-off it is). Over HTTP/2 the route is
-refused as a device stream is (505): browsers speak HTTP/2 over TLS only, and the operator
+refused (505, its detail naming the route): browsers speak HTTP/2 over TLS only, and the operator
 listener is plain TCP.
 """
 
