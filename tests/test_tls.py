@@ -482,3 +482,49 @@ def test_tls_1_2_is_served(tls, certs):
         assert sock.version() == "TLSv1.2"
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(100).startswith(b"HTTP/1.1 200")
+
+
+def served_certificate(port: int) -> bytes:
+    """The DER certificate the listener on ``port`` presents (not verified: compared)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw) as sock:
+            return sock.getpeercert(binary_form=True)
+
+
+def certificate_in(path: str) -> bytes:
+    with open(path) as file:
+        return ssl.PEM_cert_to_DER_cert(file.read())
+
+
+def test_a_reload_serves_a_renewed_certificate_and_refuses_a_bad_one(start_server, tmp_path):
+    """``systemctl reload`` (SIGHUP) is how a renewed certificate is taken: the master checks
+    the files as at start, then each new worker loads them. A bad pair refuses the reload with
+    one line, and the workers serving the old certificate stay."""
+    first, second, serving = (str(tmp_path / name) for name in ("first", "second", "serving"))
+    for directory in (first, second):
+        assert rawsse("certs", directory, "--name", "push.test").returncode == 0
+    shutil.copytree(first, serving)
+    holder, tls_port = reserve_port()
+    try:
+        srv = start_server("--workers", "1", "--tls-listen", f"127.0.0.1:{tls_port}",
+                           "--tls-cert", f"{serving}/server.pem",
+                           "--tls-key", f"{serving}/server-key.pem")
+    finally:
+        holder.close()
+    was = served_certificate(tls_port)
+    assert was == certificate_in(f"{first}/server.pem")
+    pids = [w["pid"] for w in get_json(srv.host, srv.admin_port, "/stats")["workers"]]
+
+    shutil.copy(f"{second}/server.pem", f"{serving}/server.pem")  # the key no longer matches
+    srv.signal(signal.SIGHUP)
+    assert wait_for(lambda: "SIGHUP refused" in srv.output(), timeout=10)
+    assert "--tls-key" in srv.output().split("SIGHUP refused", 1)[1].splitlines()[0]
+    assert [w["pid"] for w in get_json(srv.host, srv.admin_port, "/stats")["workers"]] == pids
+    assert served_certificate(tls_port) == was
+
+    shutil.copy(f"{second}/server-key.pem", f"{serving}/server-key.pem")
+    srv.signal(signal.SIGHUP)
+    assert wait_for(lambda: "rolling restart finished" in srv.output(), timeout=20)
+    assert served_certificate(tls_port) == certificate_in(f"{second}/server.pem")

@@ -61,13 +61,14 @@ from rawsse.h2 import huffman
 from rawsse.node import statefile
 from rawsse.apns.admin import AdminError, AdminState
 from rawsse.node.process import BOOT_ERROR, NodeProcess, run_worker
-from rawsse.config import ServeConfig
+from rawsse.config import ConfigError, ServeConfig
 from rawsse.server.loop import READ_EVENTS, Loop
 from rawsse.node.routing import owner_of
 from rawsse.node.handle import WorkerHandle
 from rawsse.apns.registry import Push
 from rawsse.node.systemd import Notifier
 from rawsse.limits import raise_nofile_limit
+from rawsse.server.tls import server_context
 from rawsse.server.worker import FD_RESERVE
 
 log = logging.getLogger(__name__)
@@ -475,11 +476,30 @@ class Arbiter:
     def handle_sighup(self) -> None:
         if self.stopping or self.rolling:
             return
+        refusal = self._tls_refusal()
+        if refusal:
+            log.error("SIGHUP refused, workers keep serving the certificate they loaded: %s",
+                      refusal)
+            return
         log.info("SIGHUP: rolling restart of %d workers", self.count)
         self.notifier.reloading()
         self.reloading = True
         self.rolling = list(range(self.count))
         self._restart_next()
+
+    def _tls_refusal(self) -> str:
+        """Why the TLS files on disk cannot serve, or "" (also when there is no --tls-listen).
+        Each new worker of a rolling restart loads --tls-cert/--tls-key anew, which is how a
+        renewed certificate is taken without a stop; checked here first, as at start, so a
+        bad pair refuses the reload instead of crash-looping every worker it replaces."""
+        config = self.config
+        if not config.tls_listen:
+            return ""
+        try:
+            server_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+        except ConfigError as exc:
+            return str(exc)
+        return ""
 
     def handle_sigttin(self) -> None:
         log.warning("SIGTTIN ignored: the worker count is the token shard modulus; "

@@ -127,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also serve the push API over TLS here (https://, ALPN h2 and http/1.1, TLS 1.2+), "
              "as api.push.apple.com; device streams stay on --listen (default: off)")
     add("--tls-cert", metavar="FILE",
-        help="PEM certificate chain for --tls-listen (rawsse certs DIR writes a throwaway one)")
+        help="PEM certificate chain for --tls-listen (rawsse certs DIR writes a throwaway one); "
+             "SIGHUP (systemctl reload) checks the files and rolls workers onto them")
     add("--tls-key", metavar="FILE", help="PEM private key of --tls-cert, unencrypted")
     auth_flags.add_arguments(parser)
     add("--workers", default="auto", metavar="N",
