@@ -16,7 +16,7 @@ import pytest
 
 from conftest import launch
 from test_h2_server import H2Client
-from wire import HTTPClient, SSEReader, get_json, ports_on_one_worker, wait_for
+from wire import HTTPClient, SSEReader, build_request, get_json, ports_on_one_worker, wait_for
 
 # --keepalive sets the workers' tick, and a sibling whose last tick is LIVE_TICKS (3) ticks old
 # is passed over: a stopped one after 1.5 s here.
@@ -106,6 +106,23 @@ def test_six_senders_hashed_to_one_worker_end_three_and_three(node, readers):
         assert sorted(e.id for e in events) == sorted(sent[reader.token])
 
 
+def test_five_senders_connecting_at_at_once_end_three_and_two(node):
+    """As ``rawsse push`` and Fleet open them: all five, then the first push on each. Their
+    first reads come before the sibling has read any hand-off, so what was handed counts for it
+    until its slot shows it (``Balancer.in_flight``)."""
+    _, ports = ports_on_one_worker(node.host, node.port, 5)
+    clients = [sender_at(node, port) for port in ports]
+    try:
+        token = token_of(0, "burst")
+        for client in clients:
+            client.send(build_request("POST", f"/3/device/{token}", b"{}"))
+        for client in clients:
+            assert [r.status for r in client.read_responses(1)] == [200]
+        assert sorted(senders(node)) == [2, 3]
+    finally:
+        close_all(node, clients)
+
+
 def test_an_h2c_sender_is_handed_over_and_served(node):
     _, ports = ports_on_one_worker(node.host, node.port, 2)
     first = sender_at(node, ports[0])
@@ -180,6 +197,22 @@ def test_a_stopped_sibling_gets_none_and_a_killed_one_costs_none(node):
         assert doc["sender_handoff_failures"] == failures + 1
     finally:
         close_all(node, clients)
+
+
+def test_four_senders_hashed_to_one_of_four_workers_end_one_each(start_server):
+    """The rule is "this worker holds more than the least": one above the least is as even as
+    whole connections go (a looser "two more" would leave 2, 1, 1, 0 here)."""
+    srv = start_server("--workers", "4", "--keepalive", "0")
+    _, ports = ports_on_one_worker(srv.host, srv.port, 4)
+    clients = []
+    try:
+        for port in ports:
+            clients.append(sender_at(srv, port))
+            assert push(clients[-1], token_of(0, "four"))[0] == 200
+        assert senders(srv) == [1, 1, 1, 1]
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_balance_senders_off_leaves_them_where_the_hash_put_them(start_server):

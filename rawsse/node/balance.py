@@ -5,8 +5,8 @@ Why
 SO_REUSEPORT picks a worker per connection by a hash of its 4-tuple (``socket(7)``). Devices are
 many, so they spread evenly; senders are few (Fleet and Forza's GenStage sender open 5-10
 keep-alive connections), and the hash draw decides how many each worker parses: 5 over 2 workers
-all land on one in 1 draw of 16, 4-1 in 5 of 16. Measured (``python bench/workers.py --workers
-1,2``), two workers pushed 6,355/s with all five on one and ~9,000/s balanced.
+all land on one in 1 draw of 16, 4-1 in 5 of 16. Measured, two workers pushed 6,355/s with all
+five on one and ~9,000/s balanced (``bench/results/issue14-two-workers.md``).
 
 What
 ----
@@ -22,9 +22,10 @@ The rule, ``mine > least`` (counts before this connection): after it no worker h
 one above the least, the tightest spread whole connections allow when they arrive one at a
 time; 10 senders over 16 workers end one each on 10 workers (``mine > least + 1`` would leave
 two on one worker while others have none). A connection moves at most once (an adopted one is
-never offered again), so two workers cannot bounce one between them. A race (two workers
-handing to the same sibling within one mesh hop) can leave it one over; the next sender
-arriving evens that out.
+never offered again), so two workers cannot bounce one between them. Connections handed to a
+sibling count for it until its slot shows them (``in_flight``), so a sender's five connections
+sniffed in one loop turn still end 3-2. A race (two workers handing to the same sibling within
+one mesh hop) can leave it one over; the senders arriving next go to the others.
 
 Counts: the board
 -----------------
@@ -126,6 +127,10 @@ class Balancer:
         # Siblings in the order ties are broken: the next index first, so that workers with the
         # same view do not all pick the same sibling.
         self.siblings = [(worker.index + k) % worker.count for k in range(1, worker.count)]
+        # sibling -> when connections were handed to it (monotonic, just before each send) that
+        # its slot may not show yet: a sender opens its connections at once, and they are
+        # sniffed in one loop turn, before any sibling has read its CONNECTION record.
+        self.in_flight: dict[int, list[float]] = {}
         worker.balance_sender = self.offer
         mesh.adopt = self.adopt
         worker.tick_hooks.append(self.tick)
@@ -184,18 +189,39 @@ class Balancer:
         oldest = self.worker.loop.now - LIVE_TICKS * self.worker.tick_seconds
         for peer in self.siblings:
             senders, stamp = board.read(peer)
-            if stamp > oldest and senders < fewest:
+            if stamp <= oldest:
+                continue
+            if peer in self.in_flight:
+                senders += self._not_shown(peer, stamp)
+            if senders < fewest:
                 best, fewest = peer, senders
         return best
+
+    def _not_shown(self, peer: int, stamp: float) -> int:
+        """Connections handed to ``peer`` that its slot, written at ``stamp``, does not count:
+        it writes its slot in the loop turn it adopts one, with that turn's clock, so a slot
+        written after a hand-off left counts it (a slot written by a turn that began during the
+        send, before the record arrived, would be taken as counting it: a misjudged placement
+        at worst)."""
+        pending = [sent for sent in self.in_flight[peer] if sent >= stamp]
+        if pending:
+            self.in_flight[peer] = pending
+        else:
+            del self.in_flight[peer]
+        return len(pending)
 
     def _hand(self, conn: "Http1Connection", peer: int, first: Any) -> bool:
         """Send the connection to ``peer`` now; False (it stays here) when it cannot leave."""
         body = encode(CONNECTION, bytes(first))
+        # Before the send: the sibling may wake and read the clock before this process returns
+        # from sendmsg (two cores), and its slot, written then, must count as showing this one.
+        sent_at = time.monotonic()
         if len(body) > MAX_MESSAGE or not self.mesh.send_now(peer, CONNECTION, body, conn.fd):
             self.worker.stats.sender_handoff_failures += 1
             log.debug("a sender connection stays on worker %d: worker %d did not take it",
                       self.index, peer)
             return False
+        self.in_flight.setdefault(peer, []).append(sent_at)
         os.close(detach_connection(conn))  # the sibling's copy is in its queue
         self.worker.stats.senders_handed_over += 1
         return True
