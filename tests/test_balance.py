@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
+import urllib.request
 import uuid
 import zlib
 
@@ -16,7 +18,8 @@ import pytest
 
 from conftest import launch
 from test_h2_server import H2Client
-from wire import HTTPClient, SSEReader, build_request, get_json, ports_on_one_worker, wait_for
+from wire import (HTTPClient, SSEReader, build_request, get_json, ports_on_one_worker, reset_close,
+                  serving_worker, wait_for)
 
 # --keepalive sets the workers' tick, and a sibling whose last tick is LIVE_TICKS (3) ticks old
 # is passed over: a stopped one after 1.5 s here.
@@ -98,6 +101,13 @@ def test_six_senders_hashed_to_one_worker_end_three_and_three(node, readers):
         assert doc["node"]["senders_handed_over"] - before["senders_handed_over"] == 3
         assert doc["node"]["senders_adopted"] - before["senders_adopted"] == 3
         assert all(w["pushes_received"] > 0 for w in doc["workers"])
+        with urllib.request.urlopen(node.admin_url + "/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        for line in ('rawsse_sender_connections{worker="0"} 3',
+                     'rawsse_sender_connections{worker="1"} 3',
+                     "rawsse_sender_handoffs_total{", "rawsse_senders_adopted_total{",
+                     "rawsse_sender_handoff_failures_total{"):
+            assert line in metrics, line
     finally:
         close_all(node, clients)
     for reader in readers:
@@ -197,6 +207,46 @@ def test_a_stopped_sibling_gets_none_and_a_killed_one_costs_none(node):
         assert doc["sender_handoff_failures"] == failures + 1
     finally:
         close_all(node, clients)
+
+
+def test_a_draining_sibling_gets_none(node):
+    """SIGTERM to one worker: it clears its slot's stamp as its drain starts (not at its next
+    tick), so a sender arriving at the other stays there instead of going to a worker that
+    would answer it and close. Last to use the module's node: the drained worker is replaced
+    after it."""
+    holder, ports = ports_on_one_worker(node.host, node.port, 2)
+    _, others = ports_on_one_worker(node.host, node.port, 2, other_than=holder)
+    first = sender_at(node, ports[0])
+    clients: list = [first]
+    try:
+        assert push(first, token_of(0, "drain"))[0] == 200
+        held_by = holder_of_one(node)
+        sibling = [w for w in stats(node)["workers"] if w["worker"] != held_by["worker"]][0]
+        # An unfinished request keeps the sibling draining (its drain waits for it).
+        slow = socket.create_connection((node.host, node.port), timeout=5,
+                                        source_address=("127.0.0.1", others[0]))
+        clients.append(slow)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+        os.kill(sibling["pid"], signal.SIGTERM)
+        # Its drain has begun once its listener is closed: the hash then gives its ports to
+        # the holder.
+        assert wait_for(lambda: served_from(node, others[1]) == holder, timeout=3)
+        second = sender_at(node, ports[1])
+        clients.append(second)
+        assert push(second, token_of(0, "drain"))[0] == 200
+        assert stats(node)["workers"][held_by["worker"]]["sender_connections"] == 2
+    finally:
+        for client in clients:
+            client.close()
+
+
+def served_from(srv, port: int) -> str:
+    probe = socket.create_connection((srv.host, srv.port), timeout=5,
+                                     source_address=("127.0.0.1", port))
+    try:
+        return serving_worker(probe)
+    finally:
+        reset_close(probe)
 
 
 def test_four_senders_hashed_to_one_of_four_workers_end_one_each(start_server):

@@ -313,11 +313,11 @@ def reset_close(sock: socket.socket) -> None:
     sock.close()
 
 
-def ports_on_one_worker(host: str, port: int, count: int, wrap=None,
-                        worker: str | None = None) -> tuple[str, list[int]]:
+def ports_on_one_worker(host: str, port: int, count: int, wrap=None, worker: str | None = None,
+                        other_than: str | None = None) -> tuple[str, list[int]]:
     """``count`` loopback source ports whose connections to ``host:port`` SO_REUSEPORT's hash
-    (of the 4-tuple) gives one worker, ``worker`` if named; returns that worker's id part and
-    the ports. Each is probed once (``serving_worker``) and freed; ``wrap`` wraps the probe's
+    (of the 4-tuple) gives one worker, ``worker`` if named, not ``other_than``; returns that
+    worker's id part and the ports. Each is probed once (``serving_worker``) and freed; ``wrap`` wraps the probe's
     socket (TLS). Ports from a random range below Linux's ephemeral ones (32768-60999)."""
     found: dict[str, list[int]] = {}
     start = random.randrange(10_000, 31_000)
@@ -334,6 +334,6 @@ def ports_on_one_worker(host: str, port: int, count: int, wrap=None,
             reset_close(probe)
         ports = found.setdefault(who, [])
         ports.append(source)
-        if len(ports) == count and worker in (None, who):
+        if len(ports) == count and worker in (None, who) and who != other_than:
             return who, ports
     raise AssertionError(f"no {count} ports on one worker among {found}")
