@@ -275,10 +275,11 @@ class Mesh:
         link = self.links.get(peer)
         if link is None or not link.connect() or link.out is None or not link.out.drained:
             return False
+        sock = link.out.sock
         message = pack_messages(self.index, [(record(kind, body), fd)])[0][0]
         try:
-            link.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,  # type: ignore[union-attr]
-                                           array.array("i", [fd]))])
+            sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [fd]))])
         except BlockingIOError:
             return False
         except OSError:
