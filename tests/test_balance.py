@@ -116,7 +116,7 @@ def test_six_senders_hashed_to_one_worker_end_three_and_three(node, readers):
         assert sorted(e.id for e in events) == sorted(sent[reader.token])
 
 
-def test_five_senders_connecting_at_at_once_end_three_and_two(node):
+def test_five_senders_connecting_at_once_end_three_and_two(node):
     """As ``rawsse push`` and Fleet open them: all five, then the first push on each. Their
     first reads come before the sibling has read any hand-off, so what was handed counts for it
     until its slot shows it (``Balancer.in_flight``)."""
