@@ -197,6 +197,7 @@ class ServeConfig:
     tls_client_ca: str = ""  # PEM CAs a client certificate must chain to; "": none asked for
     backlog: int = 65535
     workers: int = 0  # 0 = sized from --max-connections and the open-file limit
+    balance_senders: bool = True  # push senders' connections spread over the workers (balance.py)
     drain_seconds: float = 10.0
     state_file: str | None = None
     log_level: str = "info"

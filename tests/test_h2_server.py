@@ -26,8 +26,9 @@ class H2Client:
     """One HTTP/2 connection (prior knowledge) driven by the ``h2`` library."""
 
     def __init__(self, host: str, port: int, window: int | None = None,
-                 timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+                 timeout: float = 5.0, source: tuple[str, int] | None = None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=source)
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self.conn = h2.connection.H2Connection(config)
         self.conn.initiate_connection()

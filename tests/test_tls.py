@@ -26,7 +26,8 @@ from conftest import ROOT, launch, reserve_port
 from rawsse.node.routing import owner_of
 from test_h2_server import H2Client
 from test_push_api import new_token
-from wire import SSEReader, get_json, wait_for
+from wire import (HTTPClient, SSEReader, get_json, ports_on_one_worker, reset_close,
+                  serving_worker, wait_for)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -253,6 +254,39 @@ def test_pushes_over_tls_reach_sse_devices_through_the_other_worker(tls, certs, 
         event = reader.next_event(timeout=5)
         assert event is not None and event.id == ids[t], (t, event)
     assert get_json(tls.host, tls.admin_port, "/stats")["node"]["forwarded"] >= before + 4
+
+
+def test_a_tls_sender_stays_on_its_worker_and_is_not_counted(tls, certs):
+    """Its session lives in the worker's ssl object: a TLS sender's connection is not handed to
+    the other worker (rawsse/node/balance.py), even from the worker holding more senders."""
+    context = client_context(certs, ["http/1.1"])
+
+    def wrap(sock: socket.socket) -> ssl.SSLSocket:
+        return context.wrap_socket(sock, server_hostname="localhost")
+
+    worker, [plain_port] = ports_on_one_worker(tls.host, tls.port, 1)
+    _, [tls_port] = ports_on_one_worker(tls.host, tls.tls_port, 1, wrap, worker=worker)
+    before = get_json(tls.host, tls.admin_port, "/stats")
+    plain = HTTPClient(tls.host, tls.port, source=("127.0.0.1", plain_port))
+    sock = wrap(socket.create_connection((tls.host, tls.tls_port), timeout=5,
+                                         source_address=("127.0.0.1", tls_port)))
+    try:
+        assert plain.request("POST", f"/3/device/{new_token()}", b"{}").status == 200
+        sock.sendall(f"POST /3/device/{new_token()} HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Length: 2\r\n\r\n{{}}".encode())  # from the worker holding 1
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert serving_worker(sock) == worker  # still served where it was accepted
+        doc = get_json(tls.host, tls.admin_port, "/stats")
+        assert doc["node"]["senders_handed_over"] == before["node"]["senders_handed_over"]
+        held = [w["sender_connections"] - b["sender_connections"]
+                for w, b in zip(doc["workers"], before["workers"])]
+        assert sorted(held) == [0, 1], held  # the plain one only
+    finally:
+        plain.close()
+        reset_close(sock)
 
 
 def test_a_stalled_handshake_blocks_no_one_and_is_closed_after_header_timeout(tls, certs):

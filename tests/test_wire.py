@@ -13,8 +13,8 @@ from rawsse.cluster import records
 from rawsse.node import wire
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
-    ACK, ADMIN, ANSWER, ASK, BCAST, BCAST_DONE, CLAIM, CLAIMED, CLUSTER, CLUSTER_VIEW, DELIVER,
-    DELIVERIES, EVICT, FIND, FOUND, HANDOFF, MAX_FDS, MAX_MESSAGE, NODE_STATS, PUSH, RELEASE, REPLY,
+    ACK, ADMIN, ANSWER, ASK, BCAST, BCAST_DONE, CLAIM, CLAIMED, CLUSTER, CLUSTER_VIEW, CONNECTION,
+    DELIVER, DELIVERIES, EVICT, FIND, FOUND, HANDOFF, MAX_FDS, MAX_MESSAGE, NODE_STATS, PUSH, RELEASE, REPLY,
     ROUTE, ROUTED, STATE, STATS, TAKEN,
 )
 
@@ -28,6 +28,7 @@ SAMPLES: dict[int, tuple[tuple[object, ...], bytes]] = {
     ACK: ((7, -1), struct.pack("!Ib", 7, -1)),
     TAKEN: ((2**40 + 3, 256, 1 << 20), struct.pack("!QII", 2**40 + 3, 256, 1 << 20)),
     HANDOFF: ((TOKEN, b"GET /events"), struct.pack("!B", 32) + TOKEN + b"GET /events"),
+    CONNECTION: ((b"POST /3/device/",), b"POST /3/device/"),
     BCAST: ((9, b"ab", FRAME), struct.pack("!IB", 9, 2) + b"ab" + FRAME),
     BCAST_DONE: ((9, 18000, 3), struct.pack("!III", 9, 18000, 3)),
     STATS: ((3, b""), struct.pack("!I", 3)),
@@ -86,7 +87,7 @@ def is_open(fd: int) -> bool:
 def test_every_kind_has_a_sample_and_keeps_its_number() -> None:
     assert set(SAMPLES) == set(wire.LAYOUTS)
     assert (PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN) == tuple(range(1, 9))
-    assert TAKEN == 16
+    assert TAKEN == 16 and CONNECTION == 9
     assert (records.ROUTE, records.CLAIM, records.RELEASE, records.STATS, records.CLUSTER,
             records.CLUSTER_BCAST) == (32, 33, 34, 35, 36, 37)
     assert (records.ROUTED, records.CLAIMED, records.DELIVER, records.EVICT, records.STATE,

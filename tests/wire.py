@@ -6,7 +6,9 @@ error, and a line longer than 8192 bytes is an error."""
 from __future__ import annotations
 
 import json
+import random
 import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -57,8 +59,10 @@ class _ResponseCollector:
 class HTTPClient:
     """One keep-alive connection; send raw bytes, read parsed responses in order."""
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, host: str, port: int, timeout: float = 5.0,
+                 source: tuple[str, int] | None = None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=source)
         self.collector = _ResponseCollector()
         self.closed = False
 
@@ -278,3 +282,58 @@ def parse_responses(data: bytes) -> list[Response]:
     collector = _ResponseCollector()
     collector.parser.feed_data(data)
     return collector.responses
+
+
+# -- which worker SO_REUSEPORT gives a connection ---------------------------------------------
+
+_PROBE = b"GET /3/device/probe HTTP/1.1\r\nHost: rawsse\r\n\r\n"
+
+
+def serving_worker(sock: socket.socket) -> str:
+    """Which worker process answers on ``sock``: the per-process part of the apns-id it makes up
+    for a 405 (``IdGenerator``: random per process in its first four groups). A GET is no push,
+    so the connection is never handed to another worker."""
+    sock.sendall(_PROBE)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before the probe's answer: {data!r}")
+        data += chunk
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"apns-id":
+            return value.strip().decode().rsplit("-", 1)[0]
+    raise AssertionError(f"no apns-id in {data!r}")
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with an RST (SO_LINGER 0): no TIME_WAIT, so the source port is free again at once."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def ports_on_one_worker(host: str, port: int, count: int, wrap=None, worker: str | None = None,
+                        other_than: str | None = None) -> tuple[str, list[int]]:
+    """``count`` loopback source ports whose connections to ``host:port`` SO_REUSEPORT's hash
+    (of the 4-tuple) gives one worker, ``worker`` if named, not ``other_than``; returns that
+    worker's id part and the ports. Each is probed once (``serving_worker``) and freed; ``wrap`` wraps the probe's
+    socket (TLS). Ports from a random range below Linux's ephemeral ones (32768-60999)."""
+    found: dict[str, list[int]] = {}
+    start = random.randrange(10_000, 31_000)
+    for source in range(start, start + 40 * count):
+        try:
+            sock = socket.create_connection((host, port), timeout=5,
+                                            source_address=("127.0.0.1", source))
+        except OSError:
+            continue  # in use
+        probe = wrap(sock) if wrap else sock
+        try:
+            who = serving_worker(probe)
+        finally:
+            reset_close(probe)
+        ports = found.setdefault(who, [])
+        ports.append(source)
+        if len(ports) == count and worker in (None, who) and who != other_than:
+            return who, ports
+    raise AssertionError(f"no {count} ports on one worker among {found}")

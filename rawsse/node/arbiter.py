@@ -59,6 +59,7 @@ from typing import Any, Callable
 from rawsse import __version__
 from rawsse.h2 import huffman
 from rawsse.node import statefile
+from rawsse.node.balance import SenderBoard
 from rawsse.apns.admin import AdminError, AdminState
 from rawsse.node.process import BOOT_ERROR, NodeProcess, run_worker
 from rawsse.config import ConfigError, ServeConfig
@@ -96,6 +97,9 @@ class Arbiter:
         self.notifier = Notifier()
         self.handles = [WorkerHandle(self, i) for i in range(self.count)]
         self.admin = AdminState(config.faults)  # the node's run-time admin state (see above)
+        # Each worker's push sender connections, in memory every worker maps (balance.py)
+        self.senders = SenderBoard(self.count) if config.balance_senders and self.count > 1 \
+            else None
         # Redis mode: the node's Redis agent, mesh peer number ``count``
         self.agent = WorkerHandle(self, self.count) if config.redis_url else None
         self.signals: list[int] = []
@@ -154,6 +158,11 @@ class Arbiter:
                  c.state_file or "none")
         if not c.workers:
             self._log_worker_count()
+        if self.count > 1:
+            log.info("push senders' connections (plain HTTP/1.1 and h2c, not TLS): %s",
+                     "each handed after its first read to the worker holding the fewest "
+                     "(--balance-senders on)" if self.senders else "left where the kernel's "
+                     "SO_REUSEPORT hash put them (--balance-senders off)")
         faults = ", ".join(rule.describe() for rule in c.faults) or "none"
         log.info("delivery delay %s, response delay %s, faults %s, max pending %d / %d bytes "
                  "per worker", c.delivery_delay.describe(), c.response_delay.describe(), faults,
@@ -225,7 +234,7 @@ class Arbiter:
                 else:
                     code = run_worker(self.config, handle.index, self.count, self.node_id,
                                       worker_side, pending, self.part_path(handle.index),
-                                      self.admin, self._topology())
+                                      self.admin, self._topology(), self.senders)
             except BaseException:
                 logging.getLogger(__name__).exception("worker %d crashed", handle.index)
             finally:
@@ -385,6 +394,8 @@ class Arbiter:
         handle.pid = 0
         handle.ready = False
         handle.close_socket()
+        if self.senders is not None and handle is not self.agent:
+            self.senders.clear(handle.index)  # no sibling hands it a connection now
         self._broadcast_info()
         if self.stopping:
             log.info("%s exited (%d)", self._name(handle), code)

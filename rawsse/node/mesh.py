@@ -17,6 +17,9 @@ push or a device can land anywhere; the mesh moves it to the owner:
   (it survives a ``kill -9`` of the worker that took the request); a full owner queue is a 503
   before any 200, never a drop after one; an owner's crash loses what it held, no more
   (``forwarding.py`` has the protocol);
+- a push sender's connection may move, after its first read, to the worker holding the fewest
+  (``CONNECTION``, ``balance.py``): sent at once (``send_now``), so it either left with the
+  kernel's word or stays, never waiting in a queue that could close it;
 - a broadcast goes once to each worker (``BCAST``), which writes its own streams and replies with
   how many took it and how many refused it (``BCAST_DONE``); ``/stats`` asks each worker once (``STATS``/``REPLY``); admin
   commands are applied everywhere (``ADMIN``).
@@ -46,6 +49,7 @@ it takes no part in broadcasts, ``/stats`` collection or admin commands, which g
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -60,8 +64,8 @@ from rawsse.apns.routing import (
 from rawsse.node.forwarding import Decoded, Ledgers, encode_push, first_sequence
 from rawsse.node.links import RECEIVE_MESSAGES, InLink, MeshListener, OutLink, close_fds
 from rawsse.node.wire import (
-    ACK, ADMIN, BCAST, BCAST_DONE, HANDOFF, PUSH, REPLY, SENDER, STATS, address, decode,
-    decoder, encode, encoder, iter_records, pack_messages, record, sender_of,
+    ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, PUSH, REPLY, SENDER, STATS, address,
+    decode, decoder, encode, encoder, iter_records, pack_messages, record, sender_of,
 )
 from rawsse.server.loop import EPOLLIN
 
@@ -108,6 +112,8 @@ class Mesh:
         self._next_seq = first_sequence()
         self.taken_prefix = SENDER.pack(self.index)
         self._snapshot: tuple[float, bytes] = (-1.0, b"")  # (loop turn, JSON) for STATS replies
+        # What takes a sender's connection handed over by a peer (``balance.py``): fd, bytes read
+        self.adopt: Callable[[int, bytes], None] | None = None
 
     @property
     def owner(self) -> Owner:
@@ -261,6 +267,26 @@ class Mesh:
         self.send(peer, HANDOFF, body, fd)
         return True
 
+    def send_now(self, peer: int, kind: int, body: bytes, fd: int) -> bool:
+        """One record carrying ``fd``, sent to ``peer`` at once, outside the turn's batch. True
+        once the kernel took it (the peer's queue holds the fd: close this copy); False when it
+        cannot leave now (the peer does not listen, older messages wait for its socket, or it is
+        full), and then nothing was sent and the fd is still only the caller's."""
+        link = self.links.get(peer)
+        if link is None or not link.connect() or link.out is None or not link.out.drained:
+            return False
+        sock = link.out.sock
+        message = pack_messages(self.index, [(record(kind, body), fd)])[0][0]
+        try:
+            sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [fd]))])
+        except BlockingIOError:
+            return False
+        except OSError:
+            link.close("send failed")
+            return False
+        return True
+
     def broadcast(self, frame: bytes, prefix: str, done: Callable[[int, int], None]) -> None:
         """Ask every peer to write ``frame`` to its streams; ``done(written, refused)`` summed
         over the workers once all replied (a peer that is down counts 0)."""
@@ -323,10 +349,13 @@ class Mesh:
         for kind, body in records:
             if kind == PUSH:
                 continue
-            if kind == HANDOFF:
+            if kind == HANDOFF or kind == CONNECTION:
                 fd = fds[fd_index] if fd_index < len(fds) else -1
                 fd_index += 1
-                self._on_handoff(body, fd)
+                if kind == HANDOFF:
+                    self._on_handoff(body, fd)
+                else:
+                    self._on_connection(body, fd)
             else:
                 try:
                     self._dispatch(kind, body)
@@ -413,6 +442,20 @@ class Mesh:
         except Exception:
             log.exception("adopting a handed-over stream failed; closing it")
             self.worker.loop.drop(fd)  # its device reconnects
+
+    def _on_connection(self, body: memoryview, fd: int) -> None:
+        if fd < 0 or self.adopt is None:
+            log.error("a sender connection handed over arrived without its socket, or here, "
+                      "where nothing adopts one")
+            if fd >= 0:
+                os.close(fd)
+            return
+        try:
+            (received,) = decode(CONNECTION, body)
+            self.adopt(fd, received)
+        except Exception:
+            log.exception("adopting a sender connection failed; closing it")
+            self.worker.loop.drop(fd)  # nothing was answered on it: the sender sends again
 
     def _reply(self, kind: int, body: bytes) -> None:
         self.reply(self._reply_to, kind, body)

@@ -33,6 +33,7 @@ from rawsse.apns.registry import Push
 from rawsse.apns.routing import LocalOwner
 from rawsse.config import ServeConfig
 from rawsse.node import statefile
+from rawsse.node.balance import Balancer, SenderBoard
 from rawsse.node.control import receive_from_master
 from rawsse.node.drain import Drainer
 from rawsse.node.mesh import Mesh
@@ -53,7 +54,7 @@ class NodeProcess:
 
     def __init__(self, config: ServeConfig, index: int, count: int, node: int,
                  control: socket.socket, pending: dict[bytes, Push], part_path: str,
-                 admin: AdminState | None = None) -> None:
+                 admin: AdminState | None = None, board: SenderBoard | None = None) -> None:
         self.worker = worker = Worker(config, index, count, pending, admin)
         self.mesh = Mesh(worker, node)
         self.control = ControlLink(self, control)
@@ -61,6 +62,8 @@ class NodeProcess:
                                  self.control.share_admin)
         self.mesh.owner = self.router.owner
         worker.router = self.router
+        # Push senders' connections spread over the workers (--balance-senders; balance.py)
+        self.balancer = Balancer(worker, self.mesh, board) if board is not None else None
         worker.tick_hooks.append(self._tick)
         # Accept only once every worker serves (the master's info says so): a push or a device
         # that lands here while the owner of its token is still booting would get a 503.
@@ -77,6 +80,8 @@ class NodeProcess:
         self.control.beat()
 
     def drain(self) -> None:
+        if self.balancer is not None:
+            self.balancer.leave()
         if self.drainer is None:
             self.drainer = Drainer(self.worker, self.worker.config.drain_seconds, self._drained)
         else:  # a second TERM: no more waiting
@@ -179,14 +184,16 @@ class ControlLink:
 
 def run_worker(config: ServeConfig, index: int, count: int, node: int, control: socket.socket,
                pending: dict[bytes, Push], part_path: str, admin: AdminState | None = None,
-               join: Callable[[NodeProcess], Any] | None = None) -> int:
+               join: Callable[[NodeProcess], Any] | None = None,
+               board: SenderBoard | None = None) -> int:
     """The worker process's main, called right after fork; ``join`` adds a topology's parts
     (Redis mode: ``rawsse.cluster.routing.join_cluster``). Returns the exit code."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)  # the master decides; Ctrl-C reaches it alone
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
-        process = NodeProcess(config, index, count, node, control, pending, part_path, admin)
+        process = NodeProcess(config, index, count, node, control, pending, part_path, admin,
+                              board)
         if join is not None:
             join(process)
         process.mesh.listen()

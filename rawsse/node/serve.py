@@ -135,6 +135,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="worker processes; auto = enough to hold --max-connections under the open-file "
              "limit, and at least one per CPU; the start log says how many and why "
              "(default: auto)")
+    add("--balance-senders", default="on", choices=["on", "off"],
+        help="hand a push sender's connection (POST /3/device/ or h2c, not TLS), after its "
+             "first read, to the worker holding the fewest, so that a node's 5-10 sender "
+             "connections spread evenly instead of where the kernel's hash puts them; off "
+             "leaves each on the worker that accepted it (default: %(default)s)")
     add("--drain-seconds", default="10", metavar="SECONDS",
         help="on SIGTERM, close streams spread over this window so devices do not reconnect "
              "at once (default: 10)")
@@ -186,6 +191,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         if args.h2_idle_timeout is not None else _positive(args.idle_timeout, "--idle-timeout"),
         environment=args.environment,
         workers=0 if args.workers == "auto" else parse_int(args.workers, "--workers", 1),
+        balance_senders=args.balance_senders == "on",
         drain_seconds=parse_duration(args.drain_seconds, "--drain-seconds"),
         state_file=_writable_state_file(args.state_file),
         log_level=args.log_level,

@@ -9,11 +9,11 @@ order, and one ``recvmsg`` returns exactly one message (``socket(2)``, ``SOCK_SE
 A message is a 2-byte sender index, then records, each ``kind`` (u8), body length (u32), body,
 all in network byte order. A message carries as many records as fit in ``MAX_MESSAGE`` bytes and
 at most ``MAX_FDS`` sockets (``pack_messages``); the n-th fd in the ancillary data belongs to
-the n-th ``HANDOFF`` record. The sender index's top bit (``MORE``) says that the same batch
-continues in the next message: a reader that gets a message without it stops reading that
-socket for this loop turn instead of paying one more ``recvmsg`` to learn the queue is empty
-(Linux tells no such thing on a received message; level-triggered epoll brings the reader back
-if another batch arrived meanwhile).
+the n-th record of a kind that carries one (``HANDOFF``, ``CONNECTION``). The sender index's
+top bit (``MORE``) says that the same batch continues in the next message: a reader that gets a
+message without it stops reading that socket for this loop turn instead of paying one more
+``recvmsg`` to learn the queue is empty (Linux tells no such thing on a received message;
+level-triggered epoll brings the reader back if another batch arrived meanwhile).
 
 Record bodies are described by one table, ``LAYOUTS``: a fixed ``struct`` part, then byte
 strings whose lengths end the fixed part (``sized``), then at most one byte string running to
@@ -61,6 +61,7 @@ TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 PUSH, ACK, HANDOFF, BCAST, BCAST_DONE, STATS, REPLY, ADMIN = range(1, 9)
 DELIVERIES = 20  # a deliveries query (JSON), answered with REPLY (rawsse/apns/deliverylog.py)
 TAKEN = 16  # the owner's cumulative acknowledgement and credit (``forwarding.py``)
+CONNECTION = 9  # a sender's connection, handed to a less-loaded worker (``balance.py``)
 # worker -> agent (NODE_STATS is ``records.STATS``: the node's totals for the agent to store)
 ROUTE, CLAIM, RELEASE, NODE_STATS, CLUSTER, CLUSTER_BCAST = 32, 33, 34, 35, 36, 37
 # agent -> worker
@@ -102,6 +103,7 @@ LAYOUTS: dict[int, Layout] = {
     # every push up to seq is held; this much more credit (pushes, frame bytes) is reserved
     TAKEN: Layout("!QII", ("upto", "pushes", "bytes")),
     HANDOFF: Layout("!B", (), ("token",), "leftover"),  # the socket rides as SCM_RIGHTS
+    CONNECTION: Layout("!", rest="received"),  # what was read of it; the socket as HANDOFF's
     BCAST: Layout("!IB", ("rid",), ("prefix",), "frame"),
     BCAST_DONE: Layout("!III", ("rid", "count", "refused")),
     STATS: _REQUEST,

@@ -163,3 +163,17 @@ def end_connection(conn: Any, reason: str) -> bool:
     host.http_conns.discard(conn)
     host.stats.disconnect(reason)
     return True
+
+
+def detach_connection(conn: "ClientConnection") -> int:
+    """Take ``conn`` out of its worker without closing its socket, which another process holds
+    now too (a sender's connection handed to a less-loaded worker, ``rawsse/node/balance.py``);
+    returns the fd, whose copy here the caller closes. Nothing is counted as a disconnect."""
+    fd = conn.fd
+    conn.fd = -1
+    host = conn.host
+    host.loop.remove(fd)
+    host.http_conns.discard(conn)
+    conn.transport.detach()
+    conn._forget()
+    return fd

@@ -475,22 +475,36 @@ class Http1Connection(ClientConnection):
         return data[take:]
 
     def _sniff_preface(self, data: Any) -> Any:
-        """The first bytes: what to parse as HTTP/1.1, or None once they are held (a preface
-        so far) or handed over (the whole preface: the connection is HTTP/2 from here)."""
+        """The first bytes: what to parse as HTTP/1.1, or None once held (a preface so far) or
+        handed over (HTTP/2 from here; or a sender's, to another worker: ``balance_sender``)."""
         held = self.sniffed or b""
         head = held + bytes(data[:len(PREFACE) - len(held)])
-        if not PREFACE.startswith(head):
-            self.sniffed = None
-            return held + bytes(data) if held else data
-        if len(head) < len(PREFACE):
+        preface = PREFACE.startswith(head)
+        if preface and len(head) < len(PREFACE):
             self.sniffed = head
             return None
         self.sniffed = None
+        first = held + bytes(data) if held else data
+        if self.host.balance_sender(self, first):
+            return None
+        if preface:
+            self.resume(bytes(first))
+            return None
+        return first
+
+    def resume(self, received: bytes) -> None:
+        """Go on with ``received``, the first bytes read from this socket, here or by the worker
+        that handed it over (``rawsse/node/balance.py``): HTTP/2 from here if they are the
+        preface, else parsed as HTTP/1.1. Never sniffed, nor handed on, again."""
+        self.sniffed = None
+        if not received.startswith(PREFACE):
+            self.held = received
+            self._parse_held()
+            return
         self.fd = -1
         self.parser = None
         self.request = None
-        self.host.switch_to_h2(self, self.transport, held + bytes(data))
-        return None
+        self.host.switch_to_h2(self, self.transport, received)
 
     def _check_head_size(self, n: int) -> None:
         """431 once the head in progress is over the limit. Callback byte counts are exact for
@@ -575,7 +589,6 @@ class Http1Connection(ClientConnection):
             self.refuse(408, "RequestTimeout", "request not received in time")
         elif not self.responses:
             self.close("timeout")
-
 
 
 class _TooLarge(Exception):

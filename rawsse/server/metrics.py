@@ -68,6 +68,10 @@ def _lines(document: dict[str, Any]) -> Iterator[str]:
         yield from _family("rawsse_crash_lost_pending_total", "counter",
                            "Pending pushes that died with a killed worker.",
                            iter([(None, {}, master["lost_pending"])]))
+    yield from _family("rawsse_sender_connections", "gauge",
+                       "Push senders' connections held (--balance-senders spreads them).",
+                       ((w, {}, w["sender_connections"]) for w in workers
+                        if "sender_connections" in w))
     yield from _auth_lines(workers)
     yield from _redis_lines(document)
     for name, value in document.get("extra_gauges", {}).items():

@@ -97,6 +97,16 @@ class Stats:
                              "Device sockets handed to the worker owning the token.")
     handoff_failures: int = _counter("rawsse_stream_handoff_failures_total",
                                      "Devices answered 503 because the owning worker was down.")
+    senders_handed_over: int = _counter(
+        "rawsse_sender_handoffs_total",
+        "Push senders' connections handed, after their first read, to the worker holding the "
+        "fewest (--balance-senders).")
+    senders_adopted: int = _counter("rawsse_senders_adopted_total",
+                                    "Push senders' connections taken over from another worker.")
+    sender_handoff_failures: int = _counter(
+        "rawsse_sender_handoff_failures_total",
+        "Push senders' connections served here because their hand-off could not leave (the "
+        "other worker gone or its mesh socket busy).")
     # (status, reason) -> count
     rejections: dict[tuple[int, str], int] = field(default_factory=dict)
     disconnects: dict[str, int] = field(

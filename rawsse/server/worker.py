@@ -114,6 +114,10 @@ class Worker:
         self.tick_hooks: list[Callable[[], None]] = []
         self.snapshot_hooks: list[Callable[[dict[str, Any]], None]] = []
         self.accept_gates: set[str] = set()
+        # Asked once per connection, on its first bytes: True when another worker of the node
+        # took the connection (a push sender's, to the worker holding the fewest:
+        # rawsse/node/balance.py). A single worker keeps every connection.
+        self.balance_sender: Callable[[Http1Connection, Any], bool] = _keep_here
         self.preambles = sse.retry_preambles(config.retry_ms)
         self.read_buffer = bytearray(READ_BUFFER_SIZE)
         self.read_view = memoryview(self.read_buffer)
@@ -216,6 +220,20 @@ class Worker:
         if h2.fd >= 0:
             self.loop.replace(h2.fd, h2)
             self.http_conns.add(h2)
+
+    def adopt_connection(self, fd: int, received: bytes) -> Http1Connection:
+        """A push sender's connection another worker of the node handed over after its first
+        read (``rawsse/node/balance.py``), nothing answered on it yet: a fresh connection here,
+        fed ``received``. Over capacity it is still served (refusing it now would lose what it
+        sent); a draining worker answers what it asked, then closes it (HTTP/2: GOAWAY)."""
+        self.stats.senders_adopted += 1
+        conn = Http1Connection(self, fd, False)
+        self.loop.add(fd, conn, READ_EVENTS)
+        self.http_conns.add(conn)
+        conn.resume(received)
+        if self.draining and conn.fd >= 0:
+            conn.finish_then_close()
+        return conn
 
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         """A connection answered a valid ``GET /events``: its socket goes where the router says."""
@@ -344,3 +362,7 @@ class Worker:
 
     def pending_items(self) -> list[tuple[bytes, Push]]:
         return list(self.registry.pending.items())
+
+
+def _keep_here(conn: Http1Connection, first: Any) -> bool:
+    return False
