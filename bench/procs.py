@@ -170,10 +170,11 @@ class Server(Child):
             return json.loads(resp.read())
 
 
-def run_to_end(name: str, argv: list[str], log_dir: str, timeout: float) -> tuple[int, str]:
+def run_to_end(name: str, argv: list[str], log_dir: str, timeout: float,
+               root: str = ROOT) -> tuple[int, str]:
     """Run a bounded command (the push sender) to completion; SIGINT it past ``timeout``, and
     always leave it ended, even when the bench itself is interrupted."""
-    child = Child(name, argv, log_dir)
+    child = Child(name, argv, log_dir, root=root)
     try:
         code = child.wait(timeout)
     finally:
