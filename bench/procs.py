@@ -55,8 +55,10 @@ class Child:
         self._tree: list[int] | None = None
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self._log = open(self.log_path, "wb")
+        # cwd=root too: ``python -m rawsse`` puts the working directory before PYTHONPATH, so
+        # from another checkout's directory it would import that checkout's rawsse.
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=child_env(root),
+                                     stdin=subprocess.DEVNULL, env=child_env(root), cwd=root,
                                      start_new_session=True)
 
     @property
