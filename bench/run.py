@@ -164,7 +164,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="memory and fan-out phases only (no targeted pushes)")
     parser.add_argument("--root", metavar="TREE",
                         help="run rawsse (server, devices, sender) from this checkout, e.g. a "
-                             "git worktree of the commit before a change (default: this one)")
+                             "git worktree of the commit before a change (default: this one); "
+                             "the baseline server stays this tree's, driven by that checkout's "
+                             "devices and sender")
     parser.add_argument("--out", default=RESULTS_DIR, help="results directory (default %(default)s)")
     parser.add_argument("--name", help="file name stem (default: PLAN-YYYYmmdd-HHMMSS)")
     parser.add_argument("--logs", help="directory for child logs and device/push reports "
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in variants:
         spec.levels = args.levels or spec.levels
         spec.targeted = spec.targeted and not args.skip_targeted
-        if args.root and spec.kind == "rawsse":
+        if args.root:  # the baseline server is this tree's, driven by that tree's tools
             spec.root = os.path.abspath(args.root)
     top = max(v.levels[-1] for v in variants)
     problems, warnings = preflight(top)
