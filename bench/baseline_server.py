@@ -115,7 +115,8 @@ class Node:
         # Apple, "Sending notification requests to APNs").
         self.pending: dict[bytes, tuple[bytes, float]] = {}
         self.counters = {"pushes": 0, "delivered_live": 0, "delivered_on_connect": 0,
-                         "stored": 0, "broadcasts": 0, "broadcast_writes": 0, "takeovers": 0}
+                         "stored": 0, "broadcasts": 0, "broadcast_writes": 0, "takeovers": 0,
+                         "broadcast_write_us": 0}  # time in the write loop, as rawsse counts it
         self.started = time.time()
 
     def attach(self, token: bytes, conn: "Connection") -> None:
@@ -145,10 +146,12 @@ class Node:
 
     def broadcast(self, frame: bytes, prefix: bytes) -> int:
         written = 0
+        started = time.perf_counter()
         for token, conn in self.streams.items():
             if token.startswith(prefix):
                 conn.transport.write(frame)
                 written += 1
+        self.counters["broadcast_write_us"] += int((time.perf_counter() - started) * 1e6)
         self.counters["broadcasts"] += 1
         self.counters["broadcast_writes"] += written
         return written

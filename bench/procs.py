@@ -55,8 +55,10 @@ class Child:
         self._tree: list[int] | None = None
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self._log = open(self.log_path, "wb")
+        # cwd=root too: ``python -m rawsse`` puts the working directory before PYTHONPATH, so
+        # from another checkout's directory it would import that checkout's rawsse.
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=child_env(root),
+                                     stdin=subprocess.DEVNULL, env=child_env(root), cwd=root,
                                      start_new_session=True)
 
     @property
@@ -170,10 +172,11 @@ class Server(Child):
             return json.loads(resp.read())
 
 
-def run_to_end(name: str, argv: list[str], log_dir: str, timeout: float) -> tuple[int, str]:
+def run_to_end(name: str, argv: list[str], log_dir: str, timeout: float,
+               root: str = ROOT) -> tuple[int, str]:
     """Run a bounded command (the push sender) to completion; SIGINT it past ``timeout``, and
     always leave it ended, even when the bench itself is interrupted."""
-    child = Child(name, argv, log_dir)
+    child = Child(name, argv, log_dir, root=root)
     try:
         code = child.wait(timeout)
     finally:

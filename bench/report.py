@@ -76,6 +76,17 @@ def fmt_fanout_delivery(variant: Result) -> str:
     return text
 
 
+def fmt_worker_writes(workers: Any) -> str:
+    """``212.0 ms (61.3 ms)``: the longest write loop of one broadcast on any worker, and the mean
+    over workers; with the streams a socket could not take whole at once, per broadcast."""
+    if not isinstance(workers, dict):
+        return "—"
+    text = f"{workers['write_ms_max']:,.1f} ms ({workers['write_ms_mean']:,.1f} ms)"
+    if workers.get("deferred_per_broadcast"):
+        text += f", {workers['deferred_per_broadcast']:,.0f} deferred"
+    return text
+
+
 def total_per_stream(variant: Result) -> float | None:
     user = dig(variant, "memory", "slopes", "anon_pss", "bytes_per_conn")
     kernel = dig(variant, "memory", "slopes", "socket_caches_total")
@@ -106,6 +117,12 @@ ROWS: list[tuple[str, Callable[[Result], str]]] = [
     ("Broadcast fan-out p50 / p99 / max", lambda v: fmt_latency(dig(v, "fanout", "latency_ms"))),
     ("Broadcast events received / broadcasts × streams", lambda v: fmt_fanout_delivery(v)),
     ("Broadcast: server answer time (mean)", lambda v: fmt_ms(dig(v, "fanout", "answer_ms_mean"))),
+    ("Broadcast: slowest worker's write loop (mean of workers)",
+     lambda v: fmt_worker_writes(dig(v, "fanout", "workers"))),
+    ("Broadcast: server CPU / stream written",
+     lambda v: fmt_us(dig(v, "fanout", "server_cpu_us_per_stream_written"))),
+    ("Broadcast: devices' CPU / event read",
+     lambda v: fmt_us(dig(v, "fanout", "devices_cpu_us_per_event"))),
     ("Targeted push, 5 keep-alive senders", lambda v: fmt_rate(dig(v, "targeted", "keepalive", "per_second"))),
     ("Server CPU / push, 5 keep-alive senders", lambda v: fmt_us(dig(v, "targeted", "keepalive", "cpu_us_per_push"))),
     ("Targeted push, pipelined", lambda v: fmt_rate(dig(v, "targeted", "pipelined", "per_second"))),

@@ -156,6 +156,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", default=[], metavar="VARIANT",
                         help="run only this variant (repeatable), e.g. rawsse-1w, baseline-1w; "
                              "rawsse-Nw for any N runs rawsse with N workers at the plan's levels")
+    parser.add_argument("--levels", type=parse_levels, metavar="N,N,...",
+                        help="stream counts to step through instead of the plan's, e.g. "
+                             "20000,60000 with --only rawsse-4w: the many-worker fan-out without "
+                             "the 300k run")
+    parser.add_argument("--skip-targeted", action="store_true",
+                        help="memory and fan-out phases only (no targeted pushes)")
+    parser.add_argument("--root", metavar="TREE",
+                        help="run rawsse (server, devices, sender) from this checkout, e.g. a "
+                             "git worktree of the commit before a change (default: this one); "
+                             "the baseline server stays this tree's, driven by that checkout's "
+                             "devices and sender")
     parser.add_argument("--out", default=RESULTS_DIR, help="results directory (default %(default)s)")
     parser.add_argument("--name", help="file name stem (default: PLAN-YYYYmmdd-HHMMSS)")
     parser.add_argument("--logs", help="directory for child logs and device/push reports "
@@ -164,6 +175,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.plan = args.plan or "standard"
     return args
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(part.replace("_", "")) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give stream counts as N,N,... (20000,60000)")
+    if len(levels) < 2 or any(n < 100 for n in levels) or levels != sorted(set(levels)):
+        raise argparse.ArgumentTypeError(f"{text!r}: at least two increasing counts of 100 or more "
+                                         f"(the memory slopes are fitted between them)")
+    return levels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no variant named {args.only}; plan {args.plan} has "
                   f"{[v.name for v in PLANS[args.plan]()[0]]}", file=sys.stderr)
             return 2
+    for spec in variants:
+        spec.levels = args.levels or spec.levels
+        spec.targeted = spec.targeted and not args.skip_targeted
+        if args.root:  # the baseline server is this tree's, driven by that tree's tools
+            spec.root = os.path.abspath(args.root)
     top = max(v.levels[-1] for v in variants)
     problems, warnings = preflight(top)
     for line in problems + warnings:
@@ -187,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"meta": run_meta(args.plan, settings), "variants": {},
                               "targets": report.TARGETS,
                               "preflight": problems + warnings, "log_dir": log_dir}
+    result["meta"]["rawsse_root"] = os.path.abspath(args.root or procs.ROOT)
     for spec in variants:
         print(f"[bench] {spec.name}: {spec.levels[0]:,} → {spec.levels[-1]:,} streams ...",
               flush=True)

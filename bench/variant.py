@@ -40,6 +40,7 @@ class VariantSpec:
     levels: list[int]
     fanout: bool = True
     targeted: bool = True
+    root: str = procs.ROOT  # the checkout whose rawsse (server, devices, sender) runs
 
 
 @dataclasses.dataclass
@@ -67,14 +68,16 @@ def run_variant(spec: VariantSpec, settings: PhaseSettings, log_dir: str) -> dic
         # rawsse answers 503 past --max-connections (default 300,000, counted over all
         # connections): room for the bench's own broadcast and stats requests at the top level.
         extra += ["--max-connections", str(spec.levels[-1] + max(1000, spec.levels[-1] // 10))]
-    server = procs.Server(spec.kind, spec.workers, "127.0.0.1", port, log_dir, extra=extra)
+    server = procs.Server(spec.kind, spec.workers, "127.0.0.1", port, log_dir, extra=extra,
+                          root=spec.root)
     started = time.monotonic()
     try:
         server.wait_ready()
         result["memory"], devices = memory_phase(server, spec, settings, log_dir)
         try:
             if spec.fanout:
-                result["fanout"] = fanout_phase(server, settings, result["memory"]["top_connections"])
+                result["fanout"] = fanout_phase(server, settings, result["memory"]["top_connections"],
+                                                procs.process_tree(devices.pid))
         finally:
             result["memory"]["devices_report"] = stop_devices(devices)
         if spec.fanout:
@@ -106,7 +109,7 @@ def memory_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSetting
     duration = ramp_seconds * 3 + fanout_seconds + 120
     devices = procs.Child(f"{spec.name}-memory-devices",
                           load.devices_argv(server.url, top, report, duration, ramp=settings.ramp),
-                          log_dir, report_path=report)
+                          log_dir, report_path=report, root=spec.root)
     samples = []
     try:
         for level in spec.levels:
@@ -149,12 +152,17 @@ def stop_devices(devices: procs.Child) -> dict[str, Any]:
 
 # ---- phase 2: broadcast fan-out ----
 
-def fanout_phase(server: procs.Server, settings: PhaseSettings, streams: int) -> dict[str, Any]:
+def fanout_phase(server: procs.Server, settings: PhaseSettings, streams: int,
+                 device_pids: list[int]) -> dict[str, Any]:
     """Stamped broadcasts, ``broadcast_gap`` apart. Right after each answer the kernel's TCP memory
     is read: every stream then holds one unread event, charged about a 4 KB page in ``tcp_mem``
-    accounting (tcp(7), tcp_mem) even for a small event."""
+    accounting (tcp(7), tcp_mem) even for a small event. The server's and the devices' CPU over
+    the phase (gaps included: the devices read their backlog in them) price a stream written and
+    an event read; rawsse's ``/stats`` adds each worker's own write time."""
     from rawsse.load.stamp import new_stamped_id
     before = memory.kernel_memory().sockstat_mem
+    stats_before = server_stats(server)
+    server_cpu, devices_cpu = memory.cpu_seconds(server.pids), memory.cpu_seconds(device_pids)
     answers: list[dict[str, Any]] = []
     peak = before
     for _ in range(settings.broadcasts):
@@ -162,17 +170,54 @@ def fanout_phase(server: procs.Server, settings: PhaseSettings, streams: int) ->
         started = time.perf_counter()
         request = urllib.request.Request(server.url + "/broadcast", data=PUSH_BODY, method="POST",
                                          headers={"apns-id": apns_id})
-        with urllib.request.urlopen(request, timeout=60) as resp:
+        with urllib.request.urlopen(request, timeout=180) as resp:
             body = json.loads(resp.read())
         answer_ms = (time.perf_counter() - started) * 1000
         peak = max(peak, memory.kernel_memory().sockstat_mem)
         answers.append({"apns_id": apns_id, "streams": int(body.get("streams", 0)),
+                        "refused": body.get("refused"),
+                        "missing_workers": body.get("missing_workers", []),
                         "answer_ms": answer_ms})
         time.sleep(max(settings.broadcast_gap, streams / DEVICE_READ_RATE))
+    server_cpu = memory.cpu_seconds(server.pids) - server_cpu
+    devices_cpu = memory.cpu_seconds(device_pids) - devices_cpu
+    written = sum(a["streams"] for a in answers)
     return {"streams": streams, "broadcasts": len(answers), "answers": answers,
-            "server_reported_writes": sum(a["streams"] for a in answers),
+            "server_reported_writes": written,
             "answer_ms_mean": sum(a["answer_ms"] for a in answers) / max(1, len(answers)),
-            "sockstat_mem_per_stream_peak": per_stream(peak, before, streams)}
+            "sockstat_mem_per_stream_peak": per_stream(peak, before, streams),
+            "server_cpu_s": round(server_cpu, 4), "devices_cpu_s": round(devices_cpu, 4),
+            "server_cpu_us_per_stream_written": server_cpu / written * 1e6 if written else None,
+            "workers": worker_write_figures(stats_before, server_stats(server), len(answers))}
+
+
+def worker_write_figures(before: dict[str, Any] | None, after: dict[str, Any] | None,
+                         broadcasts: int) -> dict[str, Any] | None:
+    """Per worker and broadcast: the ms its write loop took and the streams whose socket took
+    only part of the event (the rest written once writable), from rawsse's ``/stats`` counters
+    ``broadcast_write_us`` and ``broadcast_deferred``; None for a server without them."""
+    def workers(doc: dict[str, Any] | None) -> list[dict[str, Any]]:
+        doc = doc or {}
+        return doc.get("workers") or [doc]  # the baseline: one process, one document
+
+    workers_before = {w.get("worker"): w for w in workers(before)}
+    figures = []
+    for doc in workers(after):
+        if "broadcast_write_us" not in doc or not broadcasts:
+            return None
+        was = workers_before.get(doc.get("worker"), {})
+        figures.append({
+            "worker": doc.get("worker"), "streams": doc.get("streams"),
+            "write_ms": (doc["broadcast_write_us"] - was.get("broadcast_write_us", 0))
+            / 1000 / broadcasts,
+            "deferred": (doc.get("broadcast_deferred", 0) - was.get("broadcast_deferred", 0))
+            / broadcasts})
+    if not figures:
+        return None
+    times = [f["write_ms"] for f in figures]
+    return {"write_ms_max": max(times), "write_ms_mean": sum(times) / len(times),
+            "write_ms_sum": sum(times),
+            "deferred_per_broadcast": sum(f["deferred"] for f in figures), "per_worker": figures}
 
 
 def attach_device_report(fanout: dict[str, Any], report: dict[str, Any]) -> None:
@@ -184,6 +229,8 @@ def attach_device_report(fanout: dict[str, Any], report: dict[str, Any]) -> None
         fanout["streams"] = report["connected"]
     fanout["expected_events"] = fanout["broadcasts"] * fanout["streams"]
     fanout["events"] = report.get("events")
+    if fanout.get("events"):
+        fanout["devices_cpu_us_per_event"] = fanout["devices_cpu_s"] / fanout["events"] * 1e6
     fanout["duplicates"] = report.get("duplicates")
     fanout["latency_ms"] = {k: latency[k] for k in ("count", "p50", "p90", "p99", "max")
                             if k in latency}
@@ -202,7 +249,7 @@ def targeted_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSetti
     pushes_time = 2 * (settings.targeted_pushes / 1000 + 30)
     devices = procs.Child(f"{spec.name}-targeted-devices",
                           load.devices_argv(server.url, count, report, duration=pushes_time + 120),
-                          log_dir, report_path=report)
+                          log_dir, report_path=report, root=spec.root)
     result: dict[str, Any] = {"devices": count}
     try:
         started = time.monotonic()
@@ -232,7 +279,8 @@ def push_run(server: procs.Server, spec: VariantSpec, settings: PhaseSettings, t
     argv = load.push_argv(server.url, settings.targeted_pushes, tokens, report,
                           senders=settings.senders, pipeline=pipeline, max_time=60)
     cpu_before = memory.cpu_seconds(server.pids)
-    code, output = procs.run_to_end(f"{spec.name}-push-p{pipeline}", argv, log_dir, timeout=90)
+    code, output = procs.run_to_end(f"{spec.name}-push-p{pipeline}", argv, log_dir, timeout=90,
+                                    root=spec.root)
     cpu = memory.cpu_seconds(server.pids) - cpu_before
     push_report = procs.read_report(report)
     accepted = push_report.get("accepted") or 0

@@ -207,3 +207,5 @@ class ServeConfig:
     redis_prefix: str = "rawsse:"
     # How long a broadcast waits for the other nodes' answers (rawsse/cluster/broadcast.py)
     broadcast_wait: float = 5.0
+    # How long a broadcast waits for this node's other workers (rawsse/node/mesh.py)
+    broadcast_worker_wait: float = 120.0

@@ -79,6 +79,68 @@ def test_every_split_of_the_stream_parses_the_same() -> None:
         assert device.partial == b""
 
 
+def rawsse_event(apns_id: str | None = None, payload: str = '{"mdm":"pushmagicA"}') -> bytes:
+    """An event as rawsse writes it (``sse.encode_event``): the shape ``feed`` counts whole."""
+    from rawsse.server.sse import encode_event
+    return encode_event((apns_id or new_stamped_id()).encode(), payload.encode())
+
+
+def test_whole_events_counted_without_the_line_parser_count_as_the_line_parser_does() -> None:
+    """``feed`` counts reads of whole rawsse-shaped events without the line parser; on any
+    stream, split anywhere, it gives what the line parser alone gives: events, unstamped ids,
+    duplicates, latencies, what is left over and the error."""
+    import random
+    rng = random.Random(14)
+    apns_id = new_stamped_id()
+    pieces = [rawsse_event(), rawsse_event(), rawsse_event(apns_id), rawsse_event(apns_id),
+              rawsse_event(payload="two\nlines"), rawsse_event("4d42a7b2-5178-4cf3-b7ba-a062fcff3aca"),
+              event("short-id", "x"), event(new_stamped_id(), "a", "b"), b": keepalive\n\n",
+              b"id: " + apns_id.encode() + b"\nevent: ping\n\n",  # no data: not delivered
+              b"id: " + apns_id.encode() + b"\n\n", b"\n", b"retry: 100\n\n",
+              rawsse_event().replace(b"\n", b"\r\n"), b"data: no id\n\n",
+              rawsse_event()[:-1] + b"\nevent: ping\ndata: more\n\n",
+              rawsse_event(payload="x" * (device_module.MAX_LINE - 50)),
+              rawsse_event(payload="x" * device_module.MAX_LINE),  # a line too long
+              rawsse_event()[:-2] + b"\nbogus\n\n",
+              b"id: " + apns_id[:35].encode() + b"\r\nevent: ping\ndata: x\n\n",
+              b"data: begun\n", b"id: " + apns_id.encode() + b"\n",  # an event's first lines
+              b"data: no line end", b": no line end"]
+    for case in range(600):
+        chosen = [rng.choice(pieces) for _ in range(rng.randint(1, 6))]
+        stream = b"".join(chosen)
+        if case % 3 == 0:  # anywhere
+            cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 3))))
+        elif case % 3 == 1:  # at event ends only: whole events in every read
+            ends = [i + 2 for i in range(len(stream)) if stream.startswith(b"\n\n", i)]
+            cuts = sorted(rng.sample(ends, min(len(ends), rng.randint(0, 3))))
+        else:  # between the pieces
+            cuts = [sum(map(len, chosen[:k])) for k in range(1, len(chosen))]
+        reads = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)]) if a < b]
+        fast, lines = make_device(), make_device()
+        for read in reads:
+            assert fast.feed(read) == lines._parse_lines(read), (stream, reads)
+            assert parsed(fast) == parsed(lines), (stream, reads)
+
+
+def parsed(device: device_module.Device) -> tuple[object, ...]:
+    """What a device made of the bytes it was fed so far."""
+    group = device.group
+    return (group.events, group.unstamped, group.duplicates, group.latency.count, device.partial,
+            device.event_id, device.has_data, device.recent_ids)
+
+
+def test_a_read_of_whole_rawsse_events_skips_the_line_parser(monkeypatch) -> None:
+    """The point of the fast path: one read of whole events never reaches the line parser."""
+    device = make_device()
+
+    def no_parser(self: device_module.Device, data: bytes) -> str | None:
+        raise AssertionError(f"line parser called for {data!r}")
+    monkeypatch.setattr(device_module.Device, "_parse_lines", no_parser)
+    assert device.feed(rawsse_event()) is None
+    assert device.feed(rawsse_event() + rawsse_event() + rawsse_event()) is None
+    assert device.group.events == 4 and device.group.latency.count == 4
+
+
 def test_an_event_without_data_is_not_delivered() -> None:
     device = make_device()
     assert device.feed(b"id: x\nevent: ping\n\n\n\n") is None
@@ -86,7 +148,7 @@ def test_an_event_without_data_is_not_delivered() -> None:
     assert device.feed(b"data: later, without an id\n\n") is None  # x is not carried over
     assert device.group.events == 1
     assert device.group.unstamped == 1
-    assert device.recent_ids == b""
+    assert device.recent_ids == ()
 
 
 def test_unstamped_and_duplicate_ids_are_counted() -> None:

@@ -351,6 +351,8 @@ def test_generated_ids_are_distinct_lowercase_v4_uuids():
     ("--listen", "nonsense"),
     ("--delivery-delay", "uniform:2s-1s"),
     ("--header-timeout", "0"),
+    ("--broadcast-worker-wait", "0"),
+    ("--broadcast-worker-wait", "121"),
 ])
 def test_cli_bad_flag_is_one_line_naming_the_flag(flag, value):
     args = [sys.executable, "-m", "rawsse", "serve", "--listen", "127.0.0.1:0", flag, value]

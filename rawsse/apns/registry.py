@@ -191,19 +191,20 @@ class Registry:
             log.record(REQUEUED, token, push)
         self.store.store_requeued(token, push)
 
-    def broadcast(self, frame: bytes, prefix: bytes | str = b"") -> tuple[int, int]:
+    def broadcast(self, frame: bytes, prefix: bytes | str = b"") -> tuple[int, int, int]:
         """Write one shared ``frame`` to every stream (or those whose token starts with
         ``prefix``: raw bytes for an even-length hex prefix, the hex text for an odd one).
-        (written, refused): a refusing stream ended instead (a reader too far behind is closed
-        as for any push, ``Stream.send``; or its device had gone)."""
+        (written, refused, deferred): a refusing stream ended instead (a reader too far behind
+        is closed as for any push, ``Stream.send``; or its device had gone); a deferred one
+        took part of the frame, the rest follows when its socket is writable."""
         if not prefix:
             targets = list(self.streams.values())
         elif isinstance(prefix, bytes):
             targets = [s for t, s in self.streams.items() if t.startswith(prefix)]
         else:
             targets = [s for t, s in self.streams.items() if t.hex().startswith(prefix)]
-        written = Stream.send_to_all(targets, frame)
-        return written, len(targets) - written
+        refused, deferred = Stream.send_to_all(targets, frame)
+        return len(targets) - refused, refused, deferred
 
     # -- expiry -------------------------------------------------------------------------------
 

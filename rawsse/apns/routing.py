@@ -45,14 +45,19 @@ class Accepted(enum.IntEnum):
 HELD, QUEUE_FULL, UNREACHABLE = Accepted.HELD, Accepted.QUEUE_FULL, Accepted.UNREACHABLE
 
 PushAnswer = Callable[[Accepted], None]
-# What a broadcast reached: ``{"streams", "refused"}`` for a node; in Redis mode also "nodes",
-# "missing" and "reasons" (``rawsse.cluster.broadcast``). The answer to POST /broadcast.
+# What a broadcast reached: ``{"streams", "refused"}`` for a node, and "missing_workers" when
+# some of its workers gave no count; in Redis mode also "nodes", "missing" and "reasons"
+# (``rawsse.cluster.broadcast``). The answer to POST /broadcast.
 BroadcastAnswer = Callable[[dict[str, Any]], None]
 
 
-def tally(written: int, refused: int) -> dict[str, Any]:
-    """A node's (or a worker's) part of a broadcast, as its answer shows it."""
-    return {"streams": written, "refused": refused}
+def tally(written: int, refused: int, missing_workers: list[int] | None = None) -> dict[str, Any]:
+    """A node's (or a worker's) part of a broadcast, as its answer shows it: the workers that
+    gave no count (down, or late) are named, so a sum short of them never passes for whole."""
+    part: dict[str, Any] = {"streams": written, "refused": refused}
+    if missing_workers:
+        part["missing_workers"] = missing_workers
+    return part
 
 
 class Owner(Protocol):

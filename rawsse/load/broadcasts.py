@@ -6,6 +6,8 @@ that gave no part (``missing``, with one ``reasons`` entry each: no answer withi
 ``--broadcast-wait``, lapsed, not subscribed, Redis down; ``*`` when none could be named). A run
 sums both counts and counts, per missing node, the broadcasts that named it, keeping the last
 reason given: a node missing from every broadcast is down, one missing now and then is slow.
+Likewise per worker of a node named in ``missing_workers`` (no count within
+``--broadcast-worker-wait``, or down).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import orjson
 
 
 class BroadcastTally:
-    __slots__ = ("streams", "refused", "missing", "reasons")
+    __slots__ = ("streams", "refused", "missing", "reasons", "missing_workers")
 
     def __init__(self) -> None:
         self.streams = 0
         self.refused = 0
         self.missing: dict[str, int] = {}  # node id -> broadcasts that named it
         self.reasons: dict[str, str] = {}  # node id -> the last reason given
+        self.missing_workers: dict[str, int] = {}  # worker index -> broadcasts that named it
 
     def add(self, body: bytes) -> None:
         """One ``200`` answer's body; fields that are absent (a single node) or malformed are
@@ -35,6 +38,11 @@ class BroadcastTally:
             return
         self.streams += _count(doc.get("streams"))
         self.refused += _count(doc.get("refused"))
+        workers = doc.get("missing_workers")
+        for worker in workers if isinstance(workers, list) else ():
+            if isinstance(worker, int):
+                key = str(worker)
+                self.missing_workers[key] = self.missing_workers.get(key, 0) + 1
         missing, reasons = doc.get("missing"), doc.get("reasons")
         if not isinstance(missing, list):
             return
@@ -46,17 +54,21 @@ class BroadcastTally:
                     self.reasons[node] = reason
 
     def progress_text(self) -> str:
-        """`` streams 1200 refused 3 missing nb 2``: for the progress line (a node, then how
-        many broadcasts named it)."""
+        """`` streams 1200 refused 3 missing nb 2 missing workers 3:1``: for the progress line
+        (a node, then how many broadcasts named it; a worker:how many)."""
         text = f" streams {self.streams} refused {self.refused}"
         if self.missing:
             text += " missing " + ", ".join(f"{node} {n}" for node, n in self.missing.items())
+        if self.missing_workers:  # worker:broadcasts
+            text += " missing workers " + ", ".join(
+                f"{worker}:{n}" for worker, n in self.missing_workers.items())
         return text
 
     def report(self) -> dict[str, Any]:
         return {"streams": self.streams, "refused": self.refused,
                 "missing": dict(sorted(self.missing.items())),
-                "missing_reasons": dict(sorted(self.reasons.items()))}
+                "missing_reasons": dict(sorted(self.reasons.items())),
+                "missing_workers": dict(sorted(self.missing_workers.items(), key=lambda kv: int(kv[0])))}
 
 
 def _count(value: Any) -> int:

@@ -53,6 +53,7 @@ import array
 import logging
 import os
 import socket
+from functools import partial
 from typing import Any, Callable
 
 import orjson
@@ -80,8 +81,8 @@ MAX_QUEUED = 8 * 1024 * 1024
 REQUEST_TIMEOUT = 5.0
 # A broadcast reply comes after the peer wrote to every one of its streams: ~18k loopback writes
 # per worker took 3-6 s at 300k streams on 2 shared cores (measured with ``python bench/run.py
-# --full``), so a 5 s timeout under-counted; the answer waits longer rather than report a wrong
-# count.
+# --full``), so a 5 s timeout under-counted. The longest --broadcast-worker-wait (and its
+# default); a worker that has not answered by then is named in the answer's "missing_workers".
 BROADCAST_TIMEOUT = 120.0
 
 
@@ -287,25 +288,37 @@ class Mesh:
             return False
         return True
 
-    def broadcast(self, frame: bytes, prefix: str, done: Callable[[int, int], None]) -> None:
-        """Ask every peer to write ``frame`` to its streams; ``done(written, refused)`` summed
-        over the workers once all replied (a peer that is down counts 0)."""
-        state = [0, 0, 0]  # replies still awaited, written, refused
+    def broadcast(self, frame: bytes, prefix: str,
+                  done: Callable[[int, int, list[int]], None]) -> None:
+        """Ask every peer to write ``frame`` to its streams; ``done(written, refused, missing)``
+        summed over the workers once all replied or ``--broadcast-worker-wait`` passed:
+        ``missing`` names the workers that gave no count (down, or not done in time: such a
+        worker may still write the event; its streams are not in the sums).
 
-        def reply(tally: tuple[int, int]) -> None:
-            state[1] += tally[0]
-            state[2] += tally[1]
-            state[0] -= 1
-            if state[0] == 0:
-                done(state[1], state[2])
+        The requests leave before this worker writes its own streams, so every worker writes
+        at once (queued for the end of the turn, they waited for this worker's whole loop)."""
+        waited = {peer for peer in range(self.count) if peer != self.index}
+        tally = [0, 0]  # written, refused
+
+        def reply(peer: int, part: tuple[int, int] | None) -> None:
+            if part is not None:
+                waited.discard(peer)
+                tally[0] += part[0]
+                tally[1] += part[1]
+            replies[0] -= 1
+            if replies[0] == 0:
+                done(tally[0], tally[1], sorted(waited))
 
         prefix_bytes = prefix.encode()
         peers = self.worker_peers()
-        state[0] = len(peers) + 1
+        replies = [len(peers) + 1]
+        wait = self.worker.config.broadcast_worker_wait
         for peer in peers:
-            rid = self.expect(peer, reply, (0, 0), BROADCAST_TIMEOUT)
+            rid = self.expect(peer, partial(reply, peer), None, wait)
             self.send(peer, BCAST, encode(BCAST, rid, prefix_bytes, frame))
-        reply(self.worker.broadcast_local(frame, prefix))
+        if peers:
+            self.flush()
+        reply(self.index, self.worker.broadcast_local(frame, prefix))
 
     def collect(self, kind: int, body: bytes, done: Callable[[list[Any]], None]) -> None:
         """Ask every reachable peer (``STATS``, ``ADMIN``); ``done`` gets their JSON replies

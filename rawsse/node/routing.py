@@ -88,7 +88,8 @@ class MeshRouter:
 
     def node_broadcast(self, frame: bytes, prefix: str, done: BroadcastAnswer) -> None:
         """Every worker of this node writes ``frame`` to its streams."""
-        self.mesh.broadcast(frame, prefix, lambda written, refused: done(tally(written, refused)))
+        self.mesh.broadcast(frame, prefix, lambda written, refused, missing: done(
+            tally(written, refused, missing)))
 
     def node_stats(self, done: Callable[[Document], None]) -> None:
         """``done(document)`` for this node: every worker's snapshot and the master's facts."""

@@ -160,6 +160,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Redis mode: how long POST /broadcast waits for the other nodes' counts; a node "
              "that has not answered by then is named in the answer's \"missing\" (it may still "
              f"write the event) (default: {d.broadcast_wait:g}, at most {MAX_BROADCAST_WAIT:g})")
+    add("--broadcast-worker-wait", default=f"{d.broadcast_worker_wait:g}", metavar="SECONDS",
+        help="how long POST /broadcast waits for each of this node's workers to write the event "
+             "to its streams and give its count; a worker that has not by then (or is down) is "
+             "named in the answer's \"missing_workers\" and its streams are not in \"streams\" "
+             "(it may still write the event); checked each second (default: %(default)s, at "
+             f"most {BROADCAST_TIMEOUT:g})")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="(default: %(default)s)")
 
@@ -195,6 +201,7 @@ def build_config(args: argparse.Namespace) -> ServeConfig:
         drain_seconds=parse_duration(args.drain_seconds, "--drain-seconds"),
         state_file=_writable_state_file(args.state_file),
         log_level=args.log_level,
+        broadcast_worker_wait=_broadcast_worker_wait(args.broadcast_worker_wait),
         **_redis_options(args),
         **auth_flags.auth_options(args),
         **_tls_options(args, [("--listen", listen),
@@ -316,6 +323,14 @@ def _writable_state_file(path: str | None) -> str | None:
     if os.path.isdir(path):
         raise ConfigError("--state-file", f"{path} is a directory")
     return path
+
+
+def _broadcast_worker_wait(text: str) -> float:
+    wait = _positive(text, "--broadcast-worker-wait")
+    if wait > BROADCAST_TIMEOUT:
+        raise ConfigError("--broadcast-worker-wait", f"{text.strip()} is over "
+                          f"{BROADCAST_TIMEOUT:g} s")
+    return wait
 
 
 def _positive(text: str, flag: str) -> float:

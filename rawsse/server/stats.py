@@ -74,6 +74,13 @@ class Stats:
     broadcasts: int = _counter("rawsse_broadcasts_total", "Broadcasts handled.")
     broadcast_events: int = _counter("rawsse_broadcast_events_total",
                                      "Broadcast events written to streams.")
+    broadcast_write_us: int = _counter(
+        "rawsse_broadcast_write_microseconds_total",
+        "Time this worker spent writing broadcast events to its streams (the write loop).")
+    broadcast_deferred: int = _counter(
+        "rawsse_broadcast_deferred_total",
+        "Broadcast events a stream's socket did not take whole at once (its buffer was full): "
+        "the rest is written when the socket is writable.")
     keepalives: int = _counter("rawsse_keepalives_total", "Keepalive comments written.")
     slow_reader_closes: int = _counter("rawsse_slow_reader_closes_total",
                                        "Streams closed over their output buffer.")

@@ -1,0 +1,120 @@
+"""A broadcast on a prefork node (rawsse/node/mesh.py ``Mesh.broadcast``), over real processes:
+every worker writes its own streams and gives its count; each worker's write loop is in /stats;
+a worker that does not answer within ``--broadcast-worker-wait`` is named in the answer
+(``missing_workers``), which then comes after the wait, never silently short.
+
+One two-worker node for the module, with a short wait; worker 1 is held still with SIGSTOP."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import time
+import uuid
+from typing import Iterator
+
+import pytest
+
+from conftest import Server, launch
+from wire import HTTPClient, SSEReader, build_request, get_json
+
+from rawsse.load.broadcasts import BroadcastTally
+from rawsse.node.routing import owner_of
+
+WAIT = 0.5  # --broadcast-worker-wait
+SLOW = 1  # the worker held still
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[Server]:
+    srv, holders = launch("--keepalive", "0", "--workers", "2",
+                          "--broadcast-worker-wait", str(WAIT))
+    yield srv
+    srv.stop()
+    for holder in holders:
+        holder.close()
+
+
+def owned(tag: str, worker: int, count: int) -> list[str]:
+    """``count`` hex tokens that worker ``worker`` of two owns."""
+    tokens = (f"bcast-{tag}-{i:04d}".encode() for i in itertools.count())
+    return [raw.hex() for raw in itertools.islice(
+        (raw for raw in tokens if owner_of(raw, 2) == worker), count)]
+
+
+def workers(srv: Server) -> list[dict]:
+    return get_json(srv.host, srv.admin_port, "/stats")["workers"]
+
+
+def broadcast(client: HTTPClient, body: bytes) -> tuple[bytes, float]:
+    """POST /broadcast on ``client``: (the answer's body, seconds it took)."""
+    started = time.monotonic()
+    answer = client.request("POST", "/broadcast", body, {"apns-id": str(uuid.uuid4())})
+    assert answer.status == 200, answer.body
+    return answer.body, time.monotonic() - started
+
+
+def answering_connection(srv: Server) -> HTTPClient:
+    """A keep-alive connection that a running worker accepted, found while worker SLOW is
+    stopped: only a running worker answers ``/healthz`` on it."""
+    for _ in range(40):
+        client = HTTPClient(srv.host, srv.port)
+        client.send(build_request("GET", "/healthz"))
+        try:
+            [answer] = client.read_responses(1, timeout=0.3)
+        except TimeoutError:  # the stopped worker took this connection
+            client.close()
+            continue
+        assert answer.status == 200
+        return client
+    raise AssertionError("no connection reached the running worker")
+
+
+def test_every_worker_writes_its_streams_and_its_write_loop_is_counted(node, readers):
+    tokens = owned("all", 0, 2) + owned("all", 1, 3)
+    readers.extend(SSEReader(node.host, node.port, t) for t in tokens)
+    before = workers(node)
+    client = HTTPClient(node.host, node.port)
+    body, _ = broadcast(client, b"everyone")
+    client.close()
+    answer = json.loads(body)
+    assert answer["streams"] == 5 and answer["refused"] == 0
+    assert "missing_workers" not in answer  # every worker gave its count
+    for reader in readers:
+        event = reader.next_event(timeout=5)
+        assert event is not None and event.data == "everyone", reader.token
+    after = workers(node)
+    for was, now in zip(before, after):
+        assert now["broadcasts"] == was["broadcasts"] + 1
+        assert now["broadcast_write_us"] > was["broadcast_write_us"], "its loop is timed"
+        assert now["broadcast_deferred"] == was["broadcast_deferred"]  # small events: all taken
+    assert [now["broadcast_events"] - was["broadcast_events"]
+            for was, now in zip(before, after)] == [2, 3]
+
+
+def test_a_worker_that_gives_no_count_in_time_is_named_and_writes_later(node, readers):
+    here, late = owned("slow", 1 - SLOW, 2), owned("slow", SLOW, 3)
+    readers.extend(SSEReader(node.host, node.port, t) for t in here + late)
+    pid = workers(node)[SLOW]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        client = answering_connection(node)
+        body, took = broadcast(client, b"while one sleeps")
+        client.close()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    answer = json.loads(body)
+    # Only the running worker's streams are counted, and the answer says which worker is not.
+    assert answer["missing_workers"] == [SLOW], answer
+    assert answer["streams"] == len(here) and answer["refused"] == 0
+    assert WAIT <= took < WAIT + 2.0, "the answer waits --broadcast-worker-wait, no longer"
+    tally = BroadcastTally()  # what ``rawsse push --broadcast`` makes of it
+    tally.add(body)
+    assert tally.report()["missing_workers"] == {str(SLOW): 1}
+    assert tally.progress_text().endswith(f" missing workers {SLOW}:1")
+    # The stopped worker had the request in its socket: running again, it writes the event.
+    for reader in readers:
+        event = reader.next_event(timeout=5)
+        assert event is not None and event.data == "while one sleeps", reader.token
