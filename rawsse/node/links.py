@@ -113,6 +113,20 @@ class OutLink:
         if out is None:  # the link died after these were queued: the waiting requests already
             close_fds(messages)  # failed; the hand-offs' devices reconnect
             return
+        if len(messages) == 1 and not out.messages and not messages[0][1]:
+            # The usual turn: one message, no fds, nothing waiting: sent here, no queue calls.
+            try:
+                self.sock.send(messages[0][0])  # type: ignore[union-attr]
+            except BlockingIOError:
+                pass  # queued below, sent once writable
+            except OSError:
+                out.push(*messages[0])
+                self.close("send failed")
+                return
+            else:
+                if self.outbox.unsent:
+                    self.outbox.sent()
+                return
         for message, fds in messages:
             out.push(message, fds)
         self.flush()

@@ -66,7 +66,6 @@ from rawsse.node.links import InLink, MeshListener, OutLink, close_fds
 from rawsse.node.wire import (
     ACK, ADMIN, BCAST, BCAST_DONE, HANDOFF, PUSH, RECV_SIZE, REPLY, SENDER, STATS, TAKEN,
     address, decode, decoder, encode, encoder, framer, iter_records, pack_messages, record,
-    sender_of,
 )
 from rawsse.server.loop import EPOLLIN
 
@@ -393,7 +392,7 @@ class Mesh:
 
     def receive(self, data: bytes, fds: list[int], link: InLink) -> int:
         """Handle one message that came on ``link``; returns the index of the peer that sent it."""
-        self._reply_to = sender = sender_of(data)
+        self._reply_to = sender = ((data[0] & 0x7F) << 8) | data[1]  # wire.sender_of
         records = iter_records(data)
         pushes = [_decode_push(body) for kind, body in records if kind == PUSH]
         if pushes:
