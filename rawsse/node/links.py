@@ -38,12 +38,11 @@ log = logging.getLogger("rawsse.node.mesh")
 _frame_taken, _decode_taken = framer(TAKEN), decoder(TAKEN)
 # A message on the way back holds one TAKEN record: the sender index, the header, the body.
 _TAKEN_MESSAGE = struct.Struct(SENDER.format + HEADER.format.lstrip("!") + "QIII")
-_TAKEN_BODY = _TAKEN_MESSAGE.size - SENDER.size - HEADER.size
 
 # An outbound link is watched for its end and for room to write, not for input: what comes back
 # on it is the owner's TAKEN, read when convenient (``OutLink.read_acks``).
 LINK_EVENTS = EPOLLRDHUP
-TAKEN_MESSAGE = 256  # a TAKEN message is 23 bytes
+TAKEN_MESSAGE = 256  # a TAKEN message is 27 bytes
 # _RESET: a peer that dies with messages it never read makes our next recv fail once with
 # ECONNRESET, before the messages it had sent us (Linux: unix_release_sock sets the error,
 # __skb_try_recv_datagram reports it first). Those messages still count (a forwarded push

@@ -224,7 +224,8 @@ class Mesh:
         messages = pack_messages(self.index, records)
         if outbox.staged_pushes:
             outbox.staged_pushes = False
-            link.acks_due += len(messages) if len(messages) == 1 else _pushing(messages)
+            if self.ledgers is not None:  # in Redis mode owners answer ACKs, never a TAKEN
+                link.acks_due += len(messages) if len(messages) == 1 else _pushing(messages)
         link.send(messages)
         if taken is not None and (not riding or link.out is None or link.out.messages):
             # Not in the kernel yet (or not riding): acknowledge on the link the pushes came
