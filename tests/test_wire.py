@@ -26,7 +26,7 @@ SAMPLES: dict[int, tuple[tuple[object, ...], bytes]] = {
     PUSH: ((7, 2**40 + 3, 1.7e9, 4.5, 0.5, TOKEN, FRAME),
            struct.pack("!IQdddB", 7, 2**40 + 3, 1.7e9, 4.5, 0.5, 32) + TOKEN + FRAME),
     ACK: ((7, -1), struct.pack("!Ib", 7, -1)),
-    TAKEN: ((2**40 + 3, 256, 1 << 20), struct.pack("!QII", 2**40 + 3, 256, 1 << 20)),
+    TAKEN: ((2**40 + 3, 256, 1 << 20, 2), struct.pack("!QIII", 2**40 + 3, 256, 1 << 20, 2)),
     HANDOFF: ((TOKEN, b"GET /events"), struct.pack("!B", 32) + TOKEN + b"GET /events"),
     CONNECTION: ((b"POST /3/device/",), b"POST /3/device/"),
     BCAST: ((9, b"ab", FRAME), struct.pack("!IB", 9, 2) + b"ab" + FRAME),
@@ -101,6 +101,12 @@ def test_codec_keeps_the_byte_layout_and_round_trips(kind: int) -> None:
     assert wire.encode(kind, *fields) == body
     assert wire.decode(kind, body) == fields
     assert wire.decoder(kind)(memoryview(b"xx" + body)[2:]) == fields  # a view into a message
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_a_framer_is_the_record_of_the_encoded_body(kind: int) -> None:
+    fields, body = SAMPLES[kind]
+    assert wire.framer(kind)(*fields) == wire.record(kind, body)
 
 
 def test_a_trailing_byte_string_may_be_left_out() -> None:

@@ -18,14 +18,19 @@ busy node: 110 µs per push with 2 workers against 55 µs with one, issue 14). I
   took the request (the owner reads what a dead peer sent before it sees the end of the link).
   Without credit (a new link, a full owner, Redis mode) the push is *asked*: it carries a
   request id and is answered with the owner's ``ACK`` (HELD, or QUEUE_FULL → 503), as before.
-- **Acknowledgement.** The owner answers each message of pushes with one ``TAKEN``: "every push
-  of yours up to sequence number ``upto`` is held, and here is more credit". It sends it the
-  moment it has read the message, *before* it writes any of the pushes to a stream, so a push it
+- **Acknowledgement.** The owner answers the pushes a sender sent it in one loop turn with one
+  ``TAKEN``: "every push of yours up to sequence number ``upto`` is held, here is more credit,
+  and this answers ``messages`` of your messages". It sends it in that turn's mesh flush,
+  *before* it accepts (writes) any of those pushes (``Mesh._accept_taken``), so a push it
   acknowledged is one it holds (its crash loses it, as it loses everything it holds: counted by
-  the master from its heartbeat), and a push it did not acknowledge is one it never wrote. The
-  ``TAKEN`` goes back on the connection the pushes came on, which the sender does not watch for
-  input: it reads its TAKENs when it is awake anyway (``links.OutLink.read_acks``), so an
-  acknowledgement never costs it a wakeup.
+  the master from its heartbeat), and a push it did not acknowledge is one it never wrote. When
+  the owner sends that sender anything else in the turn (its own forwarded pushes, with both
+  workers taking requests), the TAKEN rides in that message: one ``sendmsg`` per peer per turn.
+  Otherwise it goes back on the connection the pushes came on, which the sender does not watch
+  for input, so an acknowledgement never costs it a wakeup: it reads those when its credit runs
+  low (``LOW_CREDIT``), when it is out of it, on its tick, and before it sends anything again
+  to a replacement (``links.OutLink.read_acks``). Delaying them only keeps the promised pushes
+  here a little longer, at most the credit's worth.
 - **Kept until taken.** The worker that promised a push keeps it (``Outbox.kept``, at most the
   credit: ``CREDIT_PUSHES`` per owner) until a ``TAKEN`` covers it. When the link to the owner
   breaks (the owner died), whatever is kept is sent again, in order, to whatever listens at the
@@ -52,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import HELD, UNREACHABLE, PushAnswer
-from rawsse.node.wire import PUSH, encoder, record
+from rawsse.node.wire import PUSH, framer
 
 if TYPE_CHECKING:
     from rawsse.apns.delivery import Delivery
@@ -62,8 +67,12 @@ if TYPE_CHECKING:
 # 256 leaves room for bursts, and bounds what each worker keeps per owner (256 pushes, 1 MiB).
 CREDIT_PUSHES = 256
 CREDIT_BYTES = 1024 * 1024
+# Below this much credit a sender reads the TAKENs waiting for it (``Mesh``): reading them
+# sooner only frees the pushes it keeps sooner (at most the credit), for a recv either way.
+LOW_CREDIT = CREDIT_PUSHES // 4
+LOW_CREDIT_BYTES = CREDIT_BYTES // 4
 
-encode_push = encoder(PUSH)
+frame_push = framer(PUSH)  # a framed PUSH record, header and fixed part in one pack
 
 # A decoded PUSH: (rid, seq, expires, received, delay, token, frame)
 Decoded = tuple[int, int, float, float, float, bytes, bytes]
@@ -74,18 +83,11 @@ def first_sequence() -> int:
     return time.monotonic_ns()
 
 
-class Forwarded:
-    """One promised push, kept until its owner says it holds it."""
-
-    __slots__ = ("seq", "token", "push", "delay", "answer")
-
-    def __init__(self, seq: int, token: bytes, push: Push | None, delay: float,
-                 answer: PushAnswer | None) -> None:
-        self.seq = seq
-        self.token = token
-        self.push = push  # None once forgotten (answered 503 after a broken link)
-        self.delay = delay
-        self.answer = answer  # None once answered
+# One promised push, kept until its owner says it holds it: a list, not an object, so that
+# promising one costs no Python call (``Outbox.promise``). Its fields:
+SEQ, TOKEN, PUSH_, DELAY, ANSWER = range(5)  # PUSH_ is None once forgotten (answered 503 after
+# a broken link); ANSWER is None once answered
+Forwarded = list[Any]  # [seq, token, push | None, delay, answer | None]
 
 
 class Outbox:
@@ -110,7 +112,7 @@ class Outbox:
             return False
         self.credit -= 1
         self.credit_bytes -= size
-        entry = Forwarded(seq, token, push, delay, answer)
+        entry = [seq, token, push, delay, answer]
         self.kept.append(entry)
         self.staged.append(entry)
         return True
@@ -126,19 +128,19 @@ class Outbox:
         their way, answer them 200."""
         unsent, self.unsent = self.unsent, []
         for entry in unsent:
-            answer = entry.answer
+            answer = entry[ANSWER]
             if answer is not None:
-                entry.answer = None
+                entry[ANSWER] = None
                 answer(HELD)
 
     def taken(self, upto: int, pushes: int, size: int) -> None:
         """The owner holds every push numbered up to ``upto`` and grants more credit."""
         kept = self.kept
-        while kept and kept[0].seq <= upto:
+        while kept and kept[0][SEQ] <= upto:
             entry = kept.popleft()
-            answer = entry.answer
+            answer = entry[ANSWER]
             if answer is not None:  # taken before this side saw its message leave
-                entry.answer = None
+                entry[ANSWER] = None
                 answer(HELD)
         self.credit += pushes
         self.credit_bytes += size
@@ -151,18 +153,18 @@ class Outbox:
             return
         unsent, self.unsent, self.staged = self.unsent + self.staged, [], []
         for entry in unsent:
-            answer = entry.answer
+            answer = entry[ANSWER]
             if answer is not None:
-                entry.answer = None
-                entry.push = None
+                entry[ANSWER] = None
+                entry[PUSH_] = None
                 answer(UNREACHABLE)
-        self.kept = deque(entry for entry in self.kept if entry.push is not None)
+        self.kept = deque(entry for entry in self.kept if entry[PUSH_] is not None)
 
     def resend(self) -> list[tuple[bytes, int]]:
         """The kept pushes as framed records, oldest first, for a new link to the owner."""
-        return [(record(PUSH, encode_push(0, entry.seq, push.expires, push.received,
-                                          entry.delay, entry.token, push.frame)), -1)
-                for entry in self.kept if (push := entry.push) is not None]
+        return [(frame_push(0, entry[SEQ], push.expires, push.received, entry[DELAY],
+                            entry[TOKEN], push.frame), -1)
+                for entry in self.kept if (push := entry[PUSH_]) is not None]
 
 
 class Ledger:
@@ -186,9 +188,11 @@ class Ledgers:
         self.workers = workers  # no peer is granted more than its share of the room
         self.senders: dict[int, Ledger] = {}
 
-    def arrived(self, sender: int, pushes: list[Decoded]) -> tuple[list[Decoded], int, int, int]:
+    def arrived(self, sender: int, pushes: list[Decoded]) -> tuple[list[Decoded], int, int, int, int, int]:
         """The pushes of one message from ``sender``: the ones not taken before, the number
-        to acknowledge and the credit to grant (``TAKEN``'s fields)."""
+        to acknowledge and the credit to grant (``TAKEN``'s fields), and the count and frame
+        bytes of the fresh ones, whose room stays reserved until ``accepting`` them (they are
+        accepted once this turn's TAKEN has left: ``mesh.py``)."""
         ledger = self.senders.get(sender)
         if ledger is None:
             ledger = self.senders[sender] = Ledger()
@@ -219,9 +223,14 @@ class Ledgers:
             grant = grant_bytes = 0
         ledger.pushes += grant
         ledger.bytes += grant_bytes
-        delivery.reserved_pushes += grant
-        delivery.reserved_bytes += grant_bytes
-        return fresh, ledger.last_seq, grant, grant_bytes
+        delivery.reserved_pushes += grant + count
+        delivery.reserved_bytes += grant_bytes + size
+        return fresh, ledger.last_seq, grant, grant_bytes, count, size
+
+    def accepting(self, count: int, size: int) -> None:
+        """Pushes ``arrived`` kept room for are being accepted now: the room is theirs."""
+        self.delivery.reserved_pushes -= count
+        self.delivery.reserved_bytes -= size
 
     def sender_gone(self, sender: int) -> None:
         """``sender``'s link ended: the credit it held is void (a replacement starts with none)

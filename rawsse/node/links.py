@@ -3,10 +3,13 @@ to it, and the listener that admits them (``mesh.py`` has the theory of operatio
 
 - ``OutLink``: one per peer, made on first use; sends the turn's batch through a ``SendQueue``
   and keeps what was forwarded to that peer and not yet taken (``forwarding.Outbox``). The
-  owner's ``TAKEN`` comes back on this same connection, which is not watched for input, so it
-  never wakes this worker: it is read when the worker is awake anyway (``read_acks``).
+  owner's ``TAKEN`` rides in the owner's own batch to us when it has one, and otherwise comes
+  back on this same connection, which is not watched for input, so it never wakes this worker:
+  it is read when convenient (``read_acks``), and all of it before the link's kept pushes are
+  sent again (``close``).
 - ``InLink``: a peer's connection to this worker, read to the end of the peer's batch per turn;
-  it sends the ``TAKEN`` for the pushes it brought back on itself (``acknowledge``).
+  a ``TAKEN`` for the pushes it brought that rides in nothing else goes back on it
+  (``acknowledge``).
 - ``MeshListener``: accepts links from processes of this node only (``peercred.py``).
 """
 
@@ -15,14 +18,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 from typing import TYPE_CHECKING, Sequence
 
 from rawsse.node import peercred
 from rawsse.node.forwarding import Outbox
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
-    ANCILLARY_SIZE, RECV_SIZE, TAKEN, TRUNCATED, address, decoder, encoder, iter_records,
-    more_follows, pack_messages, received_fds, record,
+    ANCILLARY_SIZE, HEADER, SENDER, TAKEN, TRUNCATED, address, decoder, framer, iter_records,
+    pack_messages, received_fds,
 )
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
 
@@ -31,12 +35,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rawsse.node.mesh")
 
-_encode_taken, _decode_taken = encoder(TAKEN), decoder(TAKEN)
+_frame_taken, _decode_taken = framer(TAKEN), decoder(TAKEN)
+# A message on the way back holds one TAKEN record: the sender index, the header, the body.
+_TAKEN_MESSAGE = struct.Struct(SENDER.format + HEADER.format.lstrip("!") + "QIII")
 
 # An outbound link is watched for its end and for room to write, not for input: what comes back
 # on it is the owner's TAKEN, read when convenient (``OutLink.read_acks``).
 LINK_EVENTS = EPOLLRDHUP
-TAKEN_MESSAGE = 256  # a TAKEN message is 23 bytes
+TAKEN_MESSAGE = 256  # a TAKEN message is 27 bytes
 # _RESET: a peer that dies with messages it never read makes our next recv fail once with
 # ECONNRESET, before the messages it had sent us (Linux: unix_release_sock sets the error,
 # __skb_try_recv_datagram reports it first). Those messages still count (a forwarded push
@@ -46,6 +52,7 @@ TAKEN_MESSAGE = 256  # a TAKEN message is 23 bytes
 # burst of REPLYs to /metrics is a render each; ~1,000 forwarded pushes fit in it).
 RECEIVE_MESSAGES = 64
 RECEIVE_BYTES = 256 * 1024
+UNTIL_EMPTY = 1 << 62  # acks_due meaning "read what is there, to EAGAIN or the end"
 
 
 class OutLink:
@@ -92,7 +99,9 @@ class OutLink:
             resent = self.outbox.resend()
             log.warning("sending %d forwarded pushes again to worker %d (its link broke "
                         "before it took them)", len(resent), self.peer)
-            for message, fds in pack_messages(self.mesh.index, resent):
+            messages = pack_messages(self.mesh.index, resent)
+            self.acks_due += len(messages)
+            for message, fds in messages:
                 self.out.push(message, fds)
             self.flush()
         return self.sock is not None
@@ -103,6 +112,20 @@ class OutLink:
         if out is None:  # the link died after these were queued: the waiting requests already
             close_fds(messages)  # failed; the hand-offs' devices reconnect
             return
+        if len(messages) == 1 and not out.messages and not messages[0][1]:
+            # The usual turn: one message, no fds, nothing waiting: sent here, no queue calls.
+            try:
+                self.sock.send(messages[0][0])  # type: ignore[union-attr]
+            except BlockingIOError:
+                pass  # queued below, sent once writable
+            except OSError:
+                out.push(*messages[0])
+                self.close("send failed")
+                return
+            else:
+                if self.outbox.unsent:
+                    self.outbox.sent()
+                return
         for message, fds in messages:
             out.push(message, fds)
         self.flush()
@@ -132,22 +155,42 @@ class OutLink:
             self.flush()
 
     def read_acks(self) -> None:
-        """Take the owner's ``TAKEN`` messages. They come back on this connection, which is not
-        watched for input (``LINK_EVENTS``): reading them when this worker is awake anyway (its
-        mesh flush, a push out of credit, its tick) spares it a wakeup per forwarded push."""
+        """Take the owner's ``TAKEN`` messages that came back on this connection. It is not
+        watched for input (``LINK_EVENTS``), so an acknowledgement never wakes this worker; and
+        a TAKEN only releases pushes kept here and brings credit (their answers left when the
+        kernel took their message), so the mesh reads them only when its credit runs low, when
+        it is out of credit, or on its tick (``Mesh``)."""
         if self.sock is not None and self.acks_due > 0 and not self._take_acks():
             self.close("peer closed")
 
+    def read_all_acks(self) -> None:
+        """Take every TAKEN waiting on this connection, however many were counted."""
+        if self.sock is not None:
+            due, self.acks_due = self.acks_due, UNTIL_EMPTY
+            ended = not self._take_acks()
+            self.acks_due = max(0, due - (UNTIL_EMPTY - self.acks_due))  # less what was read
+            if ended:
+                self.close("peer closed")
+
+    def taken(self, upto: int, pushes: int, size: int, messages: int) -> None:
+        """One TAKEN from the owner, from this connection or riding in the owner's own batch
+        to this worker (``Mesh.receive``); ``messages``: how many of ours it answers."""
+        self.acks_due = max(0, self.acks_due - messages)
+        if self.sock is not None:
+            self.outbox.taken(upto, pushes, size)
+        else:  # for a link that ended: what it holds, yes; credit, no (it died with the link)
+            self.outbox.taken(upto, 0, 0)
+
     def _take_acks(self) -> bool:
-        """Read up to ``acks_due`` TAKENs (one comes per message of pushes, so the usual case
-        costs no recv that returns EAGAIN; an owner that sends none, in Redis mode, costs one
-        per flush). False when the link ended."""
-        recv, taken = self.sock.recv, self.outbox.taken  # type: ignore[union-attr]
+        """Read TAKENs while ``acks_due`` messages of pushes are unanswered (each TAKEN says
+        how many it answers, so the usual case costs no recv that returns EAGAIN). False when
+        the link ended."""
+        recv = self.sock.recv  # type: ignore[union-attr]
+        unpack, size = _TAKEN_MESSAGE.unpack, _TAKEN_MESSAGE.size
         while self.acks_due > 0:
             try:
                 data = recv(TAKEN_MESSAGE)
-            except BlockingIOError:
-                self.acks_due = 0  # what comes later is read at the next flush or tick
+            except BlockingIOError:  # the rest rides with the owner's batch, or comes later
                 return True
             except ConnectionResetError:  # see _RESET
                 continue
@@ -155,10 +198,14 @@ class OutLink:
                 return False
             if not data:
                 return False
-            self.acks_due -= 1
+            if len(data) == size:  # the one record an owner sends back here
+                _, kind, _, upto, pushes, granted, messages = unpack(data)
+                if kind == TAKEN:
+                    self.taken(upto, pushes, granted, messages)
+                continue
             for kind, body in iter_records(data):
                 if kind == TAKEN:
-                    taken(*_decode_taken(body))
+                    self.taken(*_decode_taken(body))
         return True
 
     def close(self, why: str = "") -> None:
@@ -167,8 +214,11 @@ class OutLink:
         # debug: a rolling restart loses every link to each replaced worker (once 130 lines
         # per HUP); what an operator acts on is logged by the master.
         log.debug("link to worker %d lost (%s)", self.peer, why)
-        self.acks_due = RECEIVE_MESSAGES * 4  # every TAKEN the owner sent before its end: a
-        self._take_acks()  # push it took must not be sent again to its replacement
+        # Every TAKEN the owner sent before its end, here or riding in its own messages to us:
+        # a push it took must not be sent again to its replacement.
+        self.acks_due = UNTIL_EMPTY
+        self._take_acks()
+        self.mesh.read_links_from(self.peer)
         self.acks_due = 0
         self.mesh.worker.loop.remove(self.fd)
         self.sock.close()
@@ -194,21 +244,25 @@ class InLink:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = -1  # known from its first message
-        self.backlog: tuple[int, int, int] | None = None  # a TAKEN the socket did not take
+        # a TAKEN the socket did not take: (upto, pushes, bytes, messages)
+        self.backlog: tuple[int, int, int, int] | None = None
 
-    def acknowledge(self, upto: int, pushes: int, size: int) -> None:
-        """Send ``TAKEN`` back on this connection, now (``forwarding.py``). The peer reads it
-        when it is awake anyway; if it left a socket buffer's worth unread (278 TAKEN-sized
+    def acknowledge(self, upto: int, pushes: int, size: int, messages: int) -> None:
+        """Send ``TAKEN`` back on this connection, now (``forwarding.py``): the turn's TAKEN
+        for a peer this worker sends nothing else to. The peer reads it when convenient
+        (``OutLink.read_acks``); if it left a socket buffer's worth unread (278 TAKEN-sized
         messages with the default 208 KiB net.core.wmem_default, measured by sending 23-byte
         messages on a connected pair until EAGAIN; net.unix.max_dgram_qlen does not bound a
         connected pair), the newest waits here, merged, for the next one."""
+        if self.fd < 0:
+            return  # the sender's link ended: its credit is void, it sends its pushes again
         if self.backlog is not None:
-            _, old_pushes, old_size = self.backlog
-            pushes, size = pushes + old_pushes, size + old_size
+            _, old_pushes, old_size, old_messages = self.backlog
+            pushes, size, messages = pushes + old_pushes, size + old_size, messages + old_messages
         try:
-            self.sock.send(self.mesh.taken_prefix + record(TAKEN, _encode_taken(upto, pushes, size)))
+            self.sock.send(self.mesh.taken_prefix + _frame_taken(upto, pushes, size, messages))
         except BlockingIOError:
-            self.backlog = (upto, pushes, size)
+            self.backlog = (upto, pushes, size, messages)
         except OSError:
             pass  # the peer is gone: its end of the link reports it
         else:
@@ -221,13 +275,22 @@ class InLink:
         # kernel and level-triggered epoll brings us back next turn. Linux has no flag on a
         # received message saying another one waits; the sender's MORE bit says whether its
         # batch goes on, which spares the recvmsg that would only return EAGAIN.
-        recvmsg = self.sock.recvmsg
-        budget = RECEIVE_BYTES
-        for _ in range(RECEIVE_MESSAGES):
+        self.read(RECEIVE_MESSAGES, RECEIVE_BYTES, True)
+
+    def read(self, messages: int, budget: int, batch: bool) -> None:
+        """Read up to ``messages`` messages or ``budget`` bytes, and stop after the last
+        message of a batch if ``batch`` (else at EAGAIN or the end of the link)."""
+        # Into the mesh's one buffer, then copied: ``recvmsg`` would allocate RECV_SIZE per
+        # message, an mmap, mremap and munmap each time under glibc's default threshold
+        # (strace -f of bench/mesh_probe.py).
+        recvmsg_into, buffers, view = self.sock.recvmsg_into, self.mesh.receive_buffers, \
+            self.mesh.receive_view
+        receive = self.mesh.receive
+        for _ in range(messages):
             if budget <= 0:
                 return
             try:
-                data, ancdata, flags, _addr = recvmsg(RECV_SIZE, ANCILLARY_SIZE)
+                size, ancdata, flags, _addr = recvmsg_into(buffers, ANCILLARY_SIZE)
             except BlockingIOError:
                 return
             except ConnectionResetError:  # see _RESET
@@ -235,16 +298,17 @@ class InLink:
             except OSError:
                 self.close()
                 return
-            if not data:
+            if not size:
                 self.close()
                 return
+            data = view[:size].tobytes()
             fds = received_fds(ancdata) if ancdata else []
             if flags & TRUNCATED:
                 log.error("mesh message truncated (flags %#x): %d fds lost", flags, len(fds))
                 self.mesh.worker.stats.disconnect("error")
-            budget -= len(data)
-            self.peer = self.mesh.receive(data, fds, self)
-            if not more_follows(data):
+            budget -= size
+            self.peer = receive(data, fds, self)
+            if batch and data[0] < 0x80:  # not wire.MORE: the last message of its batch
                 return
 
     def close(self, reason: str = "") -> None:
@@ -252,7 +316,7 @@ class InLink:
             self.mesh.worker.loop.remove(self.fd)
             self.sock.close()
             self.fd = -1
-            self.mesh.sender_gone(self.peer)
+            self.mesh.inbound_closed(self)
 
 
 class MeshListener:
@@ -274,6 +338,7 @@ class MeshListener:
                 continue
             sock.setblocking(False)
             link = InLink(self.mesh, sock)
+            self.mesh.inbound.add(link)
             self.mesh.worker.loop.add(link.fd, link, READ_EVENTS)
 
     def close(self, reason: str = "") -> None:

@@ -36,8 +36,10 @@ Batching: records for one peer accumulate during a loop turn and leave as one ``
 peer per turn (split at ``MAX_MESSAGE`` bytes or ``MAX_FDS`` fds); the framing and the record
 codecs are ``wire.py``'s, the ordered queue of what the kernel has not taken ``sendqueue.py``'s.
 A reader stops after the last message of a batch (``wire.more_follows``) rather than pay a
-``recvmsg`` that returns EAGAIN. An owner takes the pushes of a message before its other records
-and sends their ``TAKEN`` at once, before writing any of them (``forwarding.py``).
+``recvmsg`` that returns EAGAIN, and reads into one buffer per worker (``recvmsg`` would allocate
+``RECV_SIZE`` per message: an mmap, mremap and munmap each). An owner decodes the pushes of a
+message before its other records; their ``TAKEN`` leaves in the turn's flush, inside the batch
+for that peer if there is one, and only then are they accepted (``forwarding.py``).
 Back-pressure: bytes a peer has not taken yet are bounded (``MAX_QUEUED``); over it, pushes for
 that peer are answered 503, never dropped.
 
@@ -62,19 +64,22 @@ from rawsse.apns.registry import Push
 from rawsse.apns.routing import (
     HELD, QUEUE_FULL, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
 )
-from rawsse.node.forwarding import Decoded, Ledgers, encode_push, first_sequence
-from rawsse.node.links import RECEIVE_MESSAGES, InLink, MeshListener, OutLink, close_fds
+from rawsse.node.forwarding import (
+    LOW_CREDIT, LOW_CREDIT_BYTES, Decoded, Ledgers, first_sequence, frame_push,
+)
+from rawsse.node.links import InLink, MeshListener, OutLink, close_fds
 from rawsse.node.wire import (
-    ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, PUSH, REPLY, SENDER, STATS, address,
-    decode, decoder, encode, encoder, iter_records, pack_messages, record, sender_of,
+    ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, PUSH, RECV_SIZE, REPLY, SENDER, STATS,
+    TAKEN, address, decode, decoder, encode, encoder, framer, iter_records, pack_messages, record,
 )
 from rawsse.server.loop import EPOLLIN
 
 log = logging.getLogger(__name__)
 
 # The hot kinds' codecs, bound once (``wire.encode``/``decode`` look the kind up per call).
-_encode_push, _decode_push = encode_push, decoder(PUSH)
+_decode_push = decoder(PUSH)
 _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
+_frame_taken, _decode_taken = framer(TAKEN), decoder(TAKEN)
 _ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
 MAX_QUEUED = 8 * 1024 * 1024
@@ -112,6 +117,15 @@ class Mesh:
         self.ledgers: Ledgers | None = None
         self._next_seq = first_sequence()
         self.taken_prefix = SENDER.pack(self.index)
+        # The owner's half of this turn (flush): sender -> the TAKEN it is owed, as
+        # [link the pushes came on, upto, pushes granted, bytes granted, messages answered];
+        # and the pushes taken, accepted once that TAKEN has left: (sender, pushes, count, bytes)
+        self.taken_due: dict[int, list[Any]] = {}
+        self.taking: list[tuple[int, list[Decoded], int, int]] = []
+        self.inbound: set[InLink] = set()  # the peers' links to us
+        self.receive_buffer = bytearray(RECV_SIZE)  # every inbound link reads into it
+        self.receive_view = memoryview(self.receive_buffer)
+        self.receive_buffers = [self.receive_view]
         self._snapshot: tuple[float, bytes] = (-1.0, b"")  # (loop turn, JSON) for STATS replies
         # What takes a sender's connection handed over by a peer (``balance.py``): fd, bytes read
         self.adopt: Callable[[int, bytes], None] | None = None
@@ -178,20 +192,55 @@ class Mesh:
             self.worker.loop.call_first(self.flush)  # the answers it gives write this turn
 
     def flush(self) -> None:
-        """One sendmsg per peer per loop turn (split only at the size and fd limits)."""
-        self.flush_scheduled = False
-        batches, self.batches = self.batches, {}
-        for peer, records in batches.items():
-            link = self.links[peer]
-            outbox = link.outbox
-            if outbox.kept:
-                link.read_acks()
-            outbox.queued()
-            messages = pack_messages(self.index, records)
-            if outbox.staged_pushes:
-                outbox.staged_pushes = False
-                link.acks_due += len(messages)
-            link.send(messages)
+        """One sendmsg per peer per loop turn (split only at the size and fd limits), carrying
+        the TAKEN this worker owes that peer for the pushes it sent this turn; then those
+        pushes are accepted (``_accept_taken``): a push is written only once its TAKEN left."""
+        try:
+            while self.batches or self.taken_due or self.taking:
+                batches, self.batches = self.batches, {}
+                due, self.taken_due = self.taken_due, {}
+                for peer, records in batches.items():
+                    taken = due.pop(peer, None) if due else None
+                    if taken is not None and taken[0].fd < 0:
+                        taken = None  # the link it came on ended: its credit is void
+                    try:
+                        self._send_batch(peer, records, taken)
+                    except Exception:
+                        log.exception("mesh batch for worker %d failed", peer)
+                for taken in due.values():  # nothing else goes to that peer this turn
+                    taken[0].acknowledge(taken[1], taken[2], taken[3], taken[4])
+                if self.taking:
+                    self._accept_taken()  # its ACKs, if any, go in the next round
+        finally:
+            self.flush_scheduled = False
+
+    def _send_batch(self, peer: int, records: list[tuple[bytes, int]],
+                    taken: list[Any] | None) -> None:
+        link = self.links[peer]
+        outbox = link.outbox
+        out = link.out
+        # The TAKEN rides in this batch only if nothing waits before it in the send queue:
+        # it must be in the kernel before the pushes it answers are written.
+        riding = False
+        if taken is not None and out is not None and not out.messages:
+            riding = True
+            records.append((_frame_taken(taken[1], taken[2], taken[3], taken[4]), -1))
+        if outbox.kept and (outbox.credit < LOW_CREDIT or outbox.credit_bytes < LOW_CREDIT_BYTES):
+            link.read_acks()
+        outbox.queued()
+        messages = pack_messages(self.index, records)
+        if outbox.staged_pushes:
+            outbox.staged_pushes = False
+            if self.ledgers is not None:  # in Redis mode owners answer ACKs, never a TAKEN
+                link.acks_due += len(messages) if len(messages) == 1 else _pushing(messages)
+        link.send(messages)
+        if taken is not None and (not riding or link.out is None or link.out.messages):
+            # Not in the kernel yet (or not riding): acknowledge on the link the pushes came
+            # on; a TAKEN still queued here brings the credit and the count later.
+            if riding:
+                taken[0].acknowledge(taken[1], 0, 0, 0)
+            else:
+                taken[0].acknowledge(taken[1], taken[2], taken[3], taken[4])
 
     def expect(self, peer: int, callback: Callable[[Any], None], failure: Any,
                timeout: float = REQUEST_TIMEOUT) -> int:
@@ -205,15 +254,35 @@ class Mesh:
         self._fail([rid for rid, entry in self.waiting.items() if entry[3] < now])
 
     def resend_kept(self) -> None:
-        """Once per tick: take the TAKENs an idle link holds, and reconnect to owners that died
-        holding pushes promised to them (connecting sends those pushes again to the
-        replacement, as soon as it listens)."""
+        """Once per tick: take the TAKENs a link holds (the kept pushes they release wait at
+        most this long), and reconnect to owners that died holding pushes promised to them
+        (connecting sends those pushes again to the replacement, as soon as it listens)."""
         for link in self.links.values():
             if link.sock is not None:
-                link.acks_due = max(link.acks_due, RECEIVE_MESSAGES)  # all that came, to EAGAIN
-                link.read_acks()
+                link.read_all_acks()
             elif link.outbox.kept:
                 link.connect()
+
+    def settle(self) -> None:
+        """Before a stop: read what the peers sent (their pushes are taken, their TAKENs
+        release what this worker keeps), then take the TAKENs on every link."""
+        for link in list(self.inbound):
+            link.read(1 << 30, 1 << 62, False)
+        self.flush()
+        self.resend_kept()
+
+    def read_links_from(self, peer: int) -> None:
+        """Read to the end what ``peer`` (or a link not yet known to be its) sent us: the
+        TAKENs riding in it must count before its link's kept pushes are sent again."""
+        for link in list(self.inbound):
+            if link.peer in (peer, -1):
+                link.read(1 << 30, 1 << 62, False)
+
+    def inbound_closed(self, link: InLink) -> None:
+        """A peer's link to us ended: the credit it held is void."""
+        self.inbound.discard(link)
+        if self.ledgers is not None and link.peer >= 0:
+            self.ledgers.sender_gone(link.peer)
 
     def kept(self) -> int:
         """Promised pushes no owner has taken yet."""
@@ -236,18 +305,24 @@ class Mesh:
     def forward_push(self, peer: int, token: bytes, push: Push, delay: float,
                      answer: PushAnswer) -> None:
         """``answer``: HELD (within credit: once the kernel took it), QUEUE_FULL
-        (back-pressure), or UNREACHABLE (the owner could not be reached or did not answer)."""
+        (back-pressure), or UNREACHABLE (the owner could not be reached or did not answer).
+        Written out (no ``connect``, ``queued``, ``send`` calls when the link is up): it runs
+        once per forwarded push."""
         link = self.links[peer]
-        if not link.connect():
-            answer(UNREACHABLE)
-            return
-        if link.queued >= MAX_QUEUED:
+        out = link.out
+        if out is None:
+            out = link.out if link.connect() else None
+            if out is None:
+                answer(UNREACHABLE)
+                return
+        if out.queued >= MAX_QUEUED:
             answer(QUEUE_FULL)
             return
         self._next_seq = seq = self._next_seq + 1
         outbox = link.outbox
-        if outbox.credit <= 0:  # the owner's TAKENs may have brought more meanwhile
-            link.read_acks()
+        frame = push.frame
+        if outbox.credit <= 0 or len(frame) > outbox.credit_bytes:
+            link.read_acks()  # the owner's TAKENs may have brought more meanwhile
             if link.out is None:  # and the owner's end with them
                 answer(UNREACHABLE)
                 return
@@ -257,8 +332,15 @@ class Mesh:
         else:
             rid = self.expect(peer, answer, UNREACHABLE)
         outbox.staged_pushes = True
-        self.send(peer, PUSH, _encode_push(rid, seq, push.expires, push.received, delay, token,
-                                           push.frame))
+        framed = frame_push(rid, seq, push.expires, push.received, delay, token, frame)
+        batch = self.batches.get(peer)
+        if batch is None:
+            self.batches[peer] = [(framed, -1)]
+        else:
+            batch.append((framed, -1))
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.worker.loop.call_first(self.flush)
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
         """Queue ``fd`` for ``peer``; False (the caller still owns the fd) when it cannot go."""
@@ -350,7 +432,7 @@ class Mesh:
 
     def receive(self, data: bytes, fds: list[int], link: InLink) -> int:
         """Handle one message that came on ``link``; returns the index of the peer that sent it."""
-        self._reply_to = sender = sender_of(data)
+        self._reply_to = sender = ((data[0] & 0x7F) << 8) | data[1]  # wire.sender_of
         records = iter_records(data)
         pushes = [_decode_push(body) for kind, body in records if kind == PUSH]
         if pushes:
@@ -369,6 +451,10 @@ class Mesh:
                     self._on_handoff(body, fd)
                 else:
                     self._on_connection(body, fd)
+            elif kind == TAKEN:  # riding in the owner's batch to us (flush)
+                out_link = self.links.get(sender)
+                if out_link is not None:
+                    out_link.taken(*_decode_taken(body))
             else:
                 try:
                     self._dispatch(kind, body)
@@ -379,22 +465,49 @@ class Mesh:
         return sender
 
     def _take_pushes(self, sender: int, pushes: list[Decoded], link: InLink) -> None:
-        """The owner's half: acknowledge the message's pushes (``TAKEN``) before writing any
-        of them, then accept each; an asked one is answered with its ``ACK``."""
+        """The owner's half: the message's pushes are acknowledged (``TAKEN``) in this turn's
+        flush, riding in its batch to ``sender`` if it has one, and accepted after it left
+        (``_accept_taken``), never before: a push written is a push acknowledged."""
         ledgers = self.ledgers
         if ledgers is None:  # an owner that may answer later (a cluster worker asks Redis)
             self._take_asked(sender, pushes)
             return
-        fresh, upto, grant, grant_bytes = ledgers.arrived(sender, pushes)
-        link.acknowledge(upto, grant, grant_bytes)
+        fresh, upto, grant, grant_bytes, count, size = ledgers.arrived(sender, pushes)
+        due = self.taken_due.get(sender)
+        if due is None or due[0] is not link:
+            if due is not None:  # two links from one sender in a turn: the old one's first
+                due[0].acknowledge(due[1], due[2], due[3], due[4])
+            self.taken_due[sender] = [link, upto, grant, grant_bytes, 1]
+        else:
+            due[1] = upto
+            due[2] += grant
+            due[3] += grant_bytes
+            due[4] += 1
+        if fresh:
+            self.taking.append((sender, fresh, count, size))
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.worker.loop.call_first(self.flush)
+
+    def _accept_taken(self) -> None:
+        """Accept the pushes taken this turn, their TAKEN gone; an asked one is answered with
+        its ``ACK``; a promised one that meets a full queue is held anyway (forwarding.py)."""
+        ledgers = self.ledgers
+        assert ledgers is not None
         accept = ledgers.delivery.accept
-        for rid, _seq, expires, received, delay, token, frame in fresh:
-            push = Push(frame, expires, received)
-            accepted = accept(token, push, delay)
-            if rid:
-                self.reply(sender, ACK, _encode_ack(rid, accepted))
-            elif accepted is not HELD:
-                ledgers.hold_over_limit(token, push)
+        taking, self.taking = self.taking, []
+        for sender, fresh, count, size in taking:
+            ledgers.accepting(count, size)
+            try:
+                for rid, _seq, expires, received, delay, token, frame in fresh:
+                    push = Push(frame, expires, received)
+                    accepted = accept(token, push, delay)
+                    if rid:
+                        self.reply(sender, ACK, _encode_ack(rid, accepted))
+                    elif accepted is not HELD:
+                        ledgers.hold_over_limit(token, push)
+            except Exception:
+                log.exception("mesh pushes from worker %d failed", sender)
 
     def _take_asked(self, sender: int, pushes: list[Decoded]) -> None:
         # A closure per push, in Redis mode only: its answer comes after a Redis round trip.
@@ -405,11 +518,6 @@ class Mesh:
         def answer(accepted: Accepted) -> None:
             self.reply(peer, ACK, _encode_ack(rid, accepted))
         return answer
-
-    def sender_gone(self, peer: int) -> None:
-        """A peer's link to us ended: the credit it held is void."""
-        if self.ledgers is not None and peer >= 0:
-            self.ledgers.sender_gone(peer)
 
     def _dispatch(self, kind: int, body: memoryview) -> None:
         if kind == ACK:
@@ -485,3 +593,9 @@ class Mesh:
         entry = self.waiting.pop(rid, None)
         if entry is not None:
             entry[1](value)
+
+
+def _pushing(messages: list[tuple[bytes, list[int]]]) -> int:
+    """How many of a batch's messages carry a PUSH (each is answered by its owner's TAKEN)."""
+    return sum(1 for message, _ in messages
+               if any(kind == PUSH for kind, _ in iter_records(message)))

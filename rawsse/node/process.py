@@ -103,7 +103,7 @@ class NodeProcess:
 
     def _save_and_stop(self) -> None:
         worker = self.worker
-        self.mesh.resend_kept()  # the TAKENs not read yet, and a last try for a dead owner
+        self.mesh.settle()  # the TAKENs not read yet, and a last try for a dead owner
         kept = self.mesh.kept()
         if kept:  # their owner died and no replacement listened before this stop
             log.error("worker %d: %d forwarded pushes answered 200 never reached their owner "

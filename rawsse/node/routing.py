@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from zlib import crc32
 from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
@@ -41,6 +42,11 @@ class MeshRouter:
                  share_with_master: Callable[[Document], None]) -> None:
         self.worker = worker
         self.mesh = mesh
+        self.index, self.count, self.stats = worker.index, worker.count, worker.stats
+        # ``Router.submit``: a worker with no peer owns every token, and the count never
+        # changes while the node runs (the master refuses TTIN/TTOU; a respawn keeps it): its
+        # pushes go straight to the owner, no routing call (the ``owner`` setter binds it).
+        self.submit: Callable[[bytes, Push, float, PushAnswer], None] = self._route
         self.owner = owner
         self.share_with_master = share_with_master
         self.master_info: Document = {}  # the master's last word on the node, for /stats
@@ -56,12 +62,23 @@ class MeshRouter:
         mesh.serve(DELIVERIES, lambda query: orjson.dumps(
             worker.deliveries_answer(orjson.loads(query))))
 
-    def submit(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
-        owner = owner_of(token, self.worker.count)
-        if owner == self.worker.index:
-            self.owner.take(token, push, delay, answer)
+    @property
+    def owner(self) -> Owner:
+        """What this worker does with a push for its own shard (a cluster sets its own)."""
+        return self._owner
+
+    @owner.setter
+    def owner(self, owner: Owner) -> None:
+        self._owner = owner
+        self._take = owner.take
+        self.submit = owner.take if self.count == 1 else self._route
+
+    def _route(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
+        owner = crc32(token) % self.count  # owner_of, written out: once per push
+        if owner == self.index:
+            self._take(token, push, delay, answer)
         else:
-            self.worker.stats.forwarded += 1
+            self.stats.forwarded += 1
             self.mesh.forward_push(owner, token, push, delay, answer)
 
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:

@@ -1,0 +1,217 @@
+"""The mesh's acknowledgements turn by turn: two workers of one node in this process, joined by
+their real SOCK_SEQPACKET mesh, senders on socketpairs; each test turns the loops itself, so
+what one loop turn sends is what the test sees (rawsse/node/forwarding.py, Acknowledgement).
+
+- a turn's TAKEN rides in the message carrying that turn's pushes to the same peer;
+- TAKENs left on the way back are read late (credit not low), and still release what the
+  sender keeps, on its tick;
+- an owner gone after taking pushes: every TAKEN it sent, riding or on the way back, counts
+  before the kept pushes are sent again, so none is sent twice."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from typing import Iterator
+
+import pytest
+
+from rawsse.config import ServeConfig
+from rawsse.node.process import PEERS_GATE, NodeProcess
+from rawsse.node.routing import owner_of
+from rawsse.node.wire import PUSH, TAKEN, iter_records
+from rawsse.server.loop import EPOLLRDHUP
+
+# The node is named after its master and a link is admitted only from a child of it
+# (peercred.py): both workers are this process, whose parent plays the master.
+NODE = os.getppid()
+
+
+class Pair:
+    """Two workers of one node, each with a device stream and a keep-alive sender."""
+
+    def __init__(self) -> None:
+        config = ServeConfig(keepalive=0, max_pending=10_000)
+        self.sockets: list[socket.socket] = []
+        self.procs = []
+        self.dead: set[int] = set()
+        for index in range(2):
+            control, master_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.sockets.append(master_end)
+            proc = NodeProcess(config, index, 2, NODE, control, {}, os.devnull)
+            proc.mesh.listen()
+            proc.worker.release(PEERS_GATE)
+            self.procs.append(proc)
+        self.tokens = [token_owned_by(i) for i in range(2)]
+        self.devices = [self.connect(i) for i in range(2)]
+        for device, token in zip(self.devices, self.tokens):
+            device.send(f"GET /events?token={token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        self.senders = [self.connect(i) for i in range(2)]
+        self.turn(0)
+        self.turn(1)
+
+    def connect(self, index: int) -> socket.socket:
+        ours, theirs = socket.socketpair()
+        self.procs[index].worker.accept(os.dup(ours.fileno()), False)
+        ours.close()
+        theirs.setblocking(False)
+        self.sockets.append(theirs)
+        return theirs
+
+    def turn(self, index: int, wait: float = 2.0) -> None:
+        """One loop turn of worker ``index``, once it has something to do (or ``wait`` s)."""
+        loop = self.procs[index].worker.loop
+        if select.select([loop.epoll.fileno()], [], [], wait)[0]:
+            loop.run_once()
+
+    def push(self, at: int, owner: int, count: int = 1) -> None:
+        """``count`` pipelined pushes sent to worker ``at`` for worker ``owner``'s token."""
+        request = (f"POST /3/device/{self.tokens[owner]} HTTP/1.1\r\nHost: x\r\n"
+                   "Content-Length: 9\r\n\r\n{\"n\": 1}\n").encode()
+        self.senders[at].send(request * count)
+
+    def answers(self, at: int) -> int:
+        return received(self.senders[at]).count(b"HTTP/1.1 200")
+
+    def pushes_on_device(self, owner: int) -> int:
+        return received(self.devices[owner]).count(b"id: ")
+
+    def warm(self) -> None:
+        """A first push each way: its answer brings the owner's credit (no TAKEN waits)."""
+        for at in range(2):
+            self.push(at, 1 - at)
+            answered = 0
+            for _ in range(10):  # forwarded, asked; the link accepted, taken; the ACK read
+                self.turn(at, 0.05)
+                self.turn(1 - at, 0.05)
+                answered += self.answers(at)
+                if answered:
+                    break
+            assert answered == 1  # the next forwarded push, out of credit, reads the TAKEN
+        for owner in range(2):
+            self.pushes_on_device(owner)
+
+    def outlink(self, index: int):  # worker index's link to the other worker
+        return self.procs[index].mesh.links[1 - index]
+
+    def kill(self, index: int) -> None:
+        close_worker(self.procs[index])
+        self.dead.add(index)
+
+    def close(self) -> None:
+        for index, proc in enumerate(self.procs):
+            if index not in self.dead:
+                close_worker(proc)
+        for sock in self.sockets:
+            sock.close()
+
+
+def close_worker(proc: NodeProcess) -> None:
+    """Everything a worker holds, closed as a kill -9 would: its peers see their links end."""
+    mesh = proc.mesh
+    for link in list(mesh.inbound):
+        link.sock.close()
+    for out in mesh.links.values():
+        if out.sock is not None:
+            out.sock.close()
+    if mesh.listener is not None:
+        mesh.listener.sock.close()
+    for conn in list(proc.worker.http_conns):
+        os.close(conn.fd)
+    for stream in list(proc.worker.registry.streams.values()):
+        os.close(stream.fd)
+    proc.control.sock.close()
+    proc.worker.loop.close()
+
+
+def token_owned_by(owner: int) -> str:
+    i = 0
+    while owner_of(bytes.fromhex(f"{i:064x}"), 2) != owner:
+        i += 1
+    return f"{i:064x}"
+
+
+def received(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunks.append(sock.recv(1 << 20))
+        except BlockingIOError:
+            return b"".join(chunks)
+
+
+def waiting_message(link_sock: socket.socket) -> bytes | None:
+    """The next message queued on ``link_sock``, left there (MSG_PEEK)."""
+    try:
+        return link_sock.recv(1 << 18, socket.MSG_PEEK)
+    except BlockingIOError:
+        return None
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    try:
+        p.warm()
+        yield p
+    finally:
+        p.close()
+
+
+def test_a_turns_taken_rides_in_the_message_of_that_turns_pushes_to_the_same_peer(pair):
+    pair.push(0, 1, count=3)
+    pair.turn(0)  # worker 0 forwards 3 pushes to worker 1, answered 200 at once
+    assert pair.answers(0) == 3
+    pair.push(1, 0, count=2)
+    pair.turn(1)  # worker 1 takes them and forwards 2 of its own to worker 0: one message
+    assert pair.pushes_on_device(1) == 3 and pair.answers(1) == 2
+    back = pair.outlink(0).sock  # the way back for worker 1's TAKENs to worker 0
+    assert waiting_message(back) is None, "the TAKEN did not go back on its own"
+    [inbound] = pair.procs[0].mesh.inbound
+    message = waiting_message(inbound.sock)
+    kinds = [kind for kind, _ in iter_records(message)]
+    assert kinds == [PUSH, PUSH, TAKEN], kinds
+    kept = len(pair.outlink(0).outbox.kept)
+    pair.turn(0)  # reads it: the 2 pushes are written, the 3 kept ones released
+    assert kept == 3 and not pair.outlink(0).outbox.kept
+    assert pair.pushes_on_device(0) == 2
+    assert pair.outlink(0).acks_due == 0
+
+
+def test_takens_read_late_still_release_the_kept_pushes_on_the_tick(pair):
+    for _ in range(3):  # one-way: worker 1 has nothing for worker 0, its TAKENs go back alone
+        pair.push(0, 1, count=2)
+        pair.turn(0)
+        pair.turn(1)
+    assert pair.answers(0) == 6 and pair.pushes_on_device(1) == 6
+    link = pair.outlink(0)
+    assert len(link.outbox.kept) == 6, "plenty of credit: the TAKENs wait on the way back"
+    assert link.acks_due == 3
+    credit = link.outbox.credit
+    pair.procs[0].mesh.resend_kept()  # the worker's tick
+    assert not link.outbox.kept and link.acks_due == 0
+    assert link.outbox.credit == credit + 6
+    assert waiting_message(link.sock) is None
+
+
+@pytest.mark.parametrize("last", ["riding", "alone"])
+def test_an_owner_gone_after_taking_pushes_gets_none_of_them_again(pair, last):
+    """The last TAKEN before the owner's end rides in its message to worker 0, or goes back
+    alone (each TAKEN covers every push before it: the last one must be read)."""
+    for how in (["alone", "riding"] if last == "riding" else ["riding", "alone"]):
+        pair.push(0, 1, count=2)
+        pair.turn(0)
+        if how == "riding":
+            pair.push(1, 0)
+        pair.turn(1)  # taken; the TAKEN rides with worker 1's push to worker 0, or not
+    assert pair.answers(0) == 4 and pair.pushes_on_device(1) == 4
+    link = pair.outlink(0)
+    # kept until a TAKEN is read: worker 0's second turn read the riding one, if it came first
+    assert len(link.outbox.kept) == (4 if last == "riding" else 2)
+    pair.kill(1)  # dies with both TAKENs unread by worker 0
+    # Worker 0 learns of it from its link to worker 1 first (its turn might read the other
+    # link first, which would hide a close that forgot the TAKENs riding there).
+    link.handle_events(EPOLLRDHUP)
+    assert link.sock is None
+    assert not link.outbox.kept, "pushes worker 1 took would be sent again to its replacement"
