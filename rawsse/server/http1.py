@@ -3,9 +3,13 @@
 Theory of operation
 -------------------
 Every accepted socket starts as an ``Http1Connection`` over a transport (``transport.py``).
-Reads go into the worker's one shared buffer and are fed to an ``httptools.HttpRequestParser``
-whose callbacks fill a protocol-neutral ``Request`` (``exchange.py``); a complete request is
-handed to the application (``rawsse.apns.routes.Routes.handle``), which answers through
+Reads go into the worker's one shared buffer. Between requests, the complete requests at its
+start that ``http1_fast.py`` is sure of (a strict subset of RFC 9112 that llhttp reads the same
+way: what Go's net/http, curl and Fleet send) are read from it with a few bytes operations;
+from the first byte it declines, the read is fed to an ``httptools.HttpRequestParser`` whose
+callbacks fill a protocol-neutral ``Request`` (``exchange.py``), so every rule below stays
+httptools' and this module's whatever the fast path takes. A complete request is handed to the
+application (``rawsse.apns.routes.Routes.handle``), which answers through
 ``request.answer(Answer)`` now or later, or turns the connection into a device stream
 (``request.become_stream``), after which this object and its parser are garbage. Everything
 HTTP/1.1 means stays here: pipelining order, ``Connection``, ``100 Continue``, lingering close,
@@ -42,7 +46,9 @@ Rules
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
+from time import time
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -51,8 +57,9 @@ from rawsse.apns import answers
 from rawsse.apns.apple import REQUEST_HEADERS
 from rawsse.h2.frames import PREFACE
 from rawsse.server import http1_wire as wire
-from rawsse.server.connection import LINGER, READABLE, ClientConnection
+from rawsse.server.connection import GONE, LINGER, READABLE, ClientConnection
 from rawsse.server.exchange import Answer, Request
+from rawsse.server.http1_fast import HEADER_NAMES, MAX_BODY, read_request
 from rawsse.server.loop import EPOLLOUT
 from rawsse.server.transport import SocketTransport
 
@@ -75,27 +82,10 @@ MAX_OUT = 256 * 1024  # unsent response bytes before reading pauses
 # The shortest request llhttp completes, "GET / HTTP/1.1\n\n" (bare LF ends lines): a slice of
 # room * MIN_REQUEST bytes cannot complete more than ``room`` requests.
 MIN_REQUEST = 16
-MAX_BODY = 64 * 1024  # largest body any route reads (admin JSON); pushes stop at 5120
 DISCARD_BODY = 1024 * 1024  # beyond this an oversized body is not drained: 413 and close
 
 _CONNECTION = (wire.KEEP, wire.CLOSE, wire.KEEP_ALIVE_10)  # indexed by KEEP, CLOSE, KEEP_10
 
-# Header names as senders spell them (lower case; Go's canonical ``Apns-Id``) → the lower-case
-# name a request keeps, or b"" for one nothing reads: one dict lookup per header instead of a
-# lower() and a set lookup (a push from Go's net/http has six headers). Any other spelling
-# is lowered first. Besides the routes' headers (REQUEST_HEADERS) this module keeps two of its
-# own: Transfer-Encoding (an Upgrade request's body, _upgrade_length) and Connection, also
-# spelled Proxy-Connection as llhttp reads it (only a request that has one may be an HTTP/1.0
-# keep-alive: on_message_complete).
-_OWN_HEADERS = {b"transfer-encoding": b"transfer-encoding", b"connection": b"connection",
-                b"proxy-connection": b"connection"}
-_HEADER_NAMES: dict[bytes, bytes] = {
-    spelling: kept
-    for name, kept in [*((n, n) for n in REQUEST_HEADERS), *_OWN_HEADERS.items(),
-                       *((n, b"") for n in (b"host", b"user-agent", b"content-type",
-                                            b"accept-encoding", b"accept"))]
-    for spelling in (name, name.title())
-}
 _HTTP2_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                     "detail": "rawsse speaks HTTP/1.1 only"})
 
@@ -156,9 +146,9 @@ class Http1Connection(ClientConnection):
         self.head_bytes += len(name) + len(value) + 4
         self.unparsed = 0  # those raw bytes are now counted exactly, in head_bytes
         self.progress = True
-        kept = _HEADER_NAMES.get(name)
+        kept = HEADER_NAMES.get(name)
         if kept is None:  # a spelling not listed
-            kept = _HEADER_NAMES.get(name.lower(), b"")
+            kept = HEADER_NAMES.get(name.lower(), b"")
         request = self.request
         if kept and request is not None:  # the rest skipped, no call
             if kept in REQUEST_HEADERS:
@@ -281,8 +271,28 @@ class Http1Connection(ClientConnection):
         request.slot = answer
         if answer.close:
             request.after = CLOSE
-        if self.fd >= 0:
-            self._write_ready()
+        if self.fd < 0:
+            return
+        responses = self.responses
+        if request.after == KEEP and responses and responses[0] is request:
+            # The common case (a push answered during the read that brought it, nothing earlier
+            # unanswered): its bytes go to ``out`` here, without _write_ready's loop; a 200
+            # with no body (a push's) is its preformatted status and Date lines and its header
+            # lines, as serialize() would write them, without a call.
+            responses.popleft()
+            out = self.out
+            if answer.status == 200 and not answer.body and answer.content_type is None:
+                if time() >= wire.DATE[0]:
+                    wire.date_header()
+                out += wire.DATE[2]
+                for name, value in answer.headers:
+                    out += name + b": " + value + b"\r\n"
+                out += wire.EMPTY_BODY
+            else:
+                out += wire.serialize(answer)
+            if self.flush_scheduled and (not responses or responses[0].slot is None):
+                return  # written at the end of the read, or of the turn
+        self._write_ready()
 
     def become_stream(self, request: Request, token: bytes) -> None:
         """After earlier answers are out, hand the socket to a device stream for ``token``."""
@@ -329,6 +339,27 @@ class Http1Connection(ClientConnection):
         # sending may still be owed a push answer another worker has not acknowledged yet.
         return self.closing and not self.responses
 
+    def _flush(self) -> None:
+        """Write ``out``. The common case (a plain socket reading on, nothing held, the queue
+        short) keeps reading and needs no EPOLLOUT once the write took everything: nothing
+        for ``_finished`` and ``_update_events`` to change, so they are not called."""
+        out = self.out
+        if (not out or self.closing or self.events != READABLE or self.held is not None
+                or self.transport.__class__ is not SocketTransport
+                or len(self.responses) >= MAX_QUEUED_OPERATOR):
+            ClientConnection._flush(self)
+            return
+        try:
+            written = os.write(self.fd, out)
+        except BlockingIOError:
+            written = 0
+        except GONE:
+            self.close("client")
+            return
+        del out[:written]
+        if out:
+            self._update_events()  # EPOLLOUT until the rest is written
+
     def _forget(self) -> None:
         self.parser = None
         self.request = None
@@ -358,12 +389,39 @@ class Http1Connection(ClientConnection):
 
     # -- events -------------------------------------------------------------------------------
 
+    def handle_events(self, events: int) -> None:
+        """A plain socket's read is made here, with nothing held: the calls of ``_read`` and
+        ``_receive`` (``connection.py``) less per read; anything else goes their way."""
+        if events & EPOLLOUT or self.held is not None or self.transport.__class__ is not SocketTransport:
+            ClientConnection.handle_events(self, events)
+            return
+        try:
+            n = os.readv(self.fd, self.host.read_buffers)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close("client")
+            return
+        if n:
+            self._received(n)
+        else:
+            self._end_of_input()
+
     def _read(self) -> None:
         if self.held is not None:  # what was read before goes first
             self._parse_held()
             return
         n = self._receive()
-        if not n or self.state == LINGER or self.parser is None:
+        if n:
+            self._received(n)
+
+    def _received(self, n: int) -> None:
+        """Parse what a read put in the worker's buffer, serve what it completes, write their
+        answers. Between requests (nothing inside httptools, no Upgrade body pending, the
+        preface sniffed) the complete requests ``http1_fast`` is sure of are served straight
+        from the buffer, as many as the queue has room for; httptools gets the rest of the
+        read from the first byte the fast path declined."""
+        if self.state == LINGER or self.parser is None:
             return
         self.progress = False
         data = self.host.read_view[:n]
@@ -373,24 +431,56 @@ class Http1Connection(ClientConnection):
                 return
         # What this read answers is written at once, in one write, at its end: with nothing
         # else pipelined a keep-alive push is answered without waiting for the end of the loop
-        # turn (a call_soon and two calls more per push). The flag keeps _write_ready from
-        # scheduling a write meanwhile; if one is due this turn anyway, it takes these too.
+        # turn. The flag keeps answer() from scheduling a write meanwhile; if one is due this
+        # turn anyway, it takes these too.
         write_now = not self.flush_scheduled
         self.flush_scheduled = True
         try:
-            limit = MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
-            if n <= (limit - len(self.responses)) * MIN_REQUEST and len(self.out) < MAX_OUT:
-                self._feed(data)  # room for every request the read can hold: no slicing
-                fed = n
-            else:
-                fed = self._parse(data)
-            if self.state == HEAD and self._parsing():
-                self._check_head_size(fed)
+            if self.state == IDLE and not self.upgrade_left:  # between requests
+                whole = bytes(data)  # requests keep slices of it; the buffer is the worker's
+                end = len(whole)
+                start = 0
+                responses = self.responses
+                limit = MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
+                host = self.host
+                head_limit = host.config.header_limit
+                while start < end and len(responses) < limit and len(self.out) < MAX_OUT:
+                    taken = read_request(whole, start, head_limit, self, self.operator)
+                    if taken is None:
+                        break
+                    request, start = taken
+                    request.after = CLOSE if self.stopping else KEEP
+                    responses.append(request)
+                    host.stats.http_requests += 1
+                    host.routes.handle(request)
+                    if request.after != KEEP:  # close, or a device stream: the last (_dispatch)
+                        self.parser = None
+                        break
+                    if self.fd < 0 or self.closing:
+                        break
+                if start:
+                    self.deadline = host.loop.now + host.config.idle_timeout
+                    data = data[start:]
+            if data and self._parsing():
+                self._feed_read(data)
         finally:
             if write_now:
                 self.flush_scheduled = False
         if write_now and self.out and self.fd >= 0:
             self._flush()
+
+    def _feed_read(self, data: Any) -> None:
+        """Feed a read to httptools: in one piece when the queue has room for every request it
+        can hold, else in slices (``_parse``); then bound the head in progress."""
+        n = len(data)
+        limit = self._queue_limit()
+        if n <= (limit - len(self.responses)) * MIN_REQUEST and len(self.out) < MAX_OUT:
+            self._feed(data)  # room for every request the read can hold: no slicing
+            fed = n
+        else:
+            fed = self._parse(data)
+        if self.state == HEAD and self._parsing():
+            self._check_head_size(fed)
 
     def _has_room(self) -> bool:
         return len(self.responses) < self._queue_limit() and len(self.out) < MAX_OUT
