@@ -85,6 +85,7 @@ MIN_REQUEST = 16
 DISCARD_BODY = 1024 * 1024  # beyond this an oversized body is not drained: 413 and close
 
 _CONNECTION = (wire.KEEP, wire.CLOSE, wire.KEEP_ALIVE_10)  # indexed by KEEP, CLOSE, KEEP_10
+_DATE, _EMPTY_BODY = wire.DATE, wire.EMPTY_BODY  # (DATE is updated in place)
 
 _HTTP2_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                     "detail": "rawsse speaks HTTP/1.1 only"})
@@ -282,12 +283,12 @@ class Http1Connection(ClientConnection):
             responses.popleft()
             out = self.out
             if answer.status == 200 and not answer.body and answer.content_type is None:
-                if time() >= wire.DATE[0]:
+                if time() >= _DATE[0]:
                     wire.date_header()
-                out += wire.DATE[2]
+                out += _DATE[2]
                 for name, value in answer.headers:
                     out += name + b": " + value + b"\r\n"
-                out += wire.EMPTY_BODY
+                out += _EMPTY_BODY
             else:
                 out += wire.serialize(answer)
             if self.flush_scheduled and (not responses or responses[0].slot is None):
@@ -423,8 +424,8 @@ class Http1Connection(ClientConnection):
         read from the first byte the fast path declined."""
         if self.state == LINGER or self.parser is None:
             return
-        self.progress = False
-        data = self.host.read_view[:n]
+        host = self.host
+        data = host.read_view[:n]
         if self.sniffed is not None:
             data = self._sniff_preface(data)
             if data is None:
@@ -442,14 +443,14 @@ class Http1Connection(ClientConnection):
                 start = 0
                 responses = self.responses
                 limit = MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
-                host = self.host
                 head_limit = host.config.header_limit
+                after = CLOSE if self.stopping else KEEP
                 while start < end and len(responses) < limit and len(self.out) < MAX_OUT:
                     taken = read_request(whole, start, head_limit, self, self.operator)
                     if taken is None:
                         break
                     request, start = taken
-                    request.after = CLOSE if self.stopping else KEEP
+                    request.after = after
                     responses.append(request)
                     host.stats.http_requests += 1
                     host.routes.handle(request)
@@ -462,6 +463,7 @@ class Http1Connection(ClientConnection):
                     self.deadline = host.loop.now + host.config.idle_timeout
                     data = data[start:]
             if data and self._parsing():
+                self.progress = False
                 self._feed_read(data)
         finally:
             if write_now:

@@ -82,7 +82,6 @@ _TARGET = _ALPHANUM + b"-._~" + b"!$&'()*+,;=" + b"%:@/?"
 # token, the value (§5.5) visible ASCII, SP and HTAB (no obs-text, no control byte).
 _FIELD_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e]*)")
 _OWS = (b" ", b"\t")
-_FIELD_VALUE = re.compile(rb"[\x21-\x7e]+")  # an apns-id: nothing to strip, nothing to decline
 
 # What header text means, kept between requests: a push's header lines are mostly the same from
 # one request to the next (Host, User-Agent, Content-Type, the topic, the provider token for an
@@ -102,11 +101,11 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any,
                  operator: bool) -> tuple[Request, int] | None:
     """The complete request at ``data[start:]`` and the offset just past it, or None when it is
     not one this module is sure of (incomplete, or outside the subset above)."""
-    head_end = data.find(b"\r\n\r\n", start, start + head_limit + 4)
-    if head_end < 0:
+    head_end = data.find(b"\r\n\r\n", start)
+    if head_end < 0 or head_end - start > head_limit:
         return None
-    line_end = data.find(b"\r\n", start, head_end + 2)
-    request_line = data[start:line_end].split(b" ")  # a bare CR or LF stays in it: declined
+    line, _, block = data[start:head_end].partition(b"\r\n")
+    request_line = line.split(b" ")  # a bare CR or LF stays in it: declined
     if len(request_line) != 3:
         return None
     method, target, version = request_line
@@ -116,18 +115,20 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any,
     if not (target.startswith(_PUSH_PREFIX) and target[10:].isalnum()) and (
             target[:1] != b"/" or target.translate(None, _TARGET)):
         return None
-    block = data[line_end:head_end]  # the header lines, each after its CRLF; b"" for none
-    fields = _BLOCKS.get(block)
+    fields = _BLOCKS.get(block)  # the header lines, CRLF between them; b"" for none
     if fields is None:
-        fields = _unseen_block(block)
+        fields = _unseen_block(block)  # a dict of its own
         if fields is None:
             return None
-    headers, duplicate, length = fields
+        headers, duplicate, length = fields
+    else:
+        headers, duplicate, length = fields
+        headers = headers.copy()  # the memo's stays as it is
     end = head_end + 4 + length
     if end > len(data):
         return None
     path, _, query = target.partition(b"?")
-    return Request(channel, operator, method, path, query, headers.copy(), duplicate,
+    return Request(channel, operator, method, path, query, headers, duplicate,
                    data[head_end + 4:end] if length else b""), end
 
 
@@ -138,16 +139,15 @@ def _unseen_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
     at = block.find(b"\r\nApns-Id: ")
     if at < 0:
         at = block.find(b"\r\napns-id: ")
-    if at >= 0:
-        value_end = block.find(b"\r\n", at + 2)
-        if value_end < 0:
-            value_end = len(block)
-        apns_id = block[at + 11:value_end]
-        rest_block = block[:at] + block[value_end:]
+    if at >= 0:  # (not the first line: no CRLF before it; read line by line then)
+        apns_id, crlf, after = block[at + 11:].partition(b"\r\n")
+        rest_block = block[:at] + crlf + after
         rest = _BLOCKS.get(rest_block) or _read_block(rest_block)
-        if (rest is not None and _FIELD_VALUE.fullmatch(apns_id) is not None
+        # A UUID (what senders stamp) needs no stripping and cannot decline; anything else is
+        # read line by line.
+        if (rest is not None and apns_id.replace(b"-", b"").isalnum()
                 and b"apns-id" not in rest[0]):
-            headers = rest[0].copy()  # (read_request copies it again: the memo's own is kept)
+            headers = rest[0].copy()
             headers[b"apns-id"] = apns_id
             return headers, rest[1], rest[2]
     return _read_block(block)
@@ -159,7 +159,7 @@ def _read_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
     headers: dict[bytes, bytes] = {}
     duplicate = False
     lines = _LINES
-    for line in block.split(b"\r\n")[1:]:
+    for line in block.split(b"\r\n") if block else ():
         field = lines.get(line)
         if field is None:
             field = _read_line(line)
@@ -176,10 +176,9 @@ def _read_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
     length_text = headers.get(b"content-length", b"0")
     if not length_text.isdigit() or len(length_text) > 6 or int(length_text) > MAX_BODY:
         return None
-    fields = (headers, duplicate, int(length_text))
     if len(block) <= MEMO_BLOCK and headers.keys().isdisjoint(_PER_REQUEST):
-        _remember(_BLOCKS, block, fields)
-    return fields
+        _remember(_BLOCKS, block, (headers.copy(), duplicate, int(length_text)))
+    return headers, duplicate, int(length_text)
 
 
 def _read_line(line: bytes) -> tuple[bytes, bytes] | None:
