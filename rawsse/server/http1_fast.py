@@ -88,12 +88,13 @@ _OWS = (b" ", b"\t")
 # hour), and Fleet's whole header block is (it sends no apns-id), so a block or line found here,
 # checked when first seen, costs a dict lookup instead of a pass over its lines or a regex.
 # Each memo is emptied when full: a sender sending ever new text costs it bounded memory and no
-# more time than no memo. A block holding an apns-id (one per push, as `rawsse push` sends) is
-# not kept, nor is its apns-id line.
+# more time than no memo. An apns-id (one per push, as `rawsse push` sends) is kept in neither:
+# it is cut out of its block, whose rest is looked up (_unseen_block).
 _BLOCKS: dict[bytes, tuple[dict[bytes, bytes], bool, int]] = {}
 _LINES: dict[bytes, tuple[bytes, bytes]] = {}
 MEMO_ENTRIES = 256
 MEMO_BLOCK = 2048  # longest block kept: the block memo holds at most 512 KB
+MEMO_LINE = 512  # longest line kept (a provider token's is ~200 bytes): at most 128 KB
 _PER_REQUEST = frozenset({b"apns-id", b"apns-collapse-id"})
 
 
@@ -196,7 +197,7 @@ def _read_line(line: bytes) -> tuple[bytes, bytes] | None:
     if kept and value[-1:] in _OWS:
         return None
     field = (kept, value)
-    if kept not in _PER_REQUEST:
+    if kept not in _PER_REQUEST and len(line) <= MEMO_LINE:
         _remember(_LINES, line, field)
     return field
 
