@@ -13,7 +13,8 @@ application (``rawsse.apns.routes.Routes.handle``), which answers through
 ``request.answer(Answer)`` now or later, or turns the connection into a device stream
 (``request.become_stream``), after which this object and its parser are garbage. Everything
 HTTP/1.1 means stays here: pipelining order, ``Connection``, ``100 Continue``, lingering close,
-and the bytes of each answer (``http1_wire.py``).
+and the answers in request order (``http1_answers.py``, the half of this connection the routes
+answer through; the bytes in ``http1_wire.py``).
 
 Rules
 -----
@@ -45,10 +46,8 @@ Rules
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import deque
-from time import time
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -57,8 +56,11 @@ from rawsse.apns import answers
 from rawsse.apns.apple import REQUEST_HEADERS
 from rawsse.h2.frames import PREFACE
 from rawsse.server import http1_wire as wire
-from rawsse.server.connection import GONE, LINGER, READABLE, ClientConnection
-from rawsse.server.exchange import Answer, Request
+from rawsse.server.connection import LINGER, READABLE, ClientConnection
+from rawsse.server.exchange import Request
+from rawsse.server.http1_answers import (
+    CLOSE, INTERIM, KEEP, KEEP_10, MAX_OUT, MAX_QUEUED, MAX_QUEUED_OPERATOR, STREAM, Http1Answers,
+)
 from rawsse.server.http1_fast import HEADER_NAMES, MAX_BODY, read_request
 from rawsse.server.loop import EPOLLOUT
 from rawsse.server.transport import SocketTransport
@@ -66,49 +68,33 @@ from rawsse.server.transport import SocketTransport
 if TYPE_CHECKING:
     from rawsse.server.worker import Worker
 
-log = logging.getLogger(__name__)
-
 IDLE, HEAD, BODY = 0, 1, 2  # and LINGER (connection.py)
-# What the connection does once a request's answer is written (``Request.after``).
-KEEP, CLOSE, KEEP_10, STREAM, INTERIM = 0, 1, 2, 3, 4
-
-MAX_QUEUED = 256  # unanswered pipelined requests before reading pauses
-# The same on the operator listener, where no scraper pipelines and each /stats or /metrics
-# asks every worker and renders ~7 KB: 1,000 pipelined /metrics on one connection to a 2-worker
-# node took 0.35 s of the worker's loop (``render_metrics`` alone 255 us, timed with timeit), so
-# 256 queued on each of 20 connections held a worker for seconds.
-MAX_QUEUED_OPERATOR = 4
-MAX_OUT = 256 * 1024  # unsent response bytes before reading pauses
 # The shortest request llhttp completes, "GET / HTTP/1.1\n\n" (bare LF ends lines): a slice of
 # room * MIN_REQUEST bytes cannot complete more than ``room`` requests.
 MIN_REQUEST = 16
 DISCARD_BODY = 1024 * 1024  # beyond this an oversized body is not drained: 413 and close
 
-_CONNECTION = (wire.KEEP, wire.CLOSE, wire.KEEP_ALIVE_10)  # indexed by KEEP, CLOSE, KEEP_10
-_DATE, _EMPTY_BODY = wire.DATE, wire.EMPTY_BODY  # (DATE is updated in place)
-
 _HTTP2_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                     "detail": "rawsse speaks HTTP/1.1 only"})
 
 
-class Http1Connection(ClientConnection):
+class Http1Connection(Http1Answers):
     __slots__ = (
-        # per connection
-        "parser", "operator", "responses", "reading", "closing", "head_bytes", "unparsed",
-        "progress", "stopping", "held", "sniffed",
+        # per connection (and those of Http1Answers)
+        "head_bytes", "unparsed", "progress", "stopping", "sniffed",
         # per request
-        "request", "target", "body_size", "upgrade_left",
+        "target", "body_size", "upgrade_left",
     )
 
     def __init__(self, host: "Worker", fd: int, operator: bool) -> None:
         self.host = host
         self.transport = SocketTransport(fd)
         self.fd = fd
-        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.parser = httptools.HttpRequestParser(self)
         self.operator = operator  # accepted on the operator (admin) listener
         self.state = IDLE
         self.deadline = host.loop.now + host.config.header_timeout
-        self.responses: deque[Request] = deque()
+        self.responses = deque()
         self.out = bytearray()
         self.events = READABLE
         self.reading = True
@@ -118,12 +104,12 @@ class Http1Connection(ClientConnection):
         self.progress = False
         self.flush_scheduled = False
         self.stopping = False  # the worker drains: the request in progress is the last one
-        self.held: bytes | None = None  # read but not parsed yet: the queue was full
+        self.held = None  # read but not parsed yet: the queue was full
         self.sniffed: bytes | None = b""  # first bytes held while they may be the HTTP/2 preface
         # The request being parsed; None between requests. Never left set on a connection that
         # ends: request.channel points back here, and a cycle outliving the connection would be
         # moved to the never-scanned generation by the worker's gc.freeze() (a leak per stream).
-        self.request: Request | None = None
+        self.request = None
         self.target = b""
         self.body_size = 0
         self.upgrade_left = 0  # body bytes of an Upgrade request still to read (_upgrade_body)
@@ -263,130 +249,12 @@ class Http1Connection(ClientConnection):
             self.parser = None
             self.abort()
 
-    # -- answers (the Channel of exchange.py) -----------------------------------------------
-
-    def answer(self, request: Request, answer: Answer) -> None:
-        """Fill ``request``'s place in the queue; written once every earlier one is."""
-        if request.slot is not None:
-            return
-        request.slot = answer
-        if answer.close:
-            request.after = CLOSE
-        if self.fd < 0:
-            return
-        responses = self.responses
-        if request.after == KEEP and responses and responses[0] is request:
-            # The common case (a push answered during the read that brought it, nothing earlier
-            # unanswered): its bytes go to ``out`` here, without _write_ready's loop; a 200
-            # with no body (a push's) is its preformatted status and Date lines and its header
-            # lines, as serialize() would write them, without a call.
-            responses.popleft()
-            out = self.out
-            if answer.status == 200 and not answer.body and answer.content_type is None:
-                if time() >= _DATE[0]:
-                    wire.date_header()
-                out += _DATE[2]
-                for name, value in answer.headers:
-                    out += name + b": " + value + b"\r\n"
-                out += _EMPTY_BODY
-            else:
-                out += wire.serialize(answer)
-            if self.flush_scheduled and (not responses or responses[0].slot is None):
-                return  # written at the end of the read, or of the turn
-        self._write_ready()
-
-    def become_stream(self, request: Request, token: bytes) -> None:
-        """After earlier answers are out, hand the socket to a device stream for ``token``."""
-        request.slot, request.after = token, STREAM
-        self._write_ready()
-
-    def refuse(self, status: int, reason: str, detail: str) -> None:
-        """Malformed HTTP: a JSON 4xx and a close; nothing after it is parsed (a request that
-        completed later would be served, its answer never written). Counted; logged at debug."""
-        self.host.stats.bad_requests += 1
-        log.debug("fd %d: %d %s (%s)", self.fd, status, reason, detail)
-        self.parser = None
-        self._queue_answer(answers.error(status, reason), CLOSE)
-
-    def _queue_answer(self, answer: Answer, after: int) -> None:
-        """An answer that belongs to no complete request (a protocol error, a refusal)."""
-        request = Request(self, self.operator)
-        request.after = after
-        self.responses.append(request)
-        self.answer(request, answer)
-
-    def _write_ready(self) -> None:
-        responses = self.responses
-        out = self.out
-        while responses and responses[0].slot is not None:
-            request = responses.popleft()
-            after = request.after
-            if after == STREAM:
-                self._hand_to_stream(request.slot)
-                return
-            if after == INTERIM:
-                out += request.slot
-                continue
-            out += wire.serialize(request.slot, _CONNECTION[after])
-            if after == CLOSE:
-                self.closing = True
-                responses.clear()
-                break
-        if not self.flush_scheduled:  # (set while a read is parsed: _read writes at its end)
-            self.schedule_flush()
-
-    def _finished(self) -> bool:
-        # Half-close only once every answer is out: a client that shut down its side after
-        # sending may still be owed a push answer another worker has not acknowledged yet.
-        return self.closing and not self.responses
-
-    def _flush(self) -> None:
-        """Write ``out``. The common case (a plain socket reading on, nothing held, the queue
-        short) keeps reading and needs no EPOLLOUT once the write took everything: nothing
-        for ``_finished`` and ``_update_events`` to change, so they are not called."""
-        out = self.out
-        if (not out or self.closing or self.events != READABLE or self.held is not None
-                or self.transport.__class__ is not SocketTransport
-                or len(self.responses) >= MAX_QUEUED_OPERATOR):
-            ClientConnection._flush(self)
-            return
-        try:
-            written = os.write(self.fd, out)
-        except BlockingIOError:
-            written = 0
-        except GONE:
-            self.close("client")
-            return
-        del out[:written]
-        if out:
-            self._update_events()  # EPOLLOUT until the rest is written
+    # -- ending and events ----------------------------------------------------------------
 
     def _forget(self) -> None:
         self.parser = None
         self.request = None
         self.responses.clear()
-
-    def _update_events(self) -> None:
-        if self.fd < 0:
-            return
-        limit = MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
-        self.reading = reading = (not self.closing and len(self.out) < MAX_OUT
-                                  and len(self.responses) < limit)
-        if reading and self.held is not None:
-            self.host.loop.call_soon(self._parse_held)
-        events = (READABLE if reading or self.state == LINGER else 0) | (EPOLLOUT if self.out else 0)
-        if events != self.events:
-            self.events = events
-            self.host.loop.modify(self.fd, events)
-
-    def _hand_to_stream(self, token: bytes) -> None:
-        self.fd = -1
-        fd = self.transport.detach()
-        # Break the parser <-> protocol and request <-> protocol cycles at once (no GC needed).
-        self.parser = None
-        self.request = None
-        self.host.http_conns.discard(self)
-        self.host.place_stream(fd, token, bytes(self.out), self.events)
 
     # -- events -------------------------------------------------------------------------------
 
