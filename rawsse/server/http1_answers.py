@@ -159,6 +159,8 @@ class Http1Answers(ClientConnection):
                 or len(self.responses) >= MAX_QUEUED_OPERATOR):
             ClientConnection._flush(self)
             return
+        # The plain socket's write as ClientConnection._flush makes it (its _PLAIN note), here
+        # rather than in a method both call: that would be a call more on every HTTP/2 flush.
         try:
             written = os.write(self.fd, out)
         except BlockingIOError:
