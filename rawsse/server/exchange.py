@@ -66,15 +66,19 @@ class Request:
     __slots__ = ("method", "path", "query", "headers", "duplicate", "body", "body_too_large",
                  "operator", "channel", "slot", "after")
 
-    def __init__(self, channel: Channel, operator: bool) -> None:
+    def __init__(self, channel: Channel, operator: bool, method: bytes = b"", path: bytes = b"",
+                 query: bytes = b"", headers: dict[bytes, bytes] | None = None,
+                 duplicate: bool = False, body: bytes = b"") -> None:
+        """Empty, for a parser to fill as it reads (httptools' callbacks, HTTP/2 frames), or
+        whole, from a parser that read it at once (``http1_fast.py``)."""
         self.channel = channel
         self.operator = operator
-        self.method = b""
-        self.path = b""
-        self.query = b""
-        self.headers: dict[bytes, bytes] = {}
-        self.duplicate = False
-        self.body = b""
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers: dict[bytes, bytes] = {} if headers is None else headers
+        self.duplicate = duplicate
+        self.body = body
         self.body_too_large = False
         self.slot: Any = None
         self.after: Any = None

@@ -3,13 +3,18 @@
 Theory of operation
 -------------------
 Every accepted socket starts as an ``Http1Connection`` over a transport (``transport.py``).
-Reads go into the worker's one shared buffer and are fed to an ``httptools.HttpRequestParser``
-whose callbacks fill a protocol-neutral ``Request`` (``exchange.py``); a complete request is
-handed to the application (``rawsse.apns.routes.Routes.handle``), which answers through
+Reads go into the worker's one shared buffer. Between requests, the complete requests at its
+start that ``http1_fast.py`` is sure of (a strict subset of RFC 9112 that llhttp reads the same
+way: what Go's net/http, curl and Fleet send) are read from it with a few bytes operations;
+from the first byte it declines, the read is fed to an ``httptools.HttpRequestParser`` whose
+callbacks fill a protocol-neutral ``Request`` (``exchange.py``), so every rule below stays
+httptools' and this module's whatever the fast path takes. A complete request is handed to the
+application (``rawsse.apns.routes.Routes.handle``), which answers through
 ``request.answer(Answer)`` now or later, or turns the connection into a device stream
 (``request.become_stream``), after which this object and its parser are garbage. Everything
 HTTP/1.1 means stays here: pipelining order, ``Connection``, ``100 Continue``, lingering close,
-and the bytes of each answer (``http1_wire.py``).
+and the answers in request order (``http1_answers.py``, the half of this connection the routes
+answer through; the bytes in ``http1_wire.py``).
 
 Rules
 -----
@@ -41,7 +46,7 @@ Rules
 
 from __future__ import annotations
 
-import logging
+import os
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -52,72 +57,44 @@ from rawsse.apns.apple import REQUEST_HEADERS
 from rawsse.h2.frames import PREFACE
 from rawsse.server import http1_wire as wire
 from rawsse.server.connection import LINGER, READABLE, ClientConnection
-from rawsse.server.exchange import Answer, Request
+from rawsse.server.exchange import Request
+from rawsse.server.http1_answers import (
+    CLOSE, INTERIM, KEEP, KEEP_10, MAX_OUT, MAX_QUEUED, MAX_QUEUED_OPERATOR, STREAM, Http1Answers,
+)
+from rawsse.server.http1_fast import HEADER_NAMES, MAX_BODY, read_request
 from rawsse.server.loop import EPOLLOUT
 from rawsse.server.transport import SocketTransport
 
 if TYPE_CHECKING:
     from rawsse.server.worker import Worker
 
-log = logging.getLogger(__name__)
-
 IDLE, HEAD, BODY = 0, 1, 2  # and LINGER (connection.py)
-# What the connection does once a request's answer is written (``Request.after``).
-KEEP, CLOSE, KEEP_10, STREAM, INTERIM = 0, 1, 2, 3, 4
-
-MAX_QUEUED = 256  # unanswered pipelined requests before reading pauses
-# The same on the operator listener, where no scraper pipelines and each /stats or /metrics
-# asks every worker and renders ~7 KB: 1,000 pipelined /metrics on one connection to a 2-worker
-# node took 0.35 s of the worker's loop (``render_metrics`` alone 255 us, timed with timeit), so
-# 256 queued on each of 20 connections held a worker for seconds.
-MAX_QUEUED_OPERATOR = 4
-MAX_OUT = 256 * 1024  # unsent response bytes before reading pauses
 # The shortest request llhttp completes, "GET / HTTP/1.1\n\n" (bare LF ends lines): a slice of
 # room * MIN_REQUEST bytes cannot complete more than ``room`` requests.
 MIN_REQUEST = 16
-MAX_BODY = 64 * 1024  # largest body any route reads (admin JSON); pushes stop at 5120
 DISCARD_BODY = 1024 * 1024  # beyond this an oversized body is not drained: 413 and close
 
-_CONNECTION = (wire.KEEP, wire.CLOSE, wire.KEEP_ALIVE_10)  # indexed by KEEP, CLOSE, KEEP_10
-
-# Header names as senders spell them (lower case; Go's canonical ``Apns-Id``) → the lower-case
-# name a request keeps, or b"" for one nothing reads: one dict lookup per header instead of a
-# lower() and a set lookup (a push from Go's net/http has six headers). Any other spelling
-# is lowered first. Besides the routes' headers (REQUEST_HEADERS) this module keeps two of its
-# own: Transfer-Encoding (an Upgrade request's body, _upgrade_length) and Connection, also
-# spelled Proxy-Connection as llhttp reads it (only a request that has one may be an HTTP/1.0
-# keep-alive: on_message_complete).
-_OWN_HEADERS = {b"transfer-encoding": b"transfer-encoding", b"connection": b"connection",
-                b"proxy-connection": b"connection"}
-_HEADER_NAMES: dict[bytes, bytes] = {
-    spelling: kept
-    for name, kept in [*((n, n) for n in REQUEST_HEADERS), *_OWN_HEADERS.items(),
-                       *((n, b"") for n in (b"host", b"user-agent", b"content-type",
-                                            b"accept-encoding", b"accept"))]
-    for spelling in (name, name.title())
-}
 _HTTP2_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                     "detail": "rawsse speaks HTTP/1.1 only"})
 
 
-class Http1Connection(ClientConnection):
+class Http1Connection(Http1Answers):
     __slots__ = (
-        # per connection
-        "parser", "operator", "responses", "reading", "closing", "head_bytes", "unparsed",
-        "progress", "stopping", "held", "sniffed",
+        # per connection (and those of Http1Answers)
+        "head_bytes", "unparsed", "progress", "stopping", "sniffed",
         # per request
-        "request", "target", "body_size", "upgrade_left",
+        "target", "body_size", "upgrade_left",
     )
 
     def __init__(self, host: "Worker", fd: int, operator: bool) -> None:
         self.host = host
         self.transport = SocketTransport(fd)
         self.fd = fd
-        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.parser = httptools.HttpRequestParser(self)
         self.operator = operator  # accepted on the operator (admin) listener
         self.state = IDLE
         self.deadline = host.loop.now + host.config.header_timeout
-        self.responses: deque[Request] = deque()
+        self.responses = deque()
         self.out = bytearray()
         self.events = READABLE
         self.reading = True
@@ -127,12 +104,12 @@ class Http1Connection(ClientConnection):
         self.progress = False
         self.flush_scheduled = False
         self.stopping = False  # the worker drains: the request in progress is the last one
-        self.held: bytes | None = None  # read but not parsed yet: the queue was full
+        self.held = None  # read but not parsed yet: the queue was full
         self.sniffed: bytes | None = b""  # first bytes held while they may be the HTTP/2 preface
         # The request being parsed; None between requests. Never left set on a connection that
         # ends: request.channel points back here, and a cycle outliving the connection would be
         # moved to the never-scanned generation by the worker's gc.freeze() (a leak per stream).
-        self.request: Request | None = None
+        self.request = None
         self.target = b""
         self.body_size = 0
         self.upgrade_left = 0  # body bytes of an Upgrade request still to read (_upgrade_body)
@@ -156,9 +133,9 @@ class Http1Connection(ClientConnection):
         self.head_bytes += len(name) + len(value) + 4
         self.unparsed = 0  # those raw bytes are now counted exactly, in head_bytes
         self.progress = True
-        kept = _HEADER_NAMES.get(name)
+        kept = HEADER_NAMES.get(name)
         if kept is None:  # a spelling not listed
-            kept = _HEADER_NAMES.get(name.lower(), b"")
+            kept = HEADER_NAMES.get(name.lower(), b"")
         request = self.request
         if kept and request is not None:  # the rest skipped, no call
             if kept in REQUEST_HEADERS:
@@ -272,125 +249,108 @@ class Http1Connection(ClientConnection):
             self.parser = None
             self.abort()
 
-    # -- answers (the Channel of exchange.py) -----------------------------------------------
-
-    def answer(self, request: Request, answer: Answer) -> None:
-        """Fill ``request``'s place in the queue; written once every earlier one is."""
-        if request.slot is not None:
-            return
-        request.slot = answer
-        if answer.close:
-            request.after = CLOSE
-        if self.fd >= 0:
-            self._write_ready()
-
-    def become_stream(self, request: Request, token: bytes) -> None:
-        """After earlier answers are out, hand the socket to a device stream for ``token``."""
-        request.slot, request.after = token, STREAM
-        self._write_ready()
-
-    def refuse(self, status: int, reason: str, detail: str) -> None:
-        """Malformed HTTP: a JSON 4xx and a close; nothing after it is parsed (a request that
-        completed later would be served, its answer never written). Counted; logged at debug."""
-        self.host.stats.bad_requests += 1
-        log.debug("fd %d: %d %s (%s)", self.fd, status, reason, detail)
-        self.parser = None
-        self._queue_answer(answers.error(status, reason), CLOSE)
-
-    def _queue_answer(self, answer: Answer, after: int) -> None:
-        """An answer that belongs to no complete request (a protocol error, a refusal)."""
-        request = Request(self, self.operator)
-        request.after = after
-        self.responses.append(request)
-        self.answer(request, answer)
-
-    def _write_ready(self) -> None:
-        responses = self.responses
-        out = self.out
-        while responses and responses[0].slot is not None:
-            request = responses.popleft()
-            after = request.after
-            if after == STREAM:
-                self._hand_to_stream(request.slot)
-                return
-            if after == INTERIM:
-                out += request.slot
-                continue
-            out += wire.serialize(request.slot, _CONNECTION[after])
-            if after == CLOSE:
-                self.closing = True
-                responses.clear()
-                break
-        if not self.flush_scheduled:  # (set while a read is parsed: _read writes at its end)
-            self.schedule_flush()
-
-    def _finished(self) -> bool:
-        # Half-close only once every answer is out: a client that shut down its side after
-        # sending may still be owed a push answer another worker has not acknowledged yet.
-        return self.closing and not self.responses
+    # -- ending and events ----------------------------------------------------------------
 
     def _forget(self) -> None:
         self.parser = None
         self.request = None
         self.responses.clear()
 
-    def _update_events(self) -> None:
-        if self.fd < 0:
-            return
-        limit = MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
-        self.reading = reading = (not self.closing and len(self.out) < MAX_OUT
-                                  and len(self.responses) < limit)
-        if reading and self.held is not None:
-            self.host.loop.call_soon(self._parse_held)
-        events = (READABLE if reading or self.state == LINGER else 0) | (EPOLLOUT if self.out else 0)
-        if events != self.events:
-            self.events = events
-            self.host.loop.modify(self.fd, events)
-
-    def _hand_to_stream(self, token: bytes) -> None:
-        self.fd = -1
-        fd = self.transport.detach()
-        # Break the parser <-> protocol and request <-> protocol cycles at once (no GC needed).
-        self.parser = None
-        self.request = None
-        self.host.http_conns.discard(self)
-        self.host.place_stream(fd, token, bytes(self.out), self.events)
-
     # -- events -------------------------------------------------------------------------------
+
+    def handle_events(self, events: int) -> None:
+        """A plain socket's read is made here, with nothing held: the calls of ``_read`` and
+        ``_receive`` (``connection.py``) less per read; anything else goes their way."""
+        if events & EPOLLOUT or self.held is not None or self.transport.__class__ is not SocketTransport:
+            ClientConnection.handle_events(self, events)
+            return
+        try:
+            n = os.readv(self.fd, self.host.read_buffers)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close("client")
+            return
+        if n:
+            self._received(n)
+        else:
+            self._end_of_input()
 
     def _read(self) -> None:
         if self.held is not None:  # what was read before goes first
             self._parse_held()
             return
         n = self._receive()
-        if not n or self.state == LINGER or self.parser is None:
+        if n:
+            self._received(n)
+
+    def _received(self, n: int) -> None:
+        """Parse what a read put in the worker's buffer, serve what it completes, write their
+        answers. Between requests (nothing inside httptools, no Upgrade body pending, the
+        preface sniffed) the complete requests ``http1_fast`` is sure of are served straight
+        from the buffer, as many as the queue has room for; httptools gets the rest of the
+        read from the first byte the fast path declined."""
+        if self.state == LINGER or self.parser is None:
             return
-        self.progress = False
-        data = self.host.read_view[:n]
+        host = self.host
+        data = host.read_view[:n]
         if self.sniffed is not None:
             data = self._sniff_preface(data)
             if data is None:
                 return
         # What this read answers is written at once, in one write, at its end: with nothing
         # else pipelined a keep-alive push is answered without waiting for the end of the loop
-        # turn (a call_soon and two calls more per push). The flag keeps _write_ready from
-        # scheduling a write meanwhile; if one is due this turn anyway, it takes these too.
+        # turn. The flag keeps answer() from scheduling a write meanwhile; if one is due this
+        # turn anyway, it takes these too.
         write_now = not self.flush_scheduled
         self.flush_scheduled = True
         try:
-            limit = MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
-            if n <= (limit - len(self.responses)) * MIN_REQUEST and len(self.out) < MAX_OUT:
-                self._feed(data)  # room for every request the read can hold: no slicing
-                fed = n
-            else:
-                fed = self._parse(data)
-            if self.state == HEAD and self._parsing():
-                self._check_head_size(fed)
+            if self.state == IDLE and not self.upgrade_left:  # between requests
+                whole = bytes(data)  # requests keep slices of it; the buffer is the worker's
+                end = len(whole)
+                start = 0
+                responses = self.responses
+                limit = MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
+                head_limit = host.config.header_limit
+                after = CLOSE if self.stopping else KEEP
+                while start < end and len(responses) < limit and len(self.out) < MAX_OUT:
+                    taken = read_request(whole, start, head_limit, self, self.operator)
+                    if taken is None:
+                        break
+                    request, start = taken
+                    request.after = after
+                    responses.append(request)
+                    host.stats.http_requests += 1
+                    host.routes.handle(request)
+                    if request.after != KEEP:  # close, or a device stream: the last (_dispatch)
+                        self.parser = None
+                        break
+                    if self.fd < 0 or self.closing:
+                        break
+                if start:
+                    self.deadline = host.loop.now + host.config.idle_timeout
+                    data = data[start:]
+            if data and self._parsing():
+                self.progress = False
+                self._feed_read(data)
         finally:
             if write_now:
                 self.flush_scheduled = False
         if write_now and self.out and self.fd >= 0:
             self._flush()
+
+    def _feed_read(self, data: Any) -> None:
+        """Feed a read to httptools: in one piece when the queue has room for every request it
+        can hold, else in slices (``_parse``); then bound the head in progress."""
+        n = len(data)
+        limit = self._queue_limit()
+        if n <= (limit - len(self.responses)) * MIN_REQUEST and len(self.out) < MAX_OUT:
+            self._feed(data)  # room for every request the read can hold: no slicing
+            fed = n
+        else:
+            fed = self._parse(data)
+        if self.state == HEAD and self._parsing():
+            self._check_head_size(fed)
 
     def _has_room(self) -> bool:
         return len(self.responses) < self._queue_limit() and len(self.out) < MAX_OUT

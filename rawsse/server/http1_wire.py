@@ -24,26 +24,30 @@ KEEP = b""
 CLOSE = b"Connection: close\r\n"
 KEEP_ALIVE_10 = b"Connection: keep-alive\r\n"  # an HTTP/1.0 client expects a close otherwise
 
-_EMPTY_BODY = b"Content-Length: 0\r\n\r\n"
-_date_cache: list = [0, b""]
+EMPTY_BODY = b"Content-Length: 0\r\n\r\n"
+# [the time the Date line goes stale, the Date line, "HTTP/1.1 200 OK" and the Date line]: the
+# last is the start of a kept-alive push's 200, preformatted (Http1Connection.answer).
+DATE: list = [0.0, b"", b""]
 
 
 def date_header() -> bytes:
     """``Date:`` (RFC 9110 §6.6.1: an origin server with a clock sends it), cached per second."""
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = b"Date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
-    return _date_cache[1]
+    now = time.time()
+    if now >= DATE[0]:
+        second = int(now)
+        DATE[0] = second + 1.0
+        DATE[1] = b"Date: " + email.utils.formatdate(second, usegmt=True).encode() + b"\r\n"
+        DATE[2] = STATUS_LINE[200] + DATE[1]
+    return DATE[1]
 
 
 def serialize(answer: Answer, connection: bytes = KEEP) -> bytes:
     """The whole response: status line, ``connection`` (one of the constants above), Date, the
     answer's own header lines, Content-Type, Content-Length, the body. Concatenation beats a
     list join for these few short parts (0.70 vs 0.91 us for a push's 200, python -m timeit)."""
-    if _date_cache[0] != int(time.time()):
+    if time.time() >= DATE[0]:
         date_header()
-    head = STATUS_LINE[answer.status] + connection + _date_cache[1]
+    head = STATUS_LINE[answer.status] + connection + DATE[1]
     for name, value in answer.headers:
         head += name + b": " + value + b"\r\n"
     content_type = answer.content_type
@@ -52,4 +56,4 @@ def serialize(answer: Answer, connection: bytes = KEEP) -> bytes:
     body = answer.body
     if body:
         return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
-    return head + _EMPTY_BODY
+    return head + EMPTY_BODY
