@@ -15,6 +15,7 @@ to it, and the listener that admits them (``mesh.py`` has the theory of operatio
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -129,6 +130,24 @@ class OutLink:
         for message, fds in messages:
             out.push(message, fds)
         self.flush()
+
+    def send_fd_now(self, body: bytes, fd: int) -> bool:
+        """One record carrying ``fd``, sent at once, outside the turn's batch. True once the
+        kernel took it (the peer's queue holds the fd: close this copy); False when it cannot
+        leave now (the peer does not listen, older messages wait for its socket, or it is
+        full), and then nothing was sent and the fd is still only the caller's."""
+        if not self.connect() or self.out is None or not self.out.drained:
+            return False
+        message = pack_messages(self.mesh.index, [(body, fd)])[0][0]
+        try:
+            self.out.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", [fd]))])
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.close("send failed")
+            return False
+        return True
 
     def flush(self) -> None:
         if self.out is None:

@@ -51,7 +51,6 @@ it takes no part in broadcasts, ``/stats`` collection or admin commands, which g
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import socket
@@ -351,24 +350,10 @@ class Mesh:
         return True
 
     def send_now(self, peer: int, kind: int, body: bytes, fd: int) -> bool:
-        """One record carrying ``fd``, sent to ``peer`` at once, outside the turn's batch. True
-        once the kernel took it (the peer's queue holds the fd: close this copy); False when it
-        cannot leave now (the peer does not listen, older messages wait for its socket, or it is
-        full), and then nothing was sent and the fd is still only the caller's."""
+        """One record carrying ``fd`` to ``peer`` at once, outside the turn's batch: True once
+        the kernel took it (close this copy), else nothing left (``OutLink.send_fd_now``)."""
         link = self.links.get(peer)
-        if link is None or not link.connect() or link.out is None or not link.out.drained:
-            return False
-        sock = link.out.sock
-        message = pack_messages(self.index, [(record(kind, body), fd)])[0][0]
-        try:
-            sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                      array.array("i", [fd]))])
-        except BlockingIOError:
-            return False
-        except OSError:
-            link.close("send failed")
-            return False
-        return True
+        return link is not None and link.send_fd_now(record(kind, body), fd)
 
     def broadcast(self, frame: bytes, prefix: str,
                   done: Callable[[int, int, list[int]], None]) -> None:
