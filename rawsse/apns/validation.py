@@ -29,6 +29,14 @@ _UUID_FORM = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
 
 MAX_EXPIRATION_DIGITS = 19
 
+# Apple's limits as plain names, and unhexlify bound: read per push, a global each rather than
+# a module attribute lookup on top (Python 3.11).
+_MAX_TOKEN_HEX = 2 * apns.MAX_TOKEN_BYTES
+_STRICT_TOKEN_BYTES = apns.STRICT_TOKEN_BYTES
+_MAX_PAYLOAD = apns.MAX_PAYLOAD
+_unhexlify = binascii.unhexlify
+_NOT_HEX = (binascii.Error, ValueError)
+
 # rawsse's own per-push override of --delivery-delay (not an Apple header).
 DELAY_HEADER = b"rawsse-delivery-delay"
 
@@ -84,13 +92,13 @@ def parse_token(text: bytes, strict: bool) -> bytes:
     case, so tokens are normalised."""
     if not text:
         raise reject("MissingDeviceToken")
-    if len(text) > 2 * apns.MAX_TOKEN_BYTES:
+    if len(text) > _MAX_TOKEN_HEX:
         raise reject("BadDeviceToken")
     try:
-        raw = binascii.unhexlify(text)
-    except (binascii.Error, ValueError):
+        raw = _unhexlify(text)
+    except _NOT_HEX:
         raise reject("BadDeviceToken") from None
-    if strict and len(raw) != apns.STRICT_TOKEN_BYTES:
+    if strict and len(raw) != _STRICT_TOKEN_BYTES:
         raise reject("BadDeviceToken")
     return raw
 
@@ -149,15 +157,16 @@ def check_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: bool, 
     order (its answer carries ``answer_id``). An expiry <= now means "deliver now or discard"."""
     if duplicate:
         raise reject("DuplicateHeaders")
-    if b"apns-id" in headers:
-        apns_id = headers[b"apns-id"]
-        if apns_id.translate(_UUID_SHAPE) != _UUID_FORM:
-            raise reject("BadMessageId")
-    else:
+    # One lookup: a kept header name is never the literal's object, so a dict lookup compares
+    # the bytes; ``in`` and then ``[]`` would do it twice.
+    apns_id = headers.get(b"apns-id")
+    if apns_id is None:
         apns_id = ids.new()
+    elif apns_id.translate(_UUID_SHAPE) != _UUID_FORM:
+        raise reject("BadMessageId")
     if _HAS_NO_CHECKED_HEADER(headers):  # most pushes: nothing more to read in the headers
         expires = now + default_ttl
-        limit = apns.MAX_PAYLOAD
+        limit = _MAX_PAYLOAD
         delay_text = None
     else:
         expires, limit, delay_text = _check_headers(headers, now, default_ttl)
