@@ -36,7 +36,7 @@ from rawsse.apns import apple
 
 if TYPE_CHECKING:
     from rawsse.apns.delivery import Delivery
-    from rawsse.apns.registry import Push, Registry
+    from rawsse.apns.registry import Registry
     from rawsse.server.loop import Loop
 
 ID_LEN = 36

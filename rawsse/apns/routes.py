@@ -52,6 +52,7 @@ from rawsse.apns.validation import (
 )
 from rawsse.node.routing import owner_of
 from rawsse.server import sse
+from rawsse.server.sse import CR, LF, ONE_LINE_EVENT
 from rawsse.server.exchange import Answer, Request
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ OTHER_BODY_LIMIT = 1024 * 1024
 
 class Routes:
     __slots__ = ("worker", "config", "stats", "operator", "development", "auth", "answer_now",
-                 "default_delay", "_answered", "wall_offset", "_router", "_owner", "_local",
+                 "default_delay", "plain_200", "_answered", "wall_offset", "_router", "_owner", "_local",
                  "_shards", "_shard")
 
     def __init__(self, worker: "Worker") -> None:
@@ -80,6 +81,8 @@ class Routes:
         self.development = config.environment == "development"
         # Decided once, not per push: no --response-delay, no --delivery-delay to sample.
         self.answer_now = config.response_delay.is_zero
+        # A 200 that is only its apns-id, now: no --response-delay, no sandbox unique id.
+        self.plain_200 = self.answer_now and not self.development
         self.default_delay = None if config.delivery_delay.is_zero else config.delivery_delay
         # Bound once: each push's answer is a partial of it (one C object, no closure cells,
         # and no Python frame of its own when called, as a lambda would have).
@@ -169,7 +172,8 @@ class Routes:
         if admin.token_states or admin.faults:  # a simulated outcome is set: not the hot path
             if self._simulated(request, apns_id, token, now):
                 return
-        frame = sse.encode_event(apns_id, body)
+        frame = (ONE_LINE_EVENT % (apns_id, body) if LF not in body and CR not in body
+                 else sse.encode_event(apns_id, body))
         distribution = delay_given or self.default_delay
         router = worker.router
         if router is not self._router or router.owner is not self._owner:
@@ -180,11 +184,13 @@ class Routes:
             # This worker owns the token and its owner is this worker's queues: what
             # router.submit would do, with no Push (unless the push must wait), partial or
             # callback: the hot path.
-            if local.registry.write_received(token, frame, expires):
-                self._push_answered(request, apns_id, HELD)
+            accepted = (HELD if local.registry.write_received(token, frame, expires)
+                        else local.accept(token, Push(frame, expires, received), 0.0))
+            if accepted is HELD and self.plain_200:
+                self.stats.pushes_ok += 1
+                request.channel.answer(request, Answer(200, b"", None, ((b"apns-id", apns_id),)))
             else:
-                self._push_answered(request, apns_id,
-                                    local.accept(token, Push(frame, expires, received), 0.0))
+                self._push_answered(request, apns_id, accepted)
             return
         router.submit(token, Push(frame, expires, received),
                       0.0 if distribution is None else distribution.sample(),
