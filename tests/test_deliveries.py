@@ -148,7 +148,7 @@ def test_the_ring_keeps_the_last_n_outcomes_oldest_first():
     ids = [new_id().encode() for _ in range(5)]
     for n, apns_id in enumerate(ids):
         Clock.now = float(n)
-        log.record(1, b"t", Push(sse.encode_event(apns_id, b"{}"), 9.0, 0.0))
+        log.record(1, b"t", sse.encode_event(apns_id, b"{}"), 9.0)
     slots = log.find([], [b"t"])
     assert [log.entry(slot, 0.0)["apns_id"].encode() for slot in slots] == ids[2:]
     assert log.find([ids[0], ids[1]], []) == []  # overwritten: the ring is bounded
@@ -169,7 +169,7 @@ def test_entry_cost_is_what_help_says():
     log = DeliveryLog(size, Clock())  # type: ignore[arg-type]
     tokens = [os.urandom(32) for _ in range(size)]  # each request's own token object
     for token, one in zip(tokens, pushes):
-        log.record(1, token, one)
+        log.record(1, token, one.frame, one.expires)
     del tokens, token, one  # only the log keeps them now
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()

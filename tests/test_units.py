@@ -18,7 +18,7 @@ from rawsse.server import sse as frames
 from rawsse.server.exchange import Answer
 from rawsse.config import (ConfigError, FaultRule, parse_address, parse_distribution,
                            parse_duration, parse_fault)
-from rawsse.apns.validation import IdGenerator, PushRejected, PushRequest, validate_push
+from rawsse.apns.validation import IdGenerator, PushRejected, answer_id, check_push
 
 # -- frames: golden bytes --------------------------------------------------------------------------
 
@@ -232,13 +232,27 @@ TOKEN = b"746f6b656e31"  # hex("token1")
 GIVEN_ID = b"6F1A2B3C-0000-4000-8000-00000000ABCD"
 
 
+class Checked:
+    """What ``check_push`` returned for an accepted push, by name."""
+
+    def __init__(self, token: bytes, expires: float, delay: object) -> None:
+        self.token, self.expires, self.delay = token, expires, delay
+
+
 def validate(token: bytes = TOKEN, headers: dict[bytes, bytes] | None = None,
              body: bytes = b'{"mdm":"m"}', duplicate: bool = False,
-             strict: bool = False) -> tuple[bytes, PushRequest | PushRejected]:
-    return validate_push(token, headers or {}, duplicate, body, NOW, TTL, strict, CountingIds())
+             strict: bool = False) -> tuple[bytes, Checked | PushRejected]:
+    """(the answer's apns-id, what check_push returned or raised), as the push route sees it."""
+    headers = headers or {}
+    try:
+        apns_id, *checked = check_push(token, headers, duplicate, body, NOW, TTL, strict,
+                                       CountingIds())
+    except PushRejected as rejected:
+        return answer_id(headers, CountingIds()), rejected
+    return apns_id, Checked(*checked)
 
 
-def reason_of(result: PushRequest | PushRejected) -> str:
+def reason_of(result: Checked | PushRejected) -> str:
     assert isinstance(result, PushRejected), result
     assert result.status == apns.REASON_STATUS[result.reason]
     return result.reason
@@ -247,8 +261,8 @@ def reason_of(result: PushRequest | PushRejected) -> str:
 def test_fleet_push_is_accepted_with_a_fresh_id_and_the_default_ttl():
     apns_id, request = validate()
     assert apns_id == b"00000000-0000-4000-8000-000000000001"
-    assert isinstance(request, PushRequest)
-    assert (request.token, request.payload) == (b"token1", b'{"mdm":"m"}')
+    assert isinstance(request, Checked)
+    assert request.token == b"token1"
     assert request.expires == NOW + TTL
     assert request.delay is None
 
@@ -261,7 +275,7 @@ def test_token_case_does_not_matter():
 
 def test_given_apns_id_is_echoed_as_sent():
     apns_id, request = validate(headers={b"apns-id": GIVEN_ID})
-    assert apns_id == GIVEN_ID and request.apns_id == GIVEN_ID
+    assert apns_id == GIVEN_ID and isinstance(request, Checked)
 
 
 def test_bad_apns_id_is_rejected_and_echoed_as_sent():
@@ -312,7 +326,7 @@ def test_duplicate_apns_header_is_rejected_first():
 ])
 def test_limits_and_valid_headers_are_accepted(headers, body):
     _, result = validate(headers=headers, body=body)
-    assert isinstance(result, PushRequest), result
+    assert isinstance(result, Checked), result
 
 
 @pytest.mark.parametrize("value, expires", [
@@ -324,13 +338,13 @@ def test_limits_and_valid_headers_are_accepted(headers, body):
 ])
 def test_expiration(value, expires):
     _, request = validate(headers={b"apns-expiration": value})
-    assert isinstance(request, PushRequest) and request.expires == expires
+    assert isinstance(request, Checked) and request.expires == expires
 
 
 def test_strict_tokens_need_32_bytes():
     assert reason_of(validate(b"ab" * 31, strict=True)[1]) == "BadDeviceToken"
-    assert isinstance(validate(b"ab" * 32, strict=True)[1], PushRequest)
-    assert isinstance(validate(b"ab" * 31)[1], PushRequest)
+    assert isinstance(validate(b"ab" * 32, strict=True)[1], Checked)
+    assert isinstance(validate(b"ab" * 31)[1], Checked)
 
 
 def test_generated_ids_are_distinct_lowercase_v4_uuids():

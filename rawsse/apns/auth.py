@@ -32,7 +32,8 @@ responses from APNs" for the reasons):
   requests to APNs": "APNs allows only one stream until you post a request with a valid
   authentication token").
 
-The clock these rules read is ``time.time()`` plus the admin clock offset, a test aid.
+The clock these rules read is the unix time of the request's loop turn (``Routes.wall_offset``)
+plus the admin clock offset, a test aid.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class Authenticator:
     # -- the push path ------------------------------------------------------------------------
 
     def refusal(self, request: "Request", now: float) -> str | None:
-        """Apple's reason to refuse this push, or None. ``now`` is ``time.time()``."""
+        """Apple's reason to refuse this push, or None. ``now``: unix time, this loop turn's."""
         channel = request.channel
         state = channel.auth
         if state is None:

@@ -143,7 +143,7 @@ class Delivery:
         heapq.heappush(self.waiting, (deadline, self._seq, token, push))
         self.delayed_bytes += len(push.frame)
         if self.registry.log is not None:
-            self.registry.log.record(DELAYED, token, push)
+            self.registry.log.record(DELAYED, token, push.frame, push.expires)
         if self.waiting[0][1] == self._seq:  # the new earliest: the timer moves up
             self._arm()
 

@@ -36,7 +36,7 @@ from rawsse.apns import apple
 
 if TYPE_CHECKING:
     from rawsse.apns.delivery import Delivery
-    from rawsse.apns.registry import Push, Registry
+    from rawsse.apns.registry import Registry
     from rawsse.server.loop import Loop
 
 ID_LEN = 36
@@ -93,13 +93,13 @@ class DeliveryLog:
 
     # -- recording (the hot path: one pack and one store) -------------------------------------
 
-    def record(self, code: int, token: bytes, push: "Push", at: float = 0.0) -> None:
-        """``push`` (for ``token``) met outcome ``code``, now or at loop time ``at`` (when a
-        reply tells later what was decided: Redis routed it when it was taken)."""
+    def record(self, code: int, token: bytes, frame: bytes, expires: float,
+               at: float = 0.0) -> None:
+        """A push (its ``frame`` and ``expires``, for ``token``) met outcome ``code``, now or at
+        loop time ``at`` (when a reply tells later what was decided: Redis routed it when it was
+        taken). The frame and expiry, not the ``Push``: a push written at once has none."""
         i = self.next
-        frame = push.frame
-        _pack(self.records, i * _SIZE, frame, code, at or self.clock.now, push.expires,
-              len(frame))
+        _pack(self.records, i * _SIZE, frame, code, at or self.clock.now, expires, len(frame))
         self.tokens[i] = token
         i += 1
         if i < self.size:

@@ -31,6 +31,9 @@ from rawsse.server.stream import Stream
 if TYPE_CHECKING:
     from rawsse.apns.deliverylog import DeliveryLog
 
+# The latency bucket of a push written in the loop turn that received it.
+SAME_TURN = bisect_right(LATENCY_BOUNDS, 0.0)
+
 
 class Push:
     """One accepted push as it travels: the encoded SSE event, its absolute expiry, and when it
@@ -116,11 +119,11 @@ class Registry:
         if push.expired(time.time()):
             self.stats.expired += 1
             if log is not None:
-                log.record(EXPIRED, stream.token, push)
+                log.record(EXPIRED, stream.token, push.frame, push.expires)
             return
         self.stats.delivered_on_connect += 1
         if stream.send(push.frame, push) and log is not None:
-            log.record(DELIVERED_ON_CONNECT, stream.token, push)
+            log.record(DELIVERED_ON_CONNECT, stream.token, push.frame, push.expires)
 
     # -- pushes -------------------------------------------------------------------------------
 
@@ -132,7 +135,7 @@ class Registry:
         elif push.expired(time.time()):
             self.stats.discarded += 1
             if self.log is not None:
-                self.log.record(DISCARDED, token, push)
+                self.log.record(DISCARDED, token, push.frame, push.expires)
         else:
             self.store.store(token, push)
 
@@ -144,7 +147,27 @@ class Registry:
         stats.latency[bisect_right(LATENCY_BOUNDS, self.clock.now - push.received)] += 1
         # The stream's token, not the request's: the log then keeps no token of its own.
         if stream.send(push.frame, push) and self.log is not None:
-            self.log.record(DELIVERED, stream.token, push)
+            self.log.record(DELIVERED, stream.token, push.frame, push.expires)
+
+    def write_received(self, token: bytes, frame: bytes, expires: float) -> bool:
+        """``write_live`` for a push received in this loop turn (its latency is 0: the first
+        bucket) with no ``Push`` made unless part of the frame stays queued: the hot path.
+        False, with nothing done, when the token has no stream here or its stream cannot take
+        the frame now (``Delivery.accept`` then)."""
+        stream = self.streams.get(token)
+        if stream is None:
+            return False
+        written = stream.offer(frame)
+        if written < 0:
+            return False
+        stats = self.stats
+        stats.delivered_live += 1
+        stats.latency[SAME_TURN] += 1
+        if written != len(frame):
+            stream.held = Push(frame, expires, self.clock.now)
+        if self.log is not None:
+            self.log.record(DELIVERED, stream.token, frame, expires)
+        return True
 
     def keep(self, token: bytes, push: Push, newly_stored: bool = True) -> None:
         """Hold ``push`` here (newest wins): the local store, and a cluster's fallback (whose
@@ -153,18 +176,18 @@ class Registry:
         if push.expired(time.time()):
             self.stats.discarded += 1
             if log is not None:
-                log.record(DISCARDED, token, push)
+                log.record(DISCARDED, token, push.frame, push.expires)
             return
         older = self.pending.get(token)
         if older is not None:
             self.stats.coalesced += 1
             if log is not None:
-                log.record(REPLACED, token, older)
+                log.record(REPLACED, token, older.frame, older.expires)
         elif newly_stored:
             self.stats.stored += 1
         self.pending[token] = push
         if log is not None:
-            log.record(STORED, token, push)
+            log.record(STORED, token, push.frame, push.expires)
 
     def requeue(self, token: bytes, push: Push) -> None:
         """A stream ended before ``push`` was all written: keep it for the next stream, unless
@@ -174,21 +197,21 @@ class Registry:
         if push.expired(time.time()):
             self.stats.discarded += 1
             if log is not None:
-                log.record(DISCARDED, token, push)
+                log.record(DISCARDED, token, push.frame, push.expires)
             return
         if token in self.pending:
             self.stats.coalesced += 1
             if log is not None:
-                log.record(REPLACED, token, push)
+                log.record(REPLACED, token, push.frame, push.expires)
             return
         stream = self.streams.get(token)
         if stream is not None:  # a newer stream is already attached: give it straight away
             self.stats.delivered_live += 1
             if stream.send(push.frame, push) and log is not None:
-                log.record(DELIVERED, stream.token, push)
+                log.record(DELIVERED, stream.token, push.frame, push.expires)
             return
         if log is not None:
-            log.record(REQUEUED, token, push)
+            log.record(REQUEUED, token, push.frame, push.expires)
         self.store.store_requeued(token, push)
 
     def broadcast(self, frame: bytes, prefix: bytes | str = b"") -> tuple[int, int, int]:
@@ -225,7 +248,7 @@ class Registry:
                 del pending[token]
                 dropped += 1
                 if self.log is not None:
-                    self.log.record(EXPIRED, token, push)
+                    self.log.record(EXPIRED, token, push.frame, push.expires)
         self.stats.expired += dropped
         return dropped
 

@@ -20,6 +20,13 @@ Route map:
   /admin/deliveries[/<id>]    what became of pushes (delivery log) operator listener*
   (* the public listener too with --admin-listen public)
 
+The push hot path: a push with no delivery delay, for a token this worker owns, whose router
+hands such pushes to a ``LocalOwner`` (one worker; a prefork worker's own shard), is what
+``LocalOwner.take`` would make of it, without the router, a ``Push`` (unless the stream keeps
+part of the frame, or the push must wait), a partial or a callback: written to the device's live
+stream at once (``Registry.write_received``), else ``Delivery.accept``. Its clock is the loop
+turn's (``loop.now``, and ``wall_offset`` for unix time), not a call per push.
+
 A new admin route is one entry in ``Routes._operator`` and a handler (see ``operator.py``);
 a new APNs reason is a row in ``apple.REASON_STATUS`` and a check in ``validation.py``.
 """
@@ -33,19 +40,27 @@ from urllib.parse import unquote_to_bytes
 
 from rawsse.apns import answers
 from rawsse.apns.apple import REASON_STATUS
+from rawsse.apns.deliverylog import wall_offset
 from rawsse.apns.operator import OperatorRoutes
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import HELD, UNREACHABLE, Accepted
-from rawsse.apns.validation import (
-    PushRejected, is_apns_id, parse_broadcast_prefix, parse_token, payload_limit, validate_push,
+from rawsse.apns.routing import (
+    HELD, UNREACHABLE, Accepted, LocalOwner, LocalRouter, Owner, Router,
 )
+from rawsse.apns.validation import (
+    PushRejected, answer_id, check_push, is_apns_id, parse_broadcast_prefix, parse_token,
+    payload_limit,
+)
+from rawsse.node.routing import owner_of
 from rawsse.server import sse
+from rawsse.server.sse import CR, LF, ONE_LINE_EVENT
 from rawsse.server.exchange import Answer, Request
 
 if TYPE_CHECKING:
+    from rawsse.apns.delivery import Delivery
     from rawsse.server.worker import Worker
 
 PUSH_PREFIX = b"/3/device/"
+_PUSH_PREFIX_LEN = len(PUSH_PREFIX)
 # A byte as an int: ``b"/" in text`` first tries its operand as an integer, and the TypeError it
 # raises and clears inside costs ~2,000 instructions (callgrind), ``SLASH in text`` a memchr.
 SLASH = ord("/")
@@ -55,7 +70,8 @@ OTHER_BODY_LIMIT = 1024 * 1024
 
 class Routes:
     __slots__ = ("worker", "config", "stats", "operator", "development", "auth", "answer_now",
-                 "default_delay", "_answered")
+                 "default_delay", "plain_200", "_answered", "wall_offset", "_router", "_owner", "_local",
+                 "_shards", "_shard")
 
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
@@ -65,11 +81,26 @@ class Routes:
         self.development = config.environment == "development"
         # Decided once, not per push: no --response-delay, no --delivery-delay to sample.
         self.answer_now = config.response_delay.is_zero
+        # A 200 that is only its apns-id, now: no --response-delay, no sandbox unique id.
+        self.plain_200 = self.answer_now and not self.development
         self.default_delay = None if config.delivery_delay.is_zero else config.delivery_delay
         # Bound once: each push's answer is a partial of it (one C object, no closure cells,
         # and no Python frame of its own when called, as a lambda would have).
         self._answered = self._push_answered
         self.auth = worker.auth  # None under --auth off
+        # Unix time = the loop's monotonic ``now`` + this, reset every tick (``reset_clock``):
+        # a push reads the clock of its loop turn, not ``time.time()`` (a call per push).
+        self.wall_offset = wall_offset()
+        # Where a push whose token this worker owns goes without the router (``_see``).
+        self._router: Router | None = None
+        self._owner: Owner | None = None
+        self._local: "Delivery | None" = None
+        self._shards = 1
+        self._shard = 0
+
+    def reset_clock(self) -> None:
+        """Follow the wall clock (NTP slews it, an operator may set it): once a tick."""
+        self.wall_offset = wall_offset()
 
     # -- entry points from a protocol ---------------------------------------------------------
 
@@ -81,7 +112,10 @@ class Routes:
 
     def handle(self, request: Request) -> None:
         path = request.path
-        if request.body_too_large:
+        if path[:_PUSH_PREFIX_LEN] == PUSH_PREFIX and not (request.body_too_large
+                                                           or request.operator):
+            self.push(request, path[_PUSH_PREFIX_LEN:])  # nearly every request
+        elif request.body_too_large:
             self.stats.reject(413, "PayloadTooLarge")
             apns_id = self._answer_id(request)
             if path.startswith(PUSH_PREFIX):
@@ -90,8 +124,6 @@ class Routes:
         elif request.operator and (path.startswith(PUSH_PREFIX) or path == b"/events"):
             # The operator listener serves operators only: pushes and devices use --listen.
             request.answer(answers.error(404, "BadPath"))
-        elif path.startswith(PUSH_PREFIX):
-            self.push(request, path[len(PUSH_PREFIX):])
         elif path == b"/events":
             self.events(request)
         elif path == b"/broadcast":
@@ -120,28 +152,61 @@ class Routes:
             request.answer(answers.error(404, "BadPath", self._answer_id(request)))
             return
         self.stats.pushes_received += 1
-        config = self.config
-        now = time.time()
+        received = worker.loop.now
+        now = received + self.wall_offset
         if self.auth is not None:  # --auth token|cert|any: once per connection (auth.py)
             reason = self.auth.refusal(request, now)
             if reason is not None:
                 self._push_error(request, self._answer_id(request), REASON_STATUS[reason], reason)
                 return
-        apns_id, checked = validate_push(token_text, request.headers, request.duplicate,
-                                         request.body, now, config.default_ttl,
-                                         config.strict_tokens, worker.ids)
-        if isinstance(checked, PushRejected):
-            self._push_error(request, apns_id, checked.status, checked.reason)
+        config = self.config
+        body = request.body
+        try:
+            apns_id, token, expires, delay_given = check_push(
+                token_text, request.headers, request.duplicate, body, now, config.default_ttl,
+                config.strict_tokens, worker.ids)
+        except PushRejected as rejected:
+            self._push_error(request, self._answer_id(request), rejected.status, rejected.reason)
             return
         admin = worker.admin
         if admin.token_states or admin.faults:  # a simulated outcome is set: not the hot path
-            if self._simulated(request, apns_id, checked.token, now):
+            if self._simulated(request, apns_id, token, now):
                 return
-        push = Push(sse.encode_event(apns_id, checked.payload), checked.expires, worker.loop.now)
-        distribution = checked.delay or self.default_delay
-        delay = 0.0 if distribution is None else distribution.sample()
-        worker.router.submit(checked.token, push, delay,
-                             partial(self._answered, request, apns_id))
+        frame = (ONE_LINE_EVENT % (apns_id, body) if LF not in body and CR not in body
+                 else sse.encode_event(apns_id, body))
+        distribution = delay_given or self.default_delay
+        router = worker.router
+        if router is not self._router or router.owner is not self._owner:
+            self._see(router)
+        local = self._local
+        if distribution is None and local is not None and (
+                self._shards == 1 or owner_of(token, self._shards) == self._shard):
+            # This worker owns the token and its owner is this worker's queues: what
+            # router.submit would do, with no Push (unless the push must wait), partial or
+            # callback: the hot path.
+            accepted = (HELD if local.registry.write_received(token, frame, expires)
+                        else local.accept(token, Push(frame, expires, received), 0.0))
+            if accepted is HELD and self.plain_200:
+                self.stats.pushes_ok += 1
+                request.channel.answer(request, Answer(200, b"", None, ((b"apns-id", apns_id),)))
+            else:
+                self._push_answered(request, apns_id, accepted)
+            return
+        router.submit(token, Push(frame, expires, received),
+                      0.0 if distribution is None else distribution.sample(),
+                      partial(self._answered, request, apns_id))
+
+    def _see(self, router: Router) -> None:
+        """The worker's router or its owner is new (a prefork worker's router replaces the
+        first, a cluster node swaps in its owner): a push whose token it would hand to a
+        ``LocalOwner`` here, at once, may skip it. A ``LocalRouter`` owns every token; a
+        prefork worker's router its shard (``owner_of``)."""
+        self._router = router
+        self._owner = owner = router.owner
+        self._local = owner.delivery if type(owner) is LocalOwner else None
+        local_router = isinstance(router, LocalRouter)
+        self._shards = 1 if local_router else self.worker.count
+        self._shard = 0 if local_router else self.worker.index
 
     def _simulated(self, request: Request, apns_id: bytes, token: bytes, now: float) -> bool:
         """Answer the push as its token's state or a fault rule says, if one does."""
@@ -160,10 +225,8 @@ class Routes:
         return False
 
     def _answer_id(self, request: Request) -> bytes:
-        """The apns-id an answer carries: the one sent, as sent (clients match answers by
-        it), else a fresh one."""
-        given = request.headers.get(b"apns-id")
-        return self.worker.ids.new() if given is None else given
+        """The apns-id an answer carries (``validation.answer_id``)."""
+        return answer_id(request.headers, self.worker.ids)
 
     def _push_answered(self, request: Request, apns_id: bytes, accepted: Accepted) -> None:
         """200 once the owner of the token holds the push; 503 when a bounded queue was full

@@ -69,6 +69,10 @@ class Owner(Protocol):
 class Router(Protocol):
     """What the routes need from the worker's place in the node and the cluster."""
 
+    # The token owner's half, where this worker owns the token (a cluster swaps its own in):
+    # a push for a token this worker owns, with a ``LocalOwner`` here, may skip ``submit``.
+    owner: Owner
+
     def submit(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None:
         """Hand ``push`` to the token's owner; ``answer`` once it is held or refused."""
 

@@ -312,7 +312,7 @@ class ClusterNode:
         log = self.registry.log
         code = _ROUTE_EVENTS.get(outcome)
         if log is not None and code is not None:
-            log.record(code, token, push, taken)
+            log.record(code, token, push.frame, push.expires, taken)
 
     def routed_in(self, token: bytes, push: Push, delay: float) -> None:
         """A push another node routed here because this node owns the device."""
@@ -372,7 +372,7 @@ class ClusterNode:
         if push.expired(time.time()):
             self.stats.expired += 1
             if log is not None:
-                log.record(deliverylog.EXPIRED, token, push)
+                log.record(deliverylog.EXPIRED, token, push.frame, push.expires)
             return
         stream = self.registry.streams.get(token)
         if stream is None:
@@ -380,7 +380,7 @@ class ClusterNode:
             return
         self.stats.delivered_on_connect += 1
         if stream.send(push.frame, push) and log is not None:
-            log.record(deliverylog.DELIVERED_ON_CONNECT, stream.token, push)
+            log.record(deliverylog.DELIVERED_ON_CONNECT, stream.token, push.frame, push.expires)
 
     def held(self, token: bytes) -> ClusterStream | None:
         """The token's stream here (every stream of a cluster worker is a ClusterStream)."""

@@ -87,6 +87,23 @@ class Stream:
             self._keep(data, written, push)
         return True
 
+    def offer(self, data: bytes) -> int:
+        """``send`` for a frame whose push need not be made unless part of it stays queued: the
+        bytes the kernel took (the rest is queued, and the caller then sets ``held``), or -1
+        with nothing done when the stream has a backlog or its device went away (``send``
+        then, which handles both). Nearly every push to a live device is one ``os.write``."""
+        if self.out is not None:
+            return -1
+        try:
+            written = os.write(self.fd, data)
+        except BlockingIOError:
+            written = 0
+        except _GONE:
+            return -1
+        if written != len(data):
+            self._keep(data, written, None)
+        return written
+
     def _keep(self, data: bytes, written: int, push: Any) -> None:
         """Hold what the kernel did not take of ``data`` until the socket is writable."""
         if push is not None:

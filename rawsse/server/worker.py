@@ -111,7 +111,7 @@ class Worker:
         self.draining = False
         # What a topology adds: work on every tick, fields in every snapshot, and reasons not
         # to accept yet (a prefork worker waits for its peers, a cluster node for Redis).
-        self.tick_hooks: list[Callable[[], None]] = []
+        self.tick_hooks: list[Callable[[], None]] = [self.routes.reset_clock]
         self.snapshot_hooks: list[Callable[[dict[str, Any]], None]] = []
         self.accept_gates: set[str] = set()
         # Asked once per connection, on its first bytes: True when another worker of the node
