@@ -6,9 +6,10 @@ One process, one ``rawsse.server.loop.Loop``, ``--senders`` keep-alive HTTP/1.1 
 (Fleet's push service runs 5 workers: fleetdm/fleet ``server/mdm/nanomdm/push/``), each with up to
 ``--pipeline`` requests in flight (the server answers pipelined requests in order, RFC 9112
 §9.3.2). Push ``k`` has a *scheduled* time: ``start + k / rate`` when rate-paced, its actual send
-time when not. A read that frees a connection's slots refills them at once (``refill``: the pushes
-due, one ``send()``); ``pump()`` hands every push whose time has come to senders with a free slot,
-at the start, on a timer at the next scheduled time, and whenever a refill found nothing due.
+time when not. The connections whose slots a loop turn's reads freed are refilled at the end of
+that turn (``freed``: the pushes due, one ``send()`` each); ``pump()`` hands every push whose
+time has come to senders with a free slot, at the start, on a timer at the next scheduled time,
+and whenever a refill found nothing due.
 Answers are read by ``rawsse.load.h1answers`` (the common one without httptools) and matched to
 requests in order.
 
@@ -141,6 +142,7 @@ class Driver:
         self.next_index = 0
         self.rr = 0
         self.pump_queued = False
+        self.freed_senders: list[Sender] = []  # HTTP/1.1 senders to refill at the turn's end
         self.wake_timer: list | None = None
         self.finished = False
         self.ended = "done"  # or max_time, gave_up, SIGINT, SIGTERM: why the run ended
@@ -210,14 +212,28 @@ class Driver:
         self._arm_wake(now)
         self.check_done()
 
-    def refill(self, sender: Sender) -> None:
-        """HTTP/1.1: answers freed ``sender``'s slots; what is due goes out on it now, in one
-        send. The rest (the end of the run, a rate-paced wait) is ``pump``'s."""
+    def freed(self, sender: Sender) -> None:
+        """HTTP/1.1: a read freed ``sender``'s slots. Refilled at the end of the loop turn, with
+        every other connection the turn's reads freed: the server then gets one burst of
+        requests, handled in one of its wakeups, rather than a wakeup per request (on 2 cores,
+        wakeups are most of a keep-alive push's CPU, on both sides)."""
+        freed = self.freed_senders
+        freed.append(sender)
+        if len(freed) == 1:
+            self.loop.call_soon(self._refill)
+
+    def _refill(self) -> None:
+        """What is due goes out on each freed connection, one send each; the rest (the end of
+        the run, a rate-paced wait) is ``pump``'s."""
+        freed, self.freed_senders = self.freed_senders, []
+        if self.finished:
+            return
         now = self.loop.now
         limit = self.due(now)
-        take = int(min(self.pipeline - sender.in_flight, limit - self.next_index))
-        if take > 0 and sender.out is None:
-            self._send_h1(sender, take, now)
+        for sender in freed:
+            take = int(min(sender.free_slots, limit - self.next_index))
+            if take > 0:
+                self._send_h1(sender, take, now)
         if self.next_index >= limit:
             self.request_pump()
 

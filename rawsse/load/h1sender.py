@@ -5,10 +5,11 @@ backoff. ``rawsse.load.h2sender`` builds its HTTP/2 connection on the same life.
 
 The push path costs one ``recv`` per readiness and one ``send`` per write, and no Python object
 per push: a read's answers (``rawsse.load.h1answers``) are counted, their latencies taken from
-the batches in flight, and the freed slots refilled at once (``Driver.refill``) from the same
-event. A batch in flight is the pushes of one write (consecutive push numbers, sent at one
-time): the oldest one's fields sit in the sender's slots, those behind it (``--pipeline``) in
-``later``; push ``k`` was scheduled at its batch's send time, or ``k / --rate`` after the start.
+the batches in flight, and the freed slots refilled at the end of the loop turn
+(``Driver.freed``), every connection the turn freed in one pass. A batch in flight is the pushes
+of one write (consecutive push numbers, sent at one time): the oldest one's fields sit in the
+sender's slots, those behind it (``--pipeline``) in ``later``; push ``k`` was scheduled at its
+batch's send time, or ``k / --rate`` after the start.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ class Sender:
         if reader.ended is not None:  # Connection: close, or an answer we cannot read
             self._fail(reader.ended)
         else:
-            self.driver.refill(self)
+            self.driver.freed(self)
 
     def _answered(self, n: int, now: float) -> None:
         """The ``n`` oldest pushes in flight were answered ``now``: their latencies, from when
