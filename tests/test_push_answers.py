@@ -132,6 +132,21 @@ def test_rawsse_answers_read_without_httptools_however_cut(states, make_driver) 
     assert reader.parser is not None and reader.ended == "closed"
 
 
+def test_a_learned_layout_never_passes_for_another_answer(states, make_driver) -> None:
+    """Once the common 200's layout is learned, an answer of the same length with another
+    status, or with a Connection header where a header of it was, is not taken for it."""
+    answer = exchange(states, [request(ACTIVE)])
+    date = answer[answer.index(b"Date: "):answer.index(b"\r\n", answer.index(b"Date: "))]
+    failed = answer.replace(b"HTTP/1.1 200 OK", b"HTTP/1.1 500 OK")
+    closing = answer.replace(date, b"Connection: close\r\nX: ".ljust(len(date), b"a"))
+    assert len(failed) == len(closing) == len(answer)
+    run = make_driver()
+    reader = read_in_pieces(run, answer + answer + failed + answer + closing, [], 5)
+    assert reader.layout is not None and reader.layout[0] == len(answer)
+    assert (run.accepted, run.statuses) == (4, {"500": 1})
+    assert reader.ended == "closed"  # the Connection: close answer was read as one
+
+
 def test_an_answer_to_nothing_asked_ends_the_connection(states, make_driver) -> None:
     answers = exchange(states, [request(ACTIVE), request(ACTIVE)])
     run = make_driver()

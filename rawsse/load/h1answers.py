@@ -5,7 +5,9 @@ Theory of operation
 A push's usual answer is a 200 with an empty body (``HTTP/1.1 200 OK``, ``Date``, ``apns-id``,
 ``Content-Length: 0``: rawsse's and every APNs mock's). ``AnswerReader.feed`` reads it with a few
 bytes operations on the head (find its end, lower-case it, check the status line and that its one
-``Content-Length`` is ``0``) and counts it, with no Python object per answer. Any other answer
+``Content-Length`` is ``0``) and counts it, with no Python object per answer; from then on an
+answer of the same layout (``_layout``: its length, and the same bytes but for header values)
+is recognised with a few slice compares and no search. Any other answer
 whose framing is as plain (an HTTP/1.1 status of 200-599 other than 204 and 304, one
 ``Content-Length`` of digits, no ``Connection`` or ``Transfer-Encoding``) is read the same way,
 its body sliced out, and handed to the driver (``400`` with Apple's JSON reason, ``410`` with its
@@ -34,17 +36,22 @@ _INFORMATIONAL = ord("1")
 _NO_BODY = (b"204", b"304")  # a Content-Length there does not frame a body (RFC 9112 §6.3)
 _CONTENT_LENGTH = b"\r\ncontent-length:"
 _APNS_ID = b"\r\napns-id:"
+RELEARN = 64
 
 
 class AnswerReader:
     """One connection's answers: ``feed`` each read; ``ended`` says why it must close."""
 
-    __slots__ = ("driver", "plain", "unparsed", "parser", "ended", "limit", "answered", "body",
-                 "apns_id")
+    __slots__ = ("driver", "plain", "layout", "relearn", "unparsed", "parser", "ended", "limit",
+                 "answered", "body", "apns_id")
 
     def __init__(self, driver: "Driver") -> None:
         self.driver = driver
         self.plain = False  # a 200 is only counted (``reset``)
+        # the last common answer's length and constant spans (``_layout``), learned again after
+        # RELEARN common answers that did not fit it (a server's answers changed shape)
+        self.layout: tuple[int, tuple[tuple[int, int, bytes], ...]] | None = None
+        self.relearn = 1
         self.unparsed = b""  # the start of an answer whose end has not come yet
         self.parser: Any = None  # httptools, from the first answer the fast path does not read
         self.ended: str | None = None  # "closed" (Connection: close, out of step), "bad_response"
@@ -70,12 +77,23 @@ class AnswerReader:
         if self.unparsed:
             data = self.unparsed + data
             self.unparsed = b""
-        plain = self.plain
+        plain, layout = self.plain, self.layout
         pos = answered = common = 0
         size = len(data)
-        while True:
+        while answered < limit:
+            if layout is not None and pos + layout[0] <= size:  # the common answer again?
+                for start, stop, constant in layout[1]:
+                    if data[pos + start:pos + stop] != constant:
+                        break
+                else:
+                    common += 1
+                    answered += 1
+                    pos += layout[0]
+                    if pos == size:
+                        break
+                    continue
             end = data.find(b"\r\n\r\n", pos)
-            if end < 0 or answered == limit:
+            if end < 0:
                 break
             head = data[pos:end].lower()
             # the common answer: its one Content-Length (the first one found) is its last line,
@@ -85,6 +103,10 @@ class AnswerReader:
                     and head.find(b"\r\nconnection:") < 0
                     and head.find(b"\r\ntransfer-encoding:") < 0):
                 common += 1
+                self.relearn -= 1
+                if not self.relearn:
+                    self.relearn = RELEARN
+                    self.layout = layout = _layout(data[pos:end + 4])
                 pos = end + 4
             else:
                 body_end = self._plain_answer(data, pos, end, head)
@@ -186,3 +208,26 @@ def _field(data: bytes, pos: int, head: bytes, name: bytes) -> bytes:
         return b""
     start = pos + at + len(name)
     return data[start:data.index(b"\r\n", start)].strip()
+
+
+def _layout(answer: bytes) -> tuple[int, tuple[tuple[int, int, bytes], ...]]:
+    """A common answer's length and its constant spans ``(start, end, bytes)``: everything but
+    its header values (the status line, each ``\\r\\nName: ``, the last line ``Content-Length: 0``
+    and the blank line whole). An answer of that length whose spans are all the same bytes has
+    the same status and the same header names in the same places (a value holds no CRLF, RFC
+    9110 §5.5), so it is the common answer too: a few slice compares, no search."""
+    spans = []
+    start = 0
+    line_end = answer.find(b"\r\n")  # the status line's
+    while True:
+        line = line_end + 2
+        line_end = answer.find(b"\r\n", line)
+        if line_end >= len(answer) - 4:  # the last header: Content-Length: 0, constant
+            break
+        value = answer.find(b":", line) + 1
+        while answer[value:value + 1] in (b" ", b"\t"):
+            value += 1
+        spans.append((start, value, answer[start:value]))
+        start = line_end
+    spans.append((start, len(answer), answer[start:]))
+    return len(answer), tuple(spans)
