@@ -230,8 +230,11 @@ class Driver:
             return
         now = self.loop.now
         limit = self.due(now)
+        pipeline = self.pipeline
         for sender in freed:
-            take = int(min(sender.free_slots, limit - self.next_index))
+            if sender.state != READY or sender.out is not None:  # failed, or still writing
+                continue
+            take = int(min(pipeline - sender.in_flight, limit - self.next_index))
             if take > 0:
                 self._send_h1(sender, take, now)
         if self.next_index >= limit:
