@@ -74,6 +74,10 @@ def main() -> int:
     sys.path.insert(0, probe.root)
     from rawsse.load import driver
     from rawsse.server.loop import Loop
+    try:
+        from rawsse.load import push as command  # the command line, since issue 14
+    except ImportError:  # a tree from before: the driver's module held it
+        command = driver  # type: ignore[no-redef]
 
     loop = Loop()
     listener = Listener(loop)
@@ -81,11 +85,11 @@ def main() -> int:
     port = listener.sock.getsockname()[1]
     senders, pipeline = (probe.senders, 1) if probe.mode == "keepalive" else (1, 16)
     push = argparse.ArgumentParser()
-    driver.add_arguments(push)
+    command.add_arguments(push)
     args = push.parse_args(["--url", f"http://127.0.0.1:{port}", "--tokens", "fleet:0-999",
                             "--count", str(probe.count), "--senders", str(senders),
                             "--pipeline", str(pipeline), "--quiet"])
-    driver.validate(args)
+    command.validate(args)
     run = driver.Driver(args, loop)
     loop.call_soon(run.begin)
     start = time.process_time()

@@ -18,6 +18,7 @@ import pytest
 
 from loadtools import run_push
 from rawsse.load import driver as push_driver
+from rawsse.load import push
 from rawsse.load.h1answers import AnswerReader
 from rawsse.load.stamp import new_stamped_id
 from rawsse.server.loop import Loop
@@ -79,7 +80,7 @@ def make_driver() -> Iterator:
 
     def make(*flags: str) -> push_driver.Driver:
         parser = argparse.ArgumentParser()
-        push_driver.add_arguments(parser)
+        push.add_arguments(parser)
         args = parser.parse_args(["--url", "http://127.0.0.1:9", "--tokens", "fleet:0",
                                   "--quiet", *flags])
         loops.append(Loop())
