@@ -21,7 +21,7 @@ from rawsse.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rawsse.node.serve", "run the push simulator (APNs push API + SSE device streams)"),
     "devices": ("rawsse.load.devices", "hold N simulated device streams and report what they receive"),
-    "push": ("rawsse.load.driver", "send pushes like Fleet does (or broadcasts) and report statuses"),
+    "push": ("rawsse.load.push", "send pushes like Fleet does (or broadcasts) and report statuses"),
     "report": ("rawsse.load.report", "draw push and devices reports and bench results as PNGs "
                                      "(latency CDF, pushes/s, devices connected)"),
     "tune": ("rawsse.ops.tune", "check (or apply) the kernel and limit settings N connections need"),

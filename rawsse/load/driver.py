@@ -6,9 +6,11 @@ One process, one ``rawsse.server.loop.Loop``, ``--senders`` keep-alive HTTP/1.1 
 (Fleet's push service runs 5 workers: fleetdm/fleet ``server/mdm/nanomdm/push/``), each with up to
 ``--pipeline`` requests in flight (the server answers pipelined requests in order, RFC 9112
 §9.3.2). Push ``k`` has a *scheduled* time: ``start + k / rate`` when rate-paced, its actual send
-time when not. ``pump()`` hands every push whose time has come to senders with a free slot, one
-``send()`` per sender per loop turn; it runs after each loop turn that freed a slot and on a timer
-at the next scheduled time. Responses are parsed by ``httptools`` and matched to requests in order.
+time when not. The connections whose slots a loop turn's reads freed are refilled at the end of
+that turn (``freed``: the pushes due, one ``send()`` each); ``pump()`` hands every push whose
+time has come to senders with a free slot, at the start, on a timer at the next scheduled time,
+and whenever a refill found nothing due. Answers are read by ``rawsse.load.h1answers`` (the
+common one without httptools) and matched to requests in order.
 
 Latency is measured from the scheduled time, so a server that stalls is charged for every push that
 waited behind the stall, not only the one in flight (coordinated omission: the method of
@@ -21,15 +23,15 @@ Rules
 - Bounded: ``--count`` pushes, or ``--duration`` seconds, and a hard ``--max-time``; a push still
   unanswered after ``--timeout`` ends its connection (counted as lost), and the sender reconnects.
 - The bytes of a request (Fleet's, by default) are built in ``rawsse.load.pushrequest``.
+- The command line (flags, checks, exit codes) is ``rawsse.load.push``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import math
-import re
-import signal
 import ssl
 import time
 import urllib.parse
@@ -37,57 +39,14 @@ from typing import Any
 
 import orjson
 
-from rawsse.load import broadcasts, loadgen, progress, summary, verify
-from rawsse.config import ConfigError
+from rawsse.load import broadcasts, loadgen, progress
 from rawsse.server.loop import Loop
 from rawsse.load.h1sender import Sender
 from rawsse.load.h2request import H2RequestEncoder
 from rawsse.load.h2sender import H2Sender
 from rawsse.load.loadgen import READY
-from rawsse.load.pushrequest import DEFAULT_PAYLOAD, RequestBuilder, Targets, parse_targets
+from rawsse.load.pushrequest import RequestBuilder, parse_targets
 from rawsse.load.stamp import LatencyHistogram
-
-EPILOG = """\
-targets (--tokens):
-  fleet:A-B          Fleet mdmtest tokens of serials A..B (inclusive), as `rawsse devices` makes
-  random:N           N 32-byte tokens, the same as `rawsse devices --token-scheme random`
-  file:PATH[:A-B]    hex tokens, one a line (lines A..B)
-examples:
-  rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --rate 500 --duration 10
-  rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --senders 5 --pipeline 16 --count 100000
-  rawsse push --url http://127.0.0.1:8378 --broadcast --count 3 --rate 1
-  rawsse push --url http://127.0.0.1:8378 --tokens fleet:0-999 --http2 --streams 100 --count 100000
-  rawsse push --url https://localhost:8443 --cacert ca.pem --http2 --tokens fleet:0-999
-report (JSON): sent, accepted, per_second (accepted/s), statuses {"200": n, "400 BadDeviceToken": n},
-  latency_ms {count,p50,p90,p99,max,mean} (response, from the scheduled send time), duration_s;
-  also errors (connect failures; pushes lost in flight), unsent, ended (done, max_time, gave_up,
-  SIGINT or SIGTERM). --broadcast adds streams, refused (summed over the 200s), missing {node:
-  broadcasts naming it}, missing_reasons. --http2 adds http2 {streams, server_max_streams,
-  streams_in_flight, batches, mean_batch, goaways, resent {goaway, refused}}: a stream the server
-  refused or left above a GOAWAY's last-stream-id is sent again on a new connection, counted once;
-  connect errors add tls, tls_verify, no_h2 (the server did not choose ALPN h2). series {t_s,
-  accepted, rejected, errors}: counts per second-long interval ending t_s s after the start (past
-  86,400 samples neighbours merge in pairs); latency_histogram (mergeable): `rawsse report`'s.
-progress line (stderr, each second): sent, accepted (/s), rejected (non-200s by status and
-  reason), in-flight (--http2: /streams the connections up allow), errors by kind
-  (connect_refused, lost_timeout, ...), p99 (--broadcast: streams, refused, missing nodes), ETA:
-  the --duration left, or the --count left at the last 5 s's rate ("ETA ?" before anything is
-  answered; "ETA ≤0:42" when only the --duration bound is known). At the end a summary table
-  (not under --quiet): sent, 200s, each other status, errors by kind, pushes/s (--broadcast:
-  streams, each missing node), latency p50/p90/p99/max.
-exit codes:
-  0         the run ended and enough pushes were answered 200 (see --fail-under)
-  1         too few 200s: a share under --fail-under or, without it, not one 200; or
-            (--verify) a push answered 200 was neither delivered nor pending
-  2         a flag cannot be used (one line names it; --report is checked before the run)
-  3         no connection to --url for --give-up-after seconds: gave up; or (--verify)
-            --admin-url could not be reached
-verify (--verify): after the run the apns-id of every 200 goes to the server's deliveries API
-  (POST /admin/deliveries on --admin-url, 1,000 a request); the report gains verify {checked,
-  delivered, pending, missing, fates, missing_ids, late_nodes}. Each server worker remembers its
-  last --delivery-log outcomes (default 100,000): size it above the run's pushes per worker.
-  130, 143  ended by SIGINT (Ctrl-C) / SIGTERM: the report and a summary line are still written
-"""
 
 TICK_SECONDS = 0.25
 # Without --duration and --rate, nothing else bounds a run of --count pushes.
@@ -112,6 +71,8 @@ class Driver:
         self.resent: dict[str, int] = {}  # pushes sent again, by why (goaway, refused)
         self.retry: collections.deque[tuple[int, float]] = collections.deque()  # (k, scheduled)
         self.targets = None if args.broadcast else parse_targets(args.tokens, args.token_seed)
+        if self.targets is not None:
+            self.builder.bind(self.targets)
         self.pipeline = args.pipeline
         self.rate = args.rate
         self.timeout = args.timeout
@@ -128,8 +89,7 @@ class Driver:
         # --verify: the apns-id of every 200, asked about after the run (verify.py)
         self.verify_ids: list[bytes] | None = [] if args.verify else None
         self.verification: dict[str, Any] | None = None
-        h1_sender = verify.VerifyingSender if args.verify else Sender
-        self.senders: list[Sender] = [H2Sender(self, tls) if args.http2 else h1_sender(self)
+        self.senders: list[Sender] = [H2Sender(self, tls) if args.http2 else Sender(self)
                                       for _ in range(args.senders)]
         self.progress_line = loadgen.ProgressLine(args.quiet)
         # state
@@ -137,6 +97,7 @@ class Driver:
         self.next_index = 0
         self.rr = 0
         self.pump_queued = False
+        self.freed_senders: list[Sender] = []  # HTTP/1.1 senders to refill at the turn's end
         self.wake_timer: list | None = None
         self.finished = False
         self.ended = "done"  # or max_time, gave_up, SIGINT, SIGTERM: why the run ended
@@ -146,7 +107,7 @@ class Driver:
         # counters
         self.sent = self.accepted = 0
         self.broadcasts = broadcasts.BroadcastTally() if self.targets is None else None
-        self.statuses: dict[str, int] = {}
+        self.statuses: dict[str, int] = {}  # answers other than 200 ("accepted"), by key
         self.errors: dict[str, int] = {}
         self.latency = LatencyHistogram()
         # once a second: the rate pushes are done at (for the ETA) and the report's series
@@ -156,9 +117,17 @@ class Driver:
     # schedule -------------------------------------------------------------------------------------
 
     def begin(self) -> None:
+        # What exists now (the targets, the modules) lives as long as the run: out of the
+        # collector's way, so a full collection never scans it again (collections took 4.5k of a
+        # keep-alive push's instructions in bench/sender_probe.py under callgrind; this saves
+        # 1.2k of them).
+        gc.collect()
+        gc.freeze()
         self.start = self.last_answer = self.last_up = self.loop.now
         self.next_progress = self.start + 1.0
         self.wall_start = time.time() - (time.monotonic() - self.start)
+        if self.rate > 0:
+            self.builder.pace(self.wall_start, self.rate)
         for sender in self.senders:
             sender.connect()
         self.loop.call_later(self.max_time, self.abort)
@@ -189,13 +158,60 @@ class Driver:
                 break
             sender = senders[(self.rr + i) % len(senders)]
             take = int(min(sender.free_slots, limit - self.next_index + len(self.retry)))
-            if take > 0:
+            if take <= 0:
+                continue
+            if isinstance(sender, H2Sender):
                 sender.write(b"".join([self._request(sender, now) for _ in range(take)]))
+            else:
+                self._send_h1(sender, take, now)
         self.rr = (self.rr + 1) % len(senders)
         self._arm_wake(now)
         self.check_done()
 
-    def _request(self, sender: Sender, now: float) -> bytes:
+    def freed(self, sender: Sender) -> None:
+        """HTTP/1.1: a read freed ``sender``'s slots. Refilled at the end of the loop turn, with
+        every other connection the turn's reads freed: the server then gets one burst of
+        requests, handled in one of its wakeups, rather than a wakeup per request (on 2 cores,
+        wakeups are most of a keep-alive push's CPU, on both sides)."""
+        freed = self.freed_senders
+        freed.append(sender)
+        if len(freed) == 1:
+            self.loop.call_soon(self._refill)
+
+    def _refill(self) -> None:
+        """What is due goes out on each freed connection, one send each; the rest (the end of
+        the run, a rate-paced wait) is ``pump``'s."""
+        freed, self.freed_senders = self.freed_senders, []
+        if self.finished:
+            return
+        now = self.loop.now
+        limit = self.due(now)
+        pipeline = self.pipeline
+        for sender in freed:
+            if sender.state != READY or sender.out is not None:  # failed, or still writing
+                continue
+            take = int(min(pipeline - sender.in_flight, limit - self.next_index))
+            if take > 0:
+                self._send_h1(sender, take, now)
+        if self.next_index >= limit:
+            self.request_pump()
+
+    def _send_h1(self, sender: Sender, take: int, now: float) -> None:
+        """Pushes ``next_index`` … on ``sender``: one write, the requests made in one call."""
+        k = self.next_index
+        self.next_index = k + take
+        self.sent += take
+        stamp_at = self.wall_start + (now - self.start)  # unpaced: scheduled as they are sent
+        if self.targets is not None:
+            data = self.builder.batch(k, take, stamp_at)
+        else:
+            data = b"".join([self.builder.build(None, b"", self.wall_start + j / self.rate
+                                                if self.rate > 0 else stamp_at)
+                             for j in range(k, k + take)])
+        sender.send_batch(data, k, take, now)
+
+    def _request(self, sender: H2Sender, now: float) -> bytes:
+        """HTTP/2: the frames of the next push (or one to send again) on ``sender``."""
         if self.retry:  # sent before, never processed (GOAWAY, REFUSED_STREAM): not counted again
             k, scheduled = self.retry.popleft()
         else:
@@ -235,24 +251,31 @@ class Driver:
     # results --------------------------------------------------------------------------------------
 
     def record(self, status: int, body: bytes, scheduled: float) -> None:
+        """HTTP/2: one answer and its latency (HTTP/1.1 senders count latencies per batch)."""
         now = time.monotonic()
         self.last_answer = now
         self.latency.record((now - scheduled) * 1000.0)
+        self.answer(status, body, b"")
+
+    def answer(self, status: int, body: bytes, apns_id: bytes) -> None:
+        """One answer's status (a plain 200 is counted in ``accepted`` by the HTTP/1.1 reader
+        alone); ``apns_id`` of a 200 is noted for --verify."""
         if status == 200:
             self.accepted += 1
-            key = "200"
             if self.broadcasts is not None:
                 self.broadcasts.add(body)
-        else:
-            reason = _json_field(body, "reason", str)
-            key = f"{status} {reason}" if reason else str(status)
+            if apns_id and self.verify_ids is not None:
+                self.verify_ids.append(apns_id)
+            return
+        reason = _json_field(body, "reason", str)
+        key = f"{status} {reason}" if reason else str(status)
         self.statuses[key] = self.statuses.get(key, 0) + 1
 
     def count_error(self, kind: str, n: int = 1) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + n
 
     def check_done(self) -> None:
-        if self.finished or self.retry or any(s.inflight for s in self.senders):
+        if self.finished or self.retry or any(s.pushes_in_flight() for s in self.senders):
             return
         if self.next_index >= self.total or self.loop.now - self.start >= self.send_until:
             self.finish()
@@ -293,9 +316,10 @@ class Driver:
         if self.finished:
             return
         for sender in self.senders:
-            if sender.inflight:
-                self.count_error(f"lost_{why.lower()}", len(sender.inflight))
-                sender.inflight.clear()
+            lost = sender.pushes_in_flight()
+            if lost:
+                self.count_error(f"lost_{why.lower()}", lost)
+                sender.forget_in_flight()
         self.ended = why
         self.finish()
 
@@ -318,19 +342,18 @@ class Driver:
 
     def done(self) -> int:
         """Pushes handed out that are no longer in flight nor waiting to be sent again."""
-        return (self.next_index - sum(len(s.inflight) for s in self.senders)
+        return (self.next_index - sum(s.pushes_in_flight() for s in self.senders)
                 - len(self.retry))
 
     def series_totals(self) -> tuple[int, int, int]:
-        return (self.accepted, sum(self.statuses.values()) - self.accepted,
-                sum(self.errors.values()))
+        return (self.accepted, sum(self.statuses.values()), sum(self.errors.values()))
 
     def show_progress(self) -> None:
         elapsed = max(1e-6, self.loop.now - self.start)
         self.progress_line.show(
             f"push t={elapsed:5.1f}s sent {self.sent} accepted {self.accepted} "
             f"({self.accepted / elapsed:.0f}/s) rejected {loadgen.count_summary(self.rejected())} "
-            f"in-flight {sum(len(s.inflight) for s in self.senders)}{self._streams_shown()} "
+            f"in-flight {sum(s.pushes_in_flight() for s in self.senders)}{self._streams_shown()} "
             f"errors {loadgen.count_summary(self.errors)} "
             f"p99 {self.latency.percentile(99):.2f} ms"
             f"{self.broadcasts.progress_text() if self.broadcasts else ''} {self.eta()}")
@@ -353,7 +376,7 @@ class Driver:
         return f"/{sum(getattr(s, 'streams_limit', 0) for s in up)} streams"
 
     def rejected(self) -> dict[str, int]:
-        return {key: n for key, n in self.statuses.items() if key != "200"}
+        return dict(self.statuses)
 
     def report(self) -> dict[str, Any]:
         duration = max(1e-6, self.last_answer - self.start)
@@ -364,7 +387,8 @@ class Driver:
         report: dict[str, Any] = {
             "sent": self.sent, "accepted": self.accepted,
             "per_second": round(self.accepted / duration, 1),
-            "statuses": dict(sorted(self.statuses.items())),
+            "statuses": dict(sorted({**({"200": self.accepted} if self.accepted else {}),
+                                     **self.statuses}.items())),
             "latency_ms": self.latency.summary(),
             "duration_s": round(duration, 3),
             "errors": dict(sorted(self.errors.items())), "unsent": unsent,
@@ -416,185 +440,3 @@ def default_max_time(args: argparse.Namespace, total: float) -> float:
     if args.rate > 0:
         return total / args.rate + grace
     return UNPACED_MAX_TIME
-
-
-# -- CLI ----------------------------------------------------------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default="http://127.0.0.1:8378", help="server base URL")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--tokens", metavar="SCHEME",
-                        help="fleet:A-B, random:N or file:PATH[:A-B] (see below)")
-    target.add_argument("--broadcast", action="store_true",
-                        help="POST /broadcast (every connected device) instead; sums streams "
-                             "and refused, names nodes missing from the answers (Redis mode)")
-    parser.add_argument("--prefix", metavar="HEX", help="broadcast only to tokens with this prefix")
-    parser.add_argument("--token-seed", type=int, default=0, metavar="N",
-                        help="seed of random:N tokens (default 0)")
-    parser.add_argument("--senders", type=int, default=5, metavar="W",
-                        help="keep-alive connections (default 5, Fleet's push workers)")
-    parser.add_argument("--pipeline", type=int, default=1, metavar="D",
-                        help="requests in flight per connection (default 1)")
-    parser.add_argument("--http2", action="store_true",
-                        help="send over HTTP/2 (h2c with prior knowledge for http://, TLS with "
-                             "ALPN h2 for https://), --streams pushes in flight per connection")
-    parser.add_argument("--streams", type=int, default=100, metavar="M",
-                        help="--http2: streams in flight per connection, never above the "
-                             "server's SETTINGS_MAX_CONCURRENT_STREAMS (default 100); refilled in "
-                             "batches once min(50, M/2) are free")
-    parser.add_argument("--cacert", metavar="FILE",
-                        help="https:// only: PEM CA certificates to verify the server with "
-                             "(default: the system's)")
-    parser.add_argument("--rate", type=float, default=0.0, metavar="R",
-                        help="pushes per second in all; 0 = as fast as answers come (default)")
-    parser.add_argument("--count", type=int, metavar="N",
-                        help="pushes to send, cycling over the targets (default: one per target, "
-                             "or one broadcast, unless --duration is given)")
-    parser.add_argument("--duration", type=float, metavar="SECONDS",
-                        help="stop sending after this long")
-    parser.add_argument("--max-time", type=float, default=0.0, metavar="SECONDS",
-                        help="hard end of the run (default: the duration, or count/rate, plus "
-                             "a grace; 600 s when unpaced)")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="an answer, or a connect, later than this ends its connection "
-                             "(default 10)")
-    loadgen.add_exit_arguments(
-        parser, share_of="the share of pushes sent that were answered 200",
-        default_verdict="exit 1 only when not one push was answered 200 "
-                        "(--fail-under 0: never)",
-        give_up="end the run (exit 3) when no sender has been connected for this long")
-    parser.add_argument("--payload", default=DEFAULT_PAYLOAD,
-                        help="request body; <serial> is replaced by the target's serial "
-                             f"(default {DEFAULT_PAYLOAD}, Fleet's PushMagic)")
-    parser.add_argument("--expiration", type=float, metavar="SECONDS",
-                        help="send apns-expiration = now + SECONDS (0: the literal 0, deliver "
-                             "now or never); default none, like Fleet's legacy client")
-    parser.add_argument("--headers", choices=("fleet", "none"), default="fleet",
-                        help="fleet: Go net/http's headers with Content-Type: application/json; "
-                             "none: Host and Content-Length only (default fleet)")
-    parser.add_argument("--no-stamp", action="store_true",
-                        help="send no apns-id (exactly Fleet's bytes; devices see no latency)")
-    parser.add_argument("--report", metavar="PATH", help="write the JSON report here (default: "
-                                                          "stdout)")
-    parser.add_argument("--verify", action="store_true",
-                        help="after the run, ask the server's deliveries API what became of each "
-                             "push answered 200; exit 1 if any was neither delivered nor pending "
-                             "(a push replaced by a newer one for its offline device is "
-                             "discarded: newest wins) (see below)")
-    parser.add_argument("--admin-url", metavar="URL",
-                        help="--verify: the server's operator listener (default: the --url host, "
-                             "port + 1, as rawsse serve's default --admin-listen; name it for a "
-                             "--tls-listen --url)")
-    parser.add_argument("--verify-wait", type=float, default=5.0, metavar="SECONDS",
-                        help="--verify: keep asking about pushes whose fate is not known yet "
-                             "(in flight between nodes) this long (default 5)")
-    parser.add_argument("--quiet", action="store_true", help="no progress line")
-
-
-def validate(args: argparse.Namespace) -> None:
-    if args.senders < 1 or args.pipeline < 1:
-        raise ConfigError("--senders", "--senders and --pipeline must be at least 1")
-    if args.streams < 1:
-        raise ConfigError("--streams", "must be at least 1")
-    if args.url.startswith("https:") and not args.http2:
-        raise ConfigError("--url", "https:// needs --http2 (over HTTP/1.1, rawsse push speaks "
-                                   "plain http:// only)")
-    if args.cacert is not None:
-        if not args.url.startswith("https:"):
-            raise ConfigError("--cacert", "only for an https:// --url")
-        try:
-            ssl.create_default_context(cafile=args.cacert)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("--cacert", f"{args.cacert}: {exc}") from None
-    if args.count is not None and args.count < 1:
-        raise ConfigError("--count", "must be at least 1")
-    if args.duration is not None and args.duration <= 0:
-        raise ConfigError("--duration", "must be positive")
-    if args.rate < 0 or args.timeout <= 0:
-        raise ConfigError("--rate", "--rate must be ≥ 0 and --timeout positive")
-    if args.prefix is not None and not re.fullmatch(r"[0-9a-fA-F]*", args.prefix):
-        raise ConfigError("--prefix", f"{args.prefix!r} is not hex")
-    _validate_verify(args)
-    loadgen.check_exit_arguments(args)
-
-
-def _validate_verify(args: argparse.Namespace) -> None:
-    if not args.verify:
-        if args.admin_url is not None:
-            raise ConfigError("--admin-url", "only with --verify")
-        return
-    if args.broadcast:
-        raise ConfigError("--verify", "checks pushes to tokens: not with --broadcast")
-    if args.verify_wait < 0:
-        raise ConfigError("--verify-wait", "must be ≥ 0")
-    args.admin_url = verify.check_admin_url(args.admin_url or verify.default_admin_url(args.url))
-
-
-def run_verification(driver: Driver, args: argparse.Namespace) -> int:
-    """--verify (``verify.py``): EXIT_OK, or the exit code when the API could not answer."""
-    if driver.verify_ids is None or driver.ended in ("SIGINT", "SIGTERM", "gave_up"):
-        return loadgen.EXIT_OK
-    try:
-        driver.verification = verify.verify(args.admin_url, driver.verify_ids, args.verify_wait)
-    except verify.VerifyError as exc:
-        driver.verification = {"admin_url": args.admin_url, "error": str(exc)}
-        loadgen.closing_line("push", f"--verify: {exc}")
-        return loadgen.EXIT_UNREACHABLE if exc.unreachable else loadgen.EXIT_FAILED
-    return loadgen.EXIT_OK
-
-
-def run(args: argparse.Namespace) -> int:
-    validate(args)
-    stops = loadgen.StopSignals().install()
-    loop = Loop()
-    try:
-        driver = Driver(args, loop)
-
-        def on_stop_signal() -> None:  # from the loop, never inside the signal handler
-            if stops.name is not None:
-                driver.stop_early(stops.name)
-
-        loop.on_wakeup = on_stop_signal
-        signal.set_wakeup_fd(loop.wakeup_fd())
-        loop.call_soon(driver.begin)
-        loop.call_soon(on_stop_signal)  # a signal that came before the loop could hear it
-        try:
-            loop.run()
-        finally:
-            signal.set_wakeup_fd(-1)
-            driver.finish()
-    finally:
-        loop.close()
-        stops.restore()
-    driver.show_progress()
-    driver.progress_line.done()
-    not_verified = run_verification(driver, args)
-    report = driver.report()
-    loadgen.write_report(report, args.report)
-    summary.show(summary.title("push", report), summary.push_rows(report), args.quiet)
-    return verdict(driver, args) or not_verified
-
-
-def verdict(driver: Driver, args: argparse.Namespace) -> int:
-    """The exit code (see EPILOG), with one closing line whenever it is not 0."""
-    where = f"report in {args.report}" if args.report else "report on stdout"
-    tally = (f"sent {driver.sent}, accepted {driver.accepted}, rejected "
-             f"{loadgen.count_summary(driver.rejected())}, errors "
-             f"{loadgen.count_summary(driver.errors)}")
-    if driver.ended in ("SIGINT", "SIGTERM"):
-        elapsed = driver.loop.now - driver.start
-        loadgen.closing_line("push", f"stopped by {driver.ended} after {elapsed:.1f} s: {tally}; "
-                                     f"{where}")
-        return 128 + signal.Signals[driver.ended].value
-    if driver.ended == "gave_up":
-        what = ("lost the connection to" if driver.ever_up else "could not connect to")
-        loadgen.closing_line("push", f"{what} {args.url} for {driver.give_up_after:g} s "
-                                     f"(--give-up-after), gave up: {tally}")
-        return loadgen.EXIT_UNREACHABLE
-    code = loadgen.share_verdict("push", driver.accepted, driver.sent, args.fail_under,
-                                 "pushes answered 200", tally)
-    checked = driver.verification
-    if code == loadgen.EXIT_OK and checked is not None and checked.get("missing"):
-        loadgen.closing_line("push", f"{verify.summary(checked)}; {where}")
-        return loadgen.EXIT_FAILED
-    return code

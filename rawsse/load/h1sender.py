@@ -2,6 +2,14 @@
 every sender shares: a non-blocking connect, a failure counted by kind (``connect_*`` before it was
 up, ``lost_*`` for pushes in flight, ``disconnect_*`` when idle), then a reconnect after a doubling
 backoff. ``rawsse.load.h2sender`` builds its HTTP/2 connection on the same life.
+
+The push path costs one ``recv`` per readiness and one ``send`` per write, and no Python object
+per push: a read's answers (``rawsse.load.h1answers``) are counted, their latencies taken from
+the batches in flight, and the freed slots refilled at the end of the loop turn
+(``Driver.freed``), every connection the turn freed in one pass. A batch in flight is the pushes
+of one write (consecutive push numbers, sent at one time): the oldest one's fields sit in the
+sender's slots, those behind it (``--pipeline``) in ``later``; push ``k`` was scheduled at its
+batch's send time, or ``k / --rate`` after the start.
 """
 
 from __future__ import annotations
@@ -10,11 +18,11 @@ import collections
 import errno
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any
-
-import httptools
+import time
+from typing import TYPE_CHECKING
 
 from rawsse.load import loadgen
+from rawsse.load.h1answers import AnswerReader
 from rawsse.load.loadgen import CLOSED, CONNECTING, READY
 from rawsse.server.loop import EPOLLOUT, READ_EVENTS, WRITE_EVENTS
 
@@ -26,22 +34,26 @@ RECONNECT_MIN, RECONNECT_MAX = 0.05, 2.0
 
 
 class Sender:
-    """One keep-alive connection; the httptools protocol object for its responses."""
+    """One keep-alive connection and the pushes in flight on it, oldest first."""
 
-    __slots__ = ("driver", "sock", "state", "parser", "inflight", "out", "body", "backoff",
-                 "timer", "closing", "since")
+    __slots__ = ("driver", "sock", "state", "reader", "in_flight", "first_k", "first_sent",
+                 "batch_left", "later", "out", "backoff", "timer", "since")
 
     def __init__(self, driver: "Driver") -> None:
         self.driver = driver
         self.sock: socket.socket | None = None
         self.state = CLOSED
-        self.parser: Any = None
-        self.inflight: collections.deque[tuple[float, float]] = collections.deque()  # (sched, sent)
+        self.reader = AnswerReader(driver)
+        self.in_flight = 0  # pushes sent and not answered yet
+        # the oldest batch: its first unanswered push (kept when rate-paced only: latency is
+        # from its send time otherwise), the answers it still waits for, when it was sent
+        self.first_k = 0
+        self.batch_left = 0
+        self.first_sent = 0.0
+        self.later: collections.deque[tuple[int, int, float]] = collections.deque()  # (k, n, sent)
         self.out: memoryview | None = None
-        self.body: list[bytes] = []
         self.backoff = RECONNECT_MIN
         self.timer: list | None = None
-        self.closing = False
         self.since = 0.0  # when the connect began: one that hangs is ended after --timeout
 
     def connect(self) -> None:
@@ -59,42 +71,48 @@ class Sender:
             return
         self.state = CONNECTING
         self.since = driver.loop.now
-        self.parser = httptools.HttpResponseParser(self)
-        self.closing = False
+        self.reader.reset()
         driver.loop.add(sock.fileno(), self, WRITE_EVENTS)
 
     def handle_events(self, events: int) -> None:
         sock = self.sock
         assert sock is not None  # registered with the loop only while it has a socket
-        if self.state == CONNECTING:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self._fail(loadgen.error_kind(err, "connect"))
-                return
-            self.state = READY
-            self.backoff = RECONNECT_MIN
-            self.driver.last_up = self.driver.loop.now
-            self.driver.ever_up = True
-            self.driver.loop.modify(sock.fileno(), READ_EVENTS)
-            self.driver.request_pump()
+        if self.state != READY:
+            self._connected(sock)
             return
         if events & EPOLLOUT and self.out is not None:
             self._flush(sock, self.out, first=False)
-        if self.state == READY and events & ~EPOLLOUT:
+            if self.state != READY:
+                return
+        if events & ~EPOLLOUT:
             self._read(sock)
 
-    def request(self, k: int, path_token: bytes | None, serial: bytes, stamp_at: float,
-                scheduled: float, now: float) -> bytes:
-        """The bytes of push ``k``, now in flight on this connection."""
-        self.inflight.append((scheduled, now))
-        return self.driver.builder.build(path_token, serial, stamp_at)
+    def _connected(self, sock: socket.socket) -> None:
+        """The connect finished: up, or failed."""
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(loadgen.error_kind(err, "connect"))
+            return
+        self.state = READY
+        self.backoff = RECONNECT_MIN
+        self.driver.last_up = self.driver.loop.now
+        self.driver.ever_up = True
+        self.driver.loop.modify(sock.fileno(), READ_EVENTS)
+        self.driver.request_pump()
 
-    def write(self, data: bytes) -> None:
+    def send_batch(self, data: bytes, k: int, n: int, now: float) -> None:
+        """Pushes ``k`` … ``k + n - 1`` (``data``, their requests) go out now, in one send."""
+        if self.in_flight:
+            self.later.append((k, n, now))
+        else:
+            self.first_k, self.batch_left, self.first_sent = k, n, now
+        self.in_flight += n
         assert self.sock is not None and self.out is None  # free_slots promised both
-        self._flush(self.sock, memoryview(data), first=True)
+        self._flush(self.sock, data, first=True)
 
-    def _flush(self, sock: socket.socket, out: memoryview, first: bool) -> None:
-        """Send what is buffered; wait for EPOLLOUT only while bytes remain (rawsse.server.loop rules)."""
+    def _flush(self, sock: socket.socket, out: bytes | memoryview, first: bool) -> None:
+        """Send what is buffered; wait for EPOLLOUT only while bytes remain (rawsse.server.loop
+        rules): from a write (``first``), or on EPOLLOUT."""
         try:
             sent = sock.send(out)
         except BlockingIOError:
@@ -103,7 +121,7 @@ class Sender:
             self._fail(loadgen.error_kind(exc.errno, "send"))
             return
         if sent < len(out):
-            self.out = out[sent:]
+            self.out = memoryview(out)[sent:]
             if first:
                 self.driver.loop.modify(sock.fileno(), WRITE_EVENTS)
         else:
@@ -127,38 +145,66 @@ class Sender:
         return data
 
     def _read(self, sock: socket.socket) -> None:
-        data = self._receive(sock)
-        if data is None:
+        try:  # ``_receive``, inlined: plain TCP only (HTTP/1.1 over TLS is not offered)
+            data = sock.recv(RECV_SIZE)
+        except BlockingIOError:
             return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._fail("bad_response")
+        except OSError as exc:
+            self._fail(loadgen.error_kind(exc.errno, "recv"))
             return
-        if self.closing:  # the server said Connection: close
+        if not data:
             self._fail("closed")
-        else:
-            self.driver.request_pump()
-
-    # httptools callbacks
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        if not self.inflight:  # an answer to nothing we asked: the connection is out of step
-            self.closing = True
             return
-        scheduled, _ = self.inflight.popleft()
-        body = b"".join(self.body) if self.body else b""
-        self.body = []
-        self.driver.record(self.parser.get_status_code(), body, scheduled)
-        if not self.parser.should_keep_alive():
-            self.closing = True
+        reader = self.reader
+        answered = reader.feed(data, self.in_flight)
+        if answered:
+            driver = self.driver
+            now = driver.last_answer = time.monotonic()
+            if answered <= self.batch_left and driver.rate <= 0:  # all from the oldest batch
+                driver.latency.record((now - self.first_sent) * 1000.0, answered)
+                self.in_flight -= answered
+                self.batch_left -= answered
+                if not self.batch_left and self.later:
+                    self.first_k, self.batch_left, self.first_sent = self.later.popleft()
+            else:
+                self._answered(answered, now)
+        if reader.ended is not None:  # Connection: close, or an answer we cannot read
+            self._fail(reader.ended)
+        else:
+            self.driver.freed(self)
+
+    def _answered(self, n: int, now: float) -> None:
+        """The ``n`` oldest pushes in flight were answered ``now``: their latencies, from when
+        each was scheduled (module doc), batch after batch."""
+        driver = self.driver
+        latency, rate = driver.latency, driver.rate
+        self.in_flight -= n
+        while n:
+            m = n if n < self.batch_left else self.batch_left
+            if rate > 0:
+                start, first = driver.start, self.first_k
+                for k in range(first, first + m):
+                    latency.record((now - (start + k / rate)) * 1000.0)
+            else:
+                latency.record((now - self.first_sent) * 1000.0, m)
+            self.first_k += m
+            self.batch_left -= m
+            n -= m
+            if not self.batch_left and self.later:
+                self.first_k, self.batch_left, self.first_sent = self.later.popleft()
+
+    def pushes_in_flight(self) -> int:
+        return self.in_flight
+
+    def forget_in_flight(self) -> None:
+        """The pushes in flight are counted lost by the caller."""
+        self.in_flight = self.batch_left = 0
+        self.later.clear()
 
     def check_timeout(self, now: float, timeout: float) -> None:
         if self.state == CONNECTING and now - self.since > timeout:  # a black-holed address
             self._fail("timeout")
-        elif self.inflight and now - self.inflight[0][1] > timeout:
+        elif self.in_flight and now - self.first_sent > timeout:
             self._fail("timeout")
 
     def close(self, reason: str = "closed") -> None:
@@ -167,11 +213,12 @@ class Sender:
 
     def _fail(self, kind: str) -> None:
         driver = self.driver
+        lost = self.pushes_in_flight()
         if self.state != READY:
             driver.count_error(f"connect_{kind}")
-        elif self.inflight:
-            driver.count_error(f"lost_{kind}", len(self.inflight))
-            self.inflight.clear()
+        elif lost:
+            driver.count_error(f"lost_{kind}", lost)
+            self.forget_in_flight()
         else:  # an idle connection ended (the server's idle timeout, a restart)
             driver.count_error(f"disconnect_{kind}")
         self.shutdown()
@@ -189,10 +236,9 @@ class Sender:
             sock.close()
         self.state = CLOSED
         self.out = None
-        self.body = []
 
     @property
     def free_slots(self) -> int:
-        if self.state != READY or self.out is not None or self.closing:
+        if self.state != READY or self.out is not None:
             return 0
-        return self.driver.pipeline - len(self.inflight)
+        return self.driver.pipeline - self.in_flight

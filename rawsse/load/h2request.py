@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from random import getrandbits
 
 from rawsse.h2.hpack import STATIC_COUNT, STATIC_TABLE, integer, literal_indexed_name
 from rawsse.load.pushrequest import SERIAL_MARK, RequestBuilder
-from rawsse.load.stamp import new_stamped_id
+from rawsse.load.stamp import ID_PREFIX, ID_RANDOM, RAND_HIGH, RAND_LOW, stamp_fields
 
 METHOD_POST = integer(3, 7, 0x80)  # §6.1 indexed field: static entry 3, :method POST
 SCHEME = {"http": integer(6, 7, 0x80), "https": integer(7, 7, 0x80)}
@@ -56,6 +57,8 @@ class H2RequestEncoder:
             b"".join(_indexed_literal(index, value) for index, value in constant[1:]),
             b"".join(integer(STATIC_COUNT + n, 7, 0x80) for n in range(len(constant) - 1, 0, -1))]
         self.path_name = integer(PATH_INDEX, 4)
+        self.stamped_at = -1.0  # the apns-id's time fields of the last push, as bytes
+        self.stamp_prefix = b""
         self.length_name = integer(CONTENT_LENGTH_INDEX, 4)
 
     def encode(self, path_token: bytes | None, serial: bytes, stamp_at: float,
@@ -72,7 +75,12 @@ class H2RequestEncoder:
             value = b"0" if paths.expiration == 0 else b"%d" % int(time.time() + paths.expiration)
             parts += (APNS_EXPIRATION_NAME, _SMALL_LENGTH[len(value)], value)
         if paths.stamp:
-            parts += (APNS_ID_NAME, b"\x24", new_stamped_id(stamp_at).encode())  # 36 chars
+            if stamp_at != self.stamped_at:  # the pushes of one batch share the time fields
+                self.stamped_at = stamp_at
+                self.stamp_prefix = ID_PREFIX % stamp_fields(stamp_at)
+            r = getrandbits(62)
+            parts += (APNS_ID_NAME, b"\x24", self.stamp_prefix,  # 36 characters in all
+                      ID_RANDOM % (RAND_HIGH | r >> 48, r & RAND_LOW))
         parts.append(self.tails[table])
         return b"".join(parts), body
 

@@ -67,14 +67,14 @@ _GOAWAY = struct.Struct(">LL")
 class H2Sender(Sender):
     """An HTTP/2 connection: ``inflight`` maps stream id → (scheduled, sent, push index)."""
 
-    __slots__ = ("tls", "streams_limit", "refill", "next_stream", "inbuf", "pending", "decoder",
+    __slots__ = ("inflight", "tls", "streams_limit", "refill", "next_stream", "inbuf", "pending", "decoder",
                  "partial", "answers", "send_window", "stream_window", "max_frame", "blocked",
                  "received", "going_away", "table", "size_update", "phase", "writing")
 
     def __init__(self, driver: "Driver", tls: ssl.SSLContext | None) -> None:
         super().__init__(driver)
         self.tls = tls
-        self.inflight: dict[int, tuple[float, float, int]] = {}  # type: ignore[assignment]
+        self.inflight: dict[int, tuple[float, float, int]] = {}
         self._reset_protocol()
 
     def _reset_protocol(self) -> None:
@@ -170,6 +170,12 @@ class H2Sender(Sender):
         self.answers = {}
         self.blocked = {}
         super()._fail(kind)
+
+    def pushes_in_flight(self) -> int:
+        return len(self.inflight)
+
+    def forget_in_flight(self) -> None:
+        self.inflight.clear()
 
     def check_timeout(self, now: float, timeout: float) -> None:
         if self.state == CONNECTING and now - self.since > timeout:

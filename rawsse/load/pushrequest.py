@@ -1,4 +1,4 @@
-"""What ``rawsse push`` sends: the targets (``--tokens`` schemes) and the bytes of one request.
+"""What ``rawsse push`` sends: the targets (``--tokens`` schemes) and the bytes of its requests.
 
 Requests with ``--headers fleet`` are byte-for-byte what Go's net/http writes for Fleet's client
 (Host, User-Agent, Content-Length, then headers sorted by canonical name, then the transport's
@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from random import getrandbits
 
 from rawsse.config import ConfigError
 from rawsse.load import loadgen
-from rawsse.load.stamp import new_stamped_id
+from rawsse.load.stamp import ID_PREFIX, ID_RANDOM, RAND_HIGH, RAND_LOW, new_stamped_id, stamp_fields
 
 DEFAULT_PAYLOAD = '{"mdm":"pushmagic<serial>"}'
 SERIAL_MARK = b"<serial>"
+FLEET_SERIAL_DIGITS = loadgen.FLEET_SERIAL_DIGITS
+SERIAL_LIMIT = 10 ** FLEET_SERIAL_DIGITS  # from here on a serial is longer than the template's
+
 
 class Targets:
     """Device tokens to push to, in order, and the serial each one's payload names."""
@@ -69,7 +73,14 @@ def _index_range(text: str, flag: str, spec: str) -> tuple[int, int]:
 
 
 class RequestBuilder:
-    """The bytes of one push request: a Fleet-shaped POST, optionally stamped."""
+    """The bytes of one push request: a Fleet-shaped POST, optionally stamped.
+
+    ``build`` makes any request; ``batch`` makes the requests of consecutive pushes to the
+    targets (``bind``) with one ``%`` format each from a template made once (``template``: the
+    constant bytes, with slots for the token, the ``--expiration`` line, the apns-id and the
+    serial), the same bytes as ``build``'s. A request ``template`` cannot make (a payload naming ``<serial>``
+    more than once, serials of more than 12 digits) is ``build``'s.
+    """
 
     def __init__(self, args: argparse.Namespace, host: str, base_path: str) -> None:
         self.fleet_headers = args.headers == "fleet"
@@ -81,16 +92,26 @@ class RequestBuilder:
         query = f"?prefix={args.prefix}" if args.broadcast and args.prefix else ""
         self.broadcast_path = f"{base_path}/broadcast{query}".encode()
         self.device_prefix = f"{base_path}/3/device/".encode()
+        self.serial_slots = self.payload.count(SERIAL_MARK)
+        self.template = self._template() if self.serial_slots <= 1 else None
+        # rate-paced runs (``pace``): push k is stamped origin + k / rate
+        self.origin = 0.0
+        self.rate = 0.0
+        self.stamped_at = -1.0  # the apns-id's time fields of the last batch, as bytes
+        self.stamp_prefix = b""
+        self.slots = 5 + self.serial_slots  # the template's fields when stamped
+        self.targets = Targets([], 0)
+        self.fast = False  # ``bind``: the template makes every request
+
+    def pace(self, origin: float, rate: float) -> None:
+        """Push ``k`` is due ``k / rate`` seconds after the Unix time ``origin`` (rate > 0)."""
+        self.origin, self.rate = origin, rate
 
     def build(self, path_token: bytes | None, serial: bytes, stamp_at: float) -> bytes:
         """``path_token`` None → the broadcast route. ``stamp_at``: Unix time for the apns-id."""
         body = self.payload.replace(SERIAL_MARK, serial) if self.templated else self.payload
         path = self.broadcast_path if path_token is None else self.device_prefix + path_token
-        apns = []
-        if self.expiration is not None:
-            value = 0 if self.expiration == 0 else int(time.time() + self.expiration)
-            apns.append(b"Apns-Expiration: %d\r\n" % value if self.fleet_headers
-                        else b"apns-expiration: %d\r\n" % value)
+        apns = [self.expiration_line()]
         if self.stamp:
             apns_id = new_stamped_id(stamp_at).encode()
             apns.append(b"Apns-Id: %s\r\n" % apns_id if self.fleet_headers
@@ -103,3 +124,87 @@ class RequestBuilder:
                              body))
         return b"".join((b"POST ", path, b" HTTP/1.1\r\nHost: ", self.host,
                          b"\r\nContent-Length: %d\r\n" % len(body), *apns, b"\r\n", body))
+
+    def expiration_line(self) -> bytes:
+        """The ``--expiration`` header line (``now + SECONDS``), or nothing without the flag."""
+        if self.expiration is None:
+            return b""
+        value = 0 if self.expiration == 0 else int(time.time() + self.expiration)
+        return (b"Apns-Expiration: %d\r\n" if self.fleet_headers
+                else b"apns-expiration: %d\r\n") % value
+
+    def _template(self) -> bytes:
+        """``build``'s request as a ``%`` format of (token, expiration line[, the apns-id's time
+        prefix (``stamp.ID_PREFIX``) and two random numbers (``stamp.ID_RANDOM``)][, serial
+        index]); serials are ``%012d`` (Fleet's)."""
+        body = b"%012d".join(_escaped(part) for part in self.payload.split(SERIAL_MARK))
+        length = len(self.payload) + self.serial_slots * (FLEET_SERIAL_DIGITS - len(SERIAL_MARK))
+        stamp = b""
+        if self.stamp:
+            stamp = (b"Apns-Id: %s" if self.fleet_headers else b"apns-id: %s") + ID_RANDOM + b"\r\n"
+        start = b"POST " + _escaped(self.device_prefix) + b"%s HTTP/1.1\r\nHost: " + \
+            _escaped(self.host)
+        if self.fleet_headers:
+            return (start + b"\r\nUser-Agent: Go-http-client/1.1\r\nContent-Length: %d\r\n%%s"
+                    % length + stamp + b"Content-Type: application/json\r\n"
+                    b"Accept-Encoding: gzip\r\n\r\n" + body)
+        return start + b"\r\nContent-Length: %d\r\n%%s" % length + stamp + b"\r\n" + body
+
+    def bind(self, targets: Targets) -> None:
+        """``batch`` makes requests to ``targets``."""
+        self.targets = targets
+        self.fast = self.template is not None and targets.first_index + len(targets) <= SERIAL_LIMIT
+
+    def batch(self, k: int, take: int, stamp_at: float) -> bytes:
+        """The requests of pushes ``k`` … ``k + take - 1`` to the targets (``bind``, cycling),
+        one after the other; stamped ``stamp_at`` (unpaced: sent now) or as ``pace`` says."""
+        if not self.fast or self.rate > 0 or not self.stamp:
+            return self._batch(k, take, stamp_at)
+        if stamp_at != self.stamped_at:  # the pushes of one loop turn share the time fields
+            self.stamped_at = stamp_at
+            self.stamp_prefix = ID_PREFIX % stamp_fields(stamp_at)
+        template, paths, first = self.template, self.targets.paths, self.targets.first_index
+        n, prefix = len(paths), self.stamp_prefix
+        expiration = b"" if self.expiration is None else self.expiration_line()
+        assert template is not None  # self.fast says so
+        if take == 1:  # one push in flight per connection: the keep-alive senders
+            i = k % n
+            r = getrandbits(62)
+            return template % ((paths[i], expiration, prefix, RAND_HIGH | r >> 48, r & RAND_LOW,
+                                first + i)[:self.slots])
+        requests = []
+        for j in range(k, k + take):
+            i = j % n
+            r = getrandbits(62)
+            requests.append(template % ((paths[i], expiration, prefix, RAND_HIGH | r >> 48,
+                                         r & RAND_LOW, first + i)[:self.slots]))
+        return b"".join(requests)
+
+    def _batch(self, k: int, take: int, stamp_at: float) -> bytes:
+        """``batch`` when rate-paced (each push its own stamp), unstamped, or beyond the
+        template: one ``build`` per push unless the template does."""
+        targets, rate = self.targets, self.rate
+        paths, first, n = targets.paths, targets.first_index, len(targets)
+        requests = []
+        for j in range(k, k + take):
+            if rate > 0:
+                stamp_at = self.origin + j / rate
+            i = j % n
+            if not self.fast:
+                requests.append(self.build(paths[i], targets.serial(i), stamp_at))
+                continue
+            expiration = b"" if self.expiration is None else self.expiration_line()
+            assert self.template is not None
+            if not self.stamp:
+                fields: tuple = (paths[i], expiration, first + i)
+            else:
+                r = getrandbits(62)
+                fields = (paths[i], expiration, ID_PREFIX % stamp_fields(stamp_at),
+                          RAND_HIGH | r >> 48, r & RAND_LOW, first + i)
+            requests.append(self.template % fields[:len(fields) - 1 + self.serial_slots])
+        return b"".join(requests)
+
+
+def _escaped(literal: bytes) -> bytes:
+    """Bytes that stand for themselves in a ``%`` format."""
+    return literal.replace(b"%", b"%%")

@@ -3,8 +3,8 @@
 
 Theory of operation
 -------------------
-The senders note the ``apns-id`` of each ``200`` (``VerifyingSender`` for HTTP/1.1; the HTTP/2
-sender reads it from the answer's header block). After the run the ids go to the server's
+The senders note the ``apns-id`` of each ``200`` (``rawsse.load.h1answers`` for HTTP/1.1; the
+HTTP/2 sender reads it from the answer's header block). After the run the ids go to the server's
 deliveries API (``POST /admin/deliveries`` on ``--admin-url``, ``MAX_BATCH`` ids a request),
 which answers each one's fate from every worker's and node's delivery log
 (``rawsse/apns/deliveries.py``). A fate still ``unknown`` may be a push in flight between nodes:
@@ -23,7 +23,6 @@ import urllib.request
 from typing import Any
 
 from rawsse.config import ConfigError
-from rawsse.load.h1sender import Sender
 
 MAX_BATCH = 1000  # the server's limit per request (rawsse/apns/deliveries.py MAX_IDS)
 RETRY_SECONDS = 0.25
@@ -37,29 +36,6 @@ class VerifyError(Exception):
     def __init__(self, message: str, unreachable: bool = False) -> None:
         super().__init__(message)
         self.unreachable = unreachable
-
-
-class VerifyingSender(Sender):
-    """An HTTP/1.1 sender that also notes the ``apns-id`` of each ``200`` (httptools calls
-    ``on_header`` only on a protocol that has it, so plain runs pay nothing)."""
-
-    __slots__ = ("apns_id",)
-
-    def __init__(self, driver: Any) -> None:
-        super().__init__(driver)
-        self.apns_id = b""
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 7 and name.lower() == b"apns-id":
-            self.apns_id = value
-
-    def on_message_complete(self) -> None:
-        ids = self.driver.verify_ids
-        if self.apns_id and ids is not None and self.inflight and \
-                self.parser.get_status_code() == 200:
-            ids.append(self.apns_id)
-        self.apns_id = b""
-        super().on_message_complete()
 
 
 def default_admin_url(url: str) -> str:
