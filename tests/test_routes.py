@@ -33,6 +33,9 @@ class Recorder:
     def answer(self, request: Request, answer: Answer) -> None:
         self.answers.append(answer)
 
+    def answer_ok(self, request: Request, apns_id: bytes) -> None:
+        self.answer(request, Answer(200, b"", None, ((b"apns-id", apns_id),)))
+
     def become_stream(self, request: Request, token: bytes) -> None:
         self.streams.append(token)
 

@@ -18,6 +18,7 @@ decides *whether* a push waits; the store decides *where*.
 from __future__ import annotations
 
 import time
+from os import write as _write
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Iterator, Protocol
 
@@ -26,7 +27,7 @@ from rawsse.apns.deliverylog import (
     DELIVERED, DELIVERED_ON_CONNECT, DISCARDED, EXPIRED, REPLACED, REQUEUED, STORED,
 )
 from rawsse.server.stats import Stats
-from rawsse.server.stream import Stream
+from rawsse.server.stream import STREAM_GONE, Stream
 
 if TYPE_CHECKING:
     from rawsse.apns.deliverylog import DeliveryLog
@@ -155,16 +156,20 @@ class Registry:
         False, with nothing done, when the token has no stream here or its stream cannot take
         the frame now (``Delivery.accept`` then)."""
         stream = self.streams.get(token)
-        if stream is None:
+        if stream is None or stream.out is not None:  # no stream, or a backlog: send's
             return False
-        written = stream.offer(frame)
-        if written < 0:
-            return False
+        # Stream.send's write of a whole frame, here without a call or a Push (one per push).
+        try:
+            written = _write(stream.fd, frame)
+        except BlockingIOError:
+            written = 0
+        except STREAM_GONE:
+            return False  # its device went away: send closes it
         stats = self.stats
         stats.delivered_live += 1
         stats.latency[SAME_TURN] += 1
         if written != len(frame):
-            stream.held = Push(frame, expires, self.clock.now)
+            stream.keep_rest(frame, written, Push(frame, expires, self.clock.now))
         if self.log is not None:
             self.log.record(DELIVERED, stream.token, frame, expires)
         return True

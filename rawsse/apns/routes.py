@@ -188,7 +188,7 @@ class Routes:
                         else local.accept(token, Push(frame, expires, received), 0.0))
             if accepted is HELD and self.plain_200:
                 self.stats.pushes_ok += 1
-                request.channel.answer(request, Answer(200, b"", None, ((b"apns-id", apns_id),)))
+                request.channel.answer_ok(request, apns_id)
             else:
                 self._push_answered(request, apns_id, accepted)
             return

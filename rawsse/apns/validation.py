@@ -170,7 +170,14 @@ def check_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: bool, 
         delay_text = None
     else:
         expires, limit, delay_text = _check_headers(headers, now, default_ttl)
-    token = parse_token(token_text, strict)
+    # A good token is taken here without parse_token's call (one per push); any other goes
+    # to parse_token, which raises its reason.
+    try:
+        token = _unhexlify(token_text) if 0 < len(token_text) <= _MAX_TOKEN_HEX else None
+    except _NOT_HEX:
+        token = None
+    if token is None or (strict and len(token) != _STRICT_TOKEN_BYTES):
+        token = parse_token(token_text, strict)
     if not body:
         raise reject("PayloadEmpty")
     if len(body) > limit:

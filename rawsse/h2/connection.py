@@ -48,7 +48,7 @@ from rawsse.apns import answers
 from rawsse.apns.apple import REQUEST_HEADERS
 from rawsse.h2 import control
 from rawsse.h2 import frames as f
-from rawsse.h2.hpack import Decoder, HpackError, response_block
+from rawsse.h2.hpack import Decoder, HpackError, ok_block, response_block
 from rawsse.server.exchange import Answer, Request
 from rawsse.server.connection import LINGER, READABLE, ClientConnection
 from rawsse.server.loop import EPOLLOUT
@@ -356,13 +356,29 @@ class H2Connection(ClientConnection):
             stream.pending = body
             stream.stale = False  # from here it counts how long the peer's window holds it
             self.send_data(stream_id, stream)
-        else:  # every push's 200: the frame header packed here, not in a call
-            out += _pack_header(len(block) >> 16, len(block) & 0xFFFF, f.HEADERS,
-                                f.END_HEADERS | f.END_STREAM, stream_id)
-            out += block
-            self._stream_done(stream_id, stream)
+        else:
+            self._headers_only(stream_id, stream, block)
+            return
         if not self.flush_scheduled:
             self.schedule_flush()
+
+    def _headers_only(self, stream_id: int, stream: H2Stream, block: bytes) -> None:
+        """An answer without a body (every push's 200): its HEADERS frame ends the stream (the
+        frame header packed here, not in a call)."""
+        self.out += _pack_header(len(block) >> 16, len(block) & 0xFFFF, f.HEADERS,
+                                 f.END_HEADERS | f.END_STREAM, stream_id)
+        self.out += block
+        self._stream_done(stream_id, stream)
+        if not self.flush_scheduled:
+            self.schedule_flush()
+
+    def answer_ok(self, request: Request, apns_id: bytes) -> None:
+        """``answer`` of a push's plain 200 carrying ``apns_id``, with no ``Answer`` made."""
+        stream_id = request.slot
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.request is not request or stream.pending is not None:
+            return  # reset by the client, or answered already
+        self._headers_only(stream_id, stream, ok_block(apns_id))
 
     def become_stream(self, request: Request, token: bytes) -> None:
         """SSE streams (a device's, the live view's) are HTTP/1.1 only: an error answer says

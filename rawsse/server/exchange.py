@@ -53,6 +53,10 @@ class Channel(Protocol):
 
     def answer(self, request: "Request", answer: Answer) -> None: ...
 
+    def answer_ok(self, request: "Request", apns_id: bytes) -> None:
+        """``answer(request, Answer(200, headers=((b"apns-id", apns_id),)))``, a push's plain
+        200, without the ``Answer`` where the wire can do without (the push route's hot path)."""
+
     def become_stream(self, request: "Request", token: bytes) -> None: ...
 
     def authenticated(self) -> None: ...
@@ -68,7 +72,7 @@ class Request:
 
     def __init__(self, channel: Channel, operator: bool, method: bytes = b"", path: bytes = b"",
                  query: bytes = b"", headers: dict[bytes, bytes] | None = None,
-                 duplicate: bool = False, body: bytes = b"") -> None:
+                 duplicate: bool = False, body: bytes = b"", after: Any = None) -> None:
         """Empty, for a parser to fill as it reads (httptools' callbacks, HTTP/2 frames), or
         whole, from a parser that read it at once (``http1_fast.py``)."""
         self.channel = channel
@@ -81,7 +85,7 @@ class Request:
         self.body = body
         self.body_too_large = False
         self.slot: Any = None
-        self.after: Any = None
+        self.after = after
 
     def set_target(self, target: bytes) -> None:
         """Split a request target (``/3/device/abc?x=1``) into path and query."""

@@ -314,11 +314,10 @@ class Http1Connection(Http1Answers):
                 head_limit = host.config.header_limit
                 after = CLOSE if self.stopping else KEEP
                 while start < end and len(responses) < limit and len(self.out) < MAX_OUT:
-                    taken = read_request(whole, start, head_limit, self, self.operator)
+                    taken = read_request(whole, start, head_limit, self, self.operator, after)
                     if taken is None:
                         break
                     request, start = taken
-                    request.after = after
                     responses.append(request)
                     host.stats.http_requests += 1
                     host.routes.handle(request)

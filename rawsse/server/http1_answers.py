@@ -53,6 +53,9 @@ MAX_OUT = 256 * 1024  # unsent response bytes before reading pauses
 
 _CONNECTION = (wire.KEEP, wire.CLOSE, wire.KEEP_ALIVE_10)  # indexed by KEEP, CLOSE, KEEP_10
 _DATE, _EMPTY_BODY = wire.DATE, wire.EMPTY_BODY  # (DATE is updated in place)
+# ``answer_ok``'s pieces: the apns-id line around the id, and what stands for its answer.
+_APNS_ID_LINE, _CRLF_EMPTY_BODY = b"apns-id: ", b"\r\n" + wire.EMPTY_BODY
+_PLAIN_200 = Answer(200)
 
 
 class Http1Answers(ClientConnection):
@@ -103,6 +106,27 @@ class Http1Answers(ClientConnection):
             if self.flush_scheduled and (not responses or responses[0].slot is None):
                 return  # written at the end of the read, or of the turn
         self._write_ready()
+
+    def answer_ok(self, request: Request, apns_id: bytes) -> None:
+        """``answer`` of a push's plain 200 carrying ``apns_id``: in the common case (at the
+        head of the queue on a kept-alive connection) its status and Date lines and its one
+        header line go to ``out`` with no ``Answer`` made; otherwise it is ``answer``'s."""
+        responses = self.responses
+        if (request.slot is None and request.after == KEEP and self.fd >= 0 and responses
+                and responses[0] is request):
+            request.slot = _PLAIN_200  # answered: a second answer is ignored
+            responses.popleft()
+            if time() >= _DATE[0]:
+                wire.date_header()
+            out = self.out
+            out += _DATE[2]
+            out += _APNS_ID_LINE + apns_id
+            out += _CRLF_EMPTY_BODY
+            if self.flush_scheduled and (not responses or responses[0].slot is None):
+                return  # written at the end of the read, or of the turn
+            self._write_ready()
+            return
+        self.answer(request, Answer(200, b"", None, ((b"apns-id", apns_id),)))
 
     def become_stream(self, request: Request, token: bytes) -> None:
         """After earlier answers are out, hand the socket to a device stream for ``token``."""

@@ -89,7 +89,7 @@ _OWS = (b" ", b"\t")
 # checked when first seen, costs a dict lookup instead of a pass over its lines or a regex.
 # Each memo is emptied when full: a sender sending ever new text costs it bounded memory and no
 # more time than no memo. An apns-id (one per push, as `rawsse push` sends) is kept in neither:
-# it is cut out of its block, whose rest is looked up (_unseen_block).
+# it is cut out of its block, whose rest is looked up (read_request).
 _BLOCKS: dict[bytes, tuple[dict[bytes, bytes], bool, int]] = {}
 _LINES: dict[bytes, tuple[bytes, bytes]] = {}
 MEMO_ENTRIES = 256
@@ -98,18 +98,19 @@ MEMO_LINE = 512  # longest line kept (a provider token's is ~200 bytes): at most
 _PER_REQUEST = frozenset({b"apns-id", b"apns-collapse-id"})
 
 
-def read_request(data: bytes, start: int, head_limit: int, channel: Any,
-                 operator: bool) -> tuple[Request, int] | None:
+def read_request(data: bytes, start: int, head_limit: int, channel: Any, operator: bool,
+                 after: Any = None) -> tuple[Request, int] | None:
     """The complete request at ``data[start:]`` and the offset just past it, or None when it is
-    not one this module is sure of (incomplete, or outside the subset above)."""
+    not one this module is sure of (incomplete, or outside the subset above); ``after``: its
+    ``Request.after``, given at once."""
     head_end = data.find(b"\r\n\r\n", start)
     if head_end < 0 or head_end - start > head_limit:
         return None
     line, _, block = data[start:head_end].partition(b"\r\n")
-    request_line = line.split(b" ")  # a bare CR or LF stays in it: declined
-    if len(request_line) != 3:
+    try:  # a bare CR or LF stays in the line: declined
+        method, target, version = line.split(b" ")
+    except ValueError:  # not three words
         return None
-    method, target, version = request_line
     if method not in METHODS or version != _VERSION:
         return None
     # A push's target is checked in one pass (a token is hex), any other against RFC 3986.
@@ -117,41 +118,39 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any,
             target[:1] != b"/" or target.translate(None, _TARGET)):
         return None
     fields = _BLOCKS.get(block)  # the header lines, CRLF between them; b"" for none
-    if fields is None:
-        fields = _unseen_block(block)  # a dict of its own
-        if fields is None:
-            return None
-        headers, duplicate, length = fields
-    else:
+    if fields is not None:
         headers, duplicate, length = fields
         headers = headers.copy()  # the memo's stays as it is
+    else:
+        # A per-push apns-id, spelled as Go (``Apns-Id``) or as curl is told (``apns-id``), is
+        # cut out of the block, so the rest, the same from push to push, is found in the memo
+        # (here, not in a call: nearly every push from ``rawsse push`` carries one).
+        at = block.find(b"\r\nApns-Id: ")
+        if at < 0:
+            at = block.find(b"\r\napns-id: ")
+        rest = None
+        if at >= 0:  # (not the first line: no CRLF before it; read line by line then)
+            apns_id, crlf, after_id = block[at + 11:].partition(b"\r\n")
+            rest_block = block[:at] + crlf + after_id
+            rest = _BLOCKS.get(rest_block) or _read_block(rest_block)
+        # A UUID (what senders stamp) needs no stripping and cannot decline; anything else is
+        # read line by line.
+        if (rest is not None and apns_id.replace(b"-", b"").isalnum()
+                and b"apns-id" not in rest[0]):
+            headers, duplicate, length = rest
+            headers = headers.copy()
+            headers[b"apns-id"] = apns_id
+        else:
+            fields = _read_block(block)  # a dict of its own
+            if fields is None:
+                return None
+            headers, duplicate, length = fields
     end = head_end + 4 + length
     if end > len(data):
         return None
     path, _, query = target.partition(b"?")
     return Request(channel, operator, method, path, query, headers, duplicate,
-                   data[head_end + 4:end] if length else b""), end
-
-
-def _unseen_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
-    """A header block not in the memo. A per-push apns-id, spelled as Go (``Apns-Id``) or as
-    curl is told (``apns-id``), is cut out of it, so the rest, the same from push to push, is
-    found in the memo; anything else is read line by line."""
-    at = block.find(b"\r\nApns-Id: ")
-    if at < 0:
-        at = block.find(b"\r\napns-id: ")
-    if at >= 0:  # (not the first line: no CRLF before it; read line by line then)
-        apns_id, crlf, after = block[at + 11:].partition(b"\r\n")
-        rest_block = block[:at] + crlf + after
-        rest = _BLOCKS.get(rest_block) or _read_block(rest_block)
-        # A UUID (what senders stamp) needs no stripping and cannot decline; anything else is
-        # read line by line.
-        if (rest is not None and apns_id.replace(b"-", b"").isalnum()
-                and b"apns-id" not in rest[0]):
-            headers = rest[0].copy()
-            headers[b"apns-id"] = apns_id
-            return headers, rest[1], rest[2]
-    return _read_block(block)
+                   data[head_end + 4:end] if length else b"", after), end
 
 
 def _read_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:

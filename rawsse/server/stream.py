@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 # Errors that mean "the device went away": counted, never logged (tornado's errno sets).
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+STREAM_GONE = _GONE  # for a write made outside (Registry.write_received, the push's hot path)
 
 _DISCARD_SIZE = 4096
 
@@ -84,27 +85,10 @@ class Stream:
             self.close("client")
             return False
         if written != len(data):
-            self._keep(data, written, push)
+            self.keep_rest(data, written, push)
         return True
 
-    def offer(self, data: bytes) -> int:
-        """``send`` for a frame whose push need not be made unless part of it stays queued: the
-        bytes the kernel took (the rest is queued, and the caller then sets ``held``), or -1
-        with nothing done when the stream has a backlog or its device went away (``send``
-        then, which handles both). Nearly every push to a live device is one ``os.write``."""
-        if self.out is not None:
-            return -1
-        try:
-            written = os.write(self.fd, data)
-        except BlockingIOError:
-            written = 0
-        except _GONE:
-            return -1
-        if written != len(data):
-            self._keep(data, written, None)
-        return written
-
-    def _keep(self, data: bytes, written: int, push: Any) -> None:
+    def keep_rest(self, data: bytes, written: int, push: Any) -> None:
         """Hold what the kernel did not take of ``data`` until the socket is writable."""
         if push is not None:
             self.held = push
@@ -149,7 +133,7 @@ class Stream:
                     refused += 1
                     continue
                 if n != size:
-                    stream._keep(frame, n, None)
+                    stream.keep_rest(frame, n, None)
                     deferred += 1
             elif not stream.send(frame):
                 refused += 1
