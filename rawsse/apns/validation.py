@@ -33,6 +33,7 @@ MAX_EXPIRATION_DIGITS = 19
 # a module attribute lookup on top (Python 3.11).
 _MAX_TOKEN_HEX = 2 * apns.MAX_TOKEN_BYTES
 _STRICT_TOKEN_BYTES = apns.STRICT_TOKEN_BYTES
+_STRICT_TOKEN_HEX = 2 * _STRICT_TOKEN_BYTES
 _MAX_PAYLOAD = apns.MAX_PAYLOAD
 _unhexlify = binascii.unhexlify
 _NOT_HEX = (binascii.Error, ValueError)
@@ -170,13 +171,16 @@ def check_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: bool, 
         delay_text = None
     else:
         expires, limit, delay_text = _check_headers(headers, now, default_ttl)
-    # A good token is taken here without parse_token's call (one per push); any other goes
-    # to parse_token, which raises its reason.
+    # A good token is taken here without parse_token's call (one per push): with
+    # --strict-tokens a 64-digit one (hex of 64 digits is 32 bytes); any other goes to
+    # parse_token, which raises its reason.
+    size = len(token_text)
     try:
-        token = _unhexlify(token_text) if 0 < len(token_text) <= _MAX_TOKEN_HEX else None
+        token = (_unhexlify(token_text) if size == _STRICT_TOKEN_HEX
+                 or not strict and 0 < size <= _MAX_TOKEN_HEX else None)
     except _NOT_HEX:
         token = None
-    if token is None or (strict and len(token) != _STRICT_TOKEN_BYTES):
+    if token is None:
         token = parse_token(token_text, strict)
     if not body:
         raise reject("PayloadEmpty")

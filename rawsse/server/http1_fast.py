@@ -76,6 +76,7 @@ METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE"})
 _VERSION = b"HTTP/1.1"
 _PUSH_PREFIX = b"/3/device/"
 _ALPHANUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_ID_BYTES = _ALPHANUM + b"-"  # what a UUID is made of
 # RFC 3986 pchar (unreserved, sub-delims, pct-encoded's "%", ":" and "@") with "/" and "?".
 _TARGET = _ALPHANUM + b"-._~" + b"!$&'()*+,;=" + b"%:@/?"
 # RFC 9112 §5.1 field-line = field-name ":" OWS field-value OWS, the name an RFC 9110 §5.6.2
@@ -113,19 +114,25 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any, operato
         return None
     if method not in METHODS or version != _VERSION:
         return None
-    # A push's target is checked in one pass (a token is hex), any other against RFC 3986.
-    if not (target.startswith(_PUSH_PREFIX) and target[10:].isalnum()) and (
-            target[:1] != b"/" or target.translate(None, _TARGET)):
+    # A push's target is checked in one pass (a token is hex: no query), any other against
+    # RFC 3986.
+    if target.startswith(_PUSH_PREFIX) and target[10:].isalnum():
+        path, query = target, b""
+    elif target[:1] != b"/" or target.translate(None, _TARGET):
         return None
-    fields = _BLOCKS.get(block)  # the header lines, CRLF between them; b"" for none
+    else:
+        path, _, query = target.partition(b"?")
+    # The header lines, CRLF between them (b"" for none). A per-push apns-id, spelled as Go
+    # (``Apns-Id``) or as curl is told (``apns-id``), is cut out of its block, so the rest, the
+    # same from push to push, is found in the memo (here, not in a call: nearly every push from
+    # ``rawsse push`` carries one). A block with Go's line is never in the memo (its apns-id
+    # keeps it out): it is not looked up, which would hash it for nothing (~1,500 instructions).
+    at = block.find(b"\r\nApns-Id: ")
+    fields = _BLOCKS.get(block) if at < 0 else None
     if fields is not None:
         headers, duplicate, length = fields
         headers = headers.copy()  # the memo's stays as it is
     else:
-        # A per-push apns-id, spelled as Go (``Apns-Id``) or as curl is told (``apns-id``), is
-        # cut out of the block, so the rest, the same from push to push, is found in the memo
-        # (here, not in a call: nearly every push from ``rawsse push`` carries one).
-        at = block.find(b"\r\nApns-Id: ")
         if at < 0:
             at = block.find(b"\r\napns-id: ")
         rest = None
@@ -135,7 +142,7 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any, operato
             rest = _BLOCKS.get(rest_block) or _read_block(rest_block)
         # A UUID (what senders stamp) needs no stripping and cannot decline; anything else is
         # read line by line.
-        if (rest is not None and apns_id.replace(b"-", b"").isalnum()
+        if (rest is not None and apns_id and not apns_id.translate(None, _ID_BYTES)
                 and b"apns-id" not in rest[0]):
             headers, duplicate, length = rest
             headers = headers.copy()
@@ -148,7 +155,6 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any, operato
     end = head_end + 4 + length
     if end > len(data):
         return None
-    path, _, query = target.partition(b"?")
     return Request(channel, operator, method, path, query, headers, duplicate,
                    data[head_end + 4:end] if length else b"", after), end
 
