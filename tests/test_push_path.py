@@ -5,12 +5,14 @@ whose server end the worker accepted, as ``bench/push_probe.py`` does, and pushe
 handed to the routes as in ``test_routes.py``. What is checked is what the hot path must keep
 from the general one: a frame the kernel takes only part of is still a push the stream holds, a
 device gone before the worker noticed leaves the push pending, a router's owner swapped in
-later is followed, and a push's unix time follows the wall clock through the tick.
+later is followed, a push's unix time follows the wall clock through the tick, and a plain 200
+written without an ``Answer`` is the bytes one serializes to.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from typing import Iterator
@@ -21,6 +23,7 @@ from rawsse.apns.registry import Push
 from rawsse.apns.routing import HELD, PushAnswer
 from rawsse.config import ServeConfig
 from rawsse.server.exchange import Answer, Request
+from rawsse.server.http1_wire import serialize
 from rawsse.server.worker import Worker
 from test_routes import Recorder, request
 
@@ -148,3 +151,42 @@ def test_a_push_reads_the_wall_clock_the_tick_follows(worker: Worker) -> None:
                                  {b"apns-expiration": b"%d" % expires}))
     assert channel.answers[0].status == 200
     assert worker.registry.pending[RAW].expires == expires, "kept as an hour from now"
+
+
+def test_a_plain_200_is_the_bytes_an_answer_serializes_to(worker: Worker) -> None:
+    """``answer_ok`` writes a push's 200 with no ``Answer``: its bytes are what ``serialize``
+    writes for ``Answer(200, headers=apns-id)``, as the 200 of a push kept pending (the general
+    path) is, alone on a kept-alive connection and pipelined."""
+    device(worker)
+    ours, sender = socket.socketpair()
+    worker.accept(os.dup(ours.fileno()), False)
+    ours.close()
+    DEVICES.append(sender)  # closed after the test, as the devices are
+    ids = [b"6f1a2b3c-0000-4000-8000-%012d" % n for n in range(4)]
+    offline = "ff" * 32  # no stream: kept pending, answered through Answer
+
+    def post(token: str, apns_id: bytes) -> bytes:
+        return (f"POST /3/device/{token} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                f"Apns-Id: {apns_id.decode()}\r\n\r\n{{}}").encode()
+
+    def answers(count: int) -> bytes:
+        got = b""
+        deadline = time.monotonic() + 2
+        while got.count(b"\r\n\r\n") < count and time.monotonic() < deadline:
+            worker.loop.run_once()
+            try:
+                got += sender.recv(65536)
+            except (BlockingIOError, TimeoutError):
+                pass
+        return re.sub(rb"Date: [^\r]*\r\n", b"", got)
+
+    def expected(*apns_ids: bytes) -> bytes:
+        return re.sub(rb"Date: [^\r]*\r\n", b"", b"".join(
+            serialize(Answer(200, b"", None, ((b"apns-id", i),))) for i in apns_ids))
+
+    sender.setblocking(False)
+    sender.sendall(post(TOKEN, ids[0]))
+    assert answers(1) == expected(ids[0])
+    sender.sendall(post(TOKEN, ids[1]) + post(offline, ids[2]) + post(TOKEN, ids[3]))
+    assert answers(3) == expected(ids[1], ids[2], ids[3])
+    assert worker.stats.delivered_live == 3
