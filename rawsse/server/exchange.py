@@ -5,7 +5,9 @@ Theory of operation
 A protocol object (HTTP/1.1 today in ``http1.py``; an HTTP/2 stream next) turns bytes into a
 ``Request`` and hands it to the application (``rawsse.apns.routes.Routes``), which answers by
 calling ``request.answer(Answer(...))`` now or later (a push waits for the worker owning its
-token), or ``request.become_stream(token)`` for a device. The request carries its ``channel``,
+token), or ``request.become_stream(token)`` for a device; a push's plain 200 (its apns-id the
+one header) is ``channel.answer_ok(request, apns_id)``, which each protocol writes without an
+``Answer`` object. The request carries its ``channel``,
 the protocol object that serializes the answer onto its own wire; the routes never see a socket,
 a parser or a status line, so they are tested in-process by feeding a ``Request`` whose channel
 records answers (``tests/test_routes.py``).

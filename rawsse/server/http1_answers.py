@@ -18,7 +18,8 @@ Rules
   its ``GET /events`` is out.
 - The common case costs the fewest calls: a 200 without a body (a push's) at the head of the
   queue on a kept-alive connection is appended to ``out`` from its preformatted status and Date
-  lines in ``answer`` itself, and the write at the end of a read skips ``_finished`` and
+  lines in ``answer`` itself (``answer_ok``: a push's plain 200, with no ``Answer`` made),
+  and the write at the end of a read skips ``_finished`` and
   ``_update_events`` when nothing they decide can change.
 """
 
