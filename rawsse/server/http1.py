@@ -78,6 +78,8 @@ _HTTP2_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                     "detail": "rawsse speaks HTTP/1.1 only"})
 
 
+_NOTHING_LEFT = memoryview(b"")  # a read whose requests were all served: nothing for httptools
+
 class Http1Connection(Http1Answers):
     __slots__ = (
         # per connection (and those of Http1Answers)
@@ -328,7 +330,8 @@ class Http1Connection(Http1Answers):
                         break
                 if start:
                     self.deadline = host.loop.now + host.config.idle_timeout
-                    data = data[start:]
+                    # (all of it served, as a keep-alive push's read is: no slice made)
+                    data = data[start:] if start < end else _NOTHING_LEFT
             if data and self._parsing():
                 self.progress = False
                 self._feed_read(data)
