@@ -55,6 +55,7 @@ import logging
 import os
 import socket
 from functools import partial
+from zlib import crc32
 from typing import Any, Callable
 
 import orjson
@@ -98,6 +99,10 @@ class Mesh:
         self.node = node
         self.index = worker.index
         self.count = worker.count
+        self.stats = worker.stats
+        # What takes a push for this worker's own shard (``submit``): the owner's ``take``,
+        # bound by the router (``MeshRouter.owner``).
+        self.take_own: Callable[[bytes, Push, float, PushAnswer], None] = _no_owner
         self.links = {peer: OutLink(self, peer) for peer in range(self.count) if peer != self.index}
         # peer -> records (bytes, fd or -1) queued during this loop turn
         self.batches: dict[int, list[tuple[bytes, int]]] = {}
@@ -182,10 +187,14 @@ class Mesh:
 
     def send(self, peer: int, kind: int, body: bytes, fd: int = -1) -> None:
         """Queue one record for ``peer``; it leaves with this turn's batch."""
+        self.send_record(peer, record(kind, body), fd)
+
+    def send_record(self, peer: int, framed: bytes, fd: int = -1) -> None:
+        """Queue one framed record for ``peer``; it leaves with this turn's batch."""
         batch = self.batches.get(peer)
         if batch is None:
             batch = self.batches[peer] = []
-        batch.append((record(kind, body), fd))
+        batch.append((framed, fd))
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.worker.loop.call_first(self.flush)  # the answers it gives write this turn
@@ -301,37 +310,38 @@ class Mesh:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def forward_push(self, peer: int, token: bytes, push: Push, delay: float,
-                     answer: PushAnswer) -> None:
-        """``answer``: HELD (within credit: once the kernel took it), QUEUE_FULL
+    def submit(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
+        """``Router.submit`` of a worker with peers: a push for this worker's shard goes to its
+        owner (``take_own``, bound by ``MeshRouter``), any other is forwarded to the token's
+        owner and ``answer`` gets HELD (within credit: once the kernel took it), QUEUE_FULL
         (back-pressure), or UNREACHABLE (the owner could not be reached or did not answer).
-        Written out (no ``connect``, ``queued``, ``send`` calls when the link is up): it runs
-        once per forwarded push."""
+        Routing, forwarding and the promise (``Outbox``) written out in one call, with no
+        ``connect``, ``queued`` or ``send`` calls when the link is up: it runs once per push."""
+        peer = crc32(token) % self.count  # routing.owner_of, written out
+        if peer == self.index:
+            self.take_own(token, push, delay, answer)
+            return
+        self.stats.forwarded += 1
         link = self.links[peer]
         out = link.out
-        if out is None:
-            out = link.out if link.connect() else None
-            if out is None:
-                answer(UNREACHABLE)
-                return
-        if out.queued >= MAX_QUEUED:
-            answer(QUEUE_FULL)
-            return
-        self._next_seq = seq = self._next_seq + 1
         outbox = link.outbox
         frame = push.frame
-        if outbox.credit <= 0 or len(frame) > outbox.credit_bytes:
-            link.read_acks()  # the owner's TAKENs may have brought more meanwhile
-            if link.out is None:  # and the owner's end with them
-                answer(UNREACHABLE)
+        size = len(frame)
+        if out is None or out.queued >= MAX_QUEUED or outbox.credit <= 0 \
+                or size > outbox.credit_bytes:
+            if not self._forward_out_of_credit(peer, link, token, push, delay, answer):
                 return
-        if outbox.promise(seq, token, push, delay, answer):
-            rid = 0
-            self.worker.stats.forwarded_promised += 1
-        else:
-            rid = self.expect(peer, answer, UNREACHABLE)
+        # Promised: kept until a TAKEN covers it, answered once the kernel took it
+        # (``Outbox.sent``); a list, not an object, so it costs no Python call.
+        outbox.credit -= 1
+        outbox.credit_bytes -= size
+        self._next_seq = seq = self._next_seq + 1
+        entry = [seq, token, push, delay, answer]
+        outbox.kept.append(entry)
+        outbox.staged.append(entry)
         outbox.staged_pushes = True
-        framed = frame_push(rid, seq, push.expires, push.received, delay, token, frame)
+        self.stats.forwarded_promised += 1
+        framed = frame_push(0, seq, push.expires, push.received, delay, token, frame)
         batch = self.batches.get(peer)
         if batch is None:
             self.batches[peer] = [(framed, -1)]
@@ -340,6 +350,37 @@ class Mesh:
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.worker.loop.call_first(self.flush)
+
+    def _forward_out_of_credit(self, peer: int, link: OutLink, token: bytes, push: Push,
+                               delay: float, answer: PushAnswer) -> bool:
+        """``submit``'s rarer half: the link is down or full, or the credit does not cover the
+        push (a new link, a full owner, Redis mode). True when, connected and the TAKENs read,
+        the credit covers it now (``submit`` promises it); else it is answered, or sent asked
+        (answered by its owner's ACK), and False."""
+        out = link.out
+        if out is None:
+            out = link.out if link.connect() else None
+            if out is None:
+                answer(UNREACHABLE)
+                return False
+        if out.queued >= MAX_QUEUED:
+            answer(QUEUE_FULL)
+            return False
+        outbox = link.outbox
+        size = len(push.frame)
+        if outbox.credit <= 0 or size > outbox.credit_bytes:
+            link.read_acks()  # the owner's TAKENs may have brought more meanwhile
+            if link.out is None:  # and the owner's end with them
+                answer(UNREACHABLE)
+                return False
+        if outbox.credit > 0 and size <= outbox.credit_bytes:
+            return True
+        self._next_seq = seq = self._next_seq + 1
+        rid = self.expect(peer, answer, UNREACHABLE)
+        outbox.staged_pushes = True
+        self.send_record(peer, frame_push(rid, seq, push.expires, push.received, delay, token,
+                                          push.frame))
+        return False
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
         """Queue ``fd`` for ``peer``; False (the caller still owns the fd) when it cannot go."""
@@ -425,6 +466,10 @@ class Mesh:
                 self._take_pushes(sender, pushes, link)
             except Exception:
                 log.exception("mesh pushes from worker %d failed", sender)
+        if len(pushes) == len(records):  # the usual message: pushes only
+            for fd in fds:
+                os.close(fd)
+            return sender
         fd_index = 0
         for kind, body in records:
             if kind == PUSH:
@@ -479,18 +524,26 @@ class Mesh:
         its ``ACK``; a promised one that meets a full queue is held anyway (forwarding.py)."""
         ledgers = self.ledgers
         assert ledgers is not None
-        accept = ledgers.delivery.accept
+        delivery = ledgers.delivery
+        accept = delivery.accept
+        # A push with no delay to a live stream that takes it now: written as the local hot
+        # path writes one (``routes.py``), with no Push unless part of the frame stays queued.
+        write_received = delivery.registry.write_received
         taking, self.taking = self.taking, []
         for sender, fresh, count, size in taking:
             ledgers.accepting(count, size)
             try:
                 for rid, _seq, expires, received, delay, token, frame in fresh:
-                    push = Push(frame, expires, received)
-                    accepted = accept(token, push, delay)
+                    if not delay and write_received(token, frame, expires, received):
+                        accepted = HELD
+                    else:
+                        push = Push(frame, expires, received)
+                        accepted = accept(token, push, delay)
+                        if not rid and accepted is not HELD:
+                            ledgers.hold_over_limit(token, push)
+                            continue
                     if rid:
                         self.reply(sender, ACK, _encode_ack(rid, accepted))
-                    elif accepted is not HELD:
-                        ledgers.hold_over_limit(token, push)
             except Exception:
                 log.exception("mesh pushes from worker %d failed", sender)
 
@@ -578,6 +631,10 @@ class Mesh:
         entry = self.waiting.pop(rid, None)
         if entry is not None:
             entry[1](value)
+
+
+def _no_owner(token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
+    answer(UNREACHABLE)  # no router bound an owner yet
 
 
 def _pushing(messages: list[tuple[bytes, list[int]]]) -> int:
