@@ -116,8 +116,8 @@ class Outbox:
         unsent, self.unsent = self.unsent, []
         for entry in unsent:
             answer = entry[ANSWER]
-            if answer is not None:
-                entry[ANSWER] = None
+            entry[ANSWER] = None
+            if answer is not None:  # else a TAKEN came first (``taken``)
                 answer(HELD)
 
     def taken(self, upto: int, pushes: int, size: int) -> None:

@@ -535,15 +535,15 @@ class Mesh:
             try:
                 for rid, _seq, expires, received, delay, token, frame in fresh:
                     if not delay and write_received(token, frame, expires, received):
-                        accepted = HELD
-                    else:
-                        push = Push(frame, expires, received)
-                        accepted = accept(token, push, delay)
-                        if not rid and accepted is not HELD:
-                            ledgers.hold_over_limit(token, push)
-                            continue
+                        if rid:
+                            self.reply(sender, ACK, _encode_ack(rid, HELD))
+                        continue
+                    push = Push(frame, expires, received)
+                    accepted = accept(token, push, delay)
                     if rid:
                         self.reply(sender, ACK, _encode_ack(rid, accepted))
+                    elif accepted is not HELD:
+                        ledgers.hold_over_limit(token, push)
             except Exception:
                 log.exception("mesh pushes from worker %d failed", sender)
 
