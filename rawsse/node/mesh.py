@@ -62,15 +62,16 @@ import orjson
 
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import (
-    HELD, QUEUE_FULL, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
+    HELD, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
 )
 from rawsse.node.forwarding import (
     LOW_CREDIT, LOW_CREDIT_BYTES, Decoded, Ledgers, first_sequence, frame_push,
 )
-from rawsse.node.links import InLink, MeshListener, OutLink, close_fds
+from rawsse.node.links import MAX_QUEUED, InLink, MeshListener, OutLink, close_fds
 from rawsse.node.wire import (
     ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, PUSH, RECV_SIZE, REPLY, SENDER, STATS,
-    TAKEN, address, decode, decoder, encode, encoder, framer, iter_records, pack_messages, record,
+    TAKEN, address, decode, decoder, encode, encoder, framer, iter_records, pack_messages,
+    pushing, record,
 )
 from rawsse.server.loop import EPOLLIN
 
@@ -82,7 +83,6 @@ _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
 _frame_taken, _decode_taken = framer(TAKEN), decoder(TAKEN)
 _ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
-MAX_QUEUED = 8 * 1024 * 1024
 REQUEST_TIMEOUT = 5.0
 # A broadcast reply comes after the peer wrote to every one of its streams: ~18k loopback writes
 # per worker took 3-6 s at 300k streams on 2 shared cores (measured with ``python bench/run.py
@@ -100,8 +100,7 @@ class Mesh:
         self.index = worker.index
         self.count = worker.count
         self.stats = worker.stats
-        # What takes a push for this worker's own shard (``submit``): the owner's ``take``,
-        # bound by the router (``MeshRouter.owner``).
+        # What takes a push for this worker's own shard (``submit``): set by ``MeshRouter``.
         self.take_own: Callable[[bytes, Push, float, PushAnswer], None] = _no_owner
         self.links = {peer: OutLink(self, peer) for peer in range(self.count) if peer != self.index}
         # peer -> records (bytes, fd or -1) queued during this loop turn
@@ -240,7 +239,7 @@ class Mesh:
         if outbox.staged_pushes:
             outbox.staged_pushes = False
             if self.ledgers is not None:  # in Redis mode owners answer ACKs, never a TAKEN
-                link.acks_due += len(messages) if len(messages) == 1 else _pushing(messages)
+                link.acks_due += len(messages) if len(messages) == 1 else pushing(messages)
         link.send(messages)
         if taken is not None and (not riding or link.out is None or link.out.messages):
             # Not in the kernel yet (or not riding): acknowledge on the link the pushes came
@@ -311,12 +310,9 @@ class Mesh:
     # -- requests -----------------------------------------------------------------------------
 
     def submit(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
-        """``Router.submit`` of a worker with peers: a push for this worker's shard goes to its
-        owner (``take_own``, bound by ``MeshRouter``), any other is forwarded to the token's
-        owner and ``answer`` gets HELD (within credit: once the kernel took it), QUEUE_FULL
-        (back-pressure), or UNREACHABLE (the owner could not be reached or did not answer).
-        Routing, forwarding and the promise (``Outbox``) written out in one call, with no
-        ``connect``, ``queued`` or ``send`` calls when the link is up: it runs once per push."""
+        """``Router.submit`` with peers: own shard to ``take_own``, else forwarded; ``answer``
+        gets HELD (within credit: once the kernel took it), QUEUE_FULL or UNREACHABLE. Routing
+        and the promise (``Outbox``) in one call, no other when the link is up: once per push."""
         peer = crc32(token) % self.count  # routing.owner_of, written out
         if peer == self.index:
             self.take_own(token, push, delay, answer)
@@ -329,10 +325,9 @@ class Mesh:
         size = len(frame)
         if out is None or out.queued >= MAX_QUEUED or outbox.credit <= 0 \
                 or size > outbox.credit_bytes:
-            if not self._forward_out_of_credit(peer, link, token, push, delay, answer):
+            if not link.out_of_credit(token, push, delay, answer):
                 return
-        # Promised: kept until a TAKEN covers it, answered once the kernel took it
-        # (``Outbox.sent``); a list, not an object, so it costs no Python call.
+        # Promised: kept until a TAKEN covers it, answered by ``Outbox.sent``; a list, no call.
         outbox.credit -= 1
         outbox.credit_bytes -= size
         self._next_seq = seq = self._next_seq + 1
@@ -350,37 +345,6 @@ class Mesh:
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.worker.loop.call_first(self.flush)
-
-    def _forward_out_of_credit(self, peer: int, link: OutLink, token: bytes, push: Push,
-                               delay: float, answer: PushAnswer) -> bool:
-        """``submit``'s rarer half: the link is down or full, or the credit does not cover the
-        push (a new link, a full owner, Redis mode). True when, connected and the TAKENs read,
-        the credit covers it now (``submit`` promises it); else it is answered, or sent asked
-        (answered by its owner's ACK), and False."""
-        out = link.out
-        if out is None:
-            out = link.out if link.connect() else None
-            if out is None:
-                answer(UNREACHABLE)
-                return False
-        if out.queued >= MAX_QUEUED:
-            answer(QUEUE_FULL)
-            return False
-        outbox = link.outbox
-        size = len(push.frame)
-        if outbox.credit <= 0 or size > outbox.credit_bytes:
-            link.read_acks()  # the owner's TAKENs may have brought more meanwhile
-            if link.out is None:  # and the owner's end with them
-                answer(UNREACHABLE)
-                return False
-        if outbox.credit > 0 and size <= outbox.credit_bytes:
-            return True
-        self._next_seq = seq = self._next_seq + 1
-        rid = self.expect(peer, answer, UNREACHABLE)
-        outbox.staged_pushes = True
-        self.send_record(peer, frame_push(rid, seq, push.expires, push.received, delay, token,
-                                          push.frame))
-        return False
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
         """Queue ``fd`` for ``peer``; False (the caller still owns the fd) when it cannot go."""
@@ -466,9 +430,7 @@ class Mesh:
                 self._take_pushes(sender, pushes, link)
             except Exception:
                 log.exception("mesh pushes from worker %d failed", sender)
-        if len(pushes) == len(records):  # the usual message: pushes only
-            for fd in fds:
-                os.close(fd)
+        if len(pushes) == len(records) and not fds:  # the usual message: pushes only
             return sender
         fd_index = 0
         for kind, body in records:
@@ -526,8 +488,7 @@ class Mesh:
         assert ledgers is not None
         delivery = ledgers.delivery
         accept = delivery.accept
-        # A push with no delay to a live stream that takes it now: written as the local hot
-        # path writes one (``routes.py``), with no Push unless part of the frame stays queued.
+        # A push with no delay to a live stream: written as the local hot path writes one.
         write_received = delivery.registry.write_received
         taking, self.taking = self.taking, []
         for sender, fresh, count, size in taking:
@@ -634,10 +595,5 @@ class Mesh:
 
 
 def _no_owner(token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
-    answer(UNREACHABLE)  # no router bound an owner yet
+    answer(UNREACHABLE)  # until a router binds an owner
 
-
-def _pushing(messages: list[tuple[bytes, list[int]]]) -> int:
-    """How many of a batch's messages carry a PUSH (each is answered by its owner's TAKEN)."""
-    return sum(1 for message, _ in messages
-               if any(kind == PUSH for kind, _ in iter_records(message)))

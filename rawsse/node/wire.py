@@ -303,6 +303,12 @@ def pack_messages(sender: int, records: Sequence[tuple[bytes, int]]) -> list[tup
     return messages
 
 
+def pushing(messages: list[tuple[bytes, list[int]]]) -> int:
+    """How many of a batch's messages carry a PUSH (each is answered by its owner's TAKEN)."""
+    return sum(1 for message, _ in messages
+               if any(kind == PUSH for kind, _ in iter_records(message)))
+
+
 def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     """The fds passed with ``SCM_RIGHTS`` in ``recvmsg``'s ancillary data (``unix(7)``)."""
     fds: list[int] = []
