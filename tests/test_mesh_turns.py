@@ -6,13 +6,15 @@ what one loop turn sends is what the test sees (rawsse/node/forwarding.py, Ackno
 - TAKENs left on the way back are read late (credit not low), and still release what the
   sender keeps, on its tick;
 - an owner gone after taking pushes: every TAKEN it sent, riding or on the way back, counts
-  before the kept pushes are sent again, so none is sent twice."""
+  before the kept pushes are sent again, so none is sent twice;
+- a forwarded push written at once counts its latency from when it was received."""
 
 from __future__ import annotations
 
 import os
 import select
 import socket
+import time
 from typing import Iterator
 
 import pytest
@@ -21,6 +23,7 @@ from rawsse.config import ServeConfig
 from rawsse.node.process import PEERS_GATE, NodeProcess
 from rawsse.node.routing import owner_of
 from rawsse.node.wire import PUSH, TAKEN, iter_records
+from rawsse.server.latency import BOUNDS as LATENCY_BOUNDS
 from rawsse.server.loop import EPOLLRDHUP
 
 # The node is named after its master and a link is admitted only from a child of it
@@ -215,3 +218,19 @@ def test_an_owner_gone_after_taking_pushes_gets_none_of_them_again(pair, last):
     link.handle_events(EPOLLRDHUP)
     assert link.sock is None
     assert not link.outbox.kept, "pushes worker 1 took would be sent again to its replacement"
+
+
+def test_a_forwarded_push_written_at_once_counts_its_latency_from_when_it_was_received(pair):
+    """The owner writes a forwarded push to its live stream as the local hot path does
+    (``Registry.write_received``), but dates it from when the receiving worker took it."""
+    latency = pair.procs[1].worker.stats.latency
+    before = list(latency)
+    pair.push(0, 1)
+    pair.turn(0)
+    assert pair.answers(0) == 1
+    time.sleep(0.25)  # the push waits in the owner's socket queue at least this long
+    pair.turn(1)
+    assert pair.pushes_on_device(1) == 1
+    grown = [bound for bound, old, new in zip(LATENCY_BOUNDS + (float("inf"),), before, latency)
+             if new != old]
+    assert len(grown) == 1 and grown[0] > 0.25, grown

@@ -150,11 +150,13 @@ class Registry:
         if stream.send(push.frame, push) and self.log is not None:
             self.log.record(DELIVERED, stream.token, push.frame, push.expires)
 
-    def write_received(self, token: bytes, frame: bytes, expires: float) -> bool:
+    def write_received(self, token: bytes, frame: bytes, expires: float,
+                       received: float = -1.0) -> bool:
         """``write_live`` for a push received in this loop turn (its latency is 0: the first
-        bucket) with no ``Push`` made unless part of the frame stays queued: the hot path.
-        False, with nothing done, when the token has no stream here or its stream cannot take
-        the frame now (``Delivery.accept`` then)."""
+        bucket) or, a forwarded one, at ``received`` (``time.monotonic()``, any process's),
+        with no ``Push`` made unless part of the frame stays queued: the hot path. False, with
+        nothing done, when the token has no stream here or its stream cannot take the frame
+        now (``Delivery.accept`` then)."""
         stream = self.streams.get(token)
         if stream is None or stream.out is not None:  # no stream, or a backlog: send's
             return False
@@ -167,9 +169,13 @@ class Registry:
             return False  # its device went away: send closes it
         stats = self.stats
         stats.delivered_live += 1
-        stats.latency[SAME_TURN] += 1
+        if received < 0:
+            stats.latency[SAME_TURN] += 1
+            received = self.clock.now
+        else:
+            stats.latency[bisect_right(LATENCY_BOUNDS, self.clock.now - received)] += 1
         if written != len(frame):
-            stream.keep_rest(frame, written, Push(frame, expires, self.clock.now))
+            stream.keep_rest(frame, written, Push(frame, expires, received))
         if self.log is not None:
             self.log.record(DELIVERED, stream.token, frame, expires)
         return True

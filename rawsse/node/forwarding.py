@@ -84,7 +84,7 @@ def first_sequence() -> int:
 
 
 # One promised push, kept until its owner says it holds it: a list, not an object, so that
-# promising one costs no Python call (``Outbox.promise``). Its fields:
+# promising one costs no Python call (``Mesh.submit`` makes it). Its fields:
 SEQ, TOKEN, PUSH_, DELAY, ANSWER = range(5)  # PUSH_ is None once forgotten (answered 503 after
 # a broken link); ANSWER is None once answered
 Forwarded = list[Any]  # [seq, token, push | None, delay, answer | None]
@@ -104,19 +104,6 @@ class Outbox:
         self.unsent: list[Forwarded] = []
         self.staged_pushes = False  # this turn's batch has pushes (each message gets a TAKEN)
 
-    def promise(self, seq: int, token: bytes, push: Push, delay: float,
-                answer: PushAnswer) -> bool:
-        """Keep ``push`` as promised if the credit covers it (its answer waits for ``sent``)."""
-        size = len(push.frame)
-        if self.credit <= 0 or size > self.credit_bytes:
-            return False
-        self.credit -= 1
-        self.credit_bytes -= size
-        entry = [seq, token, push, delay, answer]
-        self.kept.append(entry)
-        self.staged.append(entry)
-        return True
-
     def queued(self) -> None:
         """This turn's batch went into the link's send queue."""
         if self.staged:
@@ -129,13 +116,15 @@ class Outbox:
         unsent, self.unsent = self.unsent, []
         for entry in unsent:
             answer = entry[ANSWER]
-            if answer is not None:
-                entry[ANSWER] = None
+            entry[ANSWER] = None
+            if answer is not None:  # else a TAKEN came first (``taken``)
                 answer(HELD)
 
     def taken(self, upto: int, pushes: int, size: int) -> None:
         """The owner holds every push numbered up to ``upto`` and grants more credit."""
         kept = self.kept
+        if kept and kept[-1][SEQ] <= upto and not self.unsent and not self.staged:
+            kept.clear()  # all taken, every one answered already (``sent``): the usual TAKEN
         while kept and kept[0][SEQ] <= upto:
             entry = kept.popleft()
             answer = entry[ANSWER]
@@ -199,14 +188,12 @@ class Ledgers:
         last = ledger.last_seq
         fresh = [p for p in pushes if p[1] > last] if pushes[0][1] <= last else pushes
         delivery = self.delivery
-        count = size = 0
-        promised = promised_size = 0
-        for rid, _seq, _expires, _received, _delay, _token, frame in fresh:
-            count += 1
-            size += len(frame)
-            if not rid:
-                promised += 1
-                promised_size += len(frame)
+        # Comprehensions, not a loop with counters: this runs for every push of the message.
+        count = len(fresh)
+        size = sum([len(p[6]) for p in fresh])
+        asked = [len(p[6]) for p in fresh if p[0]]  # nearly always none: they are promised
+        promised = count - len(asked)
+        promised_size = size - sum(asked) if asked else size
         if fresh:
             ledger.last_seq = fresh[-1][1]
         # The promised pushes use the room reserved for them: release it, they take it now.

@@ -23,7 +23,8 @@ import struct
 from typing import TYPE_CHECKING, Sequence
 
 from rawsse.node import peercred
-from rawsse.node.forwarding import Outbox
+from rawsse.apns.routing import QUEUE_FULL, UNREACHABLE
+from rawsse.node.forwarding import Outbox, frame_push
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
     ANCILLARY_SIZE, HEADER, SENDER, TAKEN, TRUNCATED, address, decoder, framer, iter_records,
@@ -32,6 +33,8 @@ from rawsse.node.wire import (
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
 
 if TYPE_CHECKING:
+    from rawsse.apns.registry import Push
+    from rawsse.apns.routing import PushAnswer
     from rawsse.node.mesh import Mesh
 
 log = logging.getLogger("rawsse.node.mesh")
@@ -54,6 +57,8 @@ TAKEN_MESSAGE = 256  # a TAKEN message is 27 bytes
 RECEIVE_MESSAGES = 64
 RECEIVE_BYTES = 256 * 1024
 UNTIL_EMPTY = 1 << 62  # acks_due meaning "read what is there, to EAGAIN or the end"
+# Bytes a peer has not taken yet, at most (``Mesh``'s back-pressure: over it, a 503).
+MAX_QUEUED = 8 * 1024 * 1024
 
 
 class OutLink:
@@ -106,6 +111,38 @@ class OutLink:
                 self.out.push(message, fds)
             self.flush()
         return self.sock is not None
+
+    def out_of_credit(self, token: bytes, push: "Push", delay: float,
+                      answer: "PushAnswer") -> bool:
+        """``Mesh.submit``'s rarer half: the link is down or full, or the credit does not cover the
+        push (a new link, a full owner, Redis mode). True when, connected and the TAKENs read,
+        the credit covers it now (``Mesh.submit`` promises it); else it is answered, or sent asked
+        (answered by its owner's ACK), and False."""
+        mesh = self.mesh
+        out = self.out
+        if out is None:
+            out = self.out if self.connect() else None
+            if out is None:
+                answer(UNREACHABLE)
+                return False
+        if out.queued >= MAX_QUEUED:
+            answer(QUEUE_FULL)
+            return False
+        outbox = self.outbox
+        size = len(push.frame)
+        if outbox.credit <= 0 or size > outbox.credit_bytes:
+            self.read_acks()  # the owner's TAKENs may have brought more meanwhile
+            if self.out is None:  # and the owner's end with them
+                answer(UNREACHABLE)
+                return False
+        if outbox.credit > 0 and size <= outbox.credit_bytes:
+            return True
+        mesh._next_seq = seq = mesh._next_seq + 1
+        rid = mesh.expect(self.peer, answer, UNREACHABLE)
+        outbox.staged_pushes = True
+        mesh.send_record(self.peer, frame_push(rid, seq, push.expires, push.received, delay, token,
+                                               push.frame))
+        return False
 
     def send(self, messages: list[tuple[bytes, list[int]]]) -> None:
         """Queue this turn's messages behind any still waiting, and send what the kernel takes."""

@@ -55,21 +55,23 @@ import logging
 import os
 import socket
 from functools import partial
+from zlib import crc32
 from typing import Any, Callable
 
 import orjson
 
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import (
-    HELD, QUEUE_FULL, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
+    HELD, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
 )
 from rawsse.node.forwarding import (
     LOW_CREDIT, LOW_CREDIT_BYTES, Decoded, Ledgers, first_sequence, frame_push,
 )
-from rawsse.node.links import InLink, MeshListener, OutLink, close_fds
+from rawsse.node.links import MAX_QUEUED, InLink, MeshListener, OutLink, close_fds
 from rawsse.node.wire import (
     ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, PUSH, RECV_SIZE, REPLY, SENDER, STATS,
-    TAKEN, address, decode, decoder, encode, encoder, framer, iter_records, pack_messages, record,
+    TAKEN, address, decode, decoder, encode, encoder, framer, iter_records, pack_messages,
+    pushing, record,
 )
 from rawsse.server.loop import EPOLLIN
 
@@ -81,7 +83,6 @@ _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
 _frame_taken, _decode_taken = framer(TAKEN), decoder(TAKEN)
 _ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
-MAX_QUEUED = 8 * 1024 * 1024
 REQUEST_TIMEOUT = 5.0
 # A broadcast reply comes after the peer wrote to every one of its streams: ~18k loopback writes
 # per worker took 3-6 s at 300k streams on 2 shared cores (measured with ``python bench/run.py
@@ -98,6 +99,9 @@ class Mesh:
         self.node = node
         self.index = worker.index
         self.count = worker.count
+        self.stats = worker.stats
+        # What takes a push for this worker's own shard (``submit``): set by ``MeshRouter``.
+        self.take_own: Callable[[bytes, Push, float, PushAnswer], None] = _no_owner
         self.links = {peer: OutLink(self, peer) for peer in range(self.count) if peer != self.index}
         # peer -> records (bytes, fd or -1) queued during this loop turn
         self.batches: dict[int, list[tuple[bytes, int]]] = {}
@@ -182,10 +186,14 @@ class Mesh:
 
     def send(self, peer: int, kind: int, body: bytes, fd: int = -1) -> None:
         """Queue one record for ``peer``; it leaves with this turn's batch."""
+        self.send_record(peer, record(kind, body), fd)
+
+    def send_record(self, peer: int, framed: bytes, fd: int = -1) -> None:
+        """Queue one framed record for ``peer``; it leaves with this turn's batch."""
         batch = self.batches.get(peer)
         if batch is None:
             batch = self.batches[peer] = []
-        batch.append((record(kind, body), fd))
+        batch.append((framed, fd))
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.worker.loop.call_first(self.flush)  # the answers it gives write this turn
@@ -231,7 +239,7 @@ class Mesh:
         if outbox.staged_pushes:
             outbox.staged_pushes = False
             if self.ledgers is not None:  # in Redis mode owners answer ACKs, never a TAKEN
-                link.acks_due += len(messages) if len(messages) == 1 else _pushing(messages)
+                link.acks_due += len(messages) if len(messages) == 1 else pushing(messages)
         link.send(messages)
         if taken is not None and (not riding or link.out is None or link.out.messages):
             # Not in the kernel yet (or not riding): acknowledge on the link the pushes came
@@ -301,37 +309,34 @@ class Mesh:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def forward_push(self, peer: int, token: bytes, push: Push, delay: float,
-                     answer: PushAnswer) -> None:
-        """``answer``: HELD (within credit: once the kernel took it), QUEUE_FULL
-        (back-pressure), or UNREACHABLE (the owner could not be reached or did not answer).
-        Written out (no ``connect``, ``queued``, ``send`` calls when the link is up): it runs
-        once per forwarded push."""
+    def submit(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
+        """``Router.submit`` with peers: own shard to ``take_own``, else forwarded; ``answer``
+        gets HELD (within credit: once the kernel took it), QUEUE_FULL or UNREACHABLE. Routing
+        and the promise (``Outbox``) in one call, no other when the link is up: once per push."""
+        peer = crc32(token) % self.count  # routing.owner_of, written out
+        if peer == self.index:
+            self.take_own(token, push, delay, answer)
+            return
+        self.stats.forwarded += 1
         link = self.links[peer]
         out = link.out
-        if out is None:
-            out = link.out if link.connect() else None
-            if out is None:
-                answer(UNREACHABLE)
-                return
-        if out.queued >= MAX_QUEUED:
-            answer(QUEUE_FULL)
-            return
-        self._next_seq = seq = self._next_seq + 1
         outbox = link.outbox
         frame = push.frame
-        if outbox.credit <= 0 or len(frame) > outbox.credit_bytes:
-            link.read_acks()  # the owner's TAKENs may have brought more meanwhile
-            if link.out is None:  # and the owner's end with them
-                answer(UNREACHABLE)
+        size = len(frame)
+        if out is None or out.queued >= MAX_QUEUED or outbox.credit <= 0 \
+                or size > outbox.credit_bytes:
+            if not link.out_of_credit(token, push, delay, answer):
                 return
-        if outbox.promise(seq, token, push, delay, answer):
-            rid = 0
-            self.worker.stats.forwarded_promised += 1
-        else:
-            rid = self.expect(peer, answer, UNREACHABLE)
+        # Promised: kept until a TAKEN covers it, answered by ``Outbox.sent``; a list, no call.
+        outbox.credit -= 1
+        outbox.credit_bytes -= size
+        self._next_seq = seq = self._next_seq + 1
+        entry = [seq, token, push, delay, answer]
+        outbox.kept.append(entry)
+        outbox.staged.append(entry)
         outbox.staged_pushes = True
-        framed = frame_push(rid, seq, push.expires, push.received, delay, token, frame)
+        self.stats.forwarded_promised += 1
+        framed = frame_push(0, seq, push.expires, push.received, delay, token, frame)
         batch = self.batches.get(peer)
         if batch is None:
             self.batches[peer] = [(framed, -1)]
@@ -425,6 +430,8 @@ class Mesh:
                 self._take_pushes(sender, pushes, link)
             except Exception:
                 log.exception("mesh pushes from worker %d failed", sender)
+        if len(pushes) == len(records) and not fds:  # the usual message: pushes only
+            return sender
         fd_index = 0
         for kind, body in records:
             if kind == PUSH:
@@ -479,12 +486,19 @@ class Mesh:
         its ``ACK``; a promised one that meets a full queue is held anyway (forwarding.py)."""
         ledgers = self.ledgers
         assert ledgers is not None
-        accept = ledgers.delivery.accept
+        delivery = ledgers.delivery
+        accept = delivery.accept
+        # A push with no delay to a live stream: written as the local hot path writes one.
+        write_received = delivery.registry.write_received
         taking, self.taking = self.taking, []
         for sender, fresh, count, size in taking:
             ledgers.accepting(count, size)
             try:
                 for rid, _seq, expires, received, delay, token, frame in fresh:
+                    if not delay and write_received(token, frame, expires, received):
+                        if rid:
+                            self.reply(sender, ACK, _encode_ack(rid, HELD))
+                        continue
                     push = Push(frame, expires, received)
                     accepted = accept(token, push, delay)
                     if rid:
@@ -580,7 +594,6 @@ class Mesh:
             entry[1](value)
 
 
-def _pushing(messages: list[tuple[bytes, list[int]]]) -> int:
-    """How many of a batch's messages carry a PUSH (each is answered by its owner's TAKEN)."""
-    return sum(1 for message, _ in messages
-               if any(kind == PUSH for kind, _ in iter_records(message)))
+def _no_owner(token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
+    answer(UNREACHABLE)  # until a router binds an owner
+

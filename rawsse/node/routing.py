@@ -3,7 +3,7 @@
 Each worker owns a hash shard of tokens (``owner_of``: CRC-32 of the raw token, modulo the
 worker count), stable across processes and restarts. The kernel's SO_REUSEPORT hash decides
 which worker accepts a connection, so a push or a device can land anywhere; this router sends
-it to the owner: a push is forwarded (``Mesh.forward_push``) and answered once the owner holds
+it to the owner: a push is forwarded (``Mesh.submit``, which routes it too) and answered once the owner holds
 it; a device's socket is handed over (``Mesh.hand_off``). What the owner then does with a push is
 its ``Owner``'s business (``rawsse.apns.routing``): the same router serves a node of a Redis
 cluster with a cluster owner.
@@ -46,7 +46,7 @@ class MeshRouter:
         # ``Router.submit``: a worker with no peer owns every token, and the count never
         # changes while the node runs (the master refuses TTIN/TTOU; a respawn keeps it): its
         # pushes go straight to the owner, no routing call (the ``owner`` setter binds it).
-        self.submit: Callable[[bytes, Push, float, PushAnswer], None] = self._route
+        self.submit: Callable[[bytes, Push, float, PushAnswer], None] = mesh.submit
         self.owner = owner
         self.share_with_master = share_with_master
         self.master_info: Document = {}  # the master's last word on the node, for /stats
@@ -70,16 +70,8 @@ class MeshRouter:
     @owner.setter
     def owner(self, owner: Owner) -> None:
         self._owner = owner
-        self._take = owner.take
-        self.submit = owner.take if self.count == 1 else self._route
-
-    def _route(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
-        owner = crc32(token) % self.count  # owner_of, written out: once per push
-        if owner == self.index:
-            self._take(token, push, delay, answer)
-        else:
-            self.stats.forwarded += 1
-            self.mesh.forward_push(owner, token, push, delay, answer)
+        self.mesh.take_own = owner.take
+        self.submit = owner.take if self.count == 1 else self.mesh.submit
 
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         worker = self.worker

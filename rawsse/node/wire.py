@@ -278,6 +278,11 @@ def pack_messages(sender: int, records: Sequence[tuple[bytes, int]]) -> list[tup
     ``MAX_MESSAGE`` and ``MAX_FDS`` allow, in order; each message comes with its fds. Every
     message but the last is marked ``MORE``."""
     prefix = SENDER.pack(sender)
+    # The usual batch (a turn's pushes) is one message with no fd: no loop of checks.
+    framed_only = [framed for framed, fd in records if fd < 0]
+    if len(framed_only) == len(records) \
+            and sum(map(len, framed_only)) + len(prefix) <= MAX_MESSAGE:
+        return [(prefix + b"".join(framed_only), [])] if framed_only else []
     continued = SENDER.pack(sender | MORE)
     messages: list[tuple[bytes, list[int]]] = []
     parts: list[bytes] = [prefix]
@@ -296,6 +301,12 @@ def pack_messages(sender: int, records: Sequence[tuple[bytes, int]]) -> list[tup
     if len(parts) > 1:
         messages.append((b"".join(parts), fds))
     return messages
+
+
+def pushing(messages: list[tuple[bytes, list[int]]]) -> int:
+    """How many of a batch's messages carry a PUSH (each is answered by its owner's TAKEN)."""
+    return sum(1 for message, _ in messages
+               if any(kind == PUSH for kind, _ in iter_records(message)))
 
 
 def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
