@@ -104,8 +104,16 @@ class Http1Answers(ClientConnection):
                 out += _EMPTY_BODY
             else:
                 out += wire.serialize(answer)
-            if self.flush_scheduled and (not responses or responses[0].slot is None):
-                return  # written at the end of the read, or of the turn
+            if self.flush_scheduled:
+                if not responses or responses[0].slot is None:
+                    return  # written at the end of the read, or of the turn
+            elif not responses:
+                # Answered outside a read (a forwarded push, once its owner holds it) with
+                # nothing else queued: written now, not by a flush at the end of the turn (a
+                # call_soon and three calls per forwarded push). Answers that come together
+                # for one connection still leave in one write: the first schedules the flush.
+                self._flush()
+                return
         self._write_ready()
 
     def answer_ok(self, request: Request, apns_id: bytes) -> None:
@@ -123,8 +131,12 @@ class Http1Answers(ClientConnection):
             out += _DATE[2]
             out += _APNS_ID_LINE + apns_id
             out += _CRLF_EMPTY_BODY
-            if self.flush_scheduled and (not responses or responses[0].slot is None):
-                return  # written at the end of the read, or of the turn
+            if self.flush_scheduled:
+                if not responses or responses[0].slot is None:
+                    return  # written at the end of the read, or of the turn
+            elif not responses:  # answered outside a read, nothing else queued (answer)
+                self._flush()
+                return
             self._write_ready()
             return
         self.answer(request, Answer(200, b"", None, ((b"apns-id", apns_id),)))
