@@ -44,13 +44,12 @@ from rawsse.apns.deliverylog import wall_offset
 from rawsse.apns.operator import OperatorRoutes
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import (
-    HELD, UNREACHABLE, Accepted, LocalOwner, LocalRouter, Owner, Router,
+    HELD, UNREACHABLE, Accepted, LocalOwner, LocalRouter, Owner, Router, owner_of,
 )
 from rawsse.apns.validation import (
     PushRejected, answer_id, check_push, is_apns_id, parse_broadcast_prefix, parse_token,
     payload_limit,
 )
-from rawsse.node.routing import owner_of
 from rawsse.server import sse
 from rawsse.server.sse import CR, LF, ONE_LINE_EVENT
 from rawsse.server.exchange import Answer, Request

@@ -21,6 +21,7 @@ routes it through Redis. Every answer is an ``Accepted``.
 from __future__ import annotations
 
 import enum
+import zlib
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from rawsse.server.documents import node_document
@@ -30,6 +31,12 @@ if TYPE_CHECKING:
     from rawsse.apns.registry import Push
     from rawsse.server.worker import Worker
 
+
+
+def owner_of(token: bytes, workers: int) -> int:
+    """The worker of a node that owns ``token``: stable across processes and restarts (not
+    ``hash()``). Here, beside the Router, because the routes' hot path asks it too."""
+    return zlib.crc32(token) % workers if workers > 1 else 0
 
 class Accepted(enum.IntEnum):
     """What became of a submitted push; the values are also its mesh wire encoding."""

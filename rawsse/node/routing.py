@@ -12,14 +12,13 @@ cluster with a cluster owner.
 from __future__ import annotations
 
 import os
-import zlib
 from zlib import crc32
 from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import BroadcastAnswer, Owner, PushAnswer, tally
+from rawsse.apns.routing import BroadcastAnswer, Owner, PushAnswer, owner_of, tally
 from rawsse.node.wire import DELIVERIES, STATS
 from rawsse.server.documents import node_document
 
@@ -29,10 +28,6 @@ if TYPE_CHECKING:
 
 Document = dict[str, Any]
 
-
-def owner_of(token: bytes, workers: int) -> int:
-    """The worker that owns ``token``: stable across processes and restarts (not ``hash()``)."""
-    return zlib.crc32(token) % workers if workers > 1 else 0
 
 
 class MeshRouter:
