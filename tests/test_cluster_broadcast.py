@@ -20,8 +20,11 @@ import pytest
 
 from conftest import launch
 from loadtools import ENV, rawsse
+from test_broadcast_workers import answering_connection, owned
 from test_redis import RedisServer, _children, metrics_text, stats, token
 from wire import HTTPClient, SSEReader, build_request, wait_for
+
+from rawsse.load.broadcasts import BroadcastTally
 
 WAIT = 1.0  # --broadcast-wait of both nodes
 
@@ -170,6 +173,66 @@ def test_push_broadcast_sums_refused_and_counts_missing_nodes(nodes, redis_serve
     assert report["missing_reasons"]["nquiet"].startswith("not subscribed")
     assert "refused 1 missing nquiet 1500" in done.stderr  # the last progress line
     assert re.search(r"node nquiet missing +1,500 broadcasts", done.stderr), done.stderr
+
+
+WORKER_WAIT = 0.5  # --broadcast-worker-wait of the late-worker pair, well under its 5 s wait
+
+
+def test_late_workers_of_every_node_are_named_by_node_and_left_out_of_the_sums(
+        redis_server, readers):
+    """Worker 1 of both nodes held still (SIGSTOP): the node that takes the broadcast (nx) and
+    the node answering it (ny) each wait their --broadcast-worker-wait for their workers, then
+    name the late one in their part; the answer gathers them by node, its sums leave them out,
+    and nothing is named missing as a whole. A pair of its own: the others' 1 s --broadcast-wait
+    leaves no room for a worker wait before it."""
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    started = [launch("--redis", redis_server.url, "--node-id", node_id, "--redis-prefix", prefix,
+                      "--keepalive", "0", "--broadcast-wait", "5",
+                      "--broadcast-worker-wait", str(WORKER_WAIT), ready=False)
+               for node_id in ("nx", "ny")]
+    try:
+        x, y = (node.wait_ready() for node, _ in started)
+        x.prefix = prefix
+        assert wait_for(lambda: listed(redis_server, x) == {"nx", "ny"} and
+                        all(stats(n)["redis"]["up"] == 1 for n in (x, y)), timeout=15)
+        tokens = {(node, worker): owned(f"cblate{node.port}", worker, 2)
+                  for node in (x, y) for worker in (0, 1)}
+        readers.extend(SSEReader(node.host, node.port, t)
+                       for (node, _), ts in tokens.items() for t in ts)
+        assert broadcast(x, b"all here")["streams"] == 8  # every stream held, every worker counts
+        for reader in readers:
+            assert reader.next_event().data == "all here"
+        late = [stats(node)["workers"][1]["pid"] for node in (x, y)]
+        for pid in late:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            client = answering_connection(x)
+            started_at = time.monotonic()
+            body = client.request("POST", "/broadcast", b"two sleep", {}).body
+            took = time.monotonic() - started_at
+            client.close()
+        finally:
+            for pid in late:
+                os.kill(pid, signal.SIGCONT)
+        answer = json.loads(body)
+        assert answer["missing_workers"] == {"nx": [1], "ny": [1]}, answer
+        assert answer["nodes"] == {"nx": {"streams": 2, "refused": 0, "missing_workers": [1]},
+                                   "ny": {"streams": 2, "refused": 0, "missing_workers": [1]}}
+        assert (answer["streams"], answer["missing"]) == (4, []), answer
+        assert took < 5, "ny answered within nx's --broadcast-wait"
+        tally = BroadcastTally()  # what ``rawsse push --broadcast`` makes of it
+        tally.add(body)
+        assert tally.report()["missing_workers"] == {"nx/1": 1, "ny/1": 1}
+        # The late workers had the request in their sockets: running again, they write it.
+        for reader in readers:
+            assert reader.next_event().id == answer["apns_id"], reader.token
+    finally:
+        for node, _ in started:
+            node.signal(signal.SIGTERM)  # both drain at once
+        for node, holders in started:
+            node.stop()
+            for holder in holders:
+                holder.close()
 
 
 def test_nodes_listed_but_unreachable_or_lapsed_are_named(nodes, redis_server):

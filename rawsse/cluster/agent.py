@@ -108,7 +108,8 @@ class Agent:
         self.mesh = AgentMesh(mesh_node, workers, self.on_record, self.undeliverable)
         self.pipeline = Pipeline(self.lost)
         self.nodes = Nodes(self.keys, self.pipeline, lambda: self.up)
-        self.broadcasts = Broadcasts(self.mesh, self.nodes, config.broadcast_wait)
+        self.broadcasts = Broadcasts(self.mesh, self.nodes, config.broadcast_wait,
+                                     config.broadcast_worker_wait)
         self.commands: Any = None  # the pipeline's connection, also while it is set up
         self.subscriber: Any = None
         self.reader: asyncio.Task[None] | None = None

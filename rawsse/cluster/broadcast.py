@@ -24,6 +24,7 @@ The answer, beside ``apns_id``::
     "streams": written on every node that answered, "refused": likewise,
     "nodes": {"<id>": {"streams": n, "refused": n}, ...}  this node and each node that answered,
     "missing": ["<id>", ...], "reasons": {"<id>": "why", ...}
+    "missing_workers": {"<id>": [worker, ...], ...}  only when some node's workers gave no count
 
 A node named missing did not answer within the wait (it may still write the event), had lapsed,
 could not be reached, or (Redis down) was not asked; ``*`` stands for nodes that cannot be named
@@ -40,7 +41,6 @@ import orjson
 from rawsse.apns.routing import BroadcastAnswer, tally
 from rawsse.cluster import records
 from rawsse.cluster.nodes import EVERY_OTHER
-from rawsse.node.mesh import BROADCAST_TIMEOUT
 
 if TYPE_CHECKING:
     from rawsse.cluster.agent_mesh import AgentMesh
@@ -87,9 +87,14 @@ def cluster_answer(node_id: str, here: Document, others: Document | None) -> Doc
         others = {"nodes": {}, "reasons": {EVERY_OTHER: AGENT_DOWN}}
     nodes = {node_id: here, **others["nodes"]}
     reasons: dict[str, str] = others["reasons"]
-    return {"streams": sum(part["streams"] for part in nodes.values()),
-            "refused": sum(part["refused"] for part in nodes.values()),
-            "nodes": nodes, "missing": sorted(reasons), "reasons": reasons}
+    answer = {"streams": sum(part["streams"] for part in nodes.values()),
+              "refused": sum(part["refused"] for part in nodes.values()),
+              "nodes": nodes, "missing": sorted(reasons), "reasons": reasons}
+    late = {node: part["missing_workers"] for node, part in sorted(nodes.items())
+            if part.get("missing_workers")}
+    if late:
+        answer["missing_workers"] = late
+    return answer
 
 
 # -- the agents ----------------------------------------------------------------------------------
@@ -97,11 +102,14 @@ def cluster_answer(node_id: str, here: Document, others: Document | None) -> Doc
 class Broadcasts:
     """A node agent's part: asking the other nodes for a worker here, answering for this node."""
 
-    def __init__(self, mesh: "AgentMesh", nodes: "Nodes", wait: float) -> None:
+    def __init__(self, mesh: "AgentMesh", nodes: "Nodes", wait: float,
+                 worker_wait: float) -> None:
         self.mesh = mesh
         self.nodes = nodes
-        self.wait = wait
-        self.waiting: dict[int, asyncio.Future[tuple[int, int]]] = {}  # BCAST sent to a worker
+        self.wait = wait  # --broadcast-wait: for the other nodes
+        self.worker_wait = worker_wait  # --broadcast-worker-wait: for each worker here
+        # BCAST sent to a worker: its (written, refused), or None when it could not take it
+        self.waiting: dict[int, asyncio.Future[tuple[int, int] | None]] = {}
         self._next_id = 0
         self._tasks: set[asyncio.Task[None]] = set()
         nodes.answer_with(TOPIC, self.answer)
@@ -130,7 +138,9 @@ class Broadcasts:
     # a broadcast another node took: this node's part
 
     async def answer(self, body: bytes) -> bytes:
-        """Every worker here writes the event; the reply is ``[written, refused]``."""
+        """Every worker here writes the event; the reply is ``[written, refused, missing]``,
+        ``missing`` the workers that gave no count within ``--broadcast-worker-wait`` or were
+        down (a late one may still write the event): the asking node's ``tally`` of it."""
         prefix, frame = _parse_question(body)
         loop = asyncio.get_running_loop()
         futures = []
@@ -139,16 +149,20 @@ class Broadcasts:
             future = self.waiting[rid] = loop.create_future()
             futures.append((rid, future))
             self.mesh.send(worker, records.BCAST, records.broadcast(rid, prefix, frame))
-        # As long as a worker of a node may take to answer its peers (mesh.BROADCAST_TIMEOUT);
-        # the node that asked stops waiting well before, and names us missing if we are late.
-        await asyncio.wait([future for _, future in futures], timeout=BROADCAST_TIMEOUT)
+        # As long as this node waits for its workers on a broadcast it takes itself; the node
+        # that asked names us missing as a whole if that is longer than its --broadcast-wait.
+        await asyncio.wait([future for _, future in futures], timeout=self.worker_wait)
         written = refused = 0
-        for rid, future in futures:
+        missing = []
+        for worker, (rid, future) in enumerate(futures):
             self.waiting.pop(rid, None)
-            if future.done():
-                written += future.result()[0]
-                refused += future.result()[1]
-        return orjson.dumps([written, refused])
+            part = future.result() if future.done() else None
+            if part is None:
+                missing.append(worker)
+            else:
+                written += part[0]
+                refused += part[1]
+        return orjson.dumps([written, refused, missing])
 
     def on_done(self, body: memoryview) -> None:
         """A worker's ``BCAST_DONE``."""
@@ -156,11 +170,12 @@ class Broadcasts:
         self._resolve(rid, (written, refused))
 
     def undeliverable(self, body: bytes) -> None:
-        """A ``BCAST`` its worker could not take (being respawned): its streams died with it."""
+        """A ``BCAST`` its worker could not take (being respawned): its streams died with it,
+        and the reply names it, as a single node names a worker that is down."""
         rid = records.parse_broadcast(memoryview(body))[0]
-        self._resolve(rid, (0, 0))
+        self._resolve(rid, None)
 
-    def _resolve(self, rid: int, value: tuple[int, int]) -> None:
+    def _resolve(self, rid: int, value: tuple[int, int] | None) -> None:
         future = self.waiting.pop(rid, None)
         if future is not None and not future.done():
             future.set_result(value)

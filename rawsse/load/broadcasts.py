@@ -6,8 +6,9 @@ that gave no part (``missing``, with one ``reasons`` entry each: no answer withi
 ``--broadcast-wait``, lapsed, not subscribed, Redis down; ``*`` when none could be named). A run
 sums both counts and counts, per missing node, the broadcasts that named it, keeping the last
 reason given: a node missing from every broadcast is down, one missing now and then is slow.
-Likewise per worker of a node named in ``missing_workers`` (no count within
-``--broadcast-worker-wait``, or down).
+Likewise per worker named in ``missing_workers`` (no count within ``--broadcast-worker-wait``,
+or down): a list of the node's worker indexes (``"3"``), in Redis mode a list per node
+(``"nb/3"``: worker 3 of node nb).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ class BroadcastTally:
         self.refused = 0
         self.missing: dict[str, int] = {}  # node id -> broadcasts that named it
         self.reasons: dict[str, str] = {}  # node id -> the last reason given
-        self.missing_workers: dict[str, int] = {}  # worker index -> broadcasts that named it
+        # "3" (worker 3), "nb/3" (worker 3 of node nb) -> broadcasts that named it
+        self.missing_workers: dict[str, int] = {}
 
     def add(self, body: bytes) -> None:
         """One ``200`` answer's body; fields that are absent (a single node) or malformed are
@@ -39,10 +41,12 @@ class BroadcastTally:
         self.streams += _count(doc.get("streams"))
         self.refused += _count(doc.get("refused"))
         workers = doc.get("missing_workers")
-        for worker in workers if isinstance(workers, list) else ():
-            if isinstance(worker, int):
-                key = str(worker)
-                self.missing_workers[key] = self.missing_workers.get(key, 0) + 1
+        if isinstance(workers, list):
+            self._count_workers("", workers)
+        elif isinstance(workers, dict):  # Redis mode: by node
+            for node, indexes in workers.items():
+                if isinstance(indexes, list):
+                    self._count_workers(f"{node}/", indexes)
         missing, reasons = doc.get("missing"), doc.get("reasons")
         if not isinstance(missing, list):
             return
@@ -52,6 +56,12 @@ class BroadcastTally:
                 reason = reasons.get(node) if isinstance(reasons, dict) else None
                 if isinstance(reason, str):
                     self.reasons[node] = reason
+
+    def _count_workers(self, key_prefix: str, workers: list[Any]) -> None:
+        for worker in workers:
+            if isinstance(worker, int):
+                key = f"{key_prefix}{worker}"
+                self.missing_workers[key] = self.missing_workers.get(key, 0) + 1
 
     def progress_text(self) -> str:
         """`` streams 1200 refused 3 missing nb 2 missing workers 3:1``: for the progress line
@@ -68,8 +78,14 @@ class BroadcastTally:
         return {"streams": self.streams, "refused": self.refused,
                 "missing": dict(sorted(self.missing.items())),
                 "missing_reasons": dict(sorted(self.reasons.items())),
-                "missing_workers": dict(sorted(self.missing_workers.items(), key=lambda kv: int(kv[0])))}
+                "missing_workers": dict(sorted(self.missing_workers.items(), key=_by_node_and_worker))}
 
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _by_node_and_worker(item: tuple[str, int]) -> tuple[str, int]:
+    """``"3"`` and ``"nb/3"`` in node order, then by worker index (so 10 comes after 9)."""
+    node, _, worker = item[0].rpartition("/")
+    return node, int(worker)

@@ -31,7 +31,8 @@ report (JSON): sent, accepted, per_second (accepted/s), statuses {"200": n, "400
   latency_ms {count,p50,p90,p99,max,mean} (response, from the scheduled send time), duration_s;
   also errors (connect failures; pushes lost in flight), unsent, ended (done, max_time, gave_up,
   SIGINT or SIGTERM). --broadcast adds streams, refused (summed over the 200s), missing {node:
-  broadcasts naming it}, missing_reasons. --http2 adds http2 {streams, server_max_streams,
+  broadcasts naming it}, missing_reasons, missing_workers {worker, Redis mode node/worker:
+  broadcasts naming it}. --http2 adds http2 {streams, server_max_streams,
   streams_in_flight, batches, mean_batch, goaways, resent {goaway, refused}}: a stream the server
   refused or left above a GOAWAY's last-stream-id is sent again on a new connection, counted once;
   connect errors add tls, tls_verify, no_h2 (the server did not choose ALPN h2). series {t_s,

@@ -164,8 +164,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long POST /broadcast waits for each of this node's workers to write the event "
              "to its streams and give its count; a worker that has not by then (or is down) is "
              "named in the answer's \"missing_workers\" and its streams are not in \"streams\" "
-             "(it may still write the event); checked each second (default: %(default)s, at "
-             f"most {BROADCAST_TIMEOUT:g})")
+             "(it may still write the event); checked each second. Redis mode: also when this "
+             "node answers another node's broadcast (there by node: {\"b\": [1]}); keep it under "
+             "the asking node's --broadcast-wait, or a late worker gets this whole node named "
+             f"missing (default: %(default)s, at most {BROADCAST_TIMEOUT:g})")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="(default: %(default)s)")
 
