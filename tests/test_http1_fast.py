@@ -12,11 +12,14 @@ answered in order, a request split over reads, curl.
 
 from __future__ import annotations
 
+import fcntl
 import random
 import re
 import shutil
 import socket
+import struct
 import subprocess
+import termios
 import uuid
 from typing import Any
 
@@ -28,7 +31,7 @@ from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
 from rawsse.server import http1_fast
 from rawsse.server.http1_fast import HEADER_NAMES, MEMO_ENTRIES, read_request
 from test_http import connect, is_open, new_token, read_responses, read_to_close
-from wire import SSEReader
+from wire import HTTPClient, SSEReader, get_json, wait_for
 
 HEAD_LIMIT = 8192
 APNS_ID = "0190f5c2-7a6b-7c3d-8e9f-0a1b2c3d4e5f"
@@ -419,3 +422,64 @@ def test_curl_pushes_over_one_connection(one_worker, readers):
     for reader in readers:
         event = reader.next_event()
         assert (event.id, event.data) == (APNS_ID, BODY.decode())
+
+
+def _send_queue(server_port: int, client_port: int) -> int:
+    """The bytes the server's end of this loopback connection holds in its send queue
+    (``tx_queue`` in /proc/net/tcp, proc(5)): what its writes handed the kernel and the client
+    has not acknowledged."""
+    local, remote = f":{server_port:04X}", f":{client_port:04X}"
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(local) and fields[2].endswith(remote):
+                return int(fields[4].split(":")[0], 16)
+    raise AssertionError(f"no socket {local} -> {remote} in /proc/net/tcp")
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes in the client's receive queue (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+
+
+def test_answers_a_full_socket_takes_only_part_of_are_written_whole_and_in_order(one_worker):
+    """A client pipelines ~5 MB of answers' worth of requests (a 9 KB /dashboard, then a
+    deliveries query naming its index, on the operator port) and reads nothing until the
+    server's socket is full: its send buffer (autotuned, at most tcp_wmem's maximum) and the
+    client's 4 KB window hold less, so one of the server's writes takes only part of its bytes
+    (http1_answers ``_flush``) and keeps the rest for EPOLLOUT. Then every answer arrives whole
+    and in order."""
+    srv = one_worker
+    dashboard = HTTPClient(srv.host, srv.admin_port)
+    reference = dashboard.request("GET", "/dashboard").body
+    dashboard.close()
+    with open("/proc/sys/net/ipv4/tcp_wmem") as sysctl:  # read only: the most a send buffer grows
+        most_queued = int(sysctl.read().split()[2])
+    pairs = (most_queued + 1024 * 1024) // len(reference)
+    requests = b"".join(b"GET /dashboard HTTP/1.1\r\nHost: x\r\n\r\n"
+                        b"GET /admin/deliveries?token=%08x HTTP/1.1\r\nHost: x\r\n\r\n" % i
+                        for i in range(pairs))
+    parsed_before = get_json(srv.host, srv.admin_port, "/stats")["node"]["http_requests"]
+    polls = [0]
+
+    def kept_a_rest() -> bool:
+        """The dashboards answered so far (each request parsed was answered in the read that
+        brought it) hold more bytes than the kernel took: the server's ``out`` keeps a rest."""
+        polls[0] += 1
+        parsed = get_json(srv.host, srv.admin_port, "/stats")["node"]["http_requests"]
+        answered = (parsed - parsed_before - polls[0]) // 2 * len(reference)
+        taken = _send_queue(srv.admin_port, client.sock.getsockname()[1]) + _unread(client.sock)
+        return answered > taken
+
+    client = HTTPClient(srv.host, srv.admin_port, timeout=10, rcvbuf=4096)
+    try:
+        client.send(requests)  # ~60 KB: the kernel takes them, read or not
+        assert wait_for(kept_a_rest, timeout=10), "the server's socket never filled"
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # read faster now
+        answers = client.read_responses(2 * pairs, timeout=20)
+        assert _unread(client.sock) == 0 and not client.collector.responses, "nothing more"
+    finally:
+        client.close()
+    assert [a.status for a in answers] == [200] * (2 * pairs)
+    assert all(a.body == reference for a in answers[::2]), "every dashboard whole"
+    assert [a.json()["token"] for a in answers[1::2]] == [f"{i:08x}" for i in range(pairs)]

@@ -60,9 +60,17 @@ class HTTPClient:
     """One keep-alive connection; send raw bytes, read parsed responses in order."""
 
     def __init__(self, host: str, port: int, timeout: float = 5.0,
-                 source: tuple[str, int] | None = None) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout,
-                                             source_address=source)
+                 source: tuple[str, int] | None = None, rcvbuf: int | None = None) -> None:
+        """``rcvbuf``: SO_RCVBUF set before the connect, so the window the handshake offers
+        (and its scale) is that small: the server's writes soon find the socket full."""
+        if rcvbuf is None:
+            self.sock = socket.create_connection((host, port), timeout=timeout,
+                                                 source_address=source)
+        else:
+            self.sock = socket.socket()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect((host, port))
         self.collector = _ResponseCollector()
         self.closed = False
 
