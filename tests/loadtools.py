@@ -25,6 +25,19 @@ def server_stats(url: str) -> dict[str, Any]:
         return json.loads(resp.read())
 
 
+def wait_counter(url: str, name: str, least: int, timeout: float = 15.0) -> int:
+    """Poll the server's /stats until its node counter ``name`` reaches ``least`` (a run under
+    way has got that far, however slowly the machine started it); returns the last value."""
+    deadline = time.monotonic() + timeout
+    value = -1
+    while time.monotonic() < deadline:
+        value = server_stats(url)["node"][name]
+        if value >= least:
+            break
+        time.sleep(0.05)
+    return value
+
+
 def wait_streams(url: str, count: int, timeout: float = 15.0) -> int:
     """Poll the server's /stats until it holds ``count`` SSE streams; returns the last count."""
     deadline = time.monotonic() + timeout

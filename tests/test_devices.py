@@ -300,25 +300,27 @@ LATE = 0.25
 
 def test_reconnect_after_server_restart_is_spread_by_backoff(tmp_path, runs) -> None:
     """A crashed server drops every stream at once; the devices come back after backoff + jitter
-    (1-1.5 s, refused while the server is down), then 2-3 s later, spread, not as one burst."""
+    (1-1.5 s, refused while the server is down), then each wave twice the backoff later (2-3 s,
+    then 4-6 s more), spread, not as one burst, until the replacement takes them. Which wave
+    finds it up depends on how fast it starts (1.3 s and more on a busy 2-core VM): each wave
+    is told from the tool's own timeline, not the test's clock."""
     holder, port = reserve_port()
     admin_holder, admin_port = reserve_port()
-    # Two workers, not the default 16: the second server must be up within 1.1 s of its start.
     flags = ["--keepalive", "1", "--drain-seconds", "0", "--workers", "2"]
     server = Server(flags, port, admin_port=admin_port).wait_ready()
     second: Server | None = None
     count, bin_s = 200, 0.05
     try:
         run = Devices(server.url, tmp_path, "--ramp", "0", "--timeline-bin", str(bin_s),
-                      count=count, duration=9)
+                      count=count, duration=20)
         runs.append(run)
         assert wait_streams(server.admin_url, count) == count
         os.killpg(server.proc.pid, signal.SIGKILL)  # a crash: ours to end, by its session
         server.proc.wait()
-        killed_at = time.monotonic()
-        time.sleep(1.7)  # the first wave (1-1.5 s) is refused
+        time.sleep(1.7)  # down for the first wave (1-1.5 s): every attempt refused
         second = Server(flags, port, admin_port=admin_port).wait_ready()
-        assert time.monotonic() - killed_at < 2.8, "restart too slow for the second wave"
+        assert wait_streams(second.admin_url, count) == count, "every device came back"
+        run.interrupt()  # all back: the run's report now, not at --duration
         report = run.wait()
     finally:
         server.stop()
@@ -338,16 +340,25 @@ def test_reconnect_after_server_restart_is_spread_by_backoff(tmp_path, runs) -> 
         return sum(n for i, n in enumerate(series) if low <= (i * bin_s) - crash < high)
 
     after = [(i * bin_s - crash, n) for i, n in enumerate(attempts) if n and i * bin_s > crash]
-    first_wave = [(t, n) for t, n in after if t < 2.0]
-    assert sum(n for _, n in first_wave) == count
-    assert min(t for t, _ in first_wave) >= 1.0 - 2 * bin_s  # nobody retried at once
-    assert max(t for t, _ in first_wave) <= 1.5 + LATE
-    # spread over the jitter window: ~10 bins of ~20 each, not one burst
-    assert max(n for _, n in first_wave) <= count * 0.3
-    assert max(t for t, _ in first_wave) - min(t for t, _ in first_wave) >= 0.3
-    assert between(attempts, 1.5 + LATE, 2.9) == 0  # backoff doubled: 2-3 s more
-    assert between(connects, 2.9, 4.5 + LATE) == count
+    assert sum(n for _, n in after) == report["reconnects"]
+    waiting, wave, in_waves = count, 0, 0  # devices not back yet; wave k: their k+1-th retry
+    while waiting:
+        assert wave < 3, f"{waiting} devices not back after 3 waves: {after}"
+        # Wave k is due 1+2+...+2^k s after the drop plus up to half that more (the jitter),
+        # each of its k+1 timers up to LATE late; the next one starts twice as late + 1 s.
+        low = 2 ** (wave + 1) - 1 - 2 * bin_s
+        high, next_low = 1.5 * (low + 2 * bin_s) + (wave + 1) * LATE, 2 * low + 1
+        bins = [(t, n) for t, n in after if low <= t < high]
+        assert sum(n for _, n in bins) == waiting, (wave, after)  # every device still away
+        if waiting == count:  # the whole fleet in one wave: spread over its jitter, no burst
+            assert max(t for t, _ in bins) - min(t for t, _ in bins) >= 0.3 * 2 ** wave, bins
+            assert max(n for _, n in bins) <= count * 0.3, bins
+        back = between(connects, low, next_low)
+        assert wave or not back, "the first wave comes while the server is down"
+        in_waves += waiting
+        waiting -= back
+        wave += 1
+    assert in_waves == report["reconnects"], "no attempt outside the waves"
     assert report["connected"] == count
-    assert report["reconnects"] == 2 * count
-    assert report["errors"].get("refused") == count
+    assert report["errors"].get("refused") == report["reconnects"] - count
     assert report["errors"].get("eof", 0) + report["errors"].get("reset", 0) == count

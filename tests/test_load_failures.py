@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import reserve_port
-from loadtools import ENV, rawsse
+from loadtools import ENV, rawsse, wait_counter, wait_streams
 from rawsse.cli import build_parser
 
 DEAD_WAIT = 15.0  # no test waits longer than this for a run that should end by itself
@@ -107,7 +108,8 @@ def test_push_connect_that_hangs_is_timed_out(tmp_path) -> None:
         for filler in fillers:
             filler.setblocking(False)
             filler.connect_ex(("127.0.0.1", port))
-        time.sleep(0.2)
+        # The first filler's handshake completes and fills the queue of one; the rest hang.
+        assert select.select([], fillers[:1], [], 5)[1], "the first filler never connected"
         report = tmp_path / "push.json"
         done = run_tool("push", "--url", f"http://127.0.0.1:{port}", "--tokens", "fleet:0",
                         "--senders", "2", "--timeout", "0.5", "--give-up-after", "2", "--quiet",
@@ -128,7 +130,9 @@ def test_push_gives_up_when_its_server_goes_away(start_server, tmp_path) -> None
                       "--duration", "60", "--give-up-after", "1", "--quiet",
                       "--report", str(report))
     try:
-        time.sleep(1.0)
+        # Pushes answered first (no --response-delay: each in the turn it came), however long
+        # the tool took to start on a busy machine.
+        assert wait_counter(server.admin_url, "pushes_ok", 10) >= 10
         server.stop()
         _, stderr = proc.communicate(timeout=DEAD_WAIT)
     finally:
@@ -195,13 +199,15 @@ def test_interrupted_push_writes_its_report(signum, start_server, tmp_path) -> N
     report = tmp_path / "push.json"
     proc = start_tool("push", "--url", server.url, "--tokens", "fleet:0-99", "--rate", "20",
                       "--duration", "60", "--quiet", "--report", str(report))
-    time.sleep(1.5)
+    # 8 taken by the server: with 5 senders one push in flight each, at least 3 were answered
+    # and their answers read before the sender sent the next.
+    assert wait_counter(server.admin_url, "pushes_ok", 8, timeout=DEAD_WAIT) >= 8
     code, stderr = finish(proc, signum)
     name = signal.Signals(signum).name
     assert code == 128 + signum, stderr
     result = read_json(report)
     assert result["ended"] == name
-    assert result["accepted"] >= 3  # answered in the 1.5 s before the signal
+    assert result["accepted"] >= 3  # answered before the signal
     assert result["sent"] == result["accepted"] + result["errors"].get(f"lost_{name.lower()}", 0)
     [line] = closing_lines(stderr, "push")
     assert line.startswith(f"rawsse push: stopped by {name} after ")
@@ -214,7 +220,7 @@ def test_interrupted_devices_write_report_and_summary(signum, start_server, tmp_
     report = tmp_path / "devices.json"
     proc = start_tool("devices", "--url", server.url, "--count", "20", "--ramp", "0",
                       "--duration", "60", "--quiet", "--report", str(report))
-    time.sleep(1.5)
+    assert wait_streams(server.admin_url, 20) == 20  # all connected, however slow the start
     code, stderr = finish(proc, signum)
     assert code == 0, stderr  # how a harness ends a devices run: judged on what it held
     result = read_json(report)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import select
 import signal
 import socket
 import ssl
 import subprocess
 import threading
-import time
 from typing import Any, Iterator
 
 import h2.config
@@ -26,9 +26,10 @@ import hpack
 import pytest
 
 from conftest import launch
-from loadtools import ENV, Devices, rawsse, run_push, wait_streams
+from loadtools import ENV, Devices, rawsse, run_push, wait_counter, wait_streams
 from rawsse.load.h2request import INDEXED, LITERAL, PRIME, H2RequestEncoder
 from rawsse.load.loadgen import fleet_token
+from wire import wait_for
 
 RUN_WAIT = 20.0
 
@@ -132,15 +133,31 @@ def read_report(path: Any) -> dict[str, Any]:
         return json.load(f)
 
 
+def accepted_so_far(log: Any) -> int:
+    """The ``accepted`` of the last progress line a run wrote to ``log`` (one a second)."""
+    found = re.findall(r"^push t=.* accepted (\d+) ", log.read_text(), re.M)
+    return int(found[-1]) if found else 0
+
+
 def test_server_killed_mid_run(start_server, tmp_path) -> None:
     """As for HTTP/1.1: exit 3 after --give-up-after, in-flight pushes counted as lost."""
     server = start_server("--response-delay", "100ms")
-    report = tmp_path / "push.json"
-    proc = start_push(server.url, report, "--tokens", "fleet:0-9", "--rate", "100",
-                      "--duration", "30", "--give-up-after", "1")
-    time.sleep(1.0)
-    os.killpg(server.proc.pid, signal.SIGKILL)  # the server we started, by its process group
-    stderr = finish(proc)
+    report, log = tmp_path / "push.json", tmp_path / "push.log"
+    with open(log, "w") as progress:  # the run's progress lines, read while it runs
+        proc = subprocess.Popen(
+            rawsse("push", "--url", server.url, "--report", str(report), "--http2", "--tokens",
+                   "fleet:0-9", "--rate", "100", "--duration", "30", "--give-up-after", "1"),
+            env=ENV, stderr=progress, start_new_session=True)
+    try:
+        # 20 answered, by the tool's own count, however long it took to start
+        assert wait_for(lambda: accepted_so_far(log) >= 20, timeout=RUN_WAIT), log.read_text()
+        os.killpg(server.proc.pid, signal.SIGKILL)  # the server we started, by its process group
+        proc.wait(RUN_WAIT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # ours, by PID
+            proc.wait()
+    stderr = log.read_text()
     assert proc.returncode == 3, stderr
     assert f"lost the connection to {server.url} for 1 s" in stderr
     result = read_report(report)
@@ -155,7 +172,9 @@ def test_goaway_on_drain_counts_nothing_twice(start_server, tmp_path) -> None:
     report = tmp_path / "push.json"
     proc = start_push(server.url, report, "--tokens", "fleet:0-49", "--rate", "200",
                       "--duration", "30", "--give-up-after", "1", "--senders", "2")
-    time.sleep(1.0)
+    # 100 pushes received first (a second's worth at 200/s), however long the tool took to
+    # start: the drain answers every one of them (3 s for the 300 ms delay).
+    assert wait_counter(server.admin_url, "pushes_received", 100, timeout=RUN_WAIT) >= 100
     server.signal(signal.SIGTERM)
     stderr = finish(proc)
     assert proc.returncode == 3, stderr
@@ -167,7 +186,7 @@ def test_goaway_on_drain_counts_nothing_twice(start_server, tmp_path) -> None:
     # new connection, which the stopped server no longer takes: unanswered when the run gave up.
     assert lost.pop("lost_gave_up", 0) <= result["http2"]["resent"].get("goaway", 0), result
     assert lost == {}, result
-    assert result["accepted"] >= 100  # 200/s for 1 s, then what was in flight
+    assert result["accepted"] >= 100  # those received before the SIGTERM
 
 
 # -- TLS -----------------------------------------------------------------------------------------
