@@ -25,6 +25,7 @@ import httptools
 import pytest
 
 from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
+from rawsse.apns.validation import is_apns_id
 from rawsse.server import http1_fast
 from rawsse.server.http1_fast import HEADER_NAMES, MEMO_ENTRIES, read_request
 from test_http import connect, is_open, new_token, read_responses, read_to_close
@@ -270,13 +271,19 @@ def test_the_fast_path_reads_exactly_what_httptools_reads_and_h11_agrees():
             continue
         taken += 1
         request, end = result
+        headers = dict(request.headers)  # with apns-id, which the request keeps apart
+        if request.apns_id is not None:
+            headers[b"apns-id"] = request.apns_id
+            assert request.bad_id == (not is_apns_id(request.apns_id)), data
+        else:
+            assert not request.bad_id
         fast = (request.method, request.path + (b"?" + request.query if request.query else b""),
-                request.headers, request.duplicate, request.body, end)
+                headers, request.duplicate, request.body, end)
         assert fast == _httptools_reads(data, end), data
         theirs = _h11(data[:end])
         if theirs is not None:
             h11_checked += 1
-            assert (request.method, fast[1], request.headers, request.body) == theirs, data
+            assert (request.method, fast[1], headers, request.body) == theirs, data
     assert taken > 800 and h11_checked > 760
 
 
@@ -362,6 +369,40 @@ def test_pipelined_fast_and_httptools_requests_are_answered_in_order(one_worker,
     for reader, apns_id, body in zip(readers, ids, bodies):
         event = reader.next_event()
         assert (event.id, event.data) == (apns_id, body.decode())
+
+
+def test_the_apns_id_is_checked_once_whichever_parser_reads_it(one_worker, readers):
+    """The apns-id's shape is checked by the parser that read it (``Request.bad_id``), not by
+    the push route: pipelined in one write, a UUID and ids that are not one in each spelling
+    the fast path cuts out (Go's ``Apns-Id``, curl's ``apns-id``) and one it reads line by
+    line (``APNS-ID``), the same through httptools (chunked), and a repeated apns-id: each
+    answered as Apple would, its id echoed as sent."""
+    token = new_token()
+    readers.append(SSEReader(one_worker.host, one_worker.port, token))
+    good = str(uuid.uuid4()).upper()
+
+    def push(*lines: str) -> bytes:
+        return (f"POST /3/device/{token} HTTP/1.1\r\nHost: x\r\n" + "".join(
+            line + "\r\n" for line in lines) + "Content-Length: 2\r\n\r\n{}").encode()
+
+    cases = [(push(f"Apns-Id: {good}"), 200, good),
+             (push("Apns-Id: not-a-uuid"), 400, "not-a-uuid"),
+             (push(f"apns-id: {good[:-1]}g"), 400, good[:-1] + "g"),
+             (push(f"APNS-ID: {good}x"), 400, good + "x"),
+             (push(f"Apns-Id: {good}", "APNS-ID: " + good), 400, good),  # DuplicateHeaders
+             (_chunked_push(token, "not-a-uuid", b"{}"), 400, "not-a-uuid"),
+             (_chunked_push(token, good, b"{}"), 200, good)]
+    sock = connect(one_worker)
+    try:
+        sock.sendall(b"".join(data for data, _, _ in cases))
+        answers = read_responses(sock, len(cases))
+    finally:
+        sock.close()
+    assert [(r.status, r.headers["apns-id"]) for r in answers] == [
+        (status, apns_id) for _, status, apns_id in cases]
+    assert [r.json()["reason"] for r in answers if r.status == 400] == [
+        "BadMessageId"] * 3 + ["DuplicateHeaders", "BadMessageId"]
+    assert [readers[0].next_event().id for _ in range(2)] == [good, good]
 
 
 def test_a_request_split_over_reads_then_whole_ones(one_worker):

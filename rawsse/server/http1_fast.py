@@ -44,6 +44,7 @@ import re
 from typing import Any
 
 from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
+from rawsse.apns.validation import UUID_FORM, UUID_SHAPE
 from rawsse.server.exchange import Request
 
 MAX_BODY = 64 * 1024  # largest body any route reads (admin JSON); pushes stop at 5120
@@ -76,7 +77,6 @@ METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE"})
 _VERSION = b"HTTP/1.1"
 _PUSH_PREFIX = b"/3/device/"
 _ALPHANUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-_ID_BYTES = _ALPHANUM + b"-"  # what a UUID is made of
 # RFC 3986 pchar (unreserved, sub-delims, pct-encoded's "%", ":" and "@") with "/" and "?".
 _TARGET = _ALPHANUM + b"-._~" + b"!$&'()*+,;=" + b"%:@/?"
 # RFC 9112 §5.1 field-line = field-name ":" OWS field-value OWS, the name an RFC 9110 §5.6.2
@@ -129,34 +129,40 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any, operato
     # keeps it out): it is not looked up, which would hash it for nothing (~1,500 instructions).
     at = block.find(b"\r\nApns-Id: ")
     fields = _BLOCKS.get(block) if at < 0 else None
-    if fields is not None:
+    apns_id: bytes | None = None
+    bad_id = False
+    if fields is not None:  # its headers the memo's own dict: a request never writes to them
         headers, duplicate, length = fields
-        headers = headers.copy()  # the memo's stays as it is
     else:
         if at < 0:
             at = block.find(b"\r\napns-id: ")
         rest = None
-        if at >= 0:  # (not the first line: no CRLF before it; read line by line then)
-            apns_id, crlf, after_id = block[at + 11:].partition(b"\r\n")
-            rest_block = block[:at] + crlf + after_id
-            rest = _BLOCKS.get(rest_block) or _read_block(rest_block)
-        # A UUID (what senders stamp) needs no stripping and cannot decline; anything else is
-        # read line by line.
-        if (rest is not None and apns_id and not apns_id.translate(None, _ID_BYTES)
-                and b"apns-id" not in rest[0]):
+        # (Not the first line: no CRLF before it; read line by line then.) A UUID (what
+        # senders stamp) needs no stripping and cannot decline, and its shape is checked here
+        # once (``Request.bad_id``); anything else is read line by line.
+        if at >= 0:
+            given, crlf, after_id = block[at + 11:].partition(b"\r\n")
+            if given.translate(UUID_SHAPE) == UUID_FORM:
+                rest_block = block[:at] + crlf + after_id
+                rest = _BLOCKS.get(rest_block) or _read_block(rest_block)
+                apns_id = given
+        if rest is not None and b"apns-id" not in rest[0]:
             headers, duplicate, length = rest
-            headers = headers.copy()
-            headers[b"apns-id"] = apns_id
         else:
             fields = _read_block(block)  # a dict of its own
             if fields is None:
                 return None
             headers, duplicate, length = fields
+            apns_id = headers.pop(b"apns-id", None)
+            bad_id = apns_id is not None and apns_id.translate(UUID_SHAPE) != UUID_FORM
     end = head_end + 4 + length
     if end > len(data):
         return None
-    return Request(channel, operator, method, path, query, headers, duplicate,
-                   data[head_end + 4:end] if length else b"", after), end
+    request = Request(channel, operator, method, path, query, headers, duplicate,
+                      data[head_end + 4:end] if length else b"", after, apns_id)
+    if bad_id:
+        request.bad_id = True
+    return request, end
 
 
 def _read_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
