@@ -270,7 +270,7 @@ def test_the_fast_path_reads_exactly_what_httptools_reads_and_h11_agrees():
         if result is None:
             continue
         taken += 1
-        request, end = result
+        request, end, _ = result
         headers = dict(request.headers)  # with apns-id, which the request keeps apart
         if request.apns_id is not None:
             headers[b"apns-id"] = request.apns_id
@@ -304,10 +304,12 @@ def test_pipelined_requests_are_read_one_after_another():
     first = _request("POST", f"/3/device/{TOKEN}", GO_PUSH, BODY)
     second = _request("GET", "/healthz", CURL_GET)
     data = first + second + b"GET /partial HTTP/1.1\r\nHost"
-    request, end = read_request(data, 0, HEAD_LIMIT, None, False)  # type: ignore[misc]
+    request, end, token = read_request(data, 0, HEAD_LIMIT, None, False)  # type: ignore[misc]
     assert (request.path, request.body, end) == (f"/3/device/{TOKEN}".encode(), BODY, len(first))
-    request, end = read_request(data, end, HEAD_LIMIT, None, False)  # type: ignore[misc]
-    assert (request.path, end) == (b"/healthz", len(first) + len(second))
+    assert token == TOKEN.encode()  # a push: the read loop calls the push route with it
+    assert read_request(data, 0, HEAD_LIMIT, None, True)[2] is None  # type: ignore[index]
+    request, end, token = read_request(data, end, HEAD_LIMIT, None, False)  # type: ignore[misc]
+    assert (request.path, end, token) == (b"/healthz", len(first) + len(second), None)
     assert read_request(data, end, HEAD_LIMIT, None, False) is None
 
 
@@ -403,6 +405,27 @@ def test_the_apns_id_is_checked_once_whichever_parser_reads_it(one_worker, reade
     assert [r.json()["reason"] for r in answers if r.status == 400] == [
         "BadMessageId"] * 3 + ["DuplicateHeaders", "BadMessageId"]
     assert [readers[0].next_event().id for _ in range(2)] == [good, good]
+
+
+def test_a_push_the_fast_path_hands_straight_to_the_push_route_is_still_routed(one_worker):
+    """The read loop calls the push route itself for a push the fast path read; what handle
+    decides before it still holds: a push on the operator listener is 404 BadPath, a push that
+    is not a POST 405."""
+    push = _push(new_token(), APNS_ID, BODY)
+    sock = socket.create_connection((one_worker.host, one_worker.admin_port), timeout=5)
+    try:
+        sock.sendall(push)
+        (refused,) = read_responses(sock, 1)
+    finally:
+        sock.close()
+    assert (refused.status, refused.json()["reason"]) == (404, "BadPath")
+    sock = connect(one_worker)
+    try:
+        sock.sendall(push.replace(b"POST", b"PUT", 1) + push)
+        answers = read_responses(sock, 2)
+    finally:
+        sock.close()
+    assert [(r.status, r.headers["apns-id"]) for r in answers] == [(405, APNS_ID), (200, APNS_ID)]
 
 
 def test_a_request_split_over_reads_then_whole_ones(one_worker):

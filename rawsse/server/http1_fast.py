@@ -100,10 +100,12 @@ _PER_REQUEST = frozenset({b"apns-id", b"apns-collapse-id"})
 
 
 def read_request(data: bytes, start: int, head_limit: int, channel: Any, operator: bool,
-                 after: Any = None) -> tuple[Request, int] | None:
-    """The complete request at ``data[start:]`` and the offset just past it, or None when it is
-    not one this module is sure of (incomplete, or outside the subset above); ``after``: its
-    ``Request.after``, given at once."""
+                 after: Any = None) -> tuple[Request, int, bytes | None] | None:
+    """The complete request at ``data[start:]``, the offset just past it and, for a push on
+    the public listener (not ``operator``), its token's text (``Routes.push``'s argument: the
+    caller skips ``Routes.handle``; else None); or None when it is not one this module is sure
+    of (incomplete, or outside the subset above). ``after``: its ``Request.after``, given at
+    once."""
     head_end = data.find(b"\r\n\r\n", start)
     if head_end < 0 or head_end - start > head_limit:
         return None
@@ -116,8 +118,11 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any, operato
         return None
     # A push's target is checked in one pass (a token is hex: no query), any other against
     # RFC 3986.
-    if target.startswith(_PUSH_PREFIX) and target[10:].isalnum():
+    token: bytes | None = None
+    if target.startswith(_PUSH_PREFIX) and (token := target[10:]).isalnum():
         path, query = target, b""
+        if operator:  # (the routes refuse it: handle's)
+            token = None
     elif target[:1] != b"/" or target.translate(None, _TARGET):
         return None
     else:
@@ -162,7 +167,7 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any, operato
                       data[head_end + 4:end] if length else b"", after, apns_id)
     if bad_id:
         request.bad_id = True
-    return request, end
+    return request, end, token
 
 
 def _read_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
