@@ -293,6 +293,36 @@ def test_every_declined_case_is_declined(why, mutate):
     assert read_request(data, 0, HEAD_LIMIT, None, False) is None, why
 
 
+def test_a_block_like_the_last_one_is_read_for_what_it_is():
+    """The last block found and the last block without its apns-id are compared, not looked
+    up: blocks that differ from the last only before the id's line, only after it, only in
+    the id or its spelling, or (no id) in one byte, each read one after another, as
+    httptools reads them."""
+    def go(before: list[tuple[str, str]], after: list[tuple[str, str]], apns_id: str = APNS_ID,
+           name: str = "Apns-Id") -> bytes:
+        return _request("POST", f"/3/device/{TOKEN}", before + [(name, apns_id)] + after, BODY)
+
+    host, length = ("Host", "h"), ("Content-Length", "%d")
+    typed, topic = ("apns-push-type", "alert"), ("apns-topic", "t")
+    fleet = FLEET_PUSH
+    sequence = [go([host, length], [topic]), go([host, length], [topic]),
+                go([host, length], [typed]), go([host, length, typed], []),
+                go([host, length, typed], [], str(uuid.uuid4())), go([host, typed, length], []),
+                go([host, length, typed], [], name="apns-id"), go([host, length, typed], [topic]),
+                go([host, length], [("Apns-Id", "again")]),
+                _request("POST", "/x", fleet, BODY), _request("POST", "/x", fleet, BODY),
+                _request("POST", "/x", fleet[:3] + [("Apns-Expiration", "9")] + fleet[4:], BODY),
+                _request("POST", "/x", fleet[:3] + fleet[4:], BODY),
+                _request("POST", "/x", fleet, BODY)]
+    for data in sequence * 2:
+        request, end, _ = read_request(data, 0, HEAD_LIMIT, None, False)  # type: ignore[misc]
+        headers = dict(request.headers)
+        if request.apns_id is not None:
+            headers[b"apns-id"] = request.apns_id
+        assert (request.method, request.path, headers, request.duplicate, request.body,
+                end) == _httptools_reads(data, end), data
+
+
 def test_the_memo_stays_bounded_under_ever_new_headers():
     for i in range(3 * MEMO_ENTRIES):
         data = _request("GET", "/healthz", [("Host", "h"), ("X-Request-Id", str(i))])
