@@ -39,6 +39,7 @@ from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
 from rawsse.apns.validation import UUID_FORM, UUID_SHAPE
 
 APNS_ID = b"apns-id"
+_HEADERS = REQUEST_HEADERS - {APNS_ID}  # what ``headers`` keeps
 
 
 class Answer:
@@ -107,17 +108,16 @@ class Request:
     def add_header(self, name: bytes, value: bytes) -> None:
         """Keep a header a route reads (``name`` lower-case); flag a repeated single one and
         an apns-id that is not a UUID."""
-        if name in REQUEST_HEADERS:
-            if name == APNS_ID:
-                if self.apns_id is not None:
-                    self.duplicate = True
-                self.apns_id = value
-                self.bad_id = value.translate(UUID_SHAPE) != UUID_FORM
-                return
+        if name in _HEADERS:  # (the others first: no comparison more for each of them)
             headers = self.headers
             if name in headers and name in SINGLE_HEADERS:
                 self.duplicate = True
             headers[name] = value
+        elif name == APNS_ID:
+            if self.apns_id is not None:
+                self.duplicate = True
+            self.apns_id = value
+            self.bad_id = value.translate(UUID_SHAPE) != UUID_FORM
 
     def answer(self, answer: Answer) -> None:
         self.channel.answer(self, answer)
