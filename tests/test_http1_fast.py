@@ -25,7 +25,7 @@ import httptools
 import pytest
 
 from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
-from rawsse.apns.validation import is_apns_id
+from rawsse.apns.validation import CHECKED_HEADERS, is_apns_id
 from rawsse.server import http1_fast
 from rawsse.server.http1_fast import HEADER_NAMES, MEMO_ENTRIES, read_request
 from test_http import connect, is_open, new_token, read_responses, read_to_close
@@ -277,6 +277,8 @@ def test_the_fast_path_reads_exactly_what_httptools_reads_and_h11_agrees():
             assert request.bad_id == (not is_apns_id(request.apns_id)), data
         else:
             assert not request.bad_id
+        assert request.plain == (not request.duplicate
+                                 and headers.keys().isdisjoint(CHECKED_HEADERS)), data
         fast = (request.method, request.path + (b"?" + request.query if request.query else b""),
                 headers, request.duplicate, request.body, end)
         assert fast == _httptools_reads(data, end), data

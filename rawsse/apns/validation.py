@@ -48,10 +48,13 @@ DELAY_HEADER = b"rawsse-delivery-delay"
 
 # The headers ``check_push`` reads. A push carrying none of them (Fleet's:
 # apns-id and content-length) skips their checks after one C call over its few kept header
-# names: ~850 instructions, where a ``dict.get`` for each of the five costs ~470 (callgrind).
-_HAS_NO_CHECKED_HEADER = frozenset({
+# names: ~850 instructions, where a ``dict.get`` for each of the five costs ~470 (callgrind);
+# or with none, when its parser says so (``Request.plain``, once per header block: the HTTP/1.1
+# fast path's memo).
+CHECKED_HEADERS = frozenset({
     b"apns-push-type", b"apns-expiration", b"apns-priority", b"apns-collapse-id", DELAY_HEADER,
-}).isdisjoint
+})
+_HAS_NO_CHECKED_HEADER = CHECKED_HEADERS.isdisjoint
 
 
 class PushRejected(Exception):
@@ -167,13 +170,13 @@ def check_push(request: "Request", token_text: bytes, now: float, default_ttl: f
         apns_id = ids.new()
     elif request.bad_id:  # (its shape checked once, by the parser)
         raise reject("BadMessageId")
-    headers = request.headers
-    if _HAS_NO_CHECKED_HEADER(headers):  # most pushes: nothing more to read in the headers
+    # Most pushes: nothing more to read in the headers.
+    if request.plain or _HAS_NO_CHECKED_HEADER(request.headers):
         expires = now + default_ttl
         limit = _MAX_PAYLOAD
         delay_text = None
     else:
-        expires, limit, delay_text = _check_headers(headers, now, default_ttl)
+        expires, limit, delay_text = _check_headers(request.headers, now, default_ttl)
     # A good token is taken here without parse_token's call (one per push): with
     # --strict-tokens a 64-digit one (hex of 64 digits is 32 bytes); any other goes to
     # parse_token, which raises its reason.

@@ -21,7 +21,9 @@ Rules
 -----
 - ``headers`` holds only the headers a route reads (``apple.REQUEST_HEADERS``), lower-cased,
   but apns-id, which is ``apns_id`` (None when absent; ``bad_id``: not a canonical UUID);
-  ``duplicate`` is set when one that may appear once (``apple.SINGLE_HEADERS``) came twice.
+  ``duplicate`` is set when one that may appear once (``apple.SINGLE_HEADERS``) came twice;
+  ``plain``, by a parser that knows (``http1_fast.py``), when none came twice and none but
+  apns-id is one the push route checks (``validation.CHECKED_HEADERS``): it reads none.
   They are decided here, once, for every protocol (``add_header``), or by a parser that reads
   the same (``http1_fast.py``).
 - ``headers`` is read-only once the request is complete: the HTTP/1.1 fast path hands every
@@ -77,13 +79,13 @@ class Request:
     answer goes (``channel``). ``slot`` and ``after`` belong to the channel (HTTP/1.1: the
     serialized answer once given, and what the connection does after writing it)."""
 
-    __slots__ = ("method", "path", "query", "headers", "apns_id", "bad_id", "duplicate", "body",
-                 "body_too_large", "operator", "channel", "slot", "after")
+    __slots__ = ("method", "path", "query", "headers", "apns_id", "bad_id", "duplicate", "plain",
+                 "body", "body_too_large", "operator", "channel", "slot", "after")
 
     def __init__(self, channel: Channel, operator: bool, method: bytes = b"", path: bytes = b"",
                  query: bytes = b"", headers: dict[bytes, bytes] | None = None,
                  duplicate: bool = False, body: bytes = b"", after: Any = None,
-                 apns_id: bytes | None = None) -> None:
+                 apns_id: bytes | None = None, plain: bool = False) -> None:
         """Empty, for a parser to fill as it reads (httptools' callbacks, HTTP/2 frames), or
         whole, from a parser that read it at once (``http1_fast.py``: an ``apns_id`` it gives
         is a canonical UUID; it sets ``bad_id`` itself for one that is not)."""
@@ -96,6 +98,7 @@ class Request:
         self.apns_id = apns_id
         self.bad_id = False
         self.duplicate = duplicate
+        self.plain = plain
         self.body = body
         self.body_too_large = False
         self.slot: Any = None

@@ -45,7 +45,7 @@ import re
 from typing import Any
 
 from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
-from rawsse.apns.validation import UUID_FORM, UUID_SHAPE
+from rawsse.apns.validation import CHECKED_HEADERS, UUID_FORM, UUID_SHAPE
 from rawsse.server.exchange import Request
 
 MAX_BODY = 64 * 1024  # largest body any route reads (admin JSON); pushes stop at 5120
@@ -92,7 +92,9 @@ _OWS = (b" ", b"\t")
 # Each memo is emptied when full: a sender sending ever new text costs it bounded memory and no
 # more time than no memo. An apns-id (one per push, as `rawsse push` sends) is kept in neither:
 # it is cut out of its block, whose rest is looked up (read_request).
-_BLOCKS: dict[bytes, tuple[dict[bytes, bytes], bool, int]] = {}
+# (kept headers, a single header repeated, the body's length, Request.plain)
+Fields = tuple[dict[bytes, bytes], bool, int, bool]
+_BLOCKS: dict[bytes, Fields] = {}
 _LINES: dict[bytes, tuple[bytes, bytes]] = {}
 MEMO_ENTRIES = 256
 MEMO_BLOCK = 2048  # longest block kept: the block memo holds at most 512 KB
@@ -154,7 +156,7 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any, operato
             if fields is not None:
                 last[:] = block, fields
     if fields is not None:  # its headers the memo's own dict: a request never writes to them
-        headers, duplicate, length = fields
+        headers, duplicate, length, plain = fields
     else:
         if not cut:
             before, cut, tail = block.partition(b"\r\napns-id: ")
@@ -170,26 +172,26 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any, operato
                         else _rest_of(before, crlf, after_id))
                 apns_id = given
         if rest is not None:
-            headers, duplicate, length = rest
+            headers, duplicate, length, plain = rest
         else:
             fields = _read_block(block)  # a dict of its own
             if fields is None:
                 return None
-            headers, duplicate, length = fields
+            headers, duplicate, length, plain = fields
             apns_id = headers.pop(b"apns-id", None)
             bad_id = apns_id is not None and apns_id.translate(UUID_SHAPE) != UUID_FORM
     end = head_end + 4 + length
     if end > len(data):
         return None
     request = Request(channel, operator, method, path, query, headers, duplicate,
-                      data[head_end + 4:end] if length else b"", after, apns_id)
+                      data[head_end + 4:end] if length else b"", after, apns_id, plain)
     if bad_id:
         request.bad_id = True
     return request, end, token
 
 
 def _rest_of(before: bytes, crlf: bytes,
-             after: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
+             after: bytes) -> Fields | None:
     """What the block ``before + crlf + after`` (a block without its apns-id line) means, or
     None to read the whole block line by line (it declines, or holds another apns-id); kept
     as ``_LAST_REST``, which read_request compares first. (``crlf`` is b"" only when the id's
@@ -203,9 +205,8 @@ def _rest_of(before: bytes, crlf: bytes,
     return rest
 
 
-def _read_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
-    """(kept headers, a single header repeated, the body's length) of a header block not in
-    the memo, or None to decline."""
+def _read_block(block: bytes) -> Fields | None:
+    """What a header block not in the memo means (``Fields``), or None to decline."""
     headers: dict[bytes, bytes] = {}
     duplicate = False
     lines = _LINES
@@ -226,9 +227,10 @@ def _read_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
     length_text = headers.get(b"content-length", b"0")
     if not length_text.isdigit() or len(length_text) > 6 or int(length_text) > MAX_BODY:
         return None
+    plain = not duplicate and headers.keys().isdisjoint(CHECKED_HEADERS)
     if len(block) <= MEMO_BLOCK and headers.keys().isdisjoint(_PER_REQUEST):
-        _remember(_BLOCKS, block, (headers.copy(), duplicate, int(length_text)))
-    return headers, duplicate, int(length_text)
+        _remember(_BLOCKS, block, (headers.copy(), duplicate, int(length_text), plain))
+    return headers, duplicate, int(length_text), plain
 
 
 def _read_line(line: bytes) -> tuple[bytes, bytes] | None:
