@@ -28,6 +28,7 @@ import httptools
 import pytest
 
 from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
+from rawsse.apns.validation import CHECKED_HEADERS, is_apns_id
 from rawsse.server import http1_fast
 from rawsse.server.http1_fast import HEADER_NAMES, MEMO_ENTRIES, read_request
 from test_http import connect, is_open, new_token, read_responses, read_to_close
@@ -272,14 +273,22 @@ def test_the_fast_path_reads_exactly_what_httptools_reads_and_h11_agrees():
         if result is None:
             continue
         taken += 1
-        request, end = result
+        request, end, _ = result
+        headers = dict(request.headers)  # with apns-id, which the request keeps apart
+        if request.apns_id is not None:
+            headers[b"apns-id"] = request.apns_id
+            assert request.bad_id == (not is_apns_id(request.apns_id)), data
+        else:
+            assert not request.bad_id
+        assert request.plain == (not request.duplicate
+                                 and headers.keys().isdisjoint(CHECKED_HEADERS)), data
         fast = (request.method, request.path + (b"?" + request.query if request.query else b""),
-                request.headers, request.duplicate, request.body, end)
+                headers, request.duplicate, request.body, end)
         assert fast == _httptools_reads(data, end), data
         theirs = _h11(data[:end])
         if theirs is not None:
             h11_checked += 1
-            assert (request.method, fast[1], request.headers, request.body) == theirs, data
+            assert (request.method, fast[1], headers, request.body) == theirs, data
     assert taken > 800 and h11_checked > 760
 
 
@@ -287,6 +296,36 @@ def test_the_fast_path_reads_exactly_what_httptools_reads_and_h11_agrees():
 def test_every_declined_case_is_declined(why, mutate):
     data = mutate(_request("POST", f"/3/device/{TOKEN}", GO_PUSH, BODY))
     assert read_request(data, 0, HEAD_LIMIT, None, False) is None, why
+
+
+def test_a_block_like_the_last_one_is_read_for_what_it_is():
+    """The last block found and the last block without its apns-id are compared, not looked
+    up: blocks that differ from the last only before the id's line, only after it, only in
+    the id or its spelling, or (no id) in one byte, each read one after another, as
+    httptools reads them."""
+    def go(before: list[tuple[str, str]], after: list[tuple[str, str]], apns_id: str = APNS_ID,
+           name: str = "Apns-Id") -> bytes:
+        return _request("POST", f"/3/device/{TOKEN}", before + [(name, apns_id)] + after, BODY)
+
+    host, length = ("Host", "h"), ("Content-Length", "%d")
+    typed, topic = ("apns-push-type", "alert"), ("apns-topic", "t")
+    fleet = FLEET_PUSH
+    sequence = [go([host, length], [topic]), go([host, length], [topic]),
+                go([host, length], [typed]), go([host, length, typed], []),
+                go([host, length, typed], [], str(uuid.uuid4())), go([host, typed, length], []),
+                go([host, length, typed], [], name="apns-id"), go([host, length, typed], [topic]),
+                go([host, length], [("Apns-Id", "again")]),
+                _request("POST", "/x", fleet, BODY), _request("POST", "/x", fleet, BODY),
+                _request("POST", "/x", fleet[:3] + [("Apns-Expiration", "9")] + fleet[4:], BODY),
+                _request("POST", "/x", fleet[:3] + fleet[4:], BODY),
+                _request("POST", "/x", fleet, BODY)]
+    for data in sequence * 2:
+        request, end, _ = read_request(data, 0, HEAD_LIMIT, None, False)  # type: ignore[misc]
+        headers = dict(request.headers)
+        if request.apns_id is not None:
+            headers[b"apns-id"] = request.apns_id
+        assert (request.method, request.path, headers, request.duplicate, request.body,
+                end) == _httptools_reads(data, end), data
 
 
 def test_the_memo_stays_bounded_under_ever_new_headers():
@@ -300,10 +339,12 @@ def test_pipelined_requests_are_read_one_after_another():
     first = _request("POST", f"/3/device/{TOKEN}", GO_PUSH, BODY)
     second = _request("GET", "/healthz", CURL_GET)
     data = first + second + b"GET /partial HTTP/1.1\r\nHost"
-    request, end = read_request(data, 0, HEAD_LIMIT, None, False)  # type: ignore[misc]
+    request, end, token = read_request(data, 0, HEAD_LIMIT, None, False)  # type: ignore[misc]
     assert (request.path, request.body, end) == (f"/3/device/{TOKEN}".encode(), BODY, len(first))
-    request, end = read_request(data, end, HEAD_LIMIT, None, False)  # type: ignore[misc]
-    assert (request.path, end) == (b"/healthz", len(first) + len(second))
+    assert token == TOKEN.encode()  # a push: the read loop calls the push route with it
+    assert read_request(data, 0, HEAD_LIMIT, None, True)[2] is None  # type: ignore[index]
+    request, end, token = read_request(data, end, HEAD_LIMIT, None, False)  # type: ignore[misc]
+    assert (request.path, end, token) == (b"/healthz", len(first) + len(second), None)
     assert read_request(data, end, HEAD_LIMIT, None, False) is None
 
 
@@ -365,6 +406,61 @@ def test_pipelined_fast_and_httptools_requests_are_answered_in_order(one_worker,
     for reader, apns_id, body in zip(readers, ids, bodies):
         event = reader.next_event()
         assert (event.id, event.data) == (apns_id, body.decode())
+
+
+def test_the_apns_id_is_checked_once_whichever_parser_reads_it(one_worker, readers):
+    """The apns-id's shape is checked by the parser that read it (``Request.bad_id``), not by
+    the push route: pipelined in one write, a UUID and ids that are not one in each spelling
+    the fast path cuts out (Go's ``Apns-Id``, curl's ``apns-id``) and one it reads line by
+    line (``APNS-ID``), the same through httptools (chunked), and a repeated apns-id: each
+    answered as Apple would, its id echoed as sent."""
+    token = new_token()
+    readers.append(SSEReader(one_worker.host, one_worker.port, token))
+    good = str(uuid.uuid4()).upper()
+
+    def push(*lines: str) -> bytes:
+        return (f"POST /3/device/{token} HTTP/1.1\r\nHost: x\r\n" + "".join(
+            line + "\r\n" for line in lines) + "Content-Length: 2\r\n\r\n{}").encode()
+
+    cases = [(push(f"Apns-Id: {good}"), 200, good),
+             (push("Apns-Id: not-a-uuid"), 400, "not-a-uuid"),
+             (push(f"apns-id: {good[:-1]}g"), 400, good[:-1] + "g"),
+             (push(f"APNS-ID: {good}x"), 400, good + "x"),
+             (push(f"Apns-Id: {good}", "APNS-ID: " + good), 400, good),  # DuplicateHeaders
+             (_chunked_push(token, "not-a-uuid", b"{}"), 400, "not-a-uuid"),
+             (_chunked_push(token, good, b"{}"), 200, good)]
+    sock = connect(one_worker)
+    try:
+        sock.sendall(b"".join(data for data, _, _ in cases))
+        answers = read_responses(sock, len(cases))
+    finally:
+        sock.close()
+    assert [(r.status, r.headers["apns-id"]) for r in answers] == [
+        (status, apns_id) for _, status, apns_id in cases]
+    assert [r.json()["reason"] for r in answers if r.status == 400] == [
+        "BadMessageId"] * 3 + ["DuplicateHeaders", "BadMessageId"]
+    assert [readers[0].next_event().id for _ in range(2)] == [good, good]
+
+
+def test_a_push_the_fast_path_hands_straight_to_the_push_route_is_still_routed(one_worker):
+    """The read loop calls the push route itself for a push the fast path read; what handle
+    decides before it still holds: a push on the operator listener is 404 BadPath, a push that
+    is not a POST 405."""
+    push = _push(new_token(), APNS_ID, BODY)
+    sock = socket.create_connection((one_worker.host, one_worker.admin_port), timeout=5)
+    try:
+        sock.sendall(push)
+        (refused,) = read_responses(sock, 1)
+    finally:
+        sock.close()
+    assert (refused.status, refused.json()["reason"]) == (404, "BadPath")
+    sock = connect(one_worker)
+    try:
+        sock.sendall(push.replace(b"POST", b"PUT", 1) + push)
+        answers = read_responses(sock, 2)
+    finally:
+        sock.close()
+    assert [(r.status, r.headers["apns-id"]) for r in answers] == [(405, APNS_ID), (200, APNS_ID)]
 
 
 def test_a_request_split_over_reads_then_whole_ones(one_worker):

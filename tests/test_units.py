@@ -15,7 +15,7 @@ from rawsse.apns import apple as apns
 from rawsse.apns import answers
 from rawsse.server import http1_wire
 from rawsse.server import sse as frames
-from rawsse.server.exchange import Answer
+from rawsse.server.exchange import Answer, Request
 from rawsse.config import (ConfigError, FaultRule, parse_address, parse_distribution,
                            parse_duration, parse_fault)
 from rawsse.apns.validation import IdGenerator, PushRejected, answer_id, check_push
@@ -243,12 +243,15 @@ def validate(token: bytes = TOKEN, headers: dict[bytes, bytes] | None = None,
              body: bytes = b'{"mdm":"m"}', duplicate: bool = False,
              strict: bool = False) -> tuple[bytes, Checked | PushRejected]:
     """(the answer's apns-id, what check_push returned or raised), as the push route sees it."""
-    headers = headers or {}
+    request = Request(None, False, b"POST", b"/3/device/" + token)  # type: ignore[arg-type]
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    request.duplicate = request.duplicate or duplicate
+    request.body = body
     try:
-        apns_id, *checked = check_push(token, headers, duplicate, body, NOW, TTL, strict,
-                                       CountingIds())
+        apns_id, *checked = check_push(request, token, NOW, TTL, strict, CountingIds())
     except PushRejected as rejected:
-        return answer_id(headers, CountingIds()), rejected
+        return answer_id(request.apns_id, CountingIds()), rejected
     return apns_id, Checked(*checked)
 
 

@@ -47,7 +47,7 @@ from rawsse.apns.routing import (
     HELD, UNREACHABLE, Accepted, LocalOwner, LocalRouter, Owner, Router, owner_of,
 )
 from rawsse.apns.validation import (
-    PushRejected, answer_id, check_push, is_apns_id, parse_broadcast_prefix, parse_token,
+    PushRejected, answer_id, check_push, parse_broadcast_prefix, parse_token,
     payload_limit,
 )
 from rawsse.server import sse
@@ -159,11 +159,9 @@ class Routes:
                 self._push_error(request, self._answer_id(request), REASON_STATUS[reason], reason)
                 return
         config = self.config
-        body = request.body
         try:
             apns_id, token, expires, delay_given = check_push(
-                token_text, request.headers, request.duplicate, body, now, config.default_ttl,
-                config.strict_tokens, worker.ids)
+                request, token_text, now, config.default_ttl, config.strict_tokens, worker.ids)
         except PushRejected as rejected:
             self._push_error(request, self._answer_id(request), rejected.status, rejected.reason)
             return
@@ -171,6 +169,7 @@ class Routes:
         if admin.token_states or admin.faults:  # a simulated outcome is set: not the hot path
             if self._simulated(request, apns_id, token, now):
                 return
+        body = request.body
         frame = (ONE_LINE_EVENT % (apns_id, body) if LF not in body and CR not in body
                  else sse.encode_event(apns_id, body))
         distribution = delay_given or self.default_delay
@@ -225,7 +224,7 @@ class Routes:
 
     def _answer_id(self, request: Request) -> bytes:
         """The apns-id an answer carries (``validation.answer_id``)."""
-        return answer_id(request.headers, self.worker.ids)
+        return answer_id(request.apns_id, self.worker.ids)
 
     def _push_answered(self, request: Request, apns_id: bytes, accepted: Accepted) -> None:
         """200 once the owner of the token holds the push; 503 when a bounded queue was full
@@ -296,8 +295,8 @@ class Routes:
             self.stats.reject(413, "PayloadTooLarge")
             request.answer(answers.error(413, "PayloadTooLarge"))
             return
-        given = request.headers.get(b"apns-id")
-        if given is not None and not is_apns_id(given):
+        given = request.apns_id
+        if given is not None and request.bad_id:
             request.answer(answers.error(400, "BadMessageId"))
             return
         apns_id = given if given else self.worker.ids.new()

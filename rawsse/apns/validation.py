@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import binascii
 import os
+from typing import TYPE_CHECKING
 
 from rawsse.apns import apple as apns
 from rawsse.config import ConfigError, Distribution, parse_distribution
 
+if TYPE_CHECKING:
+    from rawsse.server.exchange import Request
+
 # Canonical UUID (Apple, "Sending notification requests to APNs", apns-id). Apple documents
 # lowercase; Fleet's README (fleetdm/fleet ``cmd/apple-apns-mock/README.md``) shows Apple echoing
 # uppercase, so both cases are accepted and echoed as sent. Checked by its shape: every hex digit
-# translated to "x", any other byte but "-" to "?", so a UUID reads as ``_UUID_FORM``. One
+# translated to "x", any other byte but "-" to "?", so a UUID reads as ``UUID_FORM``; once per
+# request, by the parser (``Request.bad_id``: ``exchange.py``, ``http1_fast.py``). One
 # translate costs ~400 instructions per push where the equivalent regex
 # ``[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-…{12}`` cost ~2,000 (callgrind, bench/push_probe.py).
-_UUID_SHAPE = bytes(b"x"[0] if chr(c) in "0123456789abcdefABCDEF" else c if c == 0x2D else 0x3F
+UUID_SHAPE = bytes(b"x"[0] if chr(c) in "0123456789abcdefABCDEF" else c if c == 0x2D else 0x3F
                     for c in range(256))
-_UUID_FORM = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+UUID_FORM = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
 
 MAX_EXPIRATION_DIGITS = 19
 
@@ -41,12 +46,15 @@ _NOT_HEX = (binascii.Error, ValueError)
 # rawsse's own per-push override of --delivery-delay (not an Apple header).
 DELAY_HEADER = b"rawsse-delivery-delay"
 
-# The headers ``check_push`` reads besides apns-id. A push carrying none of them (Fleet's:
+# The headers ``check_push`` reads. A push carrying none of them (Fleet's:
 # apns-id and content-length) skips their checks after one C call over its few kept header
-# names: ~850 instructions, where a ``dict.get`` for each of the five costs ~470 (callgrind).
-_HAS_NO_CHECKED_HEADER = frozenset({
+# names: ~850 instructions, where a ``dict.get`` for each of the five costs ~470 (callgrind);
+# or with none, when its parser says so (``Request.plain``, once per header block: the HTTP/1.1
+# fast path's memo).
+CHECKED_HEADERS = frozenset({
     b"apns-push-type", b"apns-expiration", b"apns-priority", b"apns-collapse-id", DELAY_HEADER,
-}).isdisjoint
+})
+_HAS_NO_CHECKED_HEADER = CHECKED_HEADERS.isdisjoint
 
 
 class PushRejected(Exception):
@@ -84,7 +92,7 @@ class IdGenerator:
 
 def is_apns_id(value: bytes) -> bool:
     """A canonical UUID, as Apple requires of ``apns-id``."""
-    return value.translate(_UUID_SHAPE) == _UUID_FORM
+    return value.translate(UUID_SHAPE) == UUID_FORM
 
 
 def parse_token(text: bytes, strict: bool) -> bytes:
@@ -150,27 +158,25 @@ def payload_limit(headers: dict[bytes, bytes]) -> int:
     return apns.PAYLOAD_LIMITS.get(headers.get(b"apns-push-type"), apns.MAX_PAYLOAD)
 
 
-def check_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: bool, body: bytes,
-               now: float, default_ttl: float, strict: bool,
-               ids: IdGenerator) -> tuple[bytes, bytes, float, Distribution | None]:
+def check_push(request: "Request", token_text: bytes, now: float, default_ttl: float,
+               strict: bool, ids: IdGenerator) -> tuple[bytes, bytes, float, Distribution | None]:
     """(apns-id, raw token, expiry in unix seconds, ``rawsse-delivery-delay`` or None) of a push
     Apple would accept; else raises ``PushRejected`` with the first reason in the module's
     order (its answer carries ``answer_id``). An expiry <= now means "deliver now or discard"."""
-    if duplicate:
+    if request.duplicate:
         raise reject("DuplicateHeaders")
-    # One lookup: a kept header name is never the literal's object, so a dict lookup compares
-    # the bytes; ``in`` and then ``[]`` would do it twice.
-    apns_id = headers.get(b"apns-id")
+    apns_id = request.apns_id
     if apns_id is None:
         apns_id = ids.new()
-    elif apns_id.translate(_UUID_SHAPE) != _UUID_FORM:
+    elif request.bad_id:  # (its shape checked once, by the parser)
         raise reject("BadMessageId")
-    if _HAS_NO_CHECKED_HEADER(headers):  # most pushes: nothing more to read in the headers
+    # Most pushes: nothing more to read in the headers.
+    if request.plain or _HAS_NO_CHECKED_HEADER(request.headers):
         expires = now + default_ttl
         limit = _MAX_PAYLOAD
         delay_text = None
     else:
-        expires, limit, delay_text = _check_headers(headers, now, default_ttl)
+        expires, limit, delay_text = _check_headers(request.headers, now, default_ttl)
     # A good token is taken here without parse_token's call (one per push): with
     # --strict-tokens a 64-digit one (hex of 64 digits is 32 bytes); any other goes to
     # parse_token, which raises its reason.
@@ -182,6 +188,7 @@ def check_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: bool, 
         token = None
     if token is None:
         token = parse_token(token_text, strict)
+    body = request.body
     if not body:
         raise reject("PayloadEmpty")
     if len(body) > limit:
@@ -189,11 +196,11 @@ def check_push(token_text: bytes, headers: dict[bytes, bytes], duplicate: bool, 
     return apns_id, token, expires, (None if delay_text is None else parse_delay(delay_text))
 
 
-def answer_id(headers: dict[bytes, bytes], ids: IdGenerator) -> bytes:
-    """The apns-id a push's answer carries: the one sent, as sent, even when it is not a UUID
-    (``400 BadMessageId``): clients match answers to requests by it (aioapns waits for its own
-    id, so a fresh one left it waiting for ever); only a request without one gets a fresh id."""
-    given = headers.get(b"apns-id")
+def answer_id(given: bytes | None, ids: IdGenerator) -> bytes:
+    """The apns-id a push's answer carries: the one sent (``given``), as sent, even when it is
+    not a UUID (``400 BadMessageId``): clients match answers to requests by it (aioapns waits
+    for its own id, so a fresh one left it waiting for ever); only a request without one gets a
+    fresh id."""
     return ids.new() if given is None else given
 
 

@@ -19,9 +19,15 @@ pipelining queue, so a push allocates no separate event or response slot.
 
 Rules
 -----
-- ``headers`` holds only the headers a route reads (``apple.REQUEST_HEADERS``), lower-cased;
-  ``duplicate`` is set when one that may appear once (``apple.SINGLE_HEADERS``) came twice.
-  Both are decided here, once, for every protocol (``add_header``).
+- ``headers`` holds only the headers a route reads (``apple.REQUEST_HEADERS``), lower-cased,
+  but apns-id, which is ``apns_id`` (None when absent; ``bad_id``: not a canonical UUID);
+  ``duplicate`` is set when one that may appear once (``apple.SINGLE_HEADERS``) came twice;
+  ``plain``, by a parser that knows (``http1_fast.py``), when none came twice and none but
+  apns-id is one the push route checks (``validation.CHECKED_HEADERS``): it reads none.
+  They are decided here, once, for every protocol (``add_header``), or by a parser that reads
+  the same (``http1_fast.py``).
+- ``headers`` is read-only once the request is complete: the HTTP/1.1 fast path hands every
+  request with the same header block one shared dict (no copy per push).
 - ``body_too_large``: the body went past what any route reads; it was discarded, not kept.
 - ``operator``: the request came in on the operator listener (``--admin-listen``).
 - An answer is given once; ``channel`` ignores a second one.
@@ -32,6 +38,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
+from rawsse.apns.validation import UUID_FORM, UUID_SHAPE
+
+APNS_ID = b"apns-id"
+_HEADERS = REQUEST_HEADERS - {APNS_ID}  # what ``headers`` keeps
 
 
 class Answer:
@@ -69,21 +79,26 @@ class Request:
     answer goes (``channel``). ``slot`` and ``after`` belong to the channel (HTTP/1.1: the
     serialized answer once given, and what the connection does after writing it)."""
 
-    __slots__ = ("method", "path", "query", "headers", "duplicate", "body", "body_too_large",
-                 "operator", "channel", "slot", "after")
+    __slots__ = ("method", "path", "query", "headers", "apns_id", "bad_id", "duplicate", "plain",
+                 "body", "body_too_large", "operator", "channel", "slot", "after")
 
     def __init__(self, channel: Channel, operator: bool, method: bytes = b"", path: bytes = b"",
                  query: bytes = b"", headers: dict[bytes, bytes] | None = None,
-                 duplicate: bool = False, body: bytes = b"", after: Any = None) -> None:
+                 duplicate: bool = False, body: bytes = b"", after: Any = None,
+                 apns_id: bytes | None = None, plain: bool = False) -> None:
         """Empty, for a parser to fill as it reads (httptools' callbacks, HTTP/2 frames), or
-        whole, from a parser that read it at once (``http1_fast.py``)."""
+        whole, from a parser that read it at once (``http1_fast.py``: an ``apns_id`` it gives
+        is a canonical UUID; it sets ``bad_id`` itself for one that is not)."""
         self.channel = channel
         self.operator = operator
         self.method = method
         self.path = path
         self.query = query
         self.headers: dict[bytes, bytes] = {} if headers is None else headers
+        self.apns_id = apns_id
+        self.bad_id = False
         self.duplicate = duplicate
+        self.plain = plain
         self.body = body
         self.body_too_large = False
         self.slot: Any = None
@@ -94,12 +109,18 @@ class Request:
         self.path, _, self.query = target.partition(b"?")
 
     def add_header(self, name: bytes, value: bytes) -> None:
-        """Keep a header a route reads (``name`` lower-case); flag a repeated single one."""
-        if name in REQUEST_HEADERS:
+        """Keep a header a route reads (``name`` lower-case); flag a repeated single one and
+        an apns-id that is not a UUID."""
+        if name in _HEADERS:  # (the others first: no comparison more for each of them)
             headers = self.headers
             if name in headers and name in SINGLE_HEADERS:
                 self.duplicate = True
             headers[name] = value
+        elif name == APNS_ID:
+            if self.apns_id is not None:
+                self.duplicate = True
+            self.apns_id = value
+            self.bad_id = value.translate(UUID_SHAPE) != UUID_FORM
 
     def answer(self, answer: Answer) -> None:
         self.channel.answer(self, answer)

@@ -9,7 +9,8 @@ way: what Go's net/http, curl and Fleet send) are read from it with a few bytes 
 from the first byte it declines, the read is fed to an ``httptools.HttpRequestParser`` whose
 callbacks fill a protocol-neutral ``Request`` (``exchange.py``), so every rule below stays
 httptools' and this module's whatever the fast path takes. A complete request is handed to the
-application (``rawsse.apns.routes.Routes.handle``), which answers through
+application (``rawsse.apns.routes.Routes.handle``; a push the fast path read on the public
+listener straight to ``Routes.push``, what ``handle`` would call), which answers through
 ``request.answer(Answer)`` now or later, or turns the connection into a device stream
 (``request.become_stream``), after which this object and its parser are garbage. Everything
 HTTP/1.1 means stays here: pipelining order, ``Connection``, ``100 Continue``, lingering close,
@@ -315,14 +316,19 @@ class Http1Connection(Http1Answers):
                 limit = MAX_QUEUED_OPERATOR if self.operator else MAX_QUEUED
                 head_limit = host.config.header_limit
                 after = CLOSE if self.stopping else KEEP
+                routes = host.routes
+                push = routes.push
                 while start < end and len(responses) < limit and len(self.out) < MAX_OUT:
                     taken = read_request(whole, start, head_limit, self, self.operator, after)
                     if taken is None:
                         break
-                    request, start = taken
+                    request, start, token = taken
                     responses.append(request)
                     host.stats.http_requests += 1
-                    host.routes.handle(request)
+                    if token is not None:  # a push: what handle would call, without its call
+                        push(request, token)
+                    else:
+                        routes.handle(request)
                     if request.after != KEEP:  # close, or a device stream: the last (_dispatch)
                         self.parser = None
                         break

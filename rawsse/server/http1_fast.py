@@ -6,8 +6,9 @@ httptools calls back into Python once per piece of a request: begin, URL, each h
 head, body, end of message; a push from Go's net/http (Fleet's client) makes ten of those calls,
 six of them ``on_header``. ``read_request`` reads a complete request with a few bytes
 operations instead: find the end of the head, split off the request line, look the header
-block up in a memo of blocks seen before (a sender's headers are the same push after push; an
-apns-id, different per push, is cut out first), else one pass over its lines keeping the names
+block up in a memo of blocks seen before (a sender's headers are the same push after push, so
+the last block found is compared first; an apns-id, different per push, is cut out first and
+its UUID shape checked), else one pass over its lines keeping the names
 the routes read (``HEADER_NAMES``), then slice the body by its Content-Length. It is the narrow
 part of a parser the project writes itself because the library is too slow for the hot path;
 ``http1.py`` calls it only between requests (nothing inside httptools), and everything it is not sure of goes to
@@ -44,6 +45,7 @@ import re
 from typing import Any
 
 from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
+from rawsse.apns.validation import CHECKED_HEADERS, UUID_FORM, UUID_SHAPE
 from rawsse.server.exchange import Request
 
 MAX_BODY = 64 * 1024  # largest body any route reads (admin JSON); pushes stop at 5120
@@ -76,7 +78,6 @@ METHODS = frozenset({b"GET", b"POST", b"PUT", b"DELETE"})
 _VERSION = b"HTTP/1.1"
 _PUSH_PREFIX = b"/3/device/"
 _ALPHANUM = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-_ID_BYTES = _ALPHANUM + b"-"  # what a UUID is made of
 # RFC 3986 pchar (unreserved, sub-delims, pct-encoded's "%", ":" and "@") with "/" and "?".
 _TARGET = _ALPHANUM + b"-._~" + b"!$&'()*+,;=" + b"%:@/?"
 # RFC 9112 §5.1 field-line = field-name ":" OWS field-value OWS, the name an RFC 9110 §5.6.2
@@ -91,19 +92,28 @@ _OWS = (b" ", b"\t")
 # Each memo is emptied when full: a sender sending ever new text costs it bounded memory and no
 # more time than no memo. An apns-id (one per push, as `rawsse push` sends) is kept in neither:
 # it is cut out of its block, whose rest is looked up (read_request).
-_BLOCKS: dict[bytes, tuple[dict[bytes, bytes], bool, int]] = {}
+# (kept headers, a single header repeated, the body's length, Request.plain)
+Fields = tuple[dict[bytes, bytes], bool, int, bool]
+_BLOCKS: dict[bytes, Fields] = {}
 _LINES: dict[bytes, tuple[bytes, bytes]] = {}
 MEMO_ENTRIES = 256
 MEMO_BLOCK = 2048  # longest block kept: the block memo holds at most 512 KB
 MEMO_LINE = 512  # longest line kept (a provider token's is ~200 bytes): at most 128 KB
 _PER_REQUEST = frozenset({b"apns-id", b"apns-collapse-id"})
+# The last block found in the memo, and the last block without its apns-id line (its pieces
+# before and after that line): a sender's next push has the same, found by comparing bytes,
+# where a memo lookup hashes the block, a new object each time (~750 instructions for Go's).
+_LAST_BLOCK: list[Any] = [None, None]
+_LAST_REST: list[Any] = [None, None, None]
 
 
 def read_request(data: bytes, start: int, head_limit: int, channel: Any, operator: bool,
-                 after: Any = None) -> tuple[Request, int] | None:
-    """The complete request at ``data[start:]`` and the offset just past it, or None when it is
-    not one this module is sure of (incomplete, or outside the subset above); ``after``: its
-    ``Request.after``, given at once."""
+                 after: Any = None) -> tuple[Request, int, bytes | None] | None:
+    """The complete request at ``data[start:]``, the offset just past it and, for a push on
+    the public listener (not ``operator``), its token's text (``Routes.push``'s argument: the
+    caller skips ``Routes.handle``; else None); or None when it is not one this module is sure
+    of (incomplete, or outside the subset above). ``after``: its ``Request.after``, given at
+    once."""
     head_end = data.find(b"\r\n\r\n", start)
     if head_end < 0 or head_end - start > head_limit:
         return None
@@ -115,9 +125,13 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any, operato
     if method not in METHODS or version != _VERSION:
         return None
     # A push's target is checked in one pass (a token is hex: no query), any other against
-    # RFC 3986.
-    if target.startswith(_PUSH_PREFIX) and target[10:].isalnum():
+    # RFC 3986. (A slice compared: startswith parses its arguments from a tuple, ~400
+    # instructions more.)
+    token: bytes | None = None
+    if target[:10] == _PUSH_PREFIX and (token := target[10:]).isalnum():
         path, query = target, b""
+        if operator:  # (the routes refuse it: handle's)
+            token = None
     elif target[:1] != b"/" or target.translate(None, _TARGET):
         return None
     else:
@@ -127,41 +141,72 @@ def read_request(data: bytes, start: int, head_limit: int, channel: Any, operato
     # same from push to push, is found in the memo (here, not in a call: nearly every push from
     # ``rawsse push`` carries one). A block with Go's line is never in the memo (its apns-id
     # keeps it out): it is not looked up, which would hash it for nothing (~1,500 instructions).
-    at = block.find(b"\r\nApns-Id: ")
-    fields = _BLOCKS.get(block) if at < 0 else None
-    if fields is not None:
-        headers, duplicate, length = fields
-        headers = headers.copy()  # the memo's stays as it is
+    # ``partition``, not ``find``: a C call with one argument, where find's are parsed from a
+    # tuple (~400 instructions), and it makes the slices around the line.
+    before, cut, tail = block.partition(b"\r\nApns-Id: ")
+    apns_id: bytes | None = None
+    bad_id = False
+    fields = None
+    if not cut:
+        last = _LAST_BLOCK
+        if block == last[0]:
+            fields = last[1]
+        else:
+            fields = _BLOCKS.get(block)
+            if fields is not None:
+                last[:] = block, fields
+    if fields is not None:  # its headers the memo's own dict: a request never writes to them
+        headers, duplicate, length, plain = fields
     else:
-        if at < 0:
-            at = block.find(b"\r\napns-id: ")
+        if not cut:
+            before, cut, tail = block.partition(b"\r\napns-id: ")
         rest = None
-        if at >= 0:  # (not the first line: no CRLF before it; read line by line then)
-            apns_id, crlf, after_id = block[at + 11:].partition(b"\r\n")
-            rest_block = block[:at] + crlf + after_id
-            rest = _BLOCKS.get(rest_block) or _read_block(rest_block)
-        # A UUID (what senders stamp) needs no stripping and cannot decline; anything else is
-        # read line by line.
-        if (rest is not None and apns_id and not apns_id.translate(None, _ID_BYTES)
-                and b"apns-id" not in rest[0]):
-            headers, duplicate, length = rest
-            headers = headers.copy()
-            headers[b"apns-id"] = apns_id
+        # (Not the first line: no CRLF before it; read line by line then.) A UUID (what
+        # senders stamp) needs no stripping and cannot decline, and its shape is checked here
+        # once (``Request.bad_id``); anything else is read line by line.
+        if cut:
+            given, crlf, after_id = tail.partition(b"\r\n")
+            if given.translate(UUID_SHAPE) == UUID_FORM:
+                last = _LAST_REST  # (the common case here, not in _rest_of: no call)
+                rest = (last[2] if before == last[0] and after_id == last[1]
+                        else _rest_of(before, crlf, after_id))
+                apns_id = given
+        if rest is not None:
+            headers, duplicate, length, plain = rest
         else:
             fields = _read_block(block)  # a dict of its own
             if fields is None:
                 return None
-            headers, duplicate, length = fields
+            headers, duplicate, length, plain = fields
+            apns_id = headers.pop(b"apns-id", None)
+            bad_id = apns_id is not None and apns_id.translate(UUID_SHAPE) != UUID_FORM
     end = head_end + 4 + length
     if end > len(data):
         return None
-    return Request(channel, operator, method, path, query, headers, duplicate,
-                   data[head_end + 4:end] if length else b"", after), end
+    request = Request(channel, operator, method, path, query, headers, duplicate,
+                      data[head_end + 4:end] if length else b"", after, apns_id, plain)
+    if bad_id:
+        request.bad_id = True
+    return request, end, token
 
 
-def _read_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
-    """(kept headers, a single header repeated, the body's length) of a header block not in
-    the memo, or None to decline."""
+def _rest_of(before: bytes, crlf: bytes,
+             after: bytes) -> Fields | None:
+    """What the block ``before + crlf + after`` (a block without its apns-id line) means, or
+    None to read the whole block line by line (it declines, or holds another apns-id); kept
+    as ``_LAST_REST``, which read_request compares first. (``crlf`` is b"" only when the id's
+    line was the last: then ``after`` is b"" too, and a block never ends in CRLF, so the two
+    pieces say what the block is.)"""
+    rest_block = before + crlf + after
+    rest = _BLOCKS.get(rest_block) or _read_block(rest_block)
+    if rest is None or b"apns-id" in rest[0]:
+        return None
+    _LAST_REST[:] = before, after, rest
+    return rest
+
+
+def _read_block(block: bytes) -> Fields | None:
+    """What a header block not in the memo means (``Fields``), or None to decline."""
     headers: dict[bytes, bytes] = {}
     duplicate = False
     lines = _LINES
@@ -182,9 +227,10 @@ def _read_block(block: bytes) -> tuple[dict[bytes, bytes], bool, int] | None:
     length_text = headers.get(b"content-length", b"0")
     if not length_text.isdigit() or len(length_text) > 6 or int(length_text) > MAX_BODY:
         return None
+    plain = not duplicate and headers.keys().isdisjoint(CHECKED_HEADERS)
     if len(block) <= MEMO_BLOCK and headers.keys().isdisjoint(_PER_REQUEST):
-        _remember(_BLOCKS, block, (headers.copy(), duplicate, int(length_text)))
-    return headers, duplicate, int(length_text)
+        _remember(_BLOCKS, block, (headers.copy(), duplicate, int(length_text), plain))
+    return headers, duplicate, int(length_text), plain
 
 
 def _read_line(line: bytes) -> tuple[bytes, bytes] | None:
