@@ -51,13 +51,15 @@ A worker that stops while it keeps pushes for an owner that is not back logs the
 
 from __future__ import annotations
 
+import struct
 import time
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import HELD, UNREACHABLE, PushAnswer
-from rawsse.node.wire import PUSH, framer
+from rawsse.apns.routing import HELD, UNREACHABLE, Accepted, PushAnswer
+from rawsse.node.wire import HEADER, LAYOUTS, PUSH, framer
 
 if TYPE_CHECKING:
     from rawsse.apns.delivery import Delivery
@@ -84,18 +86,53 @@ def first_sequence() -> int:
 
 
 # One promised push, kept until its owner says it holds it: a list, not an object, so that
-# promising one costs no Python call (``Mesh.submit`` makes it). Its fields:
-SEQ, TOKEN, PUSH_, DELAY, ANSWER = range(5)  # PUSH_ is None once forgotten (answered 503 after
-# a broken link); ANSWER is None once answered
-Forwarded = list[Any]  # [seq, token, push | None, delay, answer | None]
+# promising one costs no Python call (``Mesh.submit_plain`` makes it), and no ``Push``: its
+# fields are the record's. Its answer is ``ANSWER(accepted)`` when REQUEST is None, else (a push
+# the routes submitted plain: ``Router.submit_plain``) a 200 is ``request.channel.answer_ok(
+# request, apns_id)``, written here with no call of the routes', and anything else is
+# ``ANSWER(request, apns_id, accepted)``. Its fields:
+SEQ, TOKEN, FRAME, EXPIRES, RECEIVED, DELAY, ANSWER, REQUEST, APNS_ID = range(9)  # FRAME is
+# None once forgotten (answered 503 after a broken link); ANSWER is None once answered
+Forwarded = list[Any]  # [seq, token, frame | None, expires, received, delay, answer | None,
+#                         request | None, apns_id]
+
+# A framed PUSH record's header and fixed part, packed in one call (``frame_push`` without its
+# call: ``Mesh.submit_plain``), and the fixed part's size (counted in the record's length).
+PUSH_HEAD = struct.Struct(HEADER.format + LAYOUTS[PUSH].fixed.lstrip("!"))
+PUSH_FIXED = struct.calcsize(LAYOUTS[PUSH].fixed)
+
+
+def push_answer(answer: Any, request: Any, apns_id: bytes) -> PushAnswer:
+    """The one-argument answer of a push submitted plain, where one is needed (an asked push,
+    one for this worker's own shard): ``answer`` itself when REQUEST is None (see Forwarded)."""
+    return answer if request is None else partial(answer, request, apns_id)
+
+
+def answer_entry(entry: Forwarded, accepted: Accepted) -> bool:
+    """Answer one promised push, once; True for a plain 200 written (the caller counts those
+    in ``pushes_ok``, as the routes would have)."""
+    answer = entry[ANSWER]
+    if answer is None:
+        return False
+    entry[ANSWER] = None
+    request = entry[REQUEST]
+    if request is None:
+        answer(accepted)
+    elif accepted is HELD:
+        request.channel.answer_ok(request, entry[APNS_ID])
+        return True
+    else:
+        answer(request, entry[APNS_ID], accepted)
+    return False
 
 
 class Outbox:
     """The sender's side, for one owner: the credit it holds and the pushes it promised."""
 
-    __slots__ = ("credit", "credit_bytes", "kept", "staged", "unsent", "staged_pushes")
+    __slots__ = ("stats", "credit", "credit_bytes", "kept", "staged", "unsent", "staged_pushes")
 
-    def __init__(self) -> None:
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats  # the worker's: a plain 200 answered here counts in pushes_ok
         self.credit = 0
         self.credit_bytes = 0
         self.kept: deque[Forwarded] = deque()  # promised, not yet taken, oldest first
@@ -114,23 +151,31 @@ class Outbox:
         """The kernel took every message queued for the owner: the promised pushes are on
         their way, answer them 200."""
         unsent, self.unsent = self.unsent, []
+        plain = 0
         for entry in unsent:
             answer = entry[ANSWER]
+            if answer is None:  # a TAKEN came first (``taken``)
+                continue
             entry[ANSWER] = None
-            if answer is not None:  # else a TAKEN came first (``taken``)
+            request = entry[REQUEST]
+            if request is None:
                 answer(HELD)
+            else:  # answer_entry's 200, written out: this runs for every forwarded push
+                request.channel.answer_ok(request, entry[APNS_ID])
+                plain += 1
+        if plain:
+            self.stats.pushes_ok += plain
 
     def taken(self, upto: int, pushes: int, size: int) -> None:
         """The owner holds every push numbered up to ``upto`` and grants more credit."""
         kept = self.kept
         if kept and kept[-1][SEQ] <= upto and not self.unsent and not self.staged:
             kept.clear()  # all taken, every one answered already (``sent``): the usual TAKEN
-        while kept and kept[0][SEQ] <= upto:
-            entry = kept.popleft()
-            answer = entry[ANSWER]
-            if answer is not None:  # taken before this side saw its message leave
-                entry[ANSWER] = None
-                answer(HELD)
+        plain = 0
+        while kept and kept[0][SEQ] <= upto:  # taken before this side saw its message leave
+            plain += answer_entry(kept.popleft(), HELD)
+        if plain:
+            self.stats.pushes_ok += plain
         self.credit += pushes
         self.credit_bytes += size
 
@@ -142,18 +187,16 @@ class Outbox:
             return
         unsent, self.unsent, self.staged = self.unsent + self.staged, [], []
         for entry in unsent:
-            answer = entry[ANSWER]
-            if answer is not None:
-                entry[ANSWER] = None
-                entry[PUSH_] = None
-                answer(UNREACHABLE)
-        self.kept = deque(entry for entry in self.kept if entry[PUSH_] is not None)
+            if entry[ANSWER] is not None:
+                answer_entry(entry, UNREACHABLE)
+                entry[FRAME] = None
+        self.kept = deque(entry for entry in self.kept if entry[FRAME] is not None)
 
     def resend(self) -> list[tuple[bytes, int]]:
         """The kept pushes as framed records, oldest first, for a new link to the owner."""
-        return [(frame_push(0, entry[SEQ], push.expires, push.received, entry[DELAY],
-                            entry[TOKEN], push.frame), -1)
-                for entry in self.kept if (push := entry[PUSH_]) is not None]
+        return [(frame_push(0, entry[SEQ], entry[EXPIRES], entry[RECEIVED], entry[DELAY],
+                            entry[TOKEN], entry[FRAME]), -1)
+                for entry in self.kept if entry[FRAME] is not None]
 
 
 class Ledger:

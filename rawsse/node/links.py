@@ -20,11 +20,11 @@ import logging
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rawsse.node import peercred
 from rawsse.apns.routing import QUEUE_FULL, UNREACHABLE
-from rawsse.node.forwarding import Outbox, frame_push
+from rawsse.node.forwarding import Outbox, frame_push, push_answer
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
     ANCILLARY_SIZE, HEADER, SENDER, TAKEN, TRUNCATED, address, decoder, framer, iter_records,
@@ -33,8 +33,6 @@ from rawsse.node.wire import (
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
 
 if TYPE_CHECKING:
-    from rawsse.apns.registry import Push
-    from rawsse.apns.routing import PushAnswer
     from rawsse.node.mesh import Mesh
 
 log = logging.getLogger("rawsse.node.mesh")
@@ -74,7 +72,7 @@ class OutLink:
         self.fd = -1
         self.out: SendQueue | None = None
         self.events = 0
-        self.outbox = Outbox()
+        self.outbox = Outbox(mesh.stats)
         self.acks_due = 0  # messages of pushes sent whose TAKEN was not read (at most: see read_acks)
 
     @property
@@ -112,36 +110,36 @@ class OutLink:
             self.flush()
         return self.sock is not None
 
-    def out_of_credit(self, token: bytes, push: "Push", delay: float,
-                      answer: "PushAnswer") -> bool:
-        """``Mesh.submit``'s rarer half: the link is down or full, or the credit does not cover the
-        push (a new link, a full owner, Redis mode). True when, connected and the TAKENs read,
-        the credit covers it now (``Mesh.submit`` promises it); else it is answered, or sent asked
-        (answered by its owner's ACK), and False."""
+    def out_of_credit(self, token: bytes, frame: bytes, expires: float, received: float,
+                      delay: float, answer: Any, request: Any, apns_id: bytes) -> bool:
+        """``Mesh.submit_plain``'s rarer half: the link is down or full, or the credit does not
+        cover the push (a new link, a full owner, Redis mode). True when, connected and the
+        TAKENs read, the credit covers it now (``Mesh.submit_plain`` promises it); else it is
+        answered, or sent asked (answered by its owner's ACK), and False. ``answer``,
+        ``request``, ``apns_id``: as in ``forwarding.Forwarded``."""
         mesh = self.mesh
         out = self.out
         if out is None:
             out = self.out if self.connect() else None
             if out is None:
-                answer(UNREACHABLE)
+                push_answer(answer, request, apns_id)(UNREACHABLE)
                 return False
         if out.queued >= MAX_QUEUED:
-            answer(QUEUE_FULL)
+            push_answer(answer, request, apns_id)(QUEUE_FULL)
             return False
         outbox = self.outbox
-        size = len(push.frame)
+        size = len(frame)
         if outbox.credit <= 0 or size > outbox.credit_bytes:
             self.read_acks()  # the owner's TAKENs may have brought more meanwhile
             if self.out is None:  # and the owner's end with them
-                answer(UNREACHABLE)
+                push_answer(answer, request, apns_id)(UNREACHABLE)
                 return False
         if outbox.credit > 0 and size <= outbox.credit_bytes:
             return True
         mesh._next_seq = seq = mesh._next_seq + 1
-        rid = mesh.expect(self.peer, answer, UNREACHABLE)
+        rid = mesh.expect(self.peer, push_answer(answer, request, apns_id), UNREACHABLE)
         outbox.staged_pushes = True
-        mesh.send_record(self.peer, frame_push(rid, seq, push.expires, push.received, delay, token,
-                                               push.frame))
+        mesh.send_record(self.peer, frame_push(rid, seq, expires, received, delay, token, frame))
         return False
 
     def send(self, messages: list[tuple[bytes, list[int]]]) -> None:

@@ -65,7 +65,8 @@ from rawsse.apns.routing import (
     HELD, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
 )
 from rawsse.node.forwarding import (
-    LOW_CREDIT, LOW_CREDIT_BYTES, Decoded, Ledgers, first_sequence, frame_push,
+    LOW_CREDIT, LOW_CREDIT_BYTES, PUSH_FIXED, PUSH_HEAD, Decoded, Ledgers, first_sequence,
+    push_answer,
 )
 from rawsse.node.links import MAX_QUEUED, InLink, MeshListener, OutLink, close_fds
 from rawsse.node.wire import (
@@ -81,6 +82,7 @@ log = logging.getLogger(__name__)
 _decode_push = decoder(PUSH)
 _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
 _frame_taken, _decode_taken = framer(TAKEN), decoder(TAKEN)
+_push_head = PUSH_HEAD.pack
 _ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
 REQUEST_TIMEOUT = 5.0
@@ -310,33 +312,42 @@ class Mesh:
     # -- requests -----------------------------------------------------------------------------
 
     def submit(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
-        """``Router.submit`` with peers: own shard to ``take_own``, else forwarded; ``answer``
-        gets HELD (within credit: once the kernel took it), QUEUE_FULL or UNREACHABLE. Routing
-        and the promise (``Outbox``) in one call, no other when the link is up: once per push."""
+        """``Router.submit`` with peers: ``submit_plain`` of the push's fields."""
+        self.submit_plain(token, push.frame, push.expires, push.received, delay, answer, None, b"")
+
+    def submit_plain(self, token: bytes, frame: bytes, expires: float, received: float,
+                     delay: float, answer: Any, request: Any, apns_id: bytes) -> None:
+        """``Router.submit_plain`` with peers: own shard to ``take_own``, else forwarded,
+        answered (``forwarding.Forwarded``) HELD within credit once the kernel took it, else
+        as the owner's ACK says, QUEUE_FULL or UNREACHABLE. Routing and the promise
+        (``Outbox``) in one call, no other when the link is up: once per push."""
         peer = crc32(token) % self.count  # routing.owner_of, written out
         if peer == self.index:
-            self.take_own(token, push, delay, answer)
+            self.take_own(token, Push(frame, expires, received), delay,
+                          push_answer(answer, request, apns_id))
             return
         self.stats.forwarded += 1
         link = self.links[peer]
         out = link.out
         outbox = link.outbox
-        frame = push.frame
         size = len(frame)
         if out is None or out.queued >= MAX_QUEUED or outbox.credit <= 0 \
                 or size > outbox.credit_bytes:
-            if not link.out_of_credit(token, push, delay, answer):
+            if not link.out_of_credit(token, frame, expires, received, delay, answer, request,
+                                      apns_id):
                 return
         # Promised: kept until a TAKEN covers it, answered by ``Outbox.sent``; a list, no call.
         outbox.credit -= 1
         outbox.credit_bytes -= size
         self._next_seq = seq = self._next_seq + 1
-        entry = [seq, token, push, delay, answer]
+        entry = [seq, token, frame, expires, received, delay, answer, request, apns_id]
         outbox.kept.append(entry)
         outbox.staged.append(entry)
         outbox.staged_pushes = True
         self.stats.forwarded_promised += 1
-        framed = frame_push(0, seq, push.expires, push.received, delay, token, frame)
+        length = len(token)
+        framed = _push_head(PUSH, PUSH_FIXED + length + size, 0, seq, expires, received, delay,
+                            length) + token + frame  # frame_push's record, without its call
         batch = self.batches.get(peer)
         if batch is None:
             self.batches[peer] = [(framed, -1)]
