@@ -10,8 +10,10 @@ busy node: 110 µs per push with 2 workers against 55 µs with one, issue 14). I
 - **Credit.** Each owner reserves room in its bounded queues (``Delivery.reserved_pushes``,
   ``reserved_bytes``: counted against ``--max-pending``, ``--max-pending-bytes`` and
   ``--max-delayed`` like pushes it holds) for each peer, up to ``CREDIT_PUSHES`` pushes and
-  ``CREDIT_BYTES`` frame bytes, and grants it to the peer in its acknowledgements (``TAKEN``). It
-  grants only what its queues can still take, so a reservation is never a promise it cannot keep.
+  ``CREDIT_BYTES`` frame bytes, and grants it to the peer in its acknowledgements (``TAKEN``):
+  all of it again each time the peer's falls below half (``GRANT_BELOW``), so the usual message
+  grants nothing and costs no look at the queues' room. It grants only what its queues can
+  still take, so a reservation is never a promise it cannot keep.
 - **Promise.** A worker holding credit for the owner sends the push marked *promised* (request
   id 0) and answers 200 as soon as the kernel has taken the message carrying it: from then on
   the push sits in the owner's socket queue, where it survives a ``kill -9`` of the worker that
@@ -51,7 +53,6 @@ A worker that stops while it keeps pushes for an owner that is not back logs the
 
 from __future__ import annotations
 
-import struct
 import time
 from collections import deque
 from functools import partial
@@ -59,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import HELD, UNREACHABLE, Accepted, PushAnswer
-from rawsse.node.wire import HEADER, LAYOUTS, PUSH, framer
+from rawsse.node.wire import PUSH, framer
 
 if TYPE_CHECKING:
     from rawsse.apns.delivery import Delivery
@@ -73,6 +74,10 @@ CREDIT_BYTES = 1024 * 1024
 # sooner only frees the pushes it keeps sooner (at most the credit), for a recv either way.
 LOW_CREDIT = CREDIT_PUSHES // 4
 LOW_CREDIT_BYTES = CREDIT_BYTES // 4
+# An owner grants a sender more credit once what it holds falls below this (``Ledgers.arrived``):
+# a grant then, not a little with every message, and no look at the queues' room in between.
+GRANT_BELOW = CREDIT_PUSHES // 2
+GRANT_BELOW_BYTES = CREDIT_BYTES // 2
 
 frame_push = framer(PUSH)  # a framed PUSH record, header and fixed part in one pack
 
@@ -95,11 +100,6 @@ SEQ, TOKEN, FRAME, EXPIRES, RECEIVED, DELAY, ANSWER, REQUEST, APNS_ID = range(9)
 # None once forgotten (answered 503 after a broken link); ANSWER is None once answered
 Forwarded = list[Any]  # [seq, token, frame | None, expires, received, delay, answer | None,
 #                         request | None, apns_id]
-
-# A framed PUSH record's header and fixed part, packed in one call (``frame_push`` without its
-# call: ``Mesh.submit_plain``), and the fixed part's size (counted in the record's length).
-PUSH_HEAD = struct.Struct(HEADER.format + LAYOUTS[PUSH].fixed.lstrip("!"))
-PUSH_FIXED = struct.calcsize(LAYOUTS[PUSH].fixed)
 
 
 def push_answer(answer: Any, request: Any, apns_id: bytes) -> PushAnswer:
@@ -220,23 +220,36 @@ class Ledgers:
         self.workers = workers  # no peer is granted more than its share of the room
         self.senders: dict[int, Ledger] = {}
 
-    def arrived(self, sender: int, pushes: list[Decoded]) -> tuple[list[Decoded], int, int, int, int, int]:
-        """The pushes of one message from ``sender``: the ones not taken before, the number
-        to acknowledge and the credit to grant (``TAKEN``'s fields), and the count and frame
-        bytes of the fresh ones, whose room stays reserved until ``accepting`` them (they are
-        accepted once this turn's TAKEN has left: ``mesh.py``)."""
+    def arrived(self, sender: int, pushes: list[Decoded], size: int,
+                asked: bool) -> tuple[list[Decoded], int, int, int, int, int]:
+        """The pushes of one message from ``sender`` (their frames' ``size``; ``asked``: one
+        of them carries a request id): the ones not taken before, the number to acknowledge
+        and the credit to grant (``TAKEN``'s fields), and the count and frame bytes of the
+        fresh ones, whose room stays reserved until ``accepting`` them (they are accepted once
+        this turn's TAKEN has left: ``mesh.py``). Credit is granted once the sender's falls
+        to half (``GRANT_BELOW``), up to ``CREDIT_PUSHES`` again: the usual message grants
+        none and only releases the room its promised pushes had reserved to them."""
         ledger = self.senders.get(sender)
         if ledger is None:
             ledger = self.senders[sender] = Ledger()
+        count = len(pushes)
+        if (not asked and pushes[0][1] > ledger.last_seq and ledger.pushes - count >= GRANT_BELOW
+                and ledger.bytes - size >= GRANT_BELOW_BYTES):
+            # All fresh and promised, within the room reserved for them, no grant due: that
+            # room is theirs until ``accepting`` (``reserved_*`` unchanged), no other count.
+            ledger.last_seq = pushes[-1][1]
+            ledger.pushes -= count
+            ledger.bytes -= size
+            return pushes, ledger.last_seq, 0, 0, count, size
         last = ledger.last_seq
         fresh = [p for p in pushes if p[1] > last] if pushes[0][1] <= last else pushes
         delivery = self.delivery
-        # Comprehensions, not a loop with counters: this runs for every push of the message.
-        count = len(fresh)
-        size = sum([len(p[6]) for p in fresh])
-        asked = [len(p[6]) for p in fresh if p[0]]  # nearly always none: they are promised
-        promised = count - len(asked)
-        promised_size = size - sum(asked) if asked else size
+        if len(fresh) != count:
+            count = len(fresh)
+            size = sum([len(p[6]) for p in fresh])
+        asked_sizes = [len(p[6]) for p in fresh if p[0]] if asked else []
+        promised = count - len(asked_sizes)
+        promised_size = size - sum(asked_sizes) if asked_sizes else size
         if fresh:
             ledger.last_seq = fresh[-1][1]
         # The promised pushes use the room reserved for them: release it, they take it now.
@@ -245,12 +258,14 @@ class Ledgers:
         ledger.bytes -= promised_size
         delivery.reserved_pushes -= promised
         delivery.reserved_bytes -= promised_size
-        room, room_bytes = free_room(delivery)
-        share = self.workers
-        grant = min(CREDIT_PUSHES - ledger.pushes, (room - count) // share)
-        grant_bytes = min(CREDIT_BYTES - ledger.bytes, (room_bytes - size) // share)
-        if grant <= 0 or grant_bytes <= 0:
-            grant = grant_bytes = 0
+        grant = grant_bytes = 0
+        if ledger.pushes < GRANT_BELOW or ledger.bytes < GRANT_BELOW_BYTES:
+            room, room_bytes = free_room(delivery)
+            share = self.workers
+            grant = min(CREDIT_PUSHES - ledger.pushes, (room - count) // share)
+            grant_bytes = min(CREDIT_BYTES - ledger.bytes, (room_bytes - size) // share)
+            if grant <= 0 or grant_bytes <= 0:
+                grant = grant_bytes = 0
         ledger.pushes += grant
         ledger.bytes += grant_bytes
         delivery.reserved_pushes += grant + count

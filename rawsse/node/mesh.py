@@ -54,7 +54,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from functools import partial
 from zlib import crc32
 from typing import Any, Callable
 
@@ -65,21 +64,20 @@ from rawsse.apns.routing import (
     HELD, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
 )
 from rawsse.node.forwarding import (
-    LOW_CREDIT, LOW_CREDIT_BYTES, PUSH_FIXED, PUSH_HEAD, Decoded, Ledgers, first_sequence,
-    push_answer,
+    LOW_CREDIT, LOW_CREDIT_BYTES, Decoded, Ledgers, first_sequence, push_answer,
 )
 from rawsse.node.links import MAX_QUEUED, InLink, MeshListener, OutLink, close_fds
+from rawsse.node import peer_requests
 from rawsse.node.wire import (
-    ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, PUSH, RECV_SIZE, REPLY, SENDER, STATS,
-    TAKEN, address, decode, decoder, encode, encoder, framer, iter_records, pack_messages,
-    pushing, record,
+    ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, PUSH, PUSH_FIXED, PUSH_HEAD, RECV_SIZE,
+    REPLY, SENDER, STATS, TAKEN, address, decode, decoder, encode, encoder, framer, iter_records,
+    pack_messages, pushing, read_pushes, record,
 )
 from rawsse.server.loop import EPOLLIN
 
 log = logging.getLogger(__name__)
 
 # The hot kinds' codecs, bound once (``wire.encode``/``decode`` look the kind up per call).
-_decode_push = decoder(PUSH)
 _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
 _frame_taken, _decode_taken = framer(TAKEN), decoder(TAKEN)
 _push_head = PUSH_HEAD.pack
@@ -371,78 +369,25 @@ class Mesh:
         link = self.links.get(peer)
         return link is not None and link.send_fd_now(record(kind, body), fd)
 
-    def broadcast(self, frame: bytes, prefix: str,
-                  done: Callable[[int, int, list[int]], None]) -> None:
-        """Ask every peer to write ``frame`` to its streams; ``done(written, refused, missing)``
-        summed over the workers once all replied or ``--broadcast-worker-wait`` passed:
-        ``missing`` names the workers that gave no count (down, or not done in time: such a
-        worker may still write the event; its streams are not in the sums).
-
-        The requests leave before this worker writes its own streams, so every worker writes
-        at once (queued for the end of the turn, they waited for this worker's whole loop)."""
-        waited = {peer for peer in range(self.count) if peer != self.index}
-        tally = [0, 0]  # written, refused
-
-        def reply(peer: int, part: tuple[int, int] | None) -> None:
-            if part is not None:
-                waited.discard(peer)
-                tally[0] += part[0]
-                tally[1] += part[1]
-            replies[0] -= 1
-            if replies[0] == 0:
-                done(tally[0], tally[1], sorted(waited))
-
-        prefix_bytes = prefix.encode()
-        peers = self.worker_peers()
-        replies = [len(peers) + 1]
-        wait = self.worker.config.broadcast_worker_wait
-        for peer in peers:
-            rid = self.expect(peer, partial(reply, peer), None, wait)
-            self.send(peer, BCAST, encode(BCAST, rid, prefix_bytes, frame))
-        if peers:
-            self.flush()
-        reply(self.index, self.worker.broadcast_local(frame, prefix))
-
-    def collect(self, kind: int, body: bytes, done: Callable[[list[Any]], None]) -> None:
-        """Ask every reachable peer (``STATS``, ``ADMIN``); ``done`` gets their JSON replies
-        once all answered (a peer lost meanwhile is left out)."""
-        replies: list[Any] = []
-        peers = self.worker_peers()
-        remaining = [len(peers)]
-
-        def reply(doc: Any) -> None:
-            if doc is not None:
-                replies.append(doc)
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                done(replies)
-
-        if not peers:
-            done(replies)
-            return
-        for peer in peers:
-            rid = self.expect(peer, reply, None)
-            self.send(peer, kind, encode(kind, rid, body))
-
-    def share(self, command: dict[str, Any], done: Callable[[list[Any]], None]) -> None:
-        """Apply an admin command on every peer; ``done`` once all have it, so the change holds
-        for the very next push whichever worker takes it."""
-        self.collect(ADMIN, orjson.dumps(command), done)
+    # requests to every peer at once (peer_requests.py)
+    broadcast = peer_requests.broadcast
+    collect = peer_requests.collect
+    share = peer_requests.share
 
     # -- receiving ----------------------------------------------------------------------------
 
     def receive(self, data: bytes, fds: list[int], link: InLink) -> int:
         """Handle one message that came on ``link``; returns the index of the peer that sent it."""
         self._reply_to = sender = ((data[0] & 0x7F) << 8) | data[1]  # wire.sender_of
-        records = iter_records(data)
-        pushes = [_decode_push(body) for kind, body in records if kind == PUSH]
+        pushes, size, asked, others = read_pushes(data)
         if pushes:
             try:
-                self._take_pushes(sender, pushes, link)
+                self._take_pushes(sender, pushes, size, asked, link)
             except Exception:
                 log.exception("mesh pushes from worker %d failed", sender)
-        if len(pushes) == len(records) and not fds:  # the usual message: pushes only
+        if not others and not fds:  # the usual message: pushes only
             return sender
+        records = iter_records(data)
         fd_index = 0
         for kind, body in records:
             if kind == PUSH:
@@ -467,7 +412,8 @@ class Mesh:
             os.close(fd)
         return sender
 
-    def _take_pushes(self, sender: int, pushes: list[Decoded], link: InLink) -> None:
+    def _take_pushes(self, sender: int, pushes: list[Decoded], size: int, asked: bool,
+                     link: InLink) -> None:
         """The owner's half: the message's pushes are acknowledged (``TAKEN``) in this turn's
         flush, riding in its batch to ``sender`` if it has one, and accepted after it left
         (``_accept_taken``), never before: a push written is a push acknowledged."""
@@ -475,7 +421,8 @@ class Mesh:
         if ledgers is None:  # an owner that may answer later (a cluster worker asks Redis)
             self._take_asked(sender, pushes)
             return
-        fresh, upto, grant, grant_bytes, count, size = ledgers.arrived(sender, pushes)
+        fresh, upto, grant, grant_bytes, count, size = ledgers.arrived(sender, pushes, size,
+                                                                       asked)
         due = self.taken_due.get(sender)
         if due is None or due[0] is not link:
             if due is not None:  # two links from one sender in a turn: the old one's first

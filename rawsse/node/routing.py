@@ -12,7 +12,6 @@ cluster with a cluster owner.
 from __future__ import annotations
 
 import os
-from zlib import crc32
 from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
