@@ -225,8 +225,8 @@ class Ledgers:
         """The pushes of one message from ``sender`` (their frames' ``size``; ``asked``: one
         of them carries a request id): the ones not taken before, the number to acknowledge
         and the credit to grant (``TAKEN``'s fields), and the count and frame bytes of the
-        fresh ones, whose room stays reserved until ``accepting`` them (they are accepted once
-        this turn's TAKEN has left: ``mesh.py``). Credit is granted once the sender's falls
+        fresh ones, whose room stays reserved until they are accepted, once this turn's TAKEN
+        has left (``Mesh._accept_taken``). Credit is granted once the sender's falls
         to half (``GRANT_BELOW``), up to ``CREDIT_PUSHES`` again: the usual message grants
         none and only releases the room its promised pushes had reserved to them."""
         ledger = self.senders.get(sender)
@@ -236,7 +236,7 @@ class Ledgers:
         if (not asked and pushes[0][1] > ledger.last_seq and ledger.pushes - count >= GRANT_BELOW
                 and ledger.bytes - size >= GRANT_BELOW_BYTES):
             # All fresh and promised, within the room reserved for them, no grant due: that
-            # room is theirs until ``accepting`` (``reserved_*`` unchanged), no other count.
+            # room is theirs until they are accepted (``reserved_*`` unchanged), no other count.
             ledger.last_seq = pushes[-1][1]
             ledger.pushes -= count
             ledger.bytes -= size
@@ -271,11 +271,6 @@ class Ledgers:
         delivery.reserved_pushes += grant + count
         delivery.reserved_bytes += grant_bytes + size
         return fresh, ledger.last_seq, grant, grant_bytes, count, size
-
-    def accepting(self, count: int, size: int) -> None:
-        """Pushes ``arrived`` kept room for are being accepted now: the room is theirs."""
-        self.delivery.reserved_pushes -= count
-        self.delivery.reserved_bytes -= size
 
     def sender_gone(self, sender: int) -> None:
         """``sender``'s link ended: the credit it held is void (a replacement starts with none)

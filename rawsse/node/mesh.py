@@ -69,7 +69,8 @@ from rawsse.node.forwarding import (
 from rawsse.node.links import MAX_QUEUED, InLink, MeshListener, OutLink, close_fds
 from rawsse.node import peer_requests
 from rawsse.node.wire import (
-    ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, PUSH, PUSH_FIXED, PUSH_HEAD, RECV_SIZE,
+    ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, MAX_MESSAGE, PUSH, PUSH_FIXED, PUSH_HEAD,
+    RECV_SIZE,
     REPLY, SENDER, STATS, TAKEN, address, decode, decoder, encode, encoder, framer, iter_records,
     pack_messages, pushing, read_pushes, record,
 )
@@ -81,6 +82,7 @@ log = logging.getLogger(__name__)
 _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
 _frame_taken, _decode_taken = framer(TAKEN), decoder(TAKEN)
 _push_head = PUSH_HEAD.pack
+_ALONE_MAX = MAX_MESSAGE - SENDER.size  # a record this long or shorter is a message alone
 _ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
 REQUEST_TIMEOUT = 5.0
@@ -119,7 +121,7 @@ class Mesh:
         # owner that answers later (Redis mode): every forwarded push is then asked.
         self.ledgers: Ledgers | None = None
         self._next_seq = first_sequence()
-        self.taken_prefix = SENDER.pack(self.index)
+        self.message_prefix = SENDER.pack(self.index)  # a message's first bytes (wire.py)
         # The owner's half of this turn (flush): sender -> the TAKEN it is owed, as
         # [link the pushes came on, upto, pushes granted, bytes granted, messages answered];
         # and the pushes taken, accepted once that TAKEN has left: (sender, pushes, count, bytes)
@@ -234,8 +236,15 @@ class Mesh:
             records.append((_frame_taken(taken[1], taken[2], taken[3], taken[4]), -1))
         if outbox.kept and (outbox.credit < LOW_CREDIT or outbox.credit_bytes < LOW_CREDIT_BYTES):
             link.read_acks()
-        outbox.queued()
-        messages = pack_messages(self.index, records)
+        if outbox.staged:  # Outbox.queued, written out
+            outbox.unsent += outbox.staged
+            outbox.staged = []
+        framed, fd = records[0]
+        messages: list[tuple[bytes, list[int]]]
+        if len(records) == 1 and fd < 0 and len(framed) <= _ALONE_MAX:
+            messages = [(self.message_prefix + framed, [])]  # pack_messages' usual, no call
+        else:
+            messages = pack_messages(self.index, records)
         if outbox.staged_pushes:
             outbox.staged_pushes = False
             if self.ledgers is not None:  # in Redis mode owners answer ACKs, never a TAKEN
@@ -450,7 +459,8 @@ class Mesh:
         write_received = delivery.registry.write_received
         taking, self.taking = self.taking, []
         for sender, fresh, count, size in taking:
-            ledgers.accepting(count, size)
+            delivery.reserved_pushes -= count  # the room ``Ledgers.arrived`` kept is theirs
+            delivery.reserved_bytes -= size
             try:
                 for rid, _seq, expires, received, delay, token, frame in fresh:
                     if not delay and write_received(token, frame, expires, received):
