@@ -172,8 +172,10 @@ class Outbox:
         if kept and kept[-1][SEQ] <= upto and not self.unsent and not self.staged:
             kept.clear()  # all taken, every one answered already (``sent``): the usual TAKEN
         plain = 0
-        while kept and kept[0][SEQ] <= upto:  # taken before this side saw its message leave
-            plain += answer_entry(kept.popleft(), HELD)
+        while kept and kept[0][SEQ] <= upto:
+            entry = kept.popleft()
+            if entry[ANSWER] is not None:  # taken before this side saw its message leave
+                plain += answer_entry(entry, HELD)
         if plain:
             self.stats.pushes_ok += plain
         self.credit += pushes
