@@ -8,6 +8,7 @@ what one loop turn sends is what the test sees (rawsse/node/forwarding.py, Ackno
 - an owner grants credit again only once the sender's falls below half, then all of it;
 - an owner gone after taking pushes: every TAKEN it sent, riding or on the way back, counts
   before the kept pushes are sent again, so none is sent twice;
+- a forwarded push's plain 200 counts in pushes_ok; one its owner cannot take is a 503;
 - a forwarded push written at once counts its latency from when it was received."""
 
 from __future__ import annotations
@@ -235,6 +236,24 @@ def test_an_owner_gone_after_taking_pushes_gets_none_of_them_again(pair, last):
     link.handle_events(EPOLLRDHUP)
     assert link.sock is None
     assert not link.outbox.kept, "pushes worker 1 took would be sent again to its replacement"
+
+
+def test_a_forwarded_push_submitted_plain_is_counted_ok_or_answered_503_by_the_routes(pair):
+    """A forwarded push's plain 200 is written by the mesh (``Outbox.sent``), not the routes,
+    and still counts in ``pushes_ok``; one its owner cannot take is the routes' 503."""
+    stats = pair.procs[0].worker.stats
+    ok = stats.pushes_ok
+    pair.push(0, 1, count=3)
+    pair.turn(0)
+    assert pair.answers(0) == 3 and stats.pushes_ok == ok + 3
+    pair.kill(1)
+    pair.outlink(0).handle_events(EPOLLRDHUP)  # worker 0 sees its link to worker 1 end
+    pair.push(0, 1)
+    pair.turn(0)
+    answer = received(pair.senders[0])
+    assert answer.startswith(b"HTTP/1.1 503") and b"ServiceUnavailable" in answer
+    assert b"apns-id: " in answer
+    assert stats.pushes_ok == ok + 3 and stats.owner_unavailable == 1
 
 
 def test_a_forwarded_push_written_at_once_counts_its_latency_from_when_it_was_received(pair):
