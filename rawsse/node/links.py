@@ -334,18 +334,18 @@ class InLink:
         else:
             self.backlog = None
 
-    def handle_events(self, events: int) -> None:
-        # One recvmsg is one message (SOCK_SEQPACKET); read to the end of the peer's batch, at
-        # most RECEIVE_MESSAGES or RECEIVE_BYTES per turn, so one busy peer cannot starve the
-        # others nor the worker's timers (its heartbeat: issue 12). What is left waits in the
-        # kernel and level-triggered epoll brings us back next turn. Linux has no flag on a
-        # received message saying another one waits; the sender's MORE bit says whether its
-        # batch goes on, which spares the recvmsg that would only return EAGAIN.
-        self.read(RECEIVE_MESSAGES, RECEIVE_BYTES, True)
-
-    def read(self, messages: int, budget: int, batch: bool) -> None:
+    def handle_events(self, events: int, messages: int = RECEIVE_MESSAGES,
+                      budget: int = RECEIVE_BYTES, batch: bool = True) -> None:
         """Read up to ``messages`` messages or ``budget`` bytes, and stop after the last
-        message of a batch if ``batch`` (else at EAGAIN or the end of the link)."""
+        message of a batch if ``batch`` (else at EAGAIN or the end of the link: ``read_all``).
+
+        One recvmsg is one message (SOCK_SEQPACKET); read to the end of the peer's batch, at
+        most RECEIVE_MESSAGES or RECEIVE_BYTES per turn, so one busy peer cannot starve the
+        others nor the worker's timers (its heartbeat: issue 12). What is left waits in the
+        kernel and level-triggered epoll brings us back next turn. Linux has no flag on a
+        received message saying another one waits; the sender's MORE bit says whether its
+        batch goes on, which spares the recvmsg that would only return EAGAIN. (The loop's
+        handler itself, not a call to a reader: this runs once per wakeup for the mesh.)"""
         # Into the mesh's one buffer, then copied: ``recvmsg`` would allocate RECV_SIZE per
         # message, an mmap, mremap and munmap each time under glibc's default threshold
         # (strace -f of bench/mesh_probe.py).
@@ -376,6 +376,10 @@ class InLink:
             self.peer = receive(data, fds, self)
             if batch and data[0] < 0x80:  # not wire.MORE: the last message of its batch
                 return
+
+    def read_all(self) -> None:
+        """Read everything the peer sent us, to EAGAIN or the end of the link."""
+        self.handle_events(0, 1 << 30, 1 << 62, False)
 
     def close(self, reason: str = "") -> None:
         if self.fd >= 0:

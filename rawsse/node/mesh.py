@@ -283,7 +283,7 @@ class Mesh:
         """Before a stop: read what the peers sent (their pushes are taken, their TAKENs
         release what this worker keeps), then take the TAKENs on every link."""
         for link in list(self.inbound):
-            link.read(1 << 30, 1 << 62, False)
+            link.read_all()
         self.flush()
         self.resend_kept()
 
@@ -292,7 +292,7 @@ class Mesh:
         TAKENs riding in it must count before its link's kept pushes are sent again."""
         for link in list(self.inbound):
             if link.peer in (peer, -1):
-                link.read(1 << 30, 1 << 62, False)
+                link.read_all()
 
     def inbound_closed(self, link: InLink) -> None:
         """A peer's link to us ended: the credit it held is void."""
