@@ -141,12 +141,6 @@ class Outbox:
         self.unsent: list[Forwarded] = []
         self.staged_pushes = False  # this turn's batch has pushes (each message gets a TAKEN)
 
-    def queued(self) -> None:
-        """This turn's batch went into the link's send queue."""
-        if self.staged:
-            self.unsent += self.staged
-            self.staged = []
-
     def sent(self) -> None:
         """The kernel took every message queued for the owner: the promised pushes are on
         their way, answer them 200."""

@@ -66,13 +66,12 @@ from rawsse.apns.routing import (
 from rawsse.node.forwarding import (
     LOW_CREDIT, LOW_CREDIT_BYTES, Decoded, Ledgers, first_sequence, push_answer,
 )
-from rawsse.node.links import MAX_QUEUED, InLink, MeshListener, OutLink, close_fds
 from rawsse.node import peer_requests
+from rawsse.node.links import MAX_QUEUED, InLink, MeshListener, OutLink, close_fds
 from rawsse.node.wire import (
     ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, MAX_MESSAGE, PUSH, PUSH_FIXED, PUSH_HEAD,
-    RECV_SIZE,
-    REPLY, SENDER, STATS, TAKEN, address, decode, decoder, encode, encoder, framer, iter_records,
-    pack_messages, pushing, read_pushes, record,
+    RECV_SIZE, REPLY, SENDER, STATS, TAKEN, address, decode, decoder, encode, encoder, framer,
+    iter_records, pack_messages, pushing, read_pushes, record,
 )
 from rawsse.server.loop import EPOLLIN
 
@@ -236,7 +235,7 @@ class Mesh:
             records.append((_frame_taken(taken[1], taken[2], taken[3], taken[4]), -1))
         if outbox.kept and (outbox.credit < LOW_CREDIT or outbox.credit_bytes < LOW_CREDIT_BYTES):
             link.read_acks()
-        if outbox.staged:  # Outbox.queued, written out
+        if outbox.staged:  # this turn's promised pushes: answered once their message left
             outbox.unsent += outbox.staged
             outbox.staged = []
         framed, fd = records[0]
