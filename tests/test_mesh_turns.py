@@ -5,8 +5,10 @@ what one loop turn sends is what the test sees (rawsse/node/forwarding.py, Ackno
 - a turn's TAKEN rides in the message carrying that turn's pushes to the same peer;
 - TAKENs left on the way back are read late (credit not low), and still release what the
   sender keeps, on its tick;
+- an owner grants credit again only once the sender's falls below half, then all of it;
 - an owner gone after taking pushes: every TAKEN it sent, riding or on the way back, counts
   before the kept pushes are sent again, so none is sent twice;
+- a forwarded push's plain 200 counts in pushes_ok; one its owner cannot take is a 503;
 - a forwarded push written at once counts its latency from when it was received."""
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Iterator
 import pytest
 
 from rawsse.config import ServeConfig
+from rawsse.node.forwarding import CREDIT_PUSHES
 from rawsse.node.process import PEERS_GATE, NodeProcess
 from rawsse.node.routing import owner_of
 from rawsse.node.wire import PUSH, TAKEN, iter_records
@@ -194,8 +197,23 @@ def test_takens_read_late_still_release_the_kept_pushes_on_the_tick(pair):
     credit = link.outbox.credit
     pair.procs[0].mesh.resend_kept()  # the worker's tick
     assert not link.outbox.kept and link.acks_due == 0
-    assert link.outbox.credit == credit + 6
+    assert link.outbox.credit == credit, "no grant while the sender holds half the credit"
     assert waiting_message(link.sock) is None
+
+
+def test_an_owner_grants_credit_again_once_the_senders_falls_below_half(pair):
+    link = pair.outlink(0)
+    pair.procs[0].mesh.resend_kept()  # the TAKEN of warm's asked push
+    assert link.outbox.credit == CREDIT_PUSHES  # it granted all of it
+    for _ in range(9):  # 144 pushes: the ledger passes GRANT_BELOW (128) in the 9th message
+        pair.push(0, 1, count=16)
+        pair.turn(0)
+        pair.turn(1)
+    assert pair.answers(0) == 144 and pair.pushes_on_device(1) == 144
+    assert link.outbox.credit == CREDIT_PUSHES - 144  # not low yet: the TAKENs wait
+    pair.procs[0].mesh.resend_kept()  # the worker's tick reads them
+    assert link.outbox.credit == CREDIT_PUSHES and not link.outbox.kept
+    assert pair.procs[1].mesh.ledgers.senders[0].pushes == CREDIT_PUSHES
 
 
 @pytest.mark.parametrize("last", ["riding", "alone"])
@@ -218,6 +236,24 @@ def test_an_owner_gone_after_taking_pushes_gets_none_of_them_again(pair, last):
     link.handle_events(EPOLLRDHUP)
     assert link.sock is None
     assert not link.outbox.kept, "pushes worker 1 took would be sent again to its replacement"
+
+
+def test_a_forwarded_push_submitted_plain_is_counted_ok_or_answered_503_by_the_routes(pair):
+    """A forwarded push's plain 200 is written by the mesh (``Outbox.sent``), not the routes,
+    and still counts in ``pushes_ok``; one its owner cannot take is the routes' 503."""
+    stats = pair.procs[0].worker.stats
+    ok = stats.pushes_ok
+    pair.push(0, 1, count=3)
+    pair.turn(0)
+    assert pair.answers(0) == 3 and stats.pushes_ok == ok + 3
+    pair.kill(1)
+    pair.outlink(0).handle_events(EPOLLRDHUP)  # worker 0 sees its link to worker 1 end
+    pair.push(0, 1)
+    pair.turn(0)
+    answer = received(pair.senders[0])
+    assert answer.startswith(b"HTTP/1.1 503") and b"ServiceUnavailable" in answer
+    assert b"apns-id: " in answer
+    assert stats.pushes_ok == ok + 3 and stats.owner_unavailable == 1
 
 
 def test_a_forwarded_push_written_at_once_counts_its_latency_from_when_it_was_received(pair):

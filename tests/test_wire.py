@@ -138,6 +138,22 @@ def test_records_come_back_in_order_with_their_sender() -> None:
         [(kind, body) for kind, (_, body) in SAMPLES.items()]
 
 
+def test_a_messages_pushes_read_in_one_call_are_what_the_push_decoder_reads() -> None:
+    """``read_pushes`` (the owner's read of a message of forwarded pushes) between other
+    records: each PUSH as ``decoder(PUSH)`` gives it, their frames' bytes, asked or not."""
+    promised = (0, 11, 1.7e9, 4.5, 0.0, TOKEN[:8], FRAME)
+    asked = (9, 12, 0.0, 4.5, 0.5, TOKEN, FRAME + b"x")
+    records = [wire.framer(PUSH)(*promised), wire.record(ACK, struct.pack("!Ib", 7, 1)),
+               wire.framer(PUSH)(*asked)]
+    [(message, _)] = wire.pack_messages(3, [(framed, -1) for framed in records])
+    assert wire.read_pushes(message) == ([promised, asked], 2 * len(FRAME) + 1, True, True)
+    [(alone, _)] = wire.pack_messages(3, [(records[0], -1)])
+    assert wire.read_pushes(alone) == ([promised], len(FRAME), False, False)
+    decode = wire.decoder(PUSH)
+    assert [decode(body) for kind, body in wire.iter_records(message) if kind == PUSH] == \
+        [promised, asked]
+
+
 def test_packing_splits_at_max_message_bytes() -> None:
     body = b"x" * 10_000
     framed = [(wire.record(REPLY, body[:-len(str(i))] + str(i).encode()), -1) for i in range(20)]

@@ -190,8 +190,12 @@ class Routes:
             else:
                 self._push_answered(request, apns_id, accepted)
             return
-        router.submit(token, Push(frame, expires, received),
-                      0.0 if distribution is None else distribution.sample(),
+        delay = 0.0 if distribution is None else distribution.sample()
+        if self.plain_200:  # no Push, partial or callback where the router can do without
+            router.submit_plain(token, frame, expires, received, delay, self._answered, request,
+                                apns_id)
+            return
+        router.submit(token, Push(frame, expires, received), delay,
                       partial(self._answered, request, apns_id))
 
     def _see(self, router: Router) -> None:

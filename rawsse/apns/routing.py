@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import enum
 import zlib
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from rawsse.apns.registry import Push
 from rawsse.server.documents import node_document
 
 if TYPE_CHECKING:
     from rawsse.apns.delivery import Delivery
-    from rawsse.apns.registry import Push
     from rawsse.server.worker import Worker
 
 
@@ -52,6 +53,9 @@ class Accepted(enum.IntEnum):
 HELD, QUEUE_FULL, UNREACHABLE = Accepted.HELD, Accepted.QUEUE_FULL, Accepted.UNREACHABLE
 
 PushAnswer = Callable[[Accepted], None]
+# How a push submitted plain (``Router.submit_plain``) is answered when it is not a plain 200
+# written by the channel: the routes' ``_push_answered(request, apns_id, accepted)``.
+PlainAnswer = Callable[[Any, bytes, Accepted], None]
 # What a broadcast reached: ``{"streams", "refused"}`` for a node, and "missing_workers" when
 # some of its workers gave no count; in Redis mode also "nodes", "missing" and "reasons"
 # (``rawsse.cluster.broadcast``). The answer to POST /broadcast.
@@ -82,6 +86,14 @@ class Router(Protocol):
 
     def submit(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None:
         """Hand ``push`` to the token's owner; ``answer`` once it is held or refused."""
+
+    def submit_plain(self, token: bytes, frame: bytes, expires: float, received: float,
+                     delay: float, answer: PlainAnswer, request: Any, apns_id: bytes) -> None:
+        """``submit`` of a push whose 200 is plain (``Channel.answer_ok`` of ``apns_id`` on
+        ``request``, counted in ``pushes_ok``: no --response-delay, no sandbox id), with no
+        ``Push`` or callback made for it where the way to its owner can do without (a
+        forwarded push: ``rawsse.node.forwarding``); anything else is
+        ``answer(request, apns_id, accepted)``."""
 
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         """A device's ``GET /events`` is answered: its socket goes to the token's owner."""
@@ -125,6 +137,12 @@ class LocalRouter:
 
     def submit(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None:
         self.owner.take(token, push, delay, answer)
+
+    def submit_plain(self, token: bytes, frame: bytes, expires: float, received: float,
+                     delay: float, answer: PlainAnswer, request: Any, apns_id: bytes) -> None:
+        # Only with an owner that is not a LocalOwner (the routes write those themselves).
+        self.owner.take(token, Push(frame, expires, received), delay,
+                        partial(answer, request, apns_id))
 
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         self.worker.open_stream(fd, token, leftover, events)

@@ -10,8 +10,10 @@ busy node: 110 µs per push with 2 workers against 55 µs with one, issue 14). I
 - **Credit.** Each owner reserves room in its bounded queues (``Delivery.reserved_pushes``,
   ``reserved_bytes``: counted against ``--max-pending``, ``--max-pending-bytes`` and
   ``--max-delayed`` like pushes it holds) for each peer, up to ``CREDIT_PUSHES`` pushes and
-  ``CREDIT_BYTES`` frame bytes, and grants it to the peer in its acknowledgements (``TAKEN``). It
-  grants only what its queues can still take, so a reservation is never a promise it cannot keep.
+  ``CREDIT_BYTES`` frame bytes, and grants it to the peer in its acknowledgements (``TAKEN``):
+  all of it again each time the peer's falls below half (``GRANT_BELOW``), so the usual message
+  grants nothing and costs no look at the queues' room. It grants only what its queues can
+  still take, so a reservation is never a promise it cannot keep.
 - **Promise.** A worker holding credit for the owner sends the push marked *promised* (request
   id 0) and answers 200 as soon as the kernel has taken the message carrying it: from then on
   the push sits in the owner's socket queue, where it survives a ``kill -9`` of the worker that
@@ -53,10 +55,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import HELD, UNREACHABLE, PushAnswer
+from rawsse.apns.routing import HELD, UNREACHABLE, Accepted, PushAnswer
 from rawsse.node.wire import PUSH, framer
 
 if TYPE_CHECKING:
@@ -71,6 +74,10 @@ CREDIT_BYTES = 1024 * 1024
 # sooner only frees the pushes it keeps sooner (at most the credit), for a recv either way.
 LOW_CREDIT = CREDIT_PUSHES // 4
 LOW_CREDIT_BYTES = CREDIT_BYTES // 4
+# An owner grants a sender more credit once what it holds falls below this (``Ledgers.arrived``):
+# a grant then, not a little with every message, and no look at the queues' room in between.
+GRANT_BELOW = CREDIT_PUSHES // 2
+GRANT_BELOW_BYTES = CREDIT_BYTES // 2
 
 frame_push = framer(PUSH)  # a framed PUSH record, header and fixed part in one pack
 
@@ -84,18 +91,48 @@ def first_sequence() -> int:
 
 
 # One promised push, kept until its owner says it holds it: a list, not an object, so that
-# promising one costs no Python call (``Mesh.submit`` makes it). Its fields:
-SEQ, TOKEN, PUSH_, DELAY, ANSWER = range(5)  # PUSH_ is None once forgotten (answered 503 after
-# a broken link); ANSWER is None once answered
-Forwarded = list[Any]  # [seq, token, push | None, delay, answer | None]
+# promising one costs no Python call (``Mesh.submit_plain`` makes it), and no ``Push``: its
+# fields are the record's. Its answer is ``ANSWER(accepted)`` when REQUEST is None, else (a push
+# the routes submitted plain: ``Router.submit_plain``) a 200 is ``request.channel.answer_ok(
+# request, apns_id)``, written here with no call of the routes', and anything else is
+# ``ANSWER(request, apns_id, accepted)``. Its fields:
+SEQ, TOKEN, FRAME, EXPIRES, RECEIVED, DELAY, ANSWER, REQUEST, APNS_ID = range(9)  # FRAME is
+# None once forgotten (answered 503 after a broken link); ANSWER is None once answered
+Forwarded = list[Any]  # [seq, token, frame | None, expires, received, delay, answer | None,
+#                         request | None, apns_id]
+
+
+def push_answer(answer: Any, request: Any, apns_id: bytes) -> PushAnswer:
+    """The one-argument answer of a push submitted plain, where one is needed (an asked push,
+    one for this worker's own shard): ``answer`` itself when REQUEST is None (see Forwarded)."""
+    return answer if request is None else partial(answer, request, apns_id)
+
+
+def answer_entry(entry: Forwarded, accepted: Accepted) -> bool:
+    """Answer one promised push, once; True for a plain 200 written (the caller counts those
+    in ``pushes_ok``, as the routes would have)."""
+    answer = entry[ANSWER]
+    if answer is None:
+        return False
+    entry[ANSWER] = None
+    request = entry[REQUEST]
+    if request is None:
+        answer(accepted)
+    elif accepted is HELD:
+        request.channel.answer_ok(request, entry[APNS_ID])
+        return True
+    else:
+        answer(request, entry[APNS_ID], accepted)
+    return False
 
 
 class Outbox:
     """The sender's side, for one owner: the credit it holds and the pushes it promised."""
 
-    __slots__ = ("credit", "credit_bytes", "kept", "staged", "unsent", "staged_pushes")
+    __slots__ = ("stats", "credit", "credit_bytes", "kept", "staged", "unsent", "staged_pushes")
 
-    def __init__(self) -> None:
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats  # the worker's: a plain 200 answered here counts in pushes_ok
         self.credit = 0
         self.credit_bytes = 0
         self.kept: deque[Forwarded] = deque()  # promised, not yet taken, oldest first
@@ -104,33 +141,37 @@ class Outbox:
         self.unsent: list[Forwarded] = []
         self.staged_pushes = False  # this turn's batch has pushes (each message gets a TAKEN)
 
-    def queued(self) -> None:
-        """This turn's batch went into the link's send queue."""
-        if self.staged:
-            self.unsent += self.staged
-            self.staged = []
-
     def sent(self) -> None:
         """The kernel took every message queued for the owner: the promised pushes are on
         their way, answer them 200."""
         unsent, self.unsent = self.unsent, []
+        plain = 0
         for entry in unsent:
             answer = entry[ANSWER]
+            if answer is None:  # a TAKEN came first (``taken``)
+                continue
             entry[ANSWER] = None
-            if answer is not None:  # else a TAKEN came first (``taken``)
+            request = entry[REQUEST]
+            if request is None:
                 answer(HELD)
+            else:  # answer_entry's 200, written out: this runs for every forwarded push
+                request.channel.answer_ok(request, entry[APNS_ID])
+                plain += 1
+        if plain:
+            self.stats.pushes_ok += plain
 
     def taken(self, upto: int, pushes: int, size: int) -> None:
         """The owner holds every push numbered up to ``upto`` and grants more credit."""
         kept = self.kept
         if kept and kept[-1][SEQ] <= upto and not self.unsent and not self.staged:
             kept.clear()  # all taken, every one answered already (``sent``): the usual TAKEN
+        plain = 0
         while kept and kept[0][SEQ] <= upto:
             entry = kept.popleft()
-            answer = entry[ANSWER]
-            if answer is not None:  # taken before this side saw its message leave
-                entry[ANSWER] = None
-                answer(HELD)
+            if entry[ANSWER] is not None:  # taken before this side saw its message leave
+                plain += answer_entry(entry, HELD)
+        if plain:
+            self.stats.pushes_ok += plain
         self.credit += pushes
         self.credit_bytes += size
 
@@ -142,18 +183,16 @@ class Outbox:
             return
         unsent, self.unsent, self.staged = self.unsent + self.staged, [], []
         for entry in unsent:
-            answer = entry[ANSWER]
-            if answer is not None:
-                entry[ANSWER] = None
-                entry[PUSH_] = None
-                answer(UNREACHABLE)
-        self.kept = deque(entry for entry in self.kept if entry[PUSH_] is not None)
+            if entry[ANSWER] is not None:
+                answer_entry(entry, UNREACHABLE)
+                entry[FRAME] = None
+        self.kept = deque(entry for entry in self.kept if entry[FRAME] is not None)
 
     def resend(self) -> list[tuple[bytes, int]]:
         """The kept pushes as framed records, oldest first, for a new link to the owner."""
-        return [(frame_push(0, entry[SEQ], push.expires, push.received, entry[DELAY],
-                            entry[TOKEN], push.frame), -1)
-                for entry in self.kept if (push := entry[PUSH_]) is not None]
+        return [(frame_push(0, entry[SEQ], entry[EXPIRES], entry[RECEIVED], entry[DELAY],
+                            entry[TOKEN], entry[FRAME]), -1)
+                for entry in self.kept if entry[FRAME] is not None]
 
 
 class Ledger:
@@ -177,23 +216,36 @@ class Ledgers:
         self.workers = workers  # no peer is granted more than its share of the room
         self.senders: dict[int, Ledger] = {}
 
-    def arrived(self, sender: int, pushes: list[Decoded]) -> tuple[list[Decoded], int, int, int, int, int]:
-        """The pushes of one message from ``sender``: the ones not taken before, the number
-        to acknowledge and the credit to grant (``TAKEN``'s fields), and the count and frame
-        bytes of the fresh ones, whose room stays reserved until ``accepting`` them (they are
-        accepted once this turn's TAKEN has left: ``mesh.py``)."""
+    def arrived(self, sender: int, pushes: list[Decoded], size: int,
+                asked: bool) -> tuple[list[Decoded], int, int, int, int, int]:
+        """The pushes of one message from ``sender`` (their frames' ``size``; ``asked``: one
+        of them carries a request id): the ones not taken before, the number to acknowledge
+        and the credit to grant (``TAKEN``'s fields), and the count and frame bytes of the
+        fresh ones, whose room stays reserved until they are accepted, once this turn's TAKEN
+        has left (``Mesh._accept_taken``). Credit is granted once the sender's falls
+        to half (``GRANT_BELOW``), up to ``CREDIT_PUSHES`` again: the usual message grants
+        none and only releases the room its promised pushes had reserved to them."""
         ledger = self.senders.get(sender)
         if ledger is None:
             ledger = self.senders[sender] = Ledger()
+        count = len(pushes)
+        if (not asked and pushes[0][1] > ledger.last_seq and ledger.pushes - count >= GRANT_BELOW
+                and ledger.bytes - size >= GRANT_BELOW_BYTES):
+            # All fresh and promised, within the room reserved for them, no grant due: that
+            # room is theirs until they are accepted (``reserved_*`` unchanged), no other count.
+            ledger.last_seq = pushes[-1][1]
+            ledger.pushes -= count
+            ledger.bytes -= size
+            return pushes, ledger.last_seq, 0, 0, count, size
         last = ledger.last_seq
         fresh = [p for p in pushes if p[1] > last] if pushes[0][1] <= last else pushes
         delivery = self.delivery
-        # Comprehensions, not a loop with counters: this runs for every push of the message.
-        count = len(fresh)
-        size = sum([len(p[6]) for p in fresh])
-        asked = [len(p[6]) for p in fresh if p[0]]  # nearly always none: they are promised
-        promised = count - len(asked)
-        promised_size = size - sum(asked) if asked else size
+        if len(fresh) != count:
+            count = len(fresh)
+            size = sum([len(p[6]) for p in fresh])
+        asked_sizes = [len(p[6]) for p in fresh if p[0]] if asked else []
+        promised = count - len(asked_sizes)
+        promised_size = size - sum(asked_sizes) if asked_sizes else size
         if fresh:
             ledger.last_seq = fresh[-1][1]
         # The promised pushes use the room reserved for them: release it, they take it now.
@@ -202,22 +254,19 @@ class Ledgers:
         ledger.bytes -= promised_size
         delivery.reserved_pushes -= promised
         delivery.reserved_bytes -= promised_size
-        room, room_bytes = free_room(delivery)
-        share = self.workers
-        grant = min(CREDIT_PUSHES - ledger.pushes, (room - count) // share)
-        grant_bytes = min(CREDIT_BYTES - ledger.bytes, (room_bytes - size) // share)
-        if grant <= 0 or grant_bytes <= 0:
-            grant = grant_bytes = 0
+        grant = grant_bytes = 0
+        if ledger.pushes < GRANT_BELOW or ledger.bytes < GRANT_BELOW_BYTES:
+            room, room_bytes = free_room(delivery)
+            share = self.workers
+            grant = min(CREDIT_PUSHES - ledger.pushes, (room - count) // share)
+            grant_bytes = min(CREDIT_BYTES - ledger.bytes, (room_bytes - size) // share)
+            if grant <= 0 or grant_bytes <= 0:
+                grant = grant_bytes = 0
         ledger.pushes += grant
         ledger.bytes += grant_bytes
         delivery.reserved_pushes += grant + count
         delivery.reserved_bytes += grant_bytes + size
         return fresh, ledger.last_seq, grant, grant_bytes, count, size
-
-    def accepting(self, count: int, size: int) -> None:
-        """Pushes ``arrived`` kept room for are being accepted now: the room is theirs."""
-        self.delivery.reserved_pushes -= count
-        self.delivery.reserved_bytes -= size
 
     def sender_gone(self, sender: int) -> None:
         """``sender``'s link ended: the credit it held is void (a replacement starts with none)

@@ -20,28 +20,28 @@ import logging
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rawsse.node import peercred
 from rawsse.apns.routing import QUEUE_FULL, UNREACHABLE
-from rawsse.node.forwarding import Outbox, frame_push
+from rawsse.node.forwarding import Outbox, frame_push, push_answer
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
-    ANCILLARY_SIZE, HEADER, SENDER, TAKEN, TRUNCATED, address, decoder, framer, iter_records,
+    ANCILLARY_SIZE, HEADER, SENDER, TAKEN, TRUNCATED, address, decoder, iter_records,
     pack_messages, received_fds,
 )
 from rawsse.server.loop import EPOLLERR, EPOLLHUP, EPOLLOUT, EPOLLRDHUP, READ_EVENTS
 
 if TYPE_CHECKING:
-    from rawsse.apns.registry import Push
-    from rawsse.apns.routing import PushAnswer
     from rawsse.node.mesh import Mesh
 
 log = logging.getLogger("rawsse.node.mesh")
 
-_frame_taken, _decode_taken = framer(TAKEN), decoder(TAKEN)
+_decode_taken = decoder(TAKEN)
 # A message on the way back holds one TAKEN record: the sender index, the header, the body.
 _TAKEN_MESSAGE = struct.Struct(SENDER.format + HEADER.format.lstrip("!") + "QIII")
+_pack_taken_message = _TAKEN_MESSAGE.pack  # (sender, TAKEN, _TAKEN_BODY, the body's fields)
+_TAKEN_BODY = _TAKEN_MESSAGE.size - SENDER.size - HEADER.size
 
 # An outbound link is watched for its end and for room to write, not for input: what comes back
 # on it is the owner's TAKEN, read when convenient (``OutLink.read_acks``).
@@ -74,7 +74,7 @@ class OutLink:
         self.fd = -1
         self.out: SendQueue | None = None
         self.events = 0
-        self.outbox = Outbox()
+        self.outbox = Outbox(mesh.stats)
         self.acks_due = 0  # messages of pushes sent whose TAKEN was not read (at most: see read_acks)
 
     @property
@@ -112,36 +112,36 @@ class OutLink:
             self.flush()
         return self.sock is not None
 
-    def out_of_credit(self, token: bytes, push: "Push", delay: float,
-                      answer: "PushAnswer") -> bool:
-        """``Mesh.submit``'s rarer half: the link is down or full, or the credit does not cover the
-        push (a new link, a full owner, Redis mode). True when, connected and the TAKENs read,
-        the credit covers it now (``Mesh.submit`` promises it); else it is answered, or sent asked
-        (answered by its owner's ACK), and False."""
+    def out_of_credit(self, token: bytes, frame: bytes, expires: float, received: float,
+                      delay: float, answer: Any, request: Any, apns_id: bytes) -> bool:
+        """``Mesh.submit_plain``'s rarer half: the link is down or full, or the credit does not
+        cover the push (a new link, a full owner, Redis mode). True when, connected and the
+        TAKENs read, the credit covers it now (``Mesh.submit_plain`` promises it); else it is
+        answered, or sent asked (answered by its owner's ACK), and False. ``answer``,
+        ``request``, ``apns_id``: as in ``forwarding.Forwarded``."""
         mesh = self.mesh
         out = self.out
         if out is None:
             out = self.out if self.connect() else None
             if out is None:
-                answer(UNREACHABLE)
+                push_answer(answer, request, apns_id)(UNREACHABLE)
                 return False
         if out.queued >= MAX_QUEUED:
-            answer(QUEUE_FULL)
+            push_answer(answer, request, apns_id)(QUEUE_FULL)
             return False
         outbox = self.outbox
-        size = len(push.frame)
+        size = len(frame)
         if outbox.credit <= 0 or size > outbox.credit_bytes:
             self.read_acks()  # the owner's TAKENs may have brought more meanwhile
             if self.out is None:  # and the owner's end with them
-                answer(UNREACHABLE)
+                push_answer(answer, request, apns_id)(UNREACHABLE)
                 return False
         if outbox.credit > 0 and size <= outbox.credit_bytes:
             return True
         mesh._next_seq = seq = mesh._next_seq + 1
-        rid = mesh.expect(self.peer, answer, UNREACHABLE)
+        rid = mesh.expect(self.peer, push_answer(answer, request, apns_id), UNREACHABLE)
         outbox.staged_pushes = True
-        mesh.send_record(self.peer, frame_push(rid, seq, push.expires, push.received, delay, token,
-                                               push.frame))
+        mesh.send_record(self.peer, frame_push(rid, seq, expires, received, delay, token, frame))
         return False
 
     def send(self, messages: list[tuple[bytes, list[int]]]) -> None:
@@ -239,30 +239,39 @@ class OutLink:
 
     def _take_acks(self) -> bool:
         """Read TAKENs while ``acks_due`` messages of pushes are unanswered (each TAKEN says
-        how many it answers, so the usual case costs no recv that returns EAGAIN). False when
-        the link ended."""
+        how many it answers, so the usual case costs no recv that returns EAGAIN), summed and
+        given to the outbox once (``taken``, written out: they are read ~190 at a time). False
+        when the link ended."""
         recv = self.sock.recv  # type: ignore[union-attr]
         unpack, size = _TAKEN_MESSAGE.unpack, _TAKEN_MESSAGE.size
+        upto = pushes = granted = 0
+        ended = False
         while self.acks_due > 0:
             try:
                 data = recv(TAKEN_MESSAGE)
             except BlockingIOError:  # the rest rides with the owner's batch, or comes later
-                return True
+                break
             except ConnectionResetError:  # see _RESET
                 continue
             except OSError:
-                return False
+                ended = True
+                break
             if not data:
-                return False
+                ended = True
+                break
             if len(data) == size:  # the one record an owner sends back here
-                _, kind, _, upto, pushes, granted, messages = unpack(data)
+                _, kind, _, seq, more, more_bytes, messages = unpack(data)
                 if kind == TAKEN:
-                    self.taken(upto, pushes, granted, messages)
+                    due = self.acks_due - messages
+                    self.acks_due = due if due > 0 else 0
+                    upto, pushes, granted = seq, pushes + more, granted + more_bytes
                 continue
             for kind, body in iter_records(data):
                 if kind == TAKEN:
                     self.taken(*_decode_taken(body))
-        return True
+        if upto:  # cumulative: the last one read covers every push the others did
+            self.outbox.taken(upto, pushes, granted)
+        return not ended
 
     def close(self, why: str = "") -> None:
         if self.sock is None or self.out is None:
@@ -316,7 +325,8 @@ class InLink:
             _, old_pushes, old_size, old_messages = self.backlog
             pushes, size, messages = pushes + old_pushes, size + old_size, messages + old_messages
         try:
-            self.sock.send(self.mesh.taken_prefix + _frame_taken(upto, pushes, size, messages))
+            self.sock.send(_pack_taken_message(self.mesh.index, TAKEN, _TAKEN_BODY, upto, pushes,
+                                               size, messages))
         except BlockingIOError:
             self.backlog = (upto, pushes, size, messages)
         except OSError:
@@ -324,18 +334,18 @@ class InLink:
         else:
             self.backlog = None
 
-    def handle_events(self, events: int) -> None:
-        # One recvmsg is one message (SOCK_SEQPACKET); read to the end of the peer's batch, at
-        # most RECEIVE_MESSAGES or RECEIVE_BYTES per turn, so one busy peer cannot starve the
-        # others nor the worker's timers (its heartbeat: issue 12). What is left waits in the
-        # kernel and level-triggered epoll brings us back next turn. Linux has no flag on a
-        # received message saying another one waits; the sender's MORE bit says whether its
-        # batch goes on, which spares the recvmsg that would only return EAGAIN.
-        self.read(RECEIVE_MESSAGES, RECEIVE_BYTES, True)
-
-    def read(self, messages: int, budget: int, batch: bool) -> None:
+    def handle_events(self, events: int, messages: int = RECEIVE_MESSAGES,
+                      budget: int = RECEIVE_BYTES, batch: bool = True) -> None:
         """Read up to ``messages`` messages or ``budget`` bytes, and stop after the last
-        message of a batch if ``batch`` (else at EAGAIN or the end of the link)."""
+        message of a batch if ``batch`` (else at EAGAIN or the end of the link: ``read_all``).
+
+        One recvmsg is one message (SOCK_SEQPACKET); read to the end of the peer's batch, at
+        most RECEIVE_MESSAGES or RECEIVE_BYTES per turn, so one busy peer cannot starve the
+        others nor the worker's timers (its heartbeat: issue 12). What is left waits in the
+        kernel and level-triggered epoll brings us back next turn. Linux has no flag on a
+        received message saying another one waits; the sender's MORE bit says whether its
+        batch goes on, which spares the recvmsg that would only return EAGAIN. (The loop's
+        handler itself, not a call to a reader: this runs once per wakeup for the mesh.)"""
         # Into the mesh's one buffer, then copied: ``recvmsg`` would allocate RECV_SIZE per
         # message, an mmap, mremap and munmap each time under glibc's default threshold
         # (strace -f of bench/mesh_probe.py).
@@ -366,6 +376,10 @@ class InLink:
             self.peer = receive(data, fds, self)
             if batch and data[0] < 0x80:  # not wire.MORE: the last message of its batch
                 return
+
+    def read_all(self) -> None:
+        """Read everything the peer sent us, to EAGAIN or the end of the link."""
+        self.handle_events(0, 1 << 30, 1 << 62, False)
 
     def close(self, reason: str = "") -> None:
         if self.fd >= 0:

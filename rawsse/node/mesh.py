@@ -54,7 +54,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from functools import partial
 from zlib import crc32
 from typing import Any, Callable
 
@@ -65,22 +64,24 @@ from rawsse.apns.routing import (
     HELD, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
 )
 from rawsse.node.forwarding import (
-    LOW_CREDIT, LOW_CREDIT_BYTES, Decoded, Ledgers, first_sequence, frame_push,
+    LOW_CREDIT, LOW_CREDIT_BYTES, Decoded, Ledgers, first_sequence, push_answer,
 )
+from rawsse.node import peer_requests
 from rawsse.node.links import MAX_QUEUED, InLink, MeshListener, OutLink, close_fds
 from rawsse.node.wire import (
-    ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, PUSH, RECV_SIZE, REPLY, SENDER, STATS,
-    TAKEN, address, decode, decoder, encode, encoder, framer, iter_records, pack_messages,
-    pushing, record,
+    ACK, ADMIN, BCAST, BCAST_DONE, CONNECTION, HANDOFF, MAX_MESSAGE, PUSH, PUSH_FIXED, PUSH_HEAD,
+    RECV_SIZE, REPLY, SENDER, STATS, TAKEN, address, decode, decoder, encode, encoder, framer,
+    iter_records, pack_messages, pushing, read_pushes, record,
 )
 from rawsse.server.loop import EPOLLIN
 
 log = logging.getLogger(__name__)
 
 # The hot kinds' codecs, bound once (``wire.encode``/``decode`` look the kind up per call).
-_decode_push = decoder(PUSH)
 _encode_ack, _decode_ack = encoder(ACK), decoder(ACK)
 _frame_taken, _decode_taken = framer(TAKEN), decoder(TAKEN)
+_push_head = PUSH_HEAD.pack
+_ALONE_MAX = MAX_MESSAGE - SENDER.size  # a record this long or shorter is a message alone
 _ACK_MEANING = {int(a): a for a in Accepted}  # an ACK's value byte -> its Accepted
 
 REQUEST_TIMEOUT = 5.0
@@ -119,7 +120,7 @@ class Mesh:
         # owner that answers later (Redis mode): every forwarded push is then asked.
         self.ledgers: Ledgers | None = None
         self._next_seq = first_sequence()
-        self.taken_prefix = SENDER.pack(self.index)
+        self.message_prefix = SENDER.pack(self.index)  # a message's first bytes (wire.py)
         # The owner's half of this turn (flush): sender -> the TAKEN it is owed, as
         # [link the pushes came on, upto, pushes granted, bytes granted, messages answered];
         # and the pushes taken, accepted once that TAKEN has left: (sender, pushes, count, bytes)
@@ -234,8 +235,15 @@ class Mesh:
             records.append((_frame_taken(taken[1], taken[2], taken[3], taken[4]), -1))
         if outbox.kept and (outbox.credit < LOW_CREDIT or outbox.credit_bytes < LOW_CREDIT_BYTES):
             link.read_acks()
-        outbox.queued()
-        messages = pack_messages(self.index, records)
+        if outbox.staged:  # this turn's promised pushes: answered once their message left
+            outbox.unsent += outbox.staged
+            outbox.staged = []
+        framed, fd = records[0]
+        messages: list[tuple[bytes, list[int]]]
+        if len(records) == 1 and fd < 0 and len(framed) <= _ALONE_MAX:
+            messages = [(self.message_prefix + framed, [])]  # pack_messages' usual, no call
+        else:
+            messages = pack_messages(self.index, records)
         if outbox.staged_pushes:
             outbox.staged_pushes = False
             if self.ledgers is not None:  # in Redis mode owners answer ACKs, never a TAKEN
@@ -274,7 +282,7 @@ class Mesh:
         """Before a stop: read what the peers sent (their pushes are taken, their TAKENs
         release what this worker keeps), then take the TAKENs on every link."""
         for link in list(self.inbound):
-            link.read(1 << 30, 1 << 62, False)
+            link.read_all()
         self.flush()
         self.resend_kept()
 
@@ -283,7 +291,7 @@ class Mesh:
         TAKENs riding in it must count before its link's kept pushes are sent again."""
         for link in list(self.inbound):
             if link.peer in (peer, -1):
-                link.read(1 << 30, 1 << 62, False)
+                link.read_all()
 
     def inbound_closed(self, link: InLink) -> None:
         """A peer's link to us ended: the credit it held is void."""
@@ -310,33 +318,42 @@ class Mesh:
     # -- requests -----------------------------------------------------------------------------
 
     def submit(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
-        """``Router.submit`` with peers: own shard to ``take_own``, else forwarded; ``answer``
-        gets HELD (within credit: once the kernel took it), QUEUE_FULL or UNREACHABLE. Routing
-        and the promise (``Outbox``) in one call, no other when the link is up: once per push."""
+        """``Router.submit`` with peers: ``submit_plain`` of the push's fields."""
+        self.submit_plain(token, push.frame, push.expires, push.received, delay, answer, None, b"")
+
+    def submit_plain(self, token: bytes, frame: bytes, expires: float, received: float,
+                     delay: float, answer: Any, request: Any, apns_id: bytes) -> None:
+        """``Router.submit_plain`` with peers: own shard to ``take_own``, else forwarded,
+        answered (``forwarding.Forwarded``) HELD within credit once the kernel took it, else
+        as the owner's ACK says, QUEUE_FULL or UNREACHABLE. Routing and the promise
+        (``Outbox``) in one call, no other when the link is up: once per push."""
         peer = crc32(token) % self.count  # routing.owner_of, written out
         if peer == self.index:
-            self.take_own(token, push, delay, answer)
+            self.take_own(token, Push(frame, expires, received), delay,
+                          push_answer(answer, request, apns_id))
             return
         self.stats.forwarded += 1
         link = self.links[peer]
         out = link.out
         outbox = link.outbox
-        frame = push.frame
         size = len(frame)
         if out is None or out.queued >= MAX_QUEUED or outbox.credit <= 0 \
                 or size > outbox.credit_bytes:
-            if not link.out_of_credit(token, push, delay, answer):
+            if not link.out_of_credit(token, frame, expires, received, delay, answer, request,
+                                      apns_id):
                 return
         # Promised: kept until a TAKEN covers it, answered by ``Outbox.sent``; a list, no call.
         outbox.credit -= 1
         outbox.credit_bytes -= size
         self._next_seq = seq = self._next_seq + 1
-        entry = [seq, token, push, delay, answer]
+        entry = [seq, token, frame, expires, received, delay, answer, request, apns_id]
         outbox.kept.append(entry)
         outbox.staged.append(entry)
         outbox.staged_pushes = True
         self.stats.forwarded_promised += 1
-        framed = frame_push(0, seq, push.expires, push.received, delay, token, frame)
+        length = len(token)
+        framed = _push_head(PUSH, PUSH_FIXED + length + size, 0, seq, expires, received, delay,
+                            length) + token + frame  # frame_push's record, without its call
         batch = self.batches.get(peer)
         if batch is None:
             self.batches[peer] = [(framed, -1)]
@@ -360,78 +377,25 @@ class Mesh:
         link = self.links.get(peer)
         return link is not None and link.send_fd_now(record(kind, body), fd)
 
-    def broadcast(self, frame: bytes, prefix: str,
-                  done: Callable[[int, int, list[int]], None]) -> None:
-        """Ask every peer to write ``frame`` to its streams; ``done(written, refused, missing)``
-        summed over the workers once all replied or ``--broadcast-worker-wait`` passed:
-        ``missing`` names the workers that gave no count (down, or not done in time: such a
-        worker may still write the event; its streams are not in the sums).
-
-        The requests leave before this worker writes its own streams, so every worker writes
-        at once (queued for the end of the turn, they waited for this worker's whole loop)."""
-        waited = {peer for peer in range(self.count) if peer != self.index}
-        tally = [0, 0]  # written, refused
-
-        def reply(peer: int, part: tuple[int, int] | None) -> None:
-            if part is not None:
-                waited.discard(peer)
-                tally[0] += part[0]
-                tally[1] += part[1]
-            replies[0] -= 1
-            if replies[0] == 0:
-                done(tally[0], tally[1], sorted(waited))
-
-        prefix_bytes = prefix.encode()
-        peers = self.worker_peers()
-        replies = [len(peers) + 1]
-        wait = self.worker.config.broadcast_worker_wait
-        for peer in peers:
-            rid = self.expect(peer, partial(reply, peer), None, wait)
-            self.send(peer, BCAST, encode(BCAST, rid, prefix_bytes, frame))
-        if peers:
-            self.flush()
-        reply(self.index, self.worker.broadcast_local(frame, prefix))
-
-    def collect(self, kind: int, body: bytes, done: Callable[[list[Any]], None]) -> None:
-        """Ask every reachable peer (``STATS``, ``ADMIN``); ``done`` gets their JSON replies
-        once all answered (a peer lost meanwhile is left out)."""
-        replies: list[Any] = []
-        peers = self.worker_peers()
-        remaining = [len(peers)]
-
-        def reply(doc: Any) -> None:
-            if doc is not None:
-                replies.append(doc)
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                done(replies)
-
-        if not peers:
-            done(replies)
-            return
-        for peer in peers:
-            rid = self.expect(peer, reply, None)
-            self.send(peer, kind, encode(kind, rid, body))
-
-    def share(self, command: dict[str, Any], done: Callable[[list[Any]], None]) -> None:
-        """Apply an admin command on every peer; ``done`` once all have it, so the change holds
-        for the very next push whichever worker takes it."""
-        self.collect(ADMIN, orjson.dumps(command), done)
+    # requests to every peer at once (peer_requests.py)
+    broadcast = peer_requests.broadcast
+    collect = peer_requests.collect
+    share = peer_requests.share
 
     # -- receiving ----------------------------------------------------------------------------
 
     def receive(self, data: bytes, fds: list[int], link: InLink) -> int:
         """Handle one message that came on ``link``; returns the index of the peer that sent it."""
         self._reply_to = sender = ((data[0] & 0x7F) << 8) | data[1]  # wire.sender_of
-        records = iter_records(data)
-        pushes = [_decode_push(body) for kind, body in records if kind == PUSH]
+        pushes, size, asked, others = read_pushes(data)
         if pushes:
             try:
-                self._take_pushes(sender, pushes, link)
+                self._take_pushes(sender, pushes, size, asked, link)
             except Exception:
                 log.exception("mesh pushes from worker %d failed", sender)
-        if len(pushes) == len(records) and not fds:  # the usual message: pushes only
+        if not others and not fds:  # the usual message: pushes only
             return sender
+        records = iter_records(data)
         fd_index = 0
         for kind, body in records:
             if kind == PUSH:
@@ -456,7 +420,8 @@ class Mesh:
             os.close(fd)
         return sender
 
-    def _take_pushes(self, sender: int, pushes: list[Decoded], link: InLink) -> None:
+    def _take_pushes(self, sender: int, pushes: list[Decoded], size: int, asked: bool,
+                     link: InLink) -> None:
         """The owner's half: the message's pushes are acknowledged (``TAKEN``) in this turn's
         flush, riding in its batch to ``sender`` if it has one, and accepted after it left
         (``_accept_taken``), never before: a push written is a push acknowledged."""
@@ -464,7 +429,8 @@ class Mesh:
         if ledgers is None:  # an owner that may answer later (a cluster worker asks Redis)
             self._take_asked(sender, pushes)
             return
-        fresh, upto, grant, grant_bytes, count, size = ledgers.arrived(sender, pushes)
+        fresh, upto, grant, grant_bytes, count, size = ledgers.arrived(sender, pushes, size,
+                                                                       asked)
         due = self.taken_due.get(sender)
         if due is None or due[0] is not link:
             if due is not None:  # two links from one sender in a turn: the old one's first
@@ -492,7 +458,8 @@ class Mesh:
         write_received = delivery.registry.write_received
         taking, self.taking = self.taking, []
         for sender, fresh, count, size in taking:
-            ledgers.accepting(count, size)
+            delivery.reserved_pushes -= count  # the room ``Ledgers.arrived`` kept is theirs
+            delivery.reserved_bytes -= size
             try:
                 for rid, _seq, expires, received, delay, token, frame in fresh:
                     if not delay and write_received(token, frame, expires, received):

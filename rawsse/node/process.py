@@ -60,7 +60,6 @@ class NodeProcess:
         self.control = ControlLink(self, control)
         self.router = MeshRouter(worker, self.mesh, LocalOwner(worker.delivery),
                                  self.control.share_admin)
-        self.mesh.owner = self.router.owner
         worker.router = self.router
         # Push senders' connections spread over the workers (--balance-senders; balance.py)
         self.balancer = Balancer(worker, self.mesh, board) if board is not None else None

@@ -12,7 +12,6 @@ cluster with a cluster owner.
 from __future__ import annotations
 
 import os
-from zlib import crc32
 from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
@@ -40,9 +39,11 @@ class MeshRouter:
         self.index, self.count, self.stats = worker.index, worker.count, worker.stats
         # ``Router.submit``: a worker with no peer owns every token, and the count never
         # changes while the node runs (the master refuses TTIN/TTOU; a respawn keeps it): its
-        # pushes go straight to the owner, no routing call (the ``owner`` setter binds it).
+        # pushes go straight to the owner, no routing call (``bind_owner`` binds it).
         self.submit: Callable[[bytes, Push, float, PushAnswer], None] = mesh.submit
-        self.owner = owner
+        self.submit_plain = mesh.submit_plain
+        self.owner: Owner = owner  # a plain attribute: the routes read it per push
+        self.bind_owner(owner)
         self.share_with_master = share_with_master
         self.master_info: Document = {}  # the master's last word on the node, for /stats
         # The last step of /stats: the node document as is, or (Redis mode) with the cluster.
@@ -57,14 +58,11 @@ class MeshRouter:
         mesh.serve(DELIVERIES, lambda query: orjson.dumps(
             worker.deliveries_answer(orjson.loads(query))))
 
-    @property
-    def owner(self) -> Owner:
-        """What this worker does with a push for its own shard (a cluster sets its own)."""
-        return self._owner
-
-    @owner.setter
-    def owner(self, owner: Owner) -> None:
-        self._owner = owner
+    def bind_owner(self, owner: Owner) -> None:
+        """What this worker does with a push for its own shard from now on (a cluster sets its
+        own): here and in the mesh."""
+        self.owner = owner
+        self.mesh.owner = owner
         self.mesh.take_own = owner.take
         self.submit = owner.take if self.count == 1 else self.mesh.submit
 

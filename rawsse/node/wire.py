@@ -273,6 +273,42 @@ def iter_records(message: bytes) -> list[tuple[int, memoryview]]:
     return records
 
 
+# A framed PUSH record's header and fixed part, packed or read in one call: a forwarded push's
+# record is framed without ``framer(PUSH)``'s call (``Mesh.submit_plain``) and read without
+# ``iter_records`` and ``decoder(PUSH)`` (``read_pushes``); the fixed part's size counts in the
+# record's length.
+PUSH_HEAD = struct.Struct(HEADER.format + LAYOUTS[PUSH].fixed.lstrip("!"))
+PUSH_FIXED = struct.calcsize(LAYOUTS[PUSH].fixed)
+_unpack_push_head = PUSH_HEAD.unpack_from
+_PUSH_START = HEADER.size + PUSH_FIXED  # where a PUSH record's token starts
+
+
+def read_pushes(message: bytes) -> tuple[list[tuple[Any, ...]], int, bool, bool]:
+    """The PUSH records of one message, decoded as ``decoder(PUSH)`` decodes one, in one call
+    per message (a message of pushes is the mesh's usual one); then their frames' bytes, whether
+    one of them is asked (a request id), and whether the message holds other records too."""
+    pushes = []
+    size = 0
+    asked = others = False
+    offset, end = SENDER.size, len(message)
+    while offset < end:
+        if message[offset] != PUSH:
+            others = True
+            offset += 5 + _unpack_header(message, offset)[1]  # HEADER.size + the body's
+            continue
+        _, length, rid, seq, expires, received, delay, token_size = \
+            _unpack_push_head(message, offset)
+        token_end = offset + _PUSH_START + token_size
+        token = message[offset + _PUSH_START:token_end]
+        offset += 5 + length
+        frame = message[token_end:offset]
+        pushes.append((rid, seq, expires, received, delay, token, frame))
+        size += len(frame)
+        if rid:
+            asked = True
+    return pushes, size, asked, others
+
+
 def pack_messages(sender: int, records: Sequence[tuple[bytes, int]]) -> list[tuple[bytes, list[int]]]:
     """Pack framed records, each with the fd it carries or -1, into as few messages as
     ``MAX_MESSAGE`` and ``MAX_FDS`` allow, in order; each message comes with its fds. Every
