@@ -35,7 +35,9 @@ Rules
 - State per open stream is one slotted ``H2Stream`` and its ``Request``.
 
 The connection-level frames (SETTINGS, PING, WINDOW_UPDATE, RST_STREAM, GOAWAY, PRIORITY) and
-the flood budgets are in ``control.py``; frames and HPACK in ``frames.py`` and ``hpack.py``.
+the flood budgets are in ``control.py``; frames and HPACK in ``frames.py`` and ``hpack.py``; a
+header block read into its ``Request`` (what the fields mean, and the memo of repeated blocks)
+in ``requests.py``.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rawsse.apns import answers
-from rawsse.apns.apple import REQUEST_HEADERS
 from rawsse.h2 import control
 from rawsse.h2 import frames as f
-from rawsse.h2.hpack import Decoder, HpackError, ok_block, response_block
+from rawsse.h2.hpack import HpackError, ok_block, response_block
+from rawsse.h2.requests import MALFORMED, TOO_LARGE, RequestDecoder
 from rawsse.server.exchange import Answer, Request
 from rawsse.server.connection import LINGER, READABLE, ClientConnection
 from rawsse.server.loop import EPOLLOUT
@@ -75,9 +77,6 @@ _FIGURES_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                                 "served over HTTP/1.1 only"})
 _TOO_LARGE = answers.error(431, "RequestHeaderFieldsTooLarge")
 _TIMEOUT = answers.error(408, "RequestTimeout")
-# §8.2.2: connection-specific fields make a request malformed.
-_CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
-                                b"transfer-encoding", b"upgrade"})
 
 _pack_header = f.HEADER.pack
 _PLAIN_HEADERS = f.PADDED | f.PRIORITY_FLAG | f.END_HEADERS  # END_HEADERS alone: no unpadding
@@ -116,7 +115,7 @@ class H2Connection(ClientConnection):
         self.inbuf = bytearray()
         self.out = bytearray()
         self.events = READABLE
-        self.decoder = Decoder(HEADER_TABLE_SIZE, MAX_HEADER_LIST_SIZE)
+        self.decoder = RequestDecoder(HEADER_TABLE_SIZE, MAX_HEADER_LIST_SIZE)
         self.streams: dict[int, H2Stream] = {}
         self.blocked: deque[int] = deque()  # streams whose DATA waits for a window
         self.last_stream_id = 0
@@ -248,8 +247,28 @@ class H2Connection(ClientConnection):
             self._header_block(stream_id, self.block_flags, bytes(block))
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        fields, too_large = self.decoder.decode(block)  # decoded always: the table must follow
-        stream = self.streams.get(stream_id)
+        streams = self.streams
+        if (stream_id > self.last_stream_id and stream_id & 1 and self.goaway_id < 0
+                and len(streams) < self.max_streams):  # a new request: nearly every block
+            request = Request(self, self.operator)
+            length = self.decoder.read(block, request)  # before the id is taken: HpackError
+            self.last_stream_id = stream_id
+            if length == MALFORMED:
+                self.reset_stream(stream_id, f.PROTOCOL_ERROR)  # §8.1.1 malformed
+                return
+            request.slot = stream_id
+            new = streams[stream_id] = H2Stream(request, self.peer_window)
+            if length == TOO_LARGE:
+                new.remote_closed = bool(flags & f.END_STREAM)
+                self.host.stats.bad_requests += 1
+                self.answer(request, _TOO_LARGE)
+                return
+            new.length = length
+            if flags & f.END_STREAM:
+                self._request_complete(stream_id, new)
+            return
+        self.decoder.skip(block)  # decoded always: the table must follow
+        stream = streams.get(stream_id)
         if stream is not None:  # trailers: they end the request, their fields are not read
             if not flags & f.END_STREAM or stream.remote_closed:
                 self.reset_stream(stream_id, f.PROTOCOL_ERROR)
@@ -264,24 +283,8 @@ class H2Connection(ClientConnection):
         if not stream_id & 1:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "even stream id from a client")
         self.last_stream_id = stream_id
-        if self.goaway_id >= 0:
-            return  # §6.8: streams opened after our GOAWAY are ignored (the client retries them)
-        if len(self.streams) >= self.max_streams:
-            self.reset_stream(stream_id, f.REFUSED_STREAM)
-            return
-        request = Request(self, self.operator)
-        stream = H2Stream(request, self.peer_window)
-        if not _fill(request, stream, fields):
-            self.reset_stream(stream_id, f.PROTOCOL_ERROR)  # §8.1.1 malformed
-            return
-        request.slot = stream_id
-        self.streams[stream_id] = stream
-        if too_large:
-            stream.remote_closed = bool(flags & f.END_STREAM)
-            self.host.stats.bad_requests += 1
-            self.answer(request, _TOO_LARGE)
-        elif flags & f.END_STREAM:
-            self._request_complete(stream_id, stream)
+        if self.goaway_id < 0:  # §6.8: after our GOAWAY ignored (the client retries them)
+            self.reset_stream(stream_id, f.REFUSED_STREAM)  # over MAX_CONCURRENT_STREAMS
 
     def _on_data(self, stream_id: int, flags: int, payload: Any) -> None:
         if stream_id == 0:
@@ -532,7 +535,6 @@ class H2Connection(ClientConnection):
             self.host.loop.modify(self.fd, events)
 
 
-
 def _unpad(payload: Any, flags: int) -> Any:
     """§6.1: strip the Pad Length octet and the padding."""
     if not flags & f.PADDED:
@@ -541,44 +543,3 @@ def _unpad(payload: Any, flags: int) -> Any:
         raise f.ConnectionError_(f.PROTOCOL_ERROR, "padding longer than the frame")
     return payload[1:len(payload) - payload[0]]
 
-
-def _fill(request: Request, stream: H2Stream, fields: list[tuple[bytes, bytes]]) -> bool:
-    """The request's method, target and kept headers from its fields; False if malformed
-    (§8.3.1: pseudo-fields first, :method and :path present; §8.2.2). One dict lookup per
-    field (``_KINDS``) says what it is; a header no route reads costs nothing more."""
-    regular = False
-    for name, value in fields:
-        kind = _KINDS.get(name)
-        if kind is None:  # not read by any route: host (aioapns' :authority), user-agent, ...
-            if name[:1] == b":":
-                return False  # an unknown pseudo-field
-            regular = True
-            continue
-        if kind <= _PSEUDO:
-            if regular:
-                return False
-            if kind == _METHOD:
-                request.method = value
-            elif kind == _PATH:
-                request.set_target(value)
-            continue
-        regular = True
-        if kind == _CONNECTION:
-            return False
-        if kind == _LENGTH:
-            if not value.isdigit():
-                return False
-            stream.length = int(value)
-        elif kind == _APNS_ID and (b"\r" in value or b"\n" in value or b"\x00" in value):
-            return False  # §8.2.1: malformed; and the answer echoes apns-id as sent
-        request.add_header(name, value)
-    return bool(request.method) and bool(request.path)
-
-
-_METHOD, _PATH, _PSEUDO, _CONNECTION, _LENGTH, _APNS_ID, _KEPT = range(7)
-_KINDS: dict[bytes, int] = {
-    **{name: _KEPT for name in REQUEST_HEADERS},
-    **{name: _CONNECTION for name in _CONNECTION_FIELDS},
-    b":method": _METHOD, b":path": _PATH, b":scheme": _PSEUDO, b":authority": _PSEUDO,
-    b"content-length": _LENGTH, b"apns-id": _APNS_ID,
-}

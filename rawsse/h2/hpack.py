@@ -15,8 +15,9 @@ to one big entry costs only the loop, never memory), but the block is still deco
 the dynamic table stays in step with the peer's encoder.
 
 Huffman-coded strings repeat (topic, push type, a token pushed again), so decoded ones are kept
-in a small dict, cleared when full. So do the ends of blocks: what follows a literal without
-indexing (nghttp2's ``:path``) is decoded once per dynamic table state and kept (``decode``).
+in a small dict, cleared when full. ``generation`` counts the changes to the dynamic table
+(insertions, evictions and size updates all come with one): what reads blocks through a memo
+(``requests.py``) checks it to know when a block it decoded before could now decode otherwise.
 
 Encoding
 --------
@@ -56,8 +57,6 @@ STATIC_COUNT = len(STATIC_TABLE)  # 61
 ENTRY_OVERHEAD = 32  # RFC 7541 §4.1
 STATIC_SIZES = tuple(len(name) + len(value) + ENTRY_OVERHEAD for name, value in STATIC_TABLE)
 HUFFMAN_CACHE_SIZE = 4096
-SUFFIX_CACHE_SIZE = 64  # distinct suffixes one connection's client sends: a handful
-SUFFIX_MAX = 256  # bytes: nghttp2's is about 10; a longer one is not kept (64 × 256 B at most)
 
 
 class HpackError(ValueError):
@@ -68,7 +67,7 @@ class Decoder:
     """One connection's decoder: its dynamic table and limits."""
 
     __slots__ = ("table", "table_size", "capacity", "max_table_size", "max_list_size", "cache",
-                 "generation", "suffixes")
+                 "generation")
 
     def __init__(self, max_table_size: int, max_list_size: int) -> None:
         self.table: deque[tuple[bytes, bytes]] = deque()  # newest first (index 62)
@@ -77,27 +76,16 @@ class Decoder:
         self.max_table_size = max_table_size  # what our SETTINGS_HEADER_TABLE_SIZE allows
         self.max_list_size = max_list_size
         self.cache: dict[bytes, bytes] = {}
-        self.generation = 0  # counts changes to the dynamic table: a cached suffix names one
-        # The bytes after a literal without indexing -> (generation, fields, list size): see
-        # ``decode``.
-        self.suffixes: dict[bytes, tuple[int, tuple[tuple[bytes, bytes], ...], int]] = {}
+        self.generation = 0  # counts changes to the dynamic table (a memo's shapes name one)
 
     def decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The fields of ``block`` and whether the list went past ``max_list_size`` (then the
-        list is incomplete and the request must be refused).
-
-        Suffix cache: nghttp2's clients (h2load, curl, nghttp, Node) send ``:path`` as a
-        literal without indexing and, from the second request on, every other field as an
-        index, so the bytes after ``:path`` are the same on every request of a connection. The
-        fields those bytes decode to are kept, keyed by the bytes and valid while the dynamic
-        table is unchanged (``generation``); a suffix that changes the table is never kept.
-        """
+        list is incomplete and the request must be refused)."""
         fields: list[tuple[bytes, bytes]] = []
         size = 0
         limit = self.max_list_size
         pos, end = 0, len(block)
         first = True
-        suffix_at = -1  # where the suffix being decoded for the cache starts
         table = self.table
         while pos < end:
             byte = block[pos]
@@ -130,30 +118,10 @@ class Decoder:
                 continue
             else:  # §6.2.2 without indexing, §6.2.3 never indexed: same for a decoder
                 field, pos = self._literal(block, pos, 4)
-                if suffix_at < 0 and pos < end:
-                    size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
-                    if size <= limit:
-                        fields.append(field)
-                    first = False
-                    hit = self.suffixes.get(block[pos:])
-                    if (hit is not None and hit[0] == self.generation
-                            and size + hit[2] <= limit):
-                        fields.extend(hit[1])
-                        return fields, False
-                    suffix_at, suffix_fields, suffix_size = pos, len(fields), size
-                    suffix_generation = self.generation
-                    continue
             first = False
             size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
             if size <= limit:
                 fields.append(field)
-        if (suffix_at >= 0 and size <= limit and self.generation == suffix_generation
-                and end - suffix_at <= SUFFIX_MAX):
-            suffixes = self.suffixes
-            if len(suffixes) >= SUFFIX_CACHE_SIZE:
-                suffixes.clear()
-            suffixes[block[suffix_at:]] = (suffix_generation, tuple(fields[suffix_fields:]),
-                                           size - suffix_size)
         return fields, size > limit
 
     def _field(self, index: int) -> tuple[bytes, bytes]:
@@ -174,15 +142,17 @@ class Decoder:
         else:
             pos += 1
         if not index:
-            name, pos = self._string(block, pos)
+            name, pos = self.string(block, pos)
         elif index <= STATIC_COUNT:
             name = STATIC_TABLE[index - 1][0]
         else:
             name = self._field(index)[0]
-        value, pos = self._string(block, pos)
+        value, pos = self.string(block, pos)
         return (name, value), pos
 
-    def _string(self, block: bytes, pos: int) -> tuple[bytes, int]:
+    def string(self, block: bytes, pos: int) -> tuple[bytes, int]:
+        """§5.2: the string literal at ``block[pos]``, Huffman-decoded if it is; (it, next
+        position)."""
         if pos >= len(block):
             raise HpackError("truncated string")
         byte = block[pos]
