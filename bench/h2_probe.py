@@ -34,6 +34,7 @@ import socket
 import struct
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from push_probe import connect, drain  # noqa: E402
@@ -131,6 +132,10 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--client", choices=("h2load", "go"), default="h2load")
     parser.add_argument("--profile", action="store_true", help="cProfile's top 25 functions")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead of pushes: each connection opens --streams streams whose "
+                             "body never comes; Python bytes allocated per open stream "
+                             "(tracemalloc)")
     args = parser.parse_args()
     sys.path.insert(0, args.root)
     from rawsse.config import ServeConfig
@@ -155,6 +160,9 @@ def main() -> int:
     for _ in range(5):
         worker.loop.run_once()
         _drain_devices(devices, device_socks)
+
+    if args.memory:
+        return _memory(worker, senders, args.streams)
 
     def run() -> int:
         answered = 0
@@ -181,6 +189,31 @@ def main() -> int:
         answered = run()
     cpu = time.process_time() - start
     print(f"{cpu / answered * 1e6:.2f} us CPU per push ({answered} pushes, {args.client})")
+    return 0
+
+
+def _memory(worker: Any, senders: list[Sender], streams: int) -> int:
+    """Bytes per open stream: each sender's requests without their DATA (HEADERS without
+    END_STREAM), read by the worker, tracemalloc's traced bytes before and after."""
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    for sender in senders:
+        for _ in range(streams):
+            sender.sock.sendall(sender.request()[:-(9 + len(BODY))])  # HEADERS alone
+            if sender.in_flight % 100 == 0:
+                worker.loop.run_once()
+    for _ in range(5):
+        worker.loop.run_once()
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    opened = sum(len(getattr(handler, "streams", ())) for handler in worker.loop.handlers
+                 if type(handler).__name__ == "H2Connection")
+    print(f"{(after - before) / opened:.0f} B per open stream ({opened} streams, "
+          f"{len(senders)} connections)")
     return 0
 
 

@@ -80,6 +80,8 @@ _TIMEOUT = answers.error(408, "RequestTimeout")
 
 _pack_header = f.HEADER.pack
 _PLAIN_HEADERS = f.PADDED | f.PRIORITY_FLAG | f.END_HEADERS  # END_HEADERS alone: no unpadding
+_LAST_HEADERS = f.END_HEADERS | f.END_STREAM
+_HALF_WINDOW = f.DEFAULT_WINDOW // 2
 OPEN, GOING = 0, 1  # and LINGER (rawsse/server/connection.py)
 
 
@@ -191,27 +193,30 @@ class H2Connection(ClientConnection):
 
     def _frames(self, data: Any) -> int:
         """Handle every complete frame in ``data``; how many bytes they took."""
+        # The frame constants are literals here (9: HEADER_SIZE, 16384: our
+        # SETTINGS_MAX_FRAME_SIZE, 1: HEADERS, 0: DATA, 4: END_HEADERS): two frames per push.
         pos, end = 0, len(data)
         unpack = f.HEADER.unpack_from
-        while end - pos >= f.HEADER_SIZE and self.state == OPEN and self.fd >= 0:
+        while end - pos >= 9 and self.state == OPEN and self.fd >= 0:
             high, low, type_, flags, stream_id = unpack(data, pos)
             length = high << 16 | low
-            if length > f.MIN_FRAME_SIZE:  # our SETTINGS_MAX_FRAME_SIZE
+            if length > 16384:
                 raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "frame larger than MAX_FRAME_SIZE")
-            start = pos + f.HEADER_SIZE
+            start = pos + 9
             if end - start < length:
                 break
             pos = start + length
             stream_id &= 0x7FFFFFFF
             if self.block_stream and type_ != f.CONTINUATION:
                 raise f.ConnectionError_(f.PROTOCOL_ERROR, "frame interleaved in a header block")
-            payload = data[start:pos]
-            if type_ == f.HEADERS:
-                if flags & _PLAIN_HEADERS == f.END_HEADERS and stream_id:  # the common case
-                    self._header_block(stream_id, flags, payload)
+            if type_ == 1:
+                if flags & _PLAIN_HEADERS == 4 and stream_id:  # the common case
+                    self._header_block(stream_id, flags, data[start:pos])
                 else:
-                    self._on_headers(stream_id, flags, payload)
-            elif type_ == f.DATA:
+                    self._on_headers(stream_id, flags, data[start:pos])
+                continue
+            payload = data[start:pos]
+            if type_ == 0:
                 self._on_data(stream_id, flags, payload)
             elif type_ == f.CONTINUATION:
                 self._on_continuation(stream_id, flags, payload)
@@ -290,7 +295,14 @@ class H2Connection(ClientConnection):
         if stream_id == 0:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "DATA on stream 0")
         length = len(payload)
-        self._consumed(length)
+        # Connection flow control: received bytes are credited back once half the window is
+        # used (in this frame, not a call: every push has a DATA frame).
+        self.recv_window -= length
+        if self.recv_window < 0:
+            raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        self.unacked += length
+        if self.unacked >= _HALF_WINDOW:
+            self._credit_connection()
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
             if stream_id > self.last_stream_id:
@@ -318,19 +330,20 @@ class H2Connection(ClientConnection):
             else:
                 request.body = request.body + body if request.body else body
         if end:
-            self._request_complete(stream_id, stream)
+            if stream.pending is None and stream.length in (-1, len(request.body)):
+                # A push's end: served from this frame (``_request_complete`` without its call;
+                # what that checks beyond this, a 431 given or the content-length, passed).
+                stream.remote_closed = True
+                self.host.stats.http_requests += 1
+                self.host.routes.handle(request)
+            else:
+                self._request_complete(stream_id, stream)
 
-    def _consumed(self, length: int) -> None:
-        """Connection flow control: credit received bytes back once half the window is used."""
-        self.recv_window -= length
-        if self.recv_window < 0:
-            raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
-        self.unacked += length
-        if self.unacked >= f.DEFAULT_WINDOW // 2:
-            self.out += f.window_update(0, self.unacked)
-            self.recv_window += self.unacked
-            self.unacked = 0
-            self.schedule_flush()
+    def _credit_connection(self) -> None:
+        self.out += f.window_update(0, self.unacked)
+        self.recv_window += self.unacked
+        self.unacked = 0
+        self.schedule_flush()
 
     def _request_complete(self, stream_id: int, stream: H2Stream) -> None:
         stream.remote_closed = True
@@ -369,19 +382,31 @@ class H2Connection(ClientConnection):
         """An answer without a body (every push's 200): its HEADERS frame ends the stream (the
         frame header packed here, not in a call)."""
         self.out += _pack_header(len(block) >> 16, len(block) & 0xFFFF, f.HEADERS,
-                                 f.END_HEADERS | f.END_STREAM, stream_id)
+                                 _LAST_HEADERS, stream_id)
         self.out += block
         self._stream_done(stream_id, stream)
         if not self.flush_scheduled:
             self.schedule_flush()
 
     def answer_ok(self, request: Request, apns_id: bytes) -> None:
-        """``answer`` of a push's plain 200 carrying ``apns_id``, with no ``Answer`` made."""
+        """``answer`` of a push's plain 200 carrying ``apns_id``, with no ``Answer`` made: its
+        HEADERS frame written here, and the stream, complete, forgotten here (every push's
+        answer: ``_headers_only`` and ``_stream_done`` without their two calls)."""
         stream_id = request.slot
-        stream = self.streams.get(stream_id)
+        streams = self.streams
+        stream = streams.get(stream_id)
         if stream is None or stream.request is not request or stream.pending is not None:
             return  # reset by the client, or answered already
-        self._headers_only(stream_id, stream, ok_block(apns_id))
+        block = ok_block(apns_id)
+        out = self.out
+        out += _pack_header(0, len(block), f.HEADERS, _LAST_HEADERS, stream_id)  # < 8 KB
+        out += block
+        if stream.remote_closed and self.goaway_id < 0:
+            del streams[stream_id]
+        else:
+            self._stream_done(stream_id, stream)
+        if not self.flush_scheduled:
+            self.schedule_flush()
 
     def become_stream(self, request: Request, token: bytes) -> None:
         """SSE streams (a device's, the live view's) are HTTP/1.1 only: an error answer says

@@ -66,26 +66,40 @@ class HpackError(ValueError):
 class Decoder:
     """One connection's decoder: its dynamic table and limits."""
 
-    __slots__ = ("table", "table_size", "capacity", "max_table_size", "max_list_size", "cache",
-                 "generation")
+    __slots__ = ("table", "sizes", "table_size", "capacity", "max_table_size", "max_list_size",
+                 "cache", "generation", "literal_at")
 
     def __init__(self, max_table_size: int, max_list_size: int) -> None:
         self.table: deque[tuple[bytes, bytes]] = deque()  # newest first (index 62)
+        self.sizes: deque[int] = deque()  # each entry's size (§4.1), in the table's order
         self.table_size = 0
         self.capacity = max_table_size  # the encoder's current size (§4.2), at most the max
         self.max_table_size = max_table_size  # what our SETTINGS_HEADER_TABLE_SIZE allows
         self.max_list_size = max_list_size
         self.cache: dict[bytes, bytes] = {}
         self.generation = 0  # counts changes to the dynamic table (a memo's shapes name one)
+        self.literal_at = -1  # where in the last block's fields its only literal is (below)
 
     def decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The fields of ``block`` and whether the list went past ``max_list_size`` (then the
-        list is incomplete and the request must be refused)."""
+        list is incomplete and the request must be refused).
+
+        Written for Go's and Netty's blocks, which index every field (a one-byte index, a
+        literal with a static name): those cases take no call but the string's and the
+        insertion's, and an entry's size comes from ``sizes``. ``literal_at`` is then the
+        index in the fields of the block's one literal (its one field not taken from a table:
+        Go's ``:path``), -1 when it has none or more than one."""
+        literal_at = -1
         fields: list[tuple[bytes, bytes]] = []
+        append = fields.append
         size = 0
         limit = self.max_list_size
         pos, end = 0, len(block)
-        first = True
+        while pos < end and block[pos] & 0xE0 == 0x20:  # §4.2: size updates come first
+            new_size, pos = _integer(block, pos, 5)
+            if new_size > self.max_table_size:
+                raise HpackError("table size update above SETTINGS_HEADER_TABLE_SIZE")
+            self._resize(new_size)
         table = self.table
         while pos < end:
             byte = block[pos]
@@ -93,35 +107,45 @@ class Decoder:
                 index = byte & 0x7F
                 if 0 < index <= STATIC_COUNT:
                     pos += 1
-                    first = False
                     size += STATIC_SIZES[index - 1]
                     if size <= limit:
-                        fields.append(STATIC_TABLE[index - 1])
+                        append(STATIC_TABLE[index - 1])
                     continue
                 dynamic = index - STATIC_COUNT - 1
                 if 0 <= dynamic < len(table) and index < 0x7F:  # a recent entry, one byte
                     pos += 1
-                    field = table[dynamic]
-                else:
-                    index, pos = _integer(block, pos, 7)
-                    field = self._field(index)
+                    size += self.sizes[dynamic]
+                    if size <= limit:
+                        append(table[dynamic])
+                    continue
+                index, pos = _integer(block, pos, 7)
+                field = self._field(index)
             elif byte & 0x40:  # §6.2.1 literal with incremental indexing
-                field, pos = self._literal(block, pos, 6)
-                self._insert(field)
-            elif byte & 0x20:  # §6.3 dynamic table size update
-                if not first:
-                    raise HpackError("table size update after a field")
-                new_size, pos = _integer(block, pos, 5)
-                if new_size > self.max_table_size:
-                    raise HpackError("table size update above SETTINGS_HEADER_TABLE_SIZE")
-                self._resize(new_size)
+                index = byte & 0x3F
+                if 0 < index <= STATIC_COUNT:  # a static name in the one byte (63: more follow)
+                    value, pos = self.string(block, pos + 1)
+                    field = (STATIC_TABLE[index - 1][0], value)
+                else:
+                    field, pos = self._literal(block, pos, 6)
+                size += self._insert(field)
+                literal_at = len(fields) if literal_at == -1 else -2
+                if size <= limit:
+                    append(field)
                 continue
+            elif byte & 0x20:  # §6.3 dynamic table size update
+                raise HpackError("table size update after a field")
             else:  # §6.2.2 without indexing, §6.2.3 never indexed: same for a decoder
-                field, pos = self._literal(block, pos, 4)
-            first = False
+                index = byte & 0x0F
+                if 0 < index < 0x0F:  # a static name in the one byte (15: more bytes follow)
+                    value, pos = self.string(block, pos + 1)
+                    field = (STATIC_TABLE[index - 1][0], value)
+                else:
+                    field, pos = self._literal(block, pos, 4)
+                literal_at = len(fields) if literal_at == -1 else -2
             size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
             if size <= limit:
-                fields.append(field)
+                append(field)
+        self.literal_at = literal_at if literal_at >= 0 else -1
         return fields, size > limit
 
     def _field(self, index: int) -> tuple[bytes, bytes]:
@@ -179,25 +203,28 @@ class Decoder:
             cache[raw] = text
         return text, end
 
-    def _insert(self, field: tuple[bytes, bytes]) -> None:
-        """§4.4: evict oldest entries to make room; an entry larger than the table empties it."""
+    def _insert(self, field: tuple[bytes, bytes]) -> int:
+        """§4.4: evict oldest entries to make room; an entry larger than the table empties it.
+        The entry's size."""
         self.generation += 1
         size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
-        table = self.table
+        table, sizes = self.table, self.sizes
         while table and self.table_size + size > self.capacity:
-            old = table.pop()
-            self.table_size -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
+            table.pop()
+            self.table_size -= sizes.pop()
         if size <= self.capacity:
             table.appendleft(field)
+            sizes.appendleft(size)
             self.table_size += size
+        return size
 
     def _resize(self, new_size: int) -> None:
         self.generation += 1
         self.capacity = new_size
-        table = self.table
+        table, sizes = self.table, self.sizes
         while table and self.table_size > new_size:
-            old = table.pop()
-            self.table_size -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
+            table.pop()
+            self.table_size -= sizes.pop()
 
 
 def _integer(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
@@ -266,20 +293,26 @@ def _date() -> bytes:
     """``date`` (RFC 9110 §6.6.1), encoded once per second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[0] = now
-        date = literal_indexed_name(DATE_INDEX, email.utils.formatdate(now, usegmt=True).encode())
-        _date_cache[1] = date
-        _date_cache[2] = STATUS[200] + date + APNS_ID_NAME
+        _new_second(now)
     return _date_cache[1]
+
+
+def _new_second(now: int) -> None:
+    _date_cache[0] = now
+    date = literal_indexed_name(DATE_INDEX, email.utils.formatdate(now, usegmt=True).encode())
+    _date_cache[1] = date
+    _date_cache[2] = STATUS[200] + date + APNS_ID_NAME
 
 
 def ok_block(apns_id: bytes) -> bytes:
     """The header block of a push's plain 200 (``:status``, ``date``, ``apns-id``): the cached
     status and date, the cached name and the id, one concatenation (an id under 127 bytes: a
-    200's is a UUID's 36)."""
+    200's is a UUID's 36); the second checked here, not in a call to ``_date``."""
     if len(apns_id) >= 127:
         return response_block(200, ((b"apns-id", apns_id),), None, 0)
-    _date()
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _new_second(now)
     return _date_cache[2] + _SMALL_LENGTH[len(apns_id)] + apns_id
 
 

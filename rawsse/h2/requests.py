@@ -6,27 +6,35 @@ Theory of operation
 fills the request from its fields (``fill``): method, target, the headers a route reads and the
 content-length, or a verdict (``MALFORMED``, ``TOO_LARGE``).
 
-A sender's blocks repeat. nghttp2's clients (h2load, curl, nghttp, Node's http2) send
-``:path`` first as a literal without indexing and, from the second request of a connection on,
-every other field as an index, so the bytes after ``:path`` are the same push after push. What
-those bytes fill in (method, headers, content-length, their share of the header list size) is
-kept as a ``shape``, keyed by the bytes; a block whose ``:path`` literal is followed by a known
-suffix is read as that literal (decoded inline, its Huffman code from the decoder's cache) plus
-the shape, with no field list made and no field looked at.
+A sender's blocks repeat, in one of two ways, and what they fill in (method, the kept headers,
+content-length, their share of the header list size: a *shape*) is kept for each:
 
-The memo is exact (RFC 7541): a block decodes the same only while the dynamic table entries it
-refers to are unchanged, so a shape is kept only for a block that changed nothing in the table
-(no insertion, no size update: its own decoding could not differ the next time but for the
-table) and names the decoder's ``generation`` then; any insertion, eviction or size update
-bumps the generation, and a shape of another generation is decoded afresh. A block whose
-representations insert (Go's, Netty's: every field "with incremental indexing") is never kept:
-it must go through the decoder for the table to follow the peer's.
+- nghttp2's clients (h2load, curl, nghttp, Node's http2) send ``:path`` first as a literal
+  without indexing and, from the second request of a connection on, every other field as an
+  index, so the bytes after ``:path`` are the same push after push. A block whose ``:path``
+  literal is followed by a known *suffix* is read as that literal (decoded inline, its Huffman
+  code from the decoder's cache) plus the shape: no field list made, no field looked at.
+- Go's ``x/net/http2`` and Netty's encoders index every field, ``:path`` too, so each new
+  token is a literal with incremental indexing and every other field an index whose number
+  moves as the table turns over: the bytes never repeat, the fields do. Such a block is
+  decoded (the table must follow it), and its *field list* with ``:path`` left out (where it
+  was stays in the key: a pseudo-field's place matters) finds the shape without ``fill``.
 
-The memo holds ``SHAPES`` suffixes of at most ``SUFFIX_MAX`` bytes per connection (cleared when
-full); a connection's sender uses one or two.
+Both are exact (RFC 7541). A field list's shape depends on nothing but the fields. A suffix
+decodes the same only while the dynamic table entries it refers to are unchanged, so its shape
+is kept only for a block that changed nothing in the table (no insertion, no size update) and
+names the decoder's ``generation`` then; any insertion, eviction or size update bumps the
+generation, and a shape of another generation is decoded afresh (and kept again). A block with
+a second ``:path``, or past the header list limit, is never kept.
+
+The memo holds ``SHAPES`` keys per connection (cleared when full): suffixes of at most
+``SUFFIX_MAX`` bytes, field lists of at most ``LIST_MAX``; a connection's sender uses one or
+two.
 """
 
 from __future__ import annotations
+
+from typing import Any, cast
 
 from rawsse.apns.apple import REQUEST_HEADERS
 from rawsse.h2.hpack import ENTRY_OVERHEAD, Decoder
@@ -36,6 +44,10 @@ MALFORMED = -2  # §8.1.1: the stream is reset with PROTOCOL_ERROR
 TOO_LARGE = -3  # past MAX_HEADER_LIST_SIZE: the request is answered 431
 SHAPES = 64  # distinct suffixes one connection's client sends: a handful
 SUFFIX_MAX = 256  # bytes: nghttp2's is about 10; a longer one is not kept (64 × 256 B at most)
+LIST_MAX = 1024  # a field list's size (§4.1): Go's is ~300 B; a larger one is not kept
+# In a field list's key, where its :path was: a 1-tuple, equal to no field.
+_PATH_LEFT_OUT = cast(tuple[bytes, bytes], (b":path",))
+Shape = tuple[int, bytes, dict[bytes, bytes], bool, int, int]
 _PATH_SIZE = len(b":path") + ENTRY_OVERHEAD
 # §8.2.2: connection-specific fields make a request malformed.
 _CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
@@ -49,8 +61,9 @@ class RequestDecoder:
 
     def __init__(self, max_table_size: int, max_list_size: int) -> None:
         self.hpack = Decoder(max_table_size, max_list_size)
-        # suffix bytes -> (generation, method, headers, duplicate, content-length, list size)
-        self.shapes: dict[bytes, tuple[int, bytes, dict[bytes, bytes], bool, int, int]] = {}
+        # suffix bytes, or a field list with its :path left out -> the shape:
+        # (generation or -1, method, headers, duplicate, content-length, list size)
+        self.shapes: dict[Any, Shape] = {}
 
     def skip(self, block: bytes) -> None:
         """Decode a block whose fields are not read (trailers, a refused or closed stream):
@@ -61,46 +74,77 @@ class RequestDecoder:
         """Fill ``request`` from ``block``: its content-length (-1 when none), or ``MALFORMED``
         or ``TOO_LARGE``. An ``HpackError`` is the connection's (COMPRESSION_ERROR)."""
         hpack = self.hpack
+        shapes = self.shapes
+        shape = None
         suffix_at = 0
         # §6.2.2/§6.2.3: a literal without indexing (or never indexed) named by static entry 4
         # or 5 (":path"), its value's length in one byte.
         if block[0] & 0xEF in (4, 5) and len(block) > 1 and block[1] & 0x7F < 0x7F:
             suffix_at = 2 + (block[1] & 0x7F)
-            shape = self.shapes.get(block[suffix_at:])
+            shape = shapes.get(block[suffix_at:])
             if shape is not None and shape[0] == hpack.generation:
                 # (A kept suffix holds :method at least: the literal before it is whole.)
                 value = block[2:suffix_at]
                 if block[1] & 0x80:
                     value = hpack.cache.get(value) or hpack.string(block, 1)[0]
-                if shape[5] + _PATH_SIZE + len(value) <= hpack.max_list_size:
-                    request.path, _, request.query = value.partition(b"?")
-                    if request.path:
-                        request.method = shape[1]
-                        if shape[2]:
-                            request.headers = shape[2].copy()
-                        request.duplicate = shape[3]
-                        return shape[4]
-                    return MALFORMED
-        generation = hpack.generation
-        fields, too_large = hpack.decode(block)
+                if shape[5] + _PATH_SIZE + len(value) > hpack.max_list_size:
+                    shape = None
+            else:
+                shape = None
+        if shape is None:
+            generation = hpack.generation
+            fields, too_large = hpack.decode(block)
+            at = hpack.literal_at
+            if at >= 0 and not too_large and fields[at][0] == b":path":
+                path = fields[at]
+                fields[at] = _PATH_LEFT_OUT  # Go's blocks: every field from the table but :path
+                key = tuple(fields)
+                fields[at] = path
+                shape = shapes.get(key)
+                value = path[1]
+            else:
+                key = None
+            if hpack.generation != generation or len(block) - suffix_at > SUFFIX_MAX:
+                suffix_at = 0  # the block changed the table: its suffix is not kept
+            if shape is None:
+                return self._fill(block, request, fields, too_large, suffix_at, key)
+            if suffix_at:  # nghttp2's, after a change to the table: its suffix kept again
+                self._keep(block[suffix_at:], (generation, *shape[1:]))
+        request.path, _, request.query = value.partition(b"?")
+        if not request.path:
+            return MALFORMED
+        request.method = shape[1]
+        if shape[2]:
+            request.headers = shape[2].copy()
+        request.duplicate = shape[3]
+        return shape[4]
+
+    def _fill(self, block: bytes, request: Request, fields: list[tuple[bytes, bytes]],
+              too_large: bool, suffix_at: int, key: Any) -> int:
+        """``fill``, then its shape kept for the suffix after ``:path`` (``suffix_at``: 0 when
+        the block has none, or changed the table) and for the field list (``key``: None when
+        it is not one literal :path among indexed fields): what the fields other than
+        ``:path`` filled in ``request`` (``:path`` sets only the target) and their size."""
         length = fill(request, fields)
         if length == MALFORMED or too_large:
             return MALFORMED if length == MALFORMED else TOO_LARGE
-        if (suffix_at and hpack.generation == generation and len(block) - suffix_at <= SUFFIX_MAX
-                and all(name != b":path" for name, _ in fields[1:])):
-            self._keep(block[suffix_at:], request, length, fields)
+        if suffix_at or key is not None:
+            others = [field for field in fields if field[0] != b":path"]
+            size = sum(len(name) + len(value) + ENTRY_OVERHEAD for name, value in others)
+            if len(others) == len(fields) - 1 and size <= LIST_MAX:  # no second :path
+                headers = dict(request.headers)
+                if suffix_at:
+                    self._keep(block[suffix_at:], (self.hpack.generation, request.method,
+                                                   headers, request.duplicate, length, size))
+                if key is not None:
+                    self._keep(key, (-1, request.method, headers, request.duplicate, length, size))
         return length
 
-    def _keep(self, suffix: bytes, request: Request, length: int,
-              fields: list[tuple[bytes, bytes]]) -> None:
-        """The shape of a suffix after ``:path``: what it filled in ``request`` (the ``:path``
-        field before it sets only the target, so the rest is the suffix's alone)."""
+    def _keep(self, key: Any, shape: Shape) -> None:
         shapes = self.shapes
         if len(shapes) >= SHAPES:
             shapes.clear()
-        size = sum(len(name) + len(value) for name, value in fields[1:])
-        shapes[suffix] = (self.hpack.generation, request.method, dict(request.headers),
-                          request.duplicate, length, size + ENTRY_OVERHEAD * (len(fields) - 1))
+        shapes[key] = shape
 
 
 def fill(request: Request, fields: list[tuple[bytes, bytes]]) -> int:
