@@ -75,6 +75,16 @@ def test_bad_blocks_are_compression_errors(block):
         Decoder(4096, 8000).decode(block)
 
 
+def test_an_index_to_an_entry_just_evicted_is_a_compression_error():
+    """Within one block: an insertion too large for the table empties it, and an index to
+    what was there before is out of range (an error, not a crash)."""
+    decoder = Decoder(256, 8000)
+    decoder.decode(b"\x40\x01a\x01b\x40\x01c\x01d")  # two entries
+    assert decoder.decode(b"\xbf")[0] == [(b"a", b"b")]  # index 63: the older one
+    with pytest.raises(HpackError):
+        decoder.decode(b"\x40\x01x\x7f\x81\x01" + b"v" * 256 + b"\xbf")
+
+
 def test_header_list_limit_counts_but_keeps_decoding():
     encoder = hpack.Encoder()
     block = encoder.encode([("x-big", "v" * 4000)]) + b"\xbe" * 3
@@ -265,6 +275,11 @@ def test_request_memo_of_field_lists_keeps_where_path_was():
             2, b"POST", b"/3/device/" + token, b"", {b"apns-topic": b"t1", b"content-length": b"2"},
             False)
     assert len(reader.shapes) == 1
+    twice = fields + [(b"apns-topic", b"t2")]  # a single header twice: kept as such
+    for token in (b"ab", b"ac", b"ad"):  # (t2 is indexed from the second on)
+        twice[2] = (b":path", b"/3/device/" + token)
+        assert _read(reader, encoder.encode(twice))[4:] == (
+            {b"apns-topic": b"t2", b"content-length": b"2"}, True)
     late = fields[:2] + fields[3:5] + [(b":path", b"/3/device/dd")] + fields[5:]
     assert _read(reader, encoder.encode(late))[0] == MALFORMED
     fields[2] = (b":path", b"")

@@ -50,7 +50,7 @@ from rawsse.apns import answers
 from rawsse.h2 import control
 from rawsse.h2 import frames as f
 from rawsse.h2.hpack import HpackError, ok_block, response_block
-from rawsse.h2.requests import MALFORMED, TOO_LARGE, RequestDecoder
+from rawsse.h2.requests import MALFORMED, RequestDecoder
 from rawsse.server.exchange import Answer, Request
 from rawsse.server.connection import LINGER, READABLE, ClientConnection
 from rawsse.server.loop import EPOLLOUT
@@ -90,13 +90,13 @@ class H2Stream:
 
     __slots__ = ("request", "window", "recv_window", "pending", "remote_closed", "length", "stale")
 
-    def __init__(self, request: Request, window: int) -> None:
+    def __init__(self, request: Request, window: int, length: int = -1) -> None:
         self.request = request
         self.window = window  # the peer's stream window for our DATA
-        self.recv_window = f.DEFAULT_WINDOW
+        self.recv_window = 65535  # f.DEFAULT_WINDOW, a constant here: one stream per push
         self.pending: bytes | None = None  # the answer's body still to send; None = unanswered
         self.remote_closed = False  # END_STREAM received: the request is complete
-        self.length = -1  # content-length announced, -1 when none
+        self.length = length  # content-length announced, -1 when none
         self.stale = False  # still uploading at the last deadline check
 
 
@@ -258,17 +258,11 @@ class H2Connection(ClientConnection):
             request = Request(self, self.operator)
             length = self.decoder.read(block, request)  # before the id is taken: HpackError
             self.last_stream_id = stream_id
-            if length == MALFORMED:
-                self.reset_stream(stream_id, f.PROTOCOL_ERROR)  # §8.1.1 malformed
+            if length < -1:
+                self._refuse(stream_id, flags, request, length)
                 return
             request.slot = stream_id
-            new = streams[stream_id] = H2Stream(request, self.peer_window)
-            if length == TOO_LARGE:
-                new.remote_closed = bool(flags & f.END_STREAM)
-                self.host.stats.bad_requests += 1
-                self.answer(request, _TOO_LARGE)
-                return
-            new.length = length
+            new = streams[stream_id] = H2Stream(request, self.peer_window, length)
             if flags & f.END_STREAM:
                 self._request_complete(stream_id, new)
             return
@@ -290,6 +284,17 @@ class H2Connection(ClientConnection):
         self.last_stream_id = stream_id
         if self.goaway_id < 0:  # §6.8: after our GOAWAY ignored (the client retries them)
             self.reset_stream(stream_id, f.REFUSED_STREAM)  # over MAX_CONCURRENT_STREAMS
+
+    def _refuse(self, stream_id: int, flags: int, request: Request, verdict: int) -> None:
+        """A new stream whose header block is malformed (RST_STREAM) or too large (431)."""
+        if verdict == MALFORMED:
+            self.reset_stream(stream_id, f.PROTOCOL_ERROR)  # §8.1.1 malformed
+            return
+        request.slot = stream_id
+        stream = self.streams[stream_id] = H2Stream(request, self.peer_window)
+        stream.remote_closed = bool(flags & f.END_STREAM)
+        self.host.stats.bad_requests += 1
+        self.answer(request, _TOO_LARGE)
 
     def _on_data(self, stream_id: int, flags: int, payload: Any) -> None:
         if stream_id == 0:
@@ -315,27 +320,31 @@ class H2Connection(ClientConnection):
             self.reset_stream(stream_id, f.FLOW_CONTROL_ERROR)
             return
         end = flags & f.END_STREAM
-        if not end and length:
-            stream.recv_window += length
-            self.out += f.window_update(stream_id, length)
-            self.schedule_flush()
-        elif not end:
-            control.count_control(self)  # empty DATA without END_STREAM: a flood if repeated
+        if not end:
+            if length:
+                stream.recv_window += length
+                self.out += f.window_update(stream_id, length)
+                self.schedule_flush()
+            else:
+                control.count_control(self)  # empty DATA without END_STREAM: a flood if repeated
         body = _unpad(payload, flags) if flags & f.PADDED else payload
         request = stream.request
         if body and not request.body_too_large:
-            if len(request.body) + len(body) > MAX_BODY:
+            if not request.body and length <= MAX_BODY:  # a push's body: one DATA frame
+                request.body = body
+            elif len(request.body) + len(body) > MAX_BODY:
                 request.body_too_large = True
                 request.body = b""
             else:
-                request.body = request.body + body if request.body else body
+                request.body += body
         if end:
             if stream.pending is None and stream.length in (-1, len(request.body)):
                 # A push's end: served from this frame (``_request_complete`` without its call;
                 # what that checks beyond this, a 431 given or the content-length, passed).
                 stream.remote_closed = True
-                self.host.stats.http_requests += 1
-                self.host.routes.handle(request)
+                host = self.host
+                host.stats.http_requests += 1
+                host.routes.handle(request)
             else:
                 self._request_complete(stream_id, stream)
 
@@ -399,7 +408,7 @@ class H2Connection(ClientConnection):
             return  # reset by the client, or answered already
         block = ok_block(apns_id)
         out = self.out
-        out += _pack_header(0, len(block), f.HEADERS, _LAST_HEADERS, stream_id)  # < 8 KB
+        out += _pack_header(0, len(block), 1, _LAST_HEADERS, stream_id)  # HEADERS, < 8 KB
         out += block
         if stream.remote_closed and self.goaway_id < 0:
             del streams[stream_id]

@@ -100,7 +100,8 @@ class Decoder:
             if new_size > self.max_table_size:
                 raise HpackError("table size update above SETTINGS_HEADER_TABLE_SIZE")
             self._resize(new_size)
-        table = self.table
+        table, sizes = self.table, self.sizes
+        entries = len(table)  # kept up to date by the insertions below
         while pos < end:
             byte = block[pos]
             if byte & 0x80:  # §6.1 indexed field; a static entry in one byte is the common case
@@ -112,9 +113,9 @@ class Decoder:
                         append(STATIC_TABLE[index - 1])
                     continue
                 dynamic = index - STATIC_COUNT - 1
-                if 0 <= dynamic < len(table) and index < 0x7F:  # a recent entry, one byte
+                if 0 <= dynamic < entries and index < 0x7F:  # a recent entry, one byte
                     pos += 1
-                    size += self.sizes[dynamic]
+                    size += sizes[dynamic]
                     if size <= limit:
                         append(table[dynamic])
                     continue
@@ -128,6 +129,7 @@ class Decoder:
                 else:
                     field, pos = self._literal(block, pos, 6)
                 size += self._insert(field)
+                entries = len(table)
                 literal_at = len(fields) if literal_at == -1 else -2
                 if size <= limit:
                     append(field)
@@ -308,12 +310,13 @@ def ok_block(apns_id: bytes) -> bytes:
     """The header block of a push's plain 200 (``:status``, ``date``, ``apns-id``): the cached
     status and date, the cached name and the id, one concatenation (an id under 127 bytes: a
     200's is a UUID's 36); the second checked here, not in a call to ``_date``."""
-    if len(apns_id) >= 127:
+    length = len(apns_id)
+    if length >= 127:
         return response_block(200, ((b"apns-id", apns_id),), None, 0)
     now = int(time.time())
     if _date_cache[0] != now:
         _new_second(now)
-    return _date_cache[2] + _SMALL_LENGTH[len(apns_id)] + apns_id
+    return _date_cache[2] + _SMALL_LENGTH[length] + apns_id
 
 
 def response_block(status: int, headers: tuple[tuple[bytes, bytes], ...],

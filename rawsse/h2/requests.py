@@ -7,7 +7,8 @@ fills the request from its fields (``fill``): method, target, the headers a rout
 content-length, or a verdict (``MALFORMED``, ``TOO_LARGE``).
 
 A sender's blocks repeat, in one of two ways, and what they fill in (method, the kept headers,
-content-length, their share of the header list size: a *shape*) is kept for each:
+content-length, the room they leave for ``:path`` under the header list limit: a *shape*) is
+kept for each:
 
 - nghttp2's clients (h2load, curl, nghttp, Node's http2) send ``:path`` first as a literal
   without indexing and, from the second request of a connection on, every other field as an
@@ -61,8 +62,8 @@ class RequestDecoder:
 
     def __init__(self, max_table_size: int, max_list_size: int) -> None:
         self.hpack = Decoder(max_table_size, max_list_size)
-        # suffix bytes, or a field list with its :path left out -> the shape:
-        # (generation or -1, method, headers, duplicate, content-length, list size)
+        # suffix bytes, or a field list with its :path left out -> the shape: (generation or
+        # -1, method, headers, duplicate, content-length, the bytes left for :path's value)
         self.shapes: dict[Any, Shape] = {}
 
     def skip(self, block: bytes) -> None:
@@ -87,7 +88,7 @@ class RequestDecoder:
                 value = block[2:suffix_at]
                 if block[1] & 0x80:
                     value = hpack.cache.get(value) or hpack.string(block, 1)[0]
-                if shape[5] + _PATH_SIZE + len(value) > hpack.max_list_size:
+                if len(value) > shape[5]:  # past the header list limit
                     shape = None
             else:
                 shape = None
@@ -96,12 +97,12 @@ class RequestDecoder:
             fields, too_large = hpack.decode(block)
             at = hpack.literal_at
             if at >= 0 and not too_large and fields[at][0] == b":path":
-                path = fields[at]
+                path_field = fields[at]
                 fields[at] = _PATH_LEFT_OUT  # Go's blocks: every field from the table but :path
                 key = tuple(fields)
-                fields[at] = path
+                fields[at] = path_field
                 shape = shapes.get(key)
-                value = path[1]
+                value = path_field[1]
             else:
                 key = None
             if hpack.generation != generation or len(block) - suffix_at > SUFFIX_MAX:
@@ -110,13 +111,15 @@ class RequestDecoder:
                 return self._fill(block, request, fields, too_large, suffix_at, key)
             if suffix_at:  # nghttp2's, after a change to the table: its suffix kept again
                 self._keep(block[suffix_at:], (generation, *shape[1:]))
-        request.path, _, request.query = value.partition(b"?")
-        if not request.path:
+        path, _, request.query = value.partition(b"?")
+        if not path:
             return MALFORMED
+        request.path = path
         request.method = shape[1]
         if shape[2]:
             request.headers = shape[2].copy()
-        request.duplicate = shape[3]
+        if shape[3]:
+            request.duplicate = True
         return shape[4]
 
     def _fill(self, block: bytes, request: Request, fields: list[tuple[bytes, bytes]],
@@ -133,11 +136,12 @@ class RequestDecoder:
             size = sum(len(name) + len(value) + ENTRY_OVERHEAD for name, value in others)
             if len(others) == len(fields) - 1 and size <= LIST_MAX:  # no second :path
                 headers = dict(request.headers)
+                room = self.hpack.max_list_size - size - _PATH_SIZE  # for the :path value
                 if suffix_at:
                     self._keep(block[suffix_at:], (self.hpack.generation, request.method,
-                                                   headers, request.duplicate, length, size))
+                                                   headers, request.duplicate, length, room))
                 if key is not None:
-                    self._keep(key, (-1, request.method, headers, request.duplicate, length, size))
+                    self._keep(key, (-1, request.method, headers, request.duplicate, length, room))
         return length
 
     def _keep(self, key: Any, shape: Shape) -> None:
