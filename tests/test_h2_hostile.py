@@ -228,3 +228,33 @@ def test_headers_on_a_closed_stream_reset_that_stream_only(server):
         assert not any(t == f.GOAWAY for t, _, _, _ in frames_)
     finally:
         conn.close()
+
+
+def test_a_repeated_block_suffix_follows_the_senders_table(raw):
+    """nghttp2's shape, the suffix after ``:path`` naming the newest dynamic entry (an apns-id
+    the sender inserted): served from the connection's memo while the table stands, decoded
+    afresh after the sender empties its table with a size update and inserts another id. The
+    answers echo the apns-id each request carried."""
+    conn = raw()
+    first, second = "5d6b5bc5-61e6-4ad4-9d2b-6f1fb3e0a001", "5d6b5bc5-61e6-4ad4-9d2b-6f1fb3e0a002"
+
+    def path() -> bytes:
+        value = f"/3/device/{new_token()}".encode()
+        return bytes((0x14, len(value))) + value  # never indexed, static name 4
+
+    def insert_id(apns_id: str) -> bytes:
+        return b"\x40\x07apns-id" + bytes((len(apns_id),)) + apns_id.encode()
+
+    empty_the_table = b"\x20\x3f\xe1\x1f"  # size updates to 0, then back to 4096
+    blocks = [path() + b"\x83\x86" + insert_id(first), path() + b"\x83\x86\xbe",
+              path() + b"\x83\x86\xbe", empty_the_table + path() + b"\x83\x86" + insert_id(second),
+              path() + b"\x83\x86\xbe"]
+    conn.send(*(frame(f.HEADERS, f.END_HEADERS, 2 * i + 1, block)
+                + frame(f.DATA, f.END_STREAM, 2 * i + 1, b"{}") for i, block in enumerate(blocks)))
+    conn.send(frame(f.GOAWAY, 0, 0, struct.pack(">LL", 9, 0)))
+    decoder = hpack.Decoder()
+    answers = {s: dict(decoder.decode(p)) for t, _, s, p in conn.frames(timeout=2)
+               if t == f.HEADERS}
+    assert {s: (a[":status"], a["apns-id"]) for s, a in answers.items()} == {
+        1: ("200", first), 3: ("200", first), 5: ("200", first), 7: ("200", second),
+        9: ("200", second)}

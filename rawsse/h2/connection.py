@@ -35,7 +35,9 @@ Rules
 - State per open stream is one slotted ``H2Stream`` and its ``Request``.
 
 The connection-level frames (SETTINGS, PING, WINDOW_UPDATE, RST_STREAM, GOAWAY, PRIORITY) and
-the flood budgets are in ``control.py``; frames and HPACK in ``frames.py`` and ``hpack.py``.
+the flood budgets are in ``control.py``; frames and HPACK in ``frames.py`` and ``hpack.py``; a
+header block read into its ``Request`` (what the fields mean, and the memo of repeated blocks)
+in ``requests.py``.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rawsse.apns import answers
-from rawsse.apns.apple import REQUEST_HEADERS
 from rawsse.h2 import control
 from rawsse.h2 import frames as f
-from rawsse.h2.hpack import Decoder, HpackError, ok_block, response_block
+from rawsse.h2.hpack import HpackError, ok_block, response_block
+from rawsse.h2.requests import MALFORMED, RequestDecoder
 from rawsse.server.exchange import Answer, Request
 from rawsse.server.connection import LINGER, READABLE, ClientConnection
 from rawsse.server.loop import EPOLLOUT
@@ -75,12 +77,11 @@ _FIGURES_REFUSED = answers.json(505, {"reason": "HTTPVersionNotSupported",
                                                 "served over HTTP/1.1 only"})
 _TOO_LARGE = answers.error(431, "RequestHeaderFieldsTooLarge")
 _TIMEOUT = answers.error(408, "RequestTimeout")
-# §8.2.2: connection-specific fields make a request malformed.
-_CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
-                                b"transfer-encoding", b"upgrade"})
 
 _pack_header = f.HEADER.pack
 _PLAIN_HEADERS = f.PADDED | f.PRIORITY_FLAG | f.END_HEADERS  # END_HEADERS alone: no unpadding
+_LAST_HEADERS = f.END_HEADERS | f.END_STREAM
+_HALF_WINDOW = f.DEFAULT_WINDOW // 2
 OPEN, GOING = 0, 1  # and LINGER (rawsse/server/connection.py)
 
 
@@ -89,13 +90,13 @@ class H2Stream:
 
     __slots__ = ("request", "window", "recv_window", "pending", "remote_closed", "length", "stale")
 
-    def __init__(self, request: Request, window: int) -> None:
+    def __init__(self, request: Request, window: int, length: int = -1) -> None:
         self.request = request
         self.window = window  # the peer's stream window for our DATA
-        self.recv_window = f.DEFAULT_WINDOW
+        self.recv_window = 65535  # f.DEFAULT_WINDOW, a constant here: one stream per push
         self.pending: bytes | None = None  # the answer's body still to send; None = unanswered
         self.remote_closed = False  # END_STREAM received: the request is complete
-        self.length = -1  # content-length announced, -1 when none
+        self.length = length  # content-length announced, -1 when none
         self.stale = False  # still uploading at the last deadline check
 
 
@@ -116,7 +117,7 @@ class H2Connection(ClientConnection):
         self.inbuf = bytearray()
         self.out = bytearray()
         self.events = READABLE
-        self.decoder = Decoder(HEADER_TABLE_SIZE, MAX_HEADER_LIST_SIZE)
+        self.decoder = RequestDecoder(HEADER_TABLE_SIZE, MAX_HEADER_LIST_SIZE)
         self.streams: dict[int, H2Stream] = {}
         self.blocked: deque[int] = deque()  # streams whose DATA waits for a window
         self.last_stream_id = 0
@@ -192,27 +193,30 @@ class H2Connection(ClientConnection):
 
     def _frames(self, data: Any) -> int:
         """Handle every complete frame in ``data``; how many bytes they took."""
+        # The frame constants are literals here (9: HEADER_SIZE, 16384: our
+        # SETTINGS_MAX_FRAME_SIZE, 1: HEADERS, 0: DATA, 4: END_HEADERS): two frames per push.
         pos, end = 0, len(data)
         unpack = f.HEADER.unpack_from
-        while end - pos >= f.HEADER_SIZE and self.state == OPEN and self.fd >= 0:
+        while end - pos >= 9 and self.state == OPEN and self.fd >= 0:
             high, low, type_, flags, stream_id = unpack(data, pos)
             length = high << 16 | low
-            if length > f.MIN_FRAME_SIZE:  # our SETTINGS_MAX_FRAME_SIZE
+            if length > 16384:
                 raise f.ConnectionError_(f.FRAME_SIZE_ERROR, "frame larger than MAX_FRAME_SIZE")
-            start = pos + f.HEADER_SIZE
+            start = pos + 9
             if end - start < length:
                 break
             pos = start + length
             stream_id &= 0x7FFFFFFF
             if self.block_stream and type_ != f.CONTINUATION:
                 raise f.ConnectionError_(f.PROTOCOL_ERROR, "frame interleaved in a header block")
-            payload = data[start:pos]
-            if type_ == f.HEADERS:
-                if flags & _PLAIN_HEADERS == f.END_HEADERS and stream_id:  # the common case
-                    self._header_block(stream_id, flags, payload)
+            if type_ == 1:
+                if flags & _PLAIN_HEADERS == 4 and stream_id:  # the common case
+                    self._header_block(stream_id, flags, data[start:pos])
                 else:
-                    self._on_headers(stream_id, flags, payload)
-            elif type_ == f.DATA:
+                    self._on_headers(stream_id, flags, data[start:pos])
+                continue
+            payload = data[start:pos]
+            if type_ == 0:
                 self._on_data(stream_id, flags, payload)
             elif type_ == f.CONTINUATION:
                 self._on_continuation(stream_id, flags, payload)
@@ -248,8 +252,22 @@ class H2Connection(ClientConnection):
             self._header_block(stream_id, self.block_flags, bytes(block))
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        fields, too_large = self.decoder.decode(block)  # decoded always: the table must follow
-        stream = self.streams.get(stream_id)
+        streams = self.streams
+        if (stream_id > self.last_stream_id and stream_id & 1 and self.goaway_id < 0
+                and len(streams) < self.max_streams):  # a new request: nearly every block
+            request = Request(self, self.operator)
+            length = self.decoder.read(block, request)  # before the id is taken: HpackError
+            self.last_stream_id = stream_id
+            if length < -1:
+                self._refuse(stream_id, flags, request, length)
+                return
+            request.slot = stream_id
+            new = streams[stream_id] = H2Stream(request, self.peer_window, length)
+            if flags & f.END_STREAM:
+                self._request_complete(stream_id, new)
+            return
+        self.decoder.skip(block)  # decoded always: the table must follow
+        stream = streams.get(stream_id)
         if stream is not None:  # trailers: they end the request, their fields are not read
             if not flags & f.END_STREAM or stream.remote_closed:
                 self.reset_stream(stream_id, f.PROTOCOL_ERROR)
@@ -264,30 +282,32 @@ class H2Connection(ClientConnection):
         if not stream_id & 1:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "even stream id from a client")
         self.last_stream_id = stream_id
-        if self.goaway_id >= 0:
-            return  # §6.8: streams opened after our GOAWAY are ignored (the client retries them)
-        if len(self.streams) >= self.max_streams:
-            self.reset_stream(stream_id, f.REFUSED_STREAM)
-            return
-        request = Request(self, self.operator)
-        stream = H2Stream(request, self.peer_window)
-        if not _fill(request, stream, fields):
+        if self.goaway_id < 0:  # §6.8: after our GOAWAY ignored (the client retries them)
+            self.reset_stream(stream_id, f.REFUSED_STREAM)  # over MAX_CONCURRENT_STREAMS
+
+    def _refuse(self, stream_id: int, flags: int, request: Request, verdict: int) -> None:
+        """A new stream whose header block is malformed (RST_STREAM) or too large (431)."""
+        if verdict == MALFORMED:
             self.reset_stream(stream_id, f.PROTOCOL_ERROR)  # §8.1.1 malformed
             return
         request.slot = stream_id
-        self.streams[stream_id] = stream
-        if too_large:
-            stream.remote_closed = bool(flags & f.END_STREAM)
-            self.host.stats.bad_requests += 1
-            self.answer(request, _TOO_LARGE)
-        elif flags & f.END_STREAM:
-            self._request_complete(stream_id, stream)
+        stream = self.streams[stream_id] = H2Stream(request, self.peer_window)
+        stream.remote_closed = bool(flags & f.END_STREAM)
+        self.host.stats.bad_requests += 1
+        self.answer(request, _TOO_LARGE)
 
     def _on_data(self, stream_id: int, flags: int, payload: Any) -> None:
         if stream_id == 0:
             raise f.ConnectionError_(f.PROTOCOL_ERROR, "DATA on stream 0")
         length = len(payload)
-        self._consumed(length)
+        # Connection flow control: received bytes are credited back once half the window is
+        # used (in this frame, not a call: every push has a DATA frame).
+        self.recv_window -= length
+        if self.recv_window < 0:
+            raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        self.unacked += length
+        if self.unacked >= _HALF_WINDOW:
+            self._credit_connection()
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
             if stream_id > self.last_stream_id:
@@ -300,34 +320,39 @@ class H2Connection(ClientConnection):
             self.reset_stream(stream_id, f.FLOW_CONTROL_ERROR)
             return
         end = flags & f.END_STREAM
-        if not end and length:
-            stream.recv_window += length
-            self.out += f.window_update(stream_id, length)
-            self.schedule_flush()
-        elif not end:
-            control.count_control(self)  # empty DATA without END_STREAM: a flood if repeated
+        if not end:
+            if length:
+                stream.recv_window += length
+                self.out += f.window_update(stream_id, length)
+                self.schedule_flush()
+            else:
+                control.count_control(self)  # empty DATA without END_STREAM: a flood if repeated
         body = _unpad(payload, flags) if flags & f.PADDED else payload
         request = stream.request
         if body and not request.body_too_large:
-            if len(request.body) + len(body) > MAX_BODY:
+            if not request.body and length <= MAX_BODY:  # a push's body: one DATA frame
+                request.body = body
+            elif len(request.body) + len(body) > MAX_BODY:
                 request.body_too_large = True
                 request.body = b""
             else:
-                request.body = request.body + body if request.body else body
+                request.body += body
         if end:
-            self._request_complete(stream_id, stream)
+            if stream.pending is None and stream.length in (-1, len(request.body)):
+                # A push's end: served from this frame (``_request_complete`` without its call;
+                # what that checks beyond this, a 431 given or the content-length, passed).
+                stream.remote_closed = True
+                host = self.host
+                host.stats.http_requests += 1
+                host.routes.handle(request)
+            else:
+                self._request_complete(stream_id, stream)
 
-    def _consumed(self, length: int) -> None:
-        """Connection flow control: credit received bytes back once half the window is used."""
-        self.recv_window -= length
-        if self.recv_window < 0:
-            raise f.ConnectionError_(f.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
-        self.unacked += length
-        if self.unacked >= f.DEFAULT_WINDOW // 2:
-            self.out += f.window_update(0, self.unacked)
-            self.recv_window += self.unacked
-            self.unacked = 0
-            self.schedule_flush()
+    def _credit_connection(self) -> None:
+        self.out += f.window_update(0, self.unacked)
+        self.recv_window += self.unacked
+        self.unacked = 0
+        self.schedule_flush()
 
     def _request_complete(self, stream_id: int, stream: H2Stream) -> None:
         stream.remote_closed = True
@@ -366,19 +391,31 @@ class H2Connection(ClientConnection):
         """An answer without a body (every push's 200): its HEADERS frame ends the stream (the
         frame header packed here, not in a call)."""
         self.out += _pack_header(len(block) >> 16, len(block) & 0xFFFF, f.HEADERS,
-                                 f.END_HEADERS | f.END_STREAM, stream_id)
+                                 _LAST_HEADERS, stream_id)
         self.out += block
         self._stream_done(stream_id, stream)
         if not self.flush_scheduled:
             self.schedule_flush()
 
     def answer_ok(self, request: Request, apns_id: bytes) -> None:
-        """``answer`` of a push's plain 200 carrying ``apns_id``, with no ``Answer`` made."""
+        """``answer`` of a push's plain 200 carrying ``apns_id``, with no ``Answer`` made: its
+        HEADERS frame written here, and the stream, complete, forgotten here (every push's
+        answer: ``_headers_only`` and ``_stream_done`` without their two calls)."""
         stream_id = request.slot
-        stream = self.streams.get(stream_id)
+        streams = self.streams
+        stream = streams.get(stream_id)
         if stream is None or stream.request is not request or stream.pending is not None:
             return  # reset by the client, or answered already
-        self._headers_only(stream_id, stream, ok_block(apns_id))
+        block = ok_block(apns_id)
+        out = self.out
+        out += _pack_header(0, len(block), 1, _LAST_HEADERS, stream_id)  # HEADERS, < 8 KB
+        out += block
+        if stream.remote_closed and self.goaway_id < 0:
+            del streams[stream_id]
+        else:
+            self._stream_done(stream_id, stream)
+        if not self.flush_scheduled:
+            self.schedule_flush()
 
     def become_stream(self, request: Request, token: bytes) -> None:
         """SSE streams (a device's, the live view's) are HTTP/1.1 only: an error answer says
@@ -532,7 +569,6 @@ class H2Connection(ClientConnection):
             self.host.loop.modify(self.fd, events)
 
 
-
 def _unpad(payload: Any, flags: int) -> Any:
     """§6.1: strip the Pad Length octet and the padding."""
     if not flags & f.PADDED:
@@ -541,44 +577,3 @@ def _unpad(payload: Any, flags: int) -> Any:
         raise f.ConnectionError_(f.PROTOCOL_ERROR, "padding longer than the frame")
     return payload[1:len(payload) - payload[0]]
 
-
-def _fill(request: Request, stream: H2Stream, fields: list[tuple[bytes, bytes]]) -> bool:
-    """The request's method, target and kept headers from its fields; False if malformed
-    (§8.3.1: pseudo-fields first, :method and :path present; §8.2.2). One dict lookup per
-    field (``_KINDS``) says what it is; a header no route reads costs nothing more."""
-    regular = False
-    for name, value in fields:
-        kind = _KINDS.get(name)
-        if kind is None:  # not read by any route: host (aioapns' :authority), user-agent, ...
-            if name[:1] == b":":
-                return False  # an unknown pseudo-field
-            regular = True
-            continue
-        if kind <= _PSEUDO:
-            if regular:
-                return False
-            if kind == _METHOD:
-                request.method = value
-            elif kind == _PATH:
-                request.set_target(value)
-            continue
-        regular = True
-        if kind == _CONNECTION:
-            return False
-        if kind == _LENGTH:
-            if not value.isdigit():
-                return False
-            stream.length = int(value)
-        elif kind == _APNS_ID and (b"\r" in value or b"\n" in value or b"\x00" in value):
-            return False  # §8.2.1: malformed; and the answer echoes apns-id as sent
-        request.add_header(name, value)
-    return bool(request.method) and bool(request.path)
-
-
-_METHOD, _PATH, _PSEUDO, _CONNECTION, _LENGTH, _APNS_ID, _KEPT = range(7)
-_KINDS: dict[bytes, int] = {
-    **{name: _KEPT for name in REQUEST_HEADERS},
-    **{name: _CONNECTION for name in _CONNECTION_FIELDS},
-    b":method": _METHOD, b":path": _PATH, b":scheme": _PSEUDO, b":authority": _PSEUDO,
-    b"content-length": _LENGTH, b"apns-id": _APNS_ID,
-}

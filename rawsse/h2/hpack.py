@@ -15,8 +15,9 @@ to one big entry costs only the loop, never memory), but the block is still deco
 the dynamic table stays in step with the peer's encoder.
 
 Huffman-coded strings repeat (topic, push type, a token pushed again), so decoded ones are kept
-in a small dict, cleared when full. So do the ends of blocks: what follows a literal without
-indexing (nghttp2's ``:path``) is decoded once per dynamic table state and kept (``decode``).
+in a small dict, cleared when full. ``generation`` counts the changes to the dynamic table
+(insertions, evictions and size updates all come with one): what reads blocks through a memo
+(``requests.py``) checks it to know when a block it decoded before could now decode otherwise.
 
 Encoding
 --------
@@ -56,8 +57,6 @@ STATIC_COUNT = len(STATIC_TABLE)  # 61
 ENTRY_OVERHEAD = 32  # RFC 7541 §4.1
 STATIC_SIZES = tuple(len(name) + len(value) + ENTRY_OVERHEAD for name, value in STATIC_TABLE)
 HUFFMAN_CACHE_SIZE = 4096
-SUFFIX_CACHE_SIZE = 64  # distinct suffixes one connection's client sends: a handful
-SUFFIX_MAX = 256  # bytes: nghttp2's is about 10; a longer one is not kept (64 × 256 B at most)
 
 
 class HpackError(ValueError):
@@ -67,93 +66,88 @@ class HpackError(ValueError):
 class Decoder:
     """One connection's decoder: its dynamic table and limits."""
 
-    __slots__ = ("table", "table_size", "capacity", "max_table_size", "max_list_size", "cache",
-                 "generation", "suffixes")
+    __slots__ = ("table", "sizes", "table_size", "capacity", "max_table_size", "max_list_size",
+                 "cache", "generation", "literal_at")
 
     def __init__(self, max_table_size: int, max_list_size: int) -> None:
         self.table: deque[tuple[bytes, bytes]] = deque()  # newest first (index 62)
+        self.sizes: deque[int] = deque()  # each entry's size (§4.1), in the table's order
         self.table_size = 0
         self.capacity = max_table_size  # the encoder's current size (§4.2), at most the max
         self.max_table_size = max_table_size  # what our SETTINGS_HEADER_TABLE_SIZE allows
         self.max_list_size = max_list_size
         self.cache: dict[bytes, bytes] = {}
-        self.generation = 0  # counts changes to the dynamic table: a cached suffix names one
-        # The bytes after a literal without indexing -> (generation, fields, list size): see
-        # ``decode``.
-        self.suffixes: dict[bytes, tuple[int, tuple[tuple[bytes, bytes], ...], int]] = {}
+        self.generation = 0  # counts changes to the dynamic table (a memo's shapes name one)
+        self.literal_at = -1  # where in the last block's fields its only literal is (below)
 
     def decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The fields of ``block`` and whether the list went past ``max_list_size`` (then the
         list is incomplete and the request must be refused).
 
-        Suffix cache: nghttp2's clients (h2load, curl, nghttp, Node) send ``:path`` as a
-        literal without indexing and, from the second request on, every other field as an
-        index, so the bytes after ``:path`` are the same on every request of a connection. The
-        fields those bytes decode to are kept, keyed by the bytes and valid while the dynamic
-        table is unchanged (``generation``); a suffix that changes the table is never kept.
-        """
+        Written for Go's and Netty's blocks, which index every field (a one-byte index, a
+        literal with a static name): those cases take no call but the string's and the
+        insertion's, and an entry's size comes from ``sizes``. ``literal_at`` is then the
+        index in the fields of the block's one literal (its one field not taken from a table:
+        Go's ``:path``), -1 when it has none or more than one."""
+        literal_at = -1
         fields: list[tuple[bytes, bytes]] = []
+        append = fields.append
         size = 0
         limit = self.max_list_size
         pos, end = 0, len(block)
-        first = True
-        suffix_at = -1  # where the suffix being decoded for the cache starts
-        table = self.table
+        while pos < end and block[pos] & 0xE0 == 0x20:  # §4.2: size updates come first
+            new_size, pos = _integer(block, pos, 5)
+            if new_size > self.max_table_size:
+                raise HpackError("table size update above SETTINGS_HEADER_TABLE_SIZE")
+            self._resize(new_size)
+        table, sizes = self.table, self.sizes
+        entries = len(table)  # kept up to date by the insertions below
         while pos < end:
             byte = block[pos]
             if byte & 0x80:  # §6.1 indexed field; a static entry in one byte is the common case
                 index = byte & 0x7F
                 if 0 < index <= STATIC_COUNT:
                     pos += 1
-                    first = False
                     size += STATIC_SIZES[index - 1]
                     if size <= limit:
-                        fields.append(STATIC_TABLE[index - 1])
+                        append(STATIC_TABLE[index - 1])
                     continue
                 dynamic = index - STATIC_COUNT - 1
-                if 0 <= dynamic < len(table) and index < 0x7F:  # a recent entry, one byte
+                if 0 <= dynamic < entries and index < 0x7F:  # a recent entry, one byte
                     pos += 1
-                    field = table[dynamic]
-                else:
-                    index, pos = _integer(block, pos, 7)
-                    field = self._field(index)
-            elif byte & 0x40:  # §6.2.1 literal with incremental indexing
-                field, pos = self._literal(block, pos, 6)
-                self._insert(field)
-            elif byte & 0x20:  # §6.3 dynamic table size update
-                if not first:
-                    raise HpackError("table size update after a field")
-                new_size, pos = _integer(block, pos, 5)
-                if new_size > self.max_table_size:
-                    raise HpackError("table size update above SETTINGS_HEADER_TABLE_SIZE")
-                self._resize(new_size)
-                continue
-            else:  # §6.2.2 without indexing, §6.2.3 never indexed: same for a decoder
-                field, pos = self._literal(block, pos, 4)
-                if suffix_at < 0 and pos < end:
-                    size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
+                    size += sizes[dynamic]
                     if size <= limit:
-                        fields.append(field)
-                    first = False
-                    hit = self.suffixes.get(block[pos:])
-                    if (hit is not None and hit[0] == self.generation
-                            and size + hit[2] <= limit):
-                        fields.extend(hit[1])
-                        return fields, False
-                    suffix_at, suffix_fields, suffix_size = pos, len(fields), size
-                    suffix_generation = self.generation
+                        append(table[dynamic])
                     continue
-            first = False
+                index, pos = _integer(block, pos, 7)
+                field = self._field(index)
+            elif byte & 0x40:  # §6.2.1 literal with incremental indexing
+                index = byte & 0x3F
+                if 0 < index <= STATIC_COUNT:  # a static name in the one byte (63: more follow)
+                    value, pos = self.string(block, pos + 1)
+                    field = (STATIC_TABLE[index - 1][0], value)
+                else:
+                    field, pos = self._literal(block, pos, 6)
+                size += self._insert(field)
+                entries = len(table)
+                literal_at = len(fields) if literal_at == -1 else -2
+                if size <= limit:
+                    append(field)
+                continue
+            elif byte & 0x20:  # §6.3 dynamic table size update
+                raise HpackError("table size update after a field")
+            else:  # §6.2.2 without indexing, §6.2.3 never indexed: same for a decoder
+                index = byte & 0x0F
+                if 0 < index < 0x0F:  # a static name in the one byte (15: more bytes follow)
+                    value, pos = self.string(block, pos + 1)
+                    field = (STATIC_TABLE[index - 1][0], value)
+                else:
+                    field, pos = self._literal(block, pos, 4)
+                literal_at = len(fields) if literal_at == -1 else -2
             size += len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
             if size <= limit:
-                fields.append(field)
-        if (suffix_at >= 0 and size <= limit and self.generation == suffix_generation
-                and end - suffix_at <= SUFFIX_MAX):
-            suffixes = self.suffixes
-            if len(suffixes) >= SUFFIX_CACHE_SIZE:
-                suffixes.clear()
-            suffixes[block[suffix_at:]] = (suffix_generation, tuple(fields[suffix_fields:]),
-                                           size - suffix_size)
+                append(field)
+        self.literal_at = literal_at if literal_at >= 0 else -1
         return fields, size > limit
 
     def _field(self, index: int) -> tuple[bytes, bytes]:
@@ -174,15 +168,17 @@ class Decoder:
         else:
             pos += 1
         if not index:
-            name, pos = self._string(block, pos)
+            name, pos = self.string(block, pos)
         elif index <= STATIC_COUNT:
             name = STATIC_TABLE[index - 1][0]
         else:
             name = self._field(index)[0]
-        value, pos = self._string(block, pos)
+        value, pos = self.string(block, pos)
         return (name, value), pos
 
-    def _string(self, block: bytes, pos: int) -> tuple[bytes, int]:
+    def string(self, block: bytes, pos: int) -> tuple[bytes, int]:
+        """§5.2: the string literal at ``block[pos]``, Huffman-decoded if it is; (it, next
+        position)."""
         if pos >= len(block):
             raise HpackError("truncated string")
         byte = block[pos]
@@ -209,25 +205,28 @@ class Decoder:
             cache[raw] = text
         return text, end
 
-    def _insert(self, field: tuple[bytes, bytes]) -> None:
-        """§4.4: evict oldest entries to make room; an entry larger than the table empties it."""
+    def _insert(self, field: tuple[bytes, bytes]) -> int:
+        """§4.4: evict oldest entries to make room; an entry larger than the table empties it.
+        The entry's size."""
         self.generation += 1
         size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
-        table = self.table
+        table, sizes = self.table, self.sizes
         while table and self.table_size + size > self.capacity:
-            old = table.pop()
-            self.table_size -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
+            table.pop()
+            self.table_size -= sizes.pop()
         if size <= self.capacity:
             table.appendleft(field)
+            sizes.appendleft(size)
             self.table_size += size
+        return size
 
     def _resize(self, new_size: int) -> None:
         self.generation += 1
         self.capacity = new_size
-        table = self.table
+        table, sizes = self.table, self.sizes
         while table and self.table_size > new_size:
-            old = table.pop()
-            self.table_size -= len(old[0]) + len(old[1]) + ENTRY_OVERHEAD
+            table.pop()
+            self.table_size -= sizes.pop()
 
 
 def _integer(block: bytes, pos: int, prefix: int) -> tuple[int, int]:
@@ -296,21 +295,28 @@ def _date() -> bytes:
     """``date`` (RFC 9110 §6.6.1), encoded once per second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[0] = now
-        date = literal_indexed_name(DATE_INDEX, email.utils.formatdate(now, usegmt=True).encode())
-        _date_cache[1] = date
-        _date_cache[2] = STATUS[200] + date + APNS_ID_NAME
+        _new_second(now)
     return _date_cache[1]
+
+
+def _new_second(now: int) -> None:
+    _date_cache[0] = now
+    date = literal_indexed_name(DATE_INDEX, email.utils.formatdate(now, usegmt=True).encode())
+    _date_cache[1] = date
+    _date_cache[2] = STATUS[200] + date + APNS_ID_NAME
 
 
 def ok_block(apns_id: bytes) -> bytes:
     """The header block of a push's plain 200 (``:status``, ``date``, ``apns-id``): the cached
     status and date, the cached name and the id, one concatenation (an id under 127 bytes: a
-    200's is a UUID's 36)."""
-    if len(apns_id) >= 127:
+    200's is a UUID's 36); the second checked here, not in a call to ``_date``."""
+    length = len(apns_id)
+    if length >= 127:
         return response_block(200, ((b"apns-id", apns_id),), None, 0)
-    _date()
-    return _date_cache[2] + _SMALL_LENGTH[len(apns_id)] + apns_id
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _new_second(now)
+    return _date_cache[2] + _SMALL_LENGTH[length] + apns_id
 
 
 def response_block(status: int, headers: tuple[tuple[bytes, bytes], ...],
