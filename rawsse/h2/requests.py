@@ -48,7 +48,7 @@ SUFFIX_MAX = 256  # bytes: nghttp2's is about 10; a longer one is not kept (64 �
 LIST_MAX = 1024  # a field list's size (§4.1): Go's is ~300 B; a larger one is not kept
 # In a field list's key, where its :path was: a 1-tuple, equal to no field.
 _PATH_LEFT_OUT = cast(tuple[bytes, bytes], (b":path",))
-Shape = tuple[int, bytes, dict[bytes, bytes], bool, int, int]
+Shape = tuple[int, bytes, dict[bytes, bytes], bool, int, int, bytes | None, bool]
 _PATH_SIZE = len(b":path") + ENTRY_OVERHEAD
 # §8.2.2: connection-specific fields make a request malformed.
 _CONNECTION_FIELDS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
@@ -63,7 +63,8 @@ class RequestDecoder:
     def __init__(self, max_table_size: int, max_list_size: int) -> None:
         self.hpack = Decoder(max_table_size, max_list_size)
         # suffix bytes, or a field list with its :path left out -> the shape: (generation or
-        # -1, method, headers, duplicate, content-length, the bytes left for :path's value)
+        # -1, method, headers, duplicate, content-length, the bytes left for :path's value,
+        # the apns-id, which a Request keeps apart from its headers, and whether it is bad)
         self.shapes: dict[Any, Shape] = {}
 
     def skip(self, block: bytes) -> None:
@@ -120,6 +121,9 @@ class RequestDecoder:
             request.headers = shape[2].copy()
         if shape[3]:
             request.duplicate = True
+        if shape[6] is not None:  # an apns-id the sender repeats (indexed, or in the suffix)
+            request.apns_id = shape[6]
+            request.bad_id = shape[7]
         return shape[4]
 
     def _fill(self, block: bytes, request: Request, fields: list[tuple[bytes, bytes]],
@@ -139,9 +143,11 @@ class RequestDecoder:
                 room = self.hpack.max_list_size - size - _PATH_SIZE  # for the :path value
                 if suffix_at:
                     self._keep(block[suffix_at:], (self.hpack.generation, request.method,
-                                                   headers, request.duplicate, length, room))
+                                                   headers, request.duplicate, length, room,
+                                                   request.apns_id, request.bad_id))
                 if key is not None:
-                    self._keep(key, (-1, request.method, headers, request.duplicate, length, room))
+                    self._keep(key, (-1, request.method, headers, request.duplicate, length, room,
+                                     request.apns_id, request.bad_id))
         return length
 
     def _keep(self, key: Any, shape: Shape) -> None:
