@@ -34,6 +34,10 @@ def node_stats(server) -> dict:
 
 
 def open_devices(server, tokens: list[str]) -> list[SSEReader]:
+    """Devices for ``tokens``, once every worker listens: ``/healthz`` answers from the first
+    worker up, and a connection made before the others listen is never spread to them."""
+    assert wait_for(lambda: node_stats(server)["master"]["workers_up"]
+                    == node_stats(server)["master"]["workers"], timeout=15)
     return [SSEReader(server.host, server.port, t) for t in tokens]
 
 
