@@ -16,21 +16,12 @@ import os
 from typing import TYPE_CHECKING
 
 from rawsse.apns import apple as apns
+from rawsse.apns.apple import UUID_FORM, UUID_SHAPE
 from rawsse.config import ConfigError, Distribution, parse_distribution
 
 if TYPE_CHECKING:
     from rawsse.server.exchange import Request
 
-# Canonical UUID (Apple, "Sending notification requests to APNs", apns-id). Apple documents
-# lowercase; Fleet's README (fleetdm/fleet ``cmd/apple-apns-mock/README.md``) shows Apple echoing
-# uppercase, so both cases are accepted and echoed as sent. Checked by its shape: every hex digit
-# translated to "x", any other byte but "-" to "?", so a UUID reads as ``UUID_FORM``; once per
-# request, by the parser (``Request.bad_id``: ``exchange.py``, ``http1_fast.py``). One
-# translate costs ~400 instructions per push where the equivalent regex
-# ``[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-…{12}`` cost ~2,000 (callgrind, bench/push_probe.py).
-UUID_SHAPE = bytes(b"x"[0] if chr(c) in "0123456789abcdefABCDEF" else c if c == 0x2D else 0x3F
-                    for c in range(256))
-UUID_FORM = b"xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
 
 MAX_EXPIRATION_DIGITS = 19
 

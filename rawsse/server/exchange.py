@@ -37,8 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
-from rawsse.apns.validation import UUID_FORM, UUID_SHAPE
+from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS, UUID_FORM, UUID_SHAPE
 
 APNS_ID = b"apns-id"
 _HEADERS = REQUEST_HEADERS - {APNS_ID}  # what ``headers`` keeps

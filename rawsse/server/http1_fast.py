@@ -44,8 +44,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS
-from rawsse.apns.validation import CHECKED_HEADERS, UUID_FORM, UUID_SHAPE
+from rawsse.apns.apple import REQUEST_HEADERS, SINGLE_HEADERS, UUID_FORM, UUID_SHAPE
+from rawsse.apns.validation import CHECKED_HEADERS
 from rawsse.server.exchange import Request
 
 MAX_BODY = 64 * 1024  # largest body any route reads (admin JSON); pushes stop at 5120
