@@ -250,27 +250,6 @@ def test_request_memo_keeps_only_what_decodes_the_same():
     assert _read(reader, path(b"/ok") + b"\x86\x83")[:3] == (-1, b"POST", b"/ok")
 
 
-def _nghttp2_fields(rng: random.Random) -> list:
-    """nghttp2's request (``:path`` never indexed, first), the rest from a few senders' sets so
-    the encoder indexes them; now and then an eviction, a duplicate, a malformed request."""
-    fields = [(b":method", rng.choice([b"POST", b"POST", b"GET"])), (b":scheme", b"https"),
-              (b":authority", rng.choice([b"a.example", b"b.example"]))]
-    for name, values in [(b"apns-topic", [b"t1", b"t2", b"t3"]), (b"apns-id", [b"i1", b"i2"]),
-                         (b"content-length", [b"12", b"120"]), (b"apns-priority", [b"5", b"10"]),
-                         (b"user-agent", [b"u"])]:
-        if rng.random() < 0.7:
-            fields.append((name, rng.choice(values)))
-    if rng.random() < 0.1:
-        fields.append((b"x-big", b"v" * rng.choice([200, 1500])))  # evicts
-    if rng.random() < 0.1:
-        fields.append((b"apns-topic", b"t1"))  # a repeated single header
-    if rng.random() < 0.05:
-        fields.insert(2, (b"x-early", b"x"))  # a pseudo-field after a regular one
-    if rng.random() < 0.05:
-        fields.append((b":path", b"/second"))
-    return fields
-
-
 def test_request_memo_of_field_lists_keeps_where_path_was():
     """Go's shape: every field from the table but ``:path``, a new literal each time. The field
     list with its :path left out is the key, so the same fields read the same with any path;

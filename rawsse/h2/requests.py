@@ -117,8 +117,8 @@ class RequestDecoder:
             return MALFORMED
         request.path = path
         request.method = shape[1]
-        if shape[2]:
-            request.headers = shape[2].copy()
+        if shape[2]:  # shared, not copied: a complete request's headers are read-only (exchange.py)
+            request.headers = shape[2]
         if shape[3]:
             request.duplicate = True
         if shape[6] is not None:  # an apns-id the sender repeats (indexed, or in the suffix)
