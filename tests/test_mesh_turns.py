@@ -284,52 +284,53 @@ def test_a_forwarded_push_written_at_once_counts_its_latency_from_when_it_was_re
     assert len(grown) == 1 and grown[0] > 0.25, grown
 
 
-def test_a_broadcast_sent_after_a_forwarded_pushs_200_reaches_the_device_after_the_push(pair):
-    """The push's message waits in its owner's socket queue when the sender, answered 200,
-    sends a broadcast that the owner takes itself and handles before it reads that link: the
-    device still gets the push first (``peer_requests.py``: a broadcast is written after the
-    pushes the peers sent before it)."""
+BROADCAST = b"POST /broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\neveryone"
+
+
+def forward_one_push_answered(pair) -> None:
+    """A push for worker 1's token, taken by worker 0 and answered 200; its message now waits
+    in worker 1's socket queue."""
     pair.push(0, 1)
     pair.turn(0)
     assert pair.answers(0) == 1
-    pair.senders[1].send(b"POST /broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n"
-                         b"everyone")
-    pair.handle(pair.senders[1])  # the broadcast first, the link from worker 0 after it
+
+
+def assert_broadcast_after_the_push(pair, sender: int) -> None:
+    """Both workers turn until ``sender``'s broadcast is answered; worker 1's device has the
+    push, then the broadcast."""
     answer = b""
-    for _ in range(10):  # worker 0 writes its part and answers (BCAST_DONE)
+    for _ in range(10):  # each worker writes its part; worker 0's BCAST_DONE, read
         pair.turn(1, 0.05)
         pair.turn(0, 0.05)
-        answer += received(pair.senders[1])
+        answer += received(pair.senders[sender])
         if answer:
             break
     assert answer.startswith(b"HTTP/1.1 200"), answer
     events = received(pair.devices[1])
     assert b"data: everyone" in events and b'data: {"n": 1}' in events, events
     assert events.index(b'data: {"n": 1}') < events.index(b"data: everyone"), events
+
+
+def test_a_broadcast_sent_after_a_forwarded_pushs_200_reaches_the_device_after_the_push(pair):
+    """The push's message waits in its owner's socket queue when the sender, answered 200,
+    sends a broadcast that the owner takes itself and handles before it reads that link: the
+    device still gets the push first (``peer_requests.py``: a broadcast is written after the
+    pushes the peers sent before it)."""
+    forward_one_push_answered(pair)
+    pair.senders[1].send(BROADCAST)
+    pair.handle(pair.senders[1])  # the broadcast first, the link from worker 0 after it
+    assert_broadcast_after_the_push(pair, 1)
 
 
 def test_a_peers_broadcast_read_in_the_turn_of_a_forwarded_push_comes_after_it(pair):
     """The owner reads a forwarded push (written in the turn's flush, after its TAKEN) and, in
     the same turn, a peer's ``BCAST`` sent after the push's 200, as when a third worker's link
     is ready beside the sender's: the broadcast still reaches the device after the push."""
-    pair.push(0, 1)
-    pair.turn(0)
-    assert pair.answers(0) == 1
-    pair.senders[0].send(b"POST /broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n"
-                         b"everyone")
+    forward_one_push_answered(pair)
+    pair.senders[0].send(BROADCAST)
     pair.turn(0)  # worker 0 sends BCAST to worker 1, behind the push's message
     link = next(iter(pair.procs[1].mesh.inbound))
     link.handle_events(select.EPOLLIN)  # the push's message (a batch of its own)...
     link.handle_events(select.EPOLLIN)  # ...then the BCAST, both before the turn's flush
     pair.procs[1].worker.loop.run_once()  # the turn they were read in ends (nothing is ready)
-    answer = b""
-    for _ in range(10):
-        pair.turn(1, 0.05)
-        pair.turn(0, 0.05)
-        answer += received(pair.senders[0])
-        if answer:
-            break
-    assert answer.startswith(b"HTTP/1.1 200"), answer
-    events = received(pair.devices[1])
-    assert b"data: everyone" in events and b'data: {"n": 1}' in events, events
-    assert events.index(b'data: {"n": 1}') < events.index(b"data: everyone"), events
+    assert_broadcast_after_the_push(pair, 0)
