@@ -9,7 +9,9 @@ what one loop turn sends is what the test sees (rawsse/node/forwarding.py, Ackno
 - an owner gone after taking pushes: every TAKEN it sent, riding or on the way back, counts
   before the kept pushes are sent again, so none is sent twice;
 - a forwarded push's plain 200 counts in pushes_ok; one its owner cannot take is a 503;
-- a forwarded push written at once counts its latency from when it was received."""
+- a forwarded push written at once counts its latency from when it was received;
+- a broadcast sent after a forwarded push's 200 reaches the device after the push, whether
+  the owner takes the broadcast itself or from a peer, in the turn it reads the push."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class Pair:
         self.sockets: list[socket.socket] = []
         self.procs = []
         self.dead: set[int] = set()
+        self.served_by: dict[socket.socket, tuple[int, int]] = {}  # -> (worker, its fd)
         for index in range(2):
             control, master_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             self.sockets.append(master_end)
@@ -59,11 +62,20 @@ class Pair:
 
     def connect(self, index: int) -> socket.socket:
         ours, theirs = socket.socketpair()
-        self.procs[index].worker.accept(os.dup(ours.fileno()), False)
+        fd = os.dup(ours.fileno())
+        self.procs[index].worker.accept(fd, False)
         ours.close()
         theirs.setblocking(False)
         self.sockets.append(theirs)
+        self.served_by[theirs] = (index, fd)
         return theirs
+
+    def handle(self, sock: socket.socket) -> None:
+        """What worker's connection for ``sock`` has to read, read now, outside a loop turn:
+        the loop handling it before anything else in its next turn."""
+        index, fd = self.served_by[sock]
+        loop = self.procs[index].worker.loop
+        loop.handlers[fd].handle_events(select.EPOLLIN)
 
     def turn(self, index: int, wait: float = 2.0) -> None:
         """One loop turn of worker ``index``, once it has something to do (or ``wait`` s)."""
@@ -270,3 +282,55 @@ def test_a_forwarded_push_written_at_once_counts_its_latency_from_when_it_was_re
     grown = [bound for bound, old, new in zip(LATENCY_BOUNDS + (float("inf"),), before, latency)
              if new != old]
     assert len(grown) == 1 and grown[0] > 0.25, grown
+
+
+BROADCAST = b"POST /broadcast HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\neveryone"
+
+
+def forward_one_push_answered(pair) -> None:
+    """A push for worker 1's token, taken by worker 0 and answered 200; its message now waits
+    in worker 1's socket queue."""
+    pair.push(0, 1)
+    pair.turn(0)
+    assert pair.answers(0) == 1
+
+
+def assert_broadcast_after_the_push(pair, sender: int) -> None:
+    """Both workers turn until ``sender``'s broadcast is answered; worker 1's device has the
+    push, then the broadcast."""
+    answer = b""
+    for _ in range(10):  # each worker writes its part; worker 0's BCAST_DONE, read
+        pair.turn(1, 0.05)
+        pair.turn(0, 0.05)
+        answer += received(pair.senders[sender])
+        if answer:
+            break
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    events = received(pair.devices[1])
+    assert b"data: everyone" in events and b'data: {"n": 1}' in events, events
+    assert events.index(b'data: {"n": 1}') < events.index(b"data: everyone"), events
+
+
+def test_a_broadcast_sent_after_a_forwarded_pushs_200_reaches_the_device_after_the_push(pair):
+    """The push's message waits in its owner's socket queue when the sender, answered 200,
+    sends a broadcast that the owner takes itself and handles before it reads that link: the
+    device still gets the push first (``peer_requests.py``: a broadcast is written after the
+    pushes the peers sent before it)."""
+    forward_one_push_answered(pair)
+    pair.senders[1].send(BROADCAST)
+    pair.handle(pair.senders[1])  # the broadcast first, the link from worker 0 after it
+    assert_broadcast_after_the_push(pair, 1)
+
+
+def test_a_peers_broadcast_read_in_the_turn_of_a_forwarded_push_comes_after_it(pair):
+    """The owner reads a forwarded push (written in the turn's flush, after its TAKEN) and, in
+    the same turn, a peer's ``BCAST`` sent after the push's 200, as when a third worker's link
+    is ready beside the sender's: the broadcast still reaches the device after the push."""
+    forward_one_push_answered(pair)
+    pair.senders[0].send(BROADCAST)
+    pair.turn(0)  # worker 0 sends BCAST to worker 1, behind the push's message
+    link = next(iter(pair.procs[1].mesh.inbound))
+    link.handle_events(select.EPOLLIN)  # the push's message (a batch of its own)...
+    link.handle_events(select.EPOLLIN)  # ...then the BCAST, both before the turn's flush
+    pair.procs[1].worker.loop.run_once()  # the turn they were read in ends (nothing is ready)
+    assert_broadcast_after_the_push(pair, 0)

@@ -21,7 +21,8 @@ push or a device can land anywhere; the mesh moves it to the owner:
   (``CONNECTION``, ``balance.py``): sent at once (``send_now``), so it either left with the
   kernel's word or stays, never waiting in a queue that could close it;
 - a broadcast goes once to each worker (``BCAST``), which writes its own streams and replies with
-  how many took it and how many refused it (``BCAST_DONE``); ``/stats`` asks each worker once (``STATS``/``REPLY``); admin
+  how many took it and how many refused it (``BCAST_DONE``), after the pushes answered before it
+  (``peer_requests.py``); ``/stats`` asks each worker once (``STATS``/``REPLY``); admin
   commands are applied everywhere (``ADMIN``).
 
 Links: every worker listens on an abstract-namespace ``SOCK_SEQPACKET`` socket named after the
@@ -55,6 +56,7 @@ import logging
 import os
 import socket
 from zlib import crc32
+from functools import partial
 from typing import Any, Callable
 
 import orjson
@@ -127,6 +129,8 @@ class Mesh:
         self.taken_due: dict[int, list[Any]] = {}
         self.taking: list[tuple[int, list[Decoded], int, int]] = []
         self.inbound: set[InLink] = set()  # the peers' links to us
+        # broadcasts to write at the end of this turn, after the peers' pushes (peer_requests)
+        self.broadcasts_due: list[tuple[bytes, str, Callable[[tuple[int, int]], None]]] = []
         self.receive_buffer = bytearray(RECV_SIZE)  # every inbound link reads into it
         self.receive_view = memoryview(self.receive_buffer)
         self.receive_buffers = [self.receive_view]
@@ -379,6 +383,8 @@ class Mesh:
 
     # requests to every peer at once (peer_requests.py)
     broadcast = peer_requests.broadcast
+    broadcast_here = peer_requests.broadcast_here
+    write_broadcasts = peer_requests.write_broadcasts
     collect = peer_requests.collect
     share = peer_requests.share
 
@@ -491,8 +497,8 @@ class Mesh:
             self.resolve(rid, _ACK_MEANING.get(value, UNREACHABLE))
         elif kind == BCAST:
             rid, prefix, frame = decode(BCAST, body)
-            written, refused = self.worker.broadcast_local(frame, prefix.decode())
-            self._reply(BCAST_DONE, encode(BCAST_DONE, rid, written, refused))
+            self.broadcast_here(frame, prefix.decode(), partial(self._broadcast_done,
+                                                                self._reply_to, rid))
         elif kind == BCAST_DONE:
             rid, written, refused = decode(BCAST_DONE, body)
             self.resolve(rid, (written, refused))
@@ -510,6 +516,9 @@ class Mesh:
             self.handlers[kind](body)
         else:
             log.error("unknown mesh record %d", kind)
+
+    def _broadcast_done(self, peer: int, rid: int, counts: tuple[int, int]) -> None:
+        self.reply(peer, BCAST_DONE, encode(BCAST_DONE, rid, *counts))
 
     def _snapshot_json(self) -> bytes:
         """This worker's snapshot, made once per loop turn however many peers' STATS records

@@ -2,6 +2,15 @@
 deliveries queries (``collect``), admin commands (``share``). A part of ``Mesh`` (``mesh.py``
 has the theory of operation) in a module of its own, to keep that one short: ``Mesh`` binds
 these functions as its methods.
+
+A broadcast comes after the pushes answered before it: a sender that got its 200 for a push,
+then sent a broadcast, sees the push first on that device's stream, whichever workers took the
+two. The forwarded push's 200 means its message is in the owner's socket queue (``mesh.py``),
+and a worker writes a broadcast (its own or a peer's ``BCAST``) only at the end of a loop turn,
+after reading every peer's link to the end and writing the pushes found there
+(``write_broadcasts``): otherwise a ``BCAST`` read on one link overtook a push still queued on
+another, or one read earlier in the same turn (an owner writes a peer's pushes in the turn's
+flush, after their ``TAKEN``), and the push arrived after the broadcast sent after its 200.
 """
 
 from __future__ import annotations
@@ -47,7 +56,31 @@ def broadcast(mesh: "Mesh", frame: bytes, prefix: str,
         mesh.send(peer, BCAST, encode(BCAST, rid, prefix_bytes, frame))
     if peers:
         mesh.flush()
-    reply(mesh.index, mesh.worker.broadcast_local(frame, prefix))
+    mesh.broadcast_here(frame, prefix, partial(reply, mesh.index))
+
+
+def broadcast_here(mesh: "Mesh", frame: bytes, prefix: str,
+                   done: Callable[[tuple[int, int]], None]) -> None:
+    """Write ``frame`` to this worker's streams at the end of this loop turn, after the pushes
+    the peers sent before it (``write_broadcasts``); ``done((written, refused))``."""
+    mesh.broadcasts_due.append((frame, prefix, done))
+    if len(mesh.broadcasts_due) == 1:
+        mesh.worker.loop.call_first(mesh.write_broadcasts)
+
+
+def write_broadcasts(mesh: "Mesh") -> None:
+    """Read every peer's link to the end and write the pushes found there, then the due
+    broadcasts. Run from the loop (``call_first``), never inside a link's read: a read nested
+    in another would take the next message before the rest of the one being handled."""
+    while mesh.broadcasts_due:
+        due, mesh.broadcasts_due = mesh.broadcasts_due, []
+        for link in list(mesh.inbound):
+            link.read_all()
+        mesh.flush()
+        for frame, prefix, done in due:
+            done(mesh.worker.broadcast_local(frame, prefix))
+    if mesh.batches:  # the replies (BCAST_DONE) leave this turn, not the next
+        mesh.flush()
 
 
 def collect(mesh: "Mesh", kind: int, body: bytes, done: Callable[[list[Any]], None]) -> None:
