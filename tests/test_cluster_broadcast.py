@@ -7,6 +7,7 @@ last and put back what they stopped, but the very last, which stops node nb for 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import subprocess
 import time
 import uuid
 
+import psutil
 import pytest
 
 from conftest import launch
@@ -24,7 +26,10 @@ from test_broadcast_workers import answering_connection, owned
 from test_redis import RedisServer, _children, metrics_text, stats, token
 from wire import HTTPClient, SSEReader, build_request, wait_for
 
+from rawsse.cluster import records
+from rawsse.cluster.agent_mesh import AgentMesh
 from rawsse.load.broadcasts import BroadcastTally
+from rawsse.node.wire import RECV_SIZE, address, iter_records
 
 WAIT = 1.0  # --broadcast-wait of both nodes
 
@@ -275,6 +280,118 @@ def test_a_stopped_node_is_named_within_the_wait(nodes, readers):
         assert reader.next_event().id == answer["apns_id"]
     counted = re.search(r"^rawsse_cluster_unanswered_total (\d+)$", metrics_text(a), re.M)
     assert counted and int(counted[1]) >= 1  # what an alert on unanswered nodes reads
+
+
+def test_a_down_worker_of_the_answering_node_is_named_at_once_and_counts_again_respawned(
+        nodes, readers):
+    """Worker 1 of nb killed (kill -9) while nb's master is stopped, which holds open the time
+    between a worker's death and its respawn: nb's agent cannot hand it the event (nothing
+    listens on its mesh address) and names it at once, not after its --broadcast-worker-wait
+    (120 s here: na's 1 s --broadcast-wait would then name all of nb). nb's part counts worker
+    0's streams only; worker 1's ended with it. Respawned, it counts its streams again."""
+    a, b = nodes
+    tag = f"cbkill{b.port}"
+    up, down = owned(tag, 0, 2), owned(tag, 1, 2)  # nb's workers 0 and 1 own these
+    prefix = f"bcast-{tag}-".encode().hex()  # theirs only (``owned``'s names)
+    on_up = [SSEReader(b.host, b.port, t) for t in up]
+    on_down = [SSEReader(b.host, b.port, t) for t in down]
+    readers.extend(on_up + on_down)
+    assert broadcast(a, b"all up", prefix=prefix)["nodes"]["nb"] == \
+        {"streams": 4, "refused": 0}
+    for reader in on_up + on_down:
+        assert reader.next_event().data == "all up"
+    worker = stats(b)["workers"][1]["pid"]
+    restarts = stats(b)["master"]["worker_restarts"]
+    os.kill(b.proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(worker, signal.SIGKILL)
+        # Dead but not reaped (its master is stopped): its sockets are closed.
+        assert wait_for(lambda: psutil.Process(worker).status() == psutil.STATUS_ZOMBIE)
+        answer = broadcast(a, b"one down", prefix=prefix)
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    assert answer["missing_workers"] == {"nb": [1]}, answer
+    assert answer["nodes"]["nb"] == {"streams": 2, "refused": 0, "missing_workers": [1]}
+    assert (answer["streams"], answer["missing"]) == (2, []), answer
+    for reader in on_up:
+        assert reader.next_event().id == answer["apns_id"]
+    for reader in on_down:
+        assert reader.wait_closed(), "its stream ended with its worker"
+    assert wait_for(lambda: respawned(b, restarts), timeout=15)
+    back = [SSEReader(b.host, b.port, t) for t in down]  # its devices reconnect
+    readers.extend(back)
+    answer = broadcast(a, b"whole again", prefix=prefix)
+    assert answer["nodes"]["nb"] == {"streams": 4, "refused": 0}, answer
+    assert "missing_workers" not in answer
+    for reader in on_up + back:
+        assert reader.next_event().id == answer["apns_id"]
+
+
+def test_agent_mesh_sends_again_to_a_respawned_worker():
+    """The agent's end of the mesh over real ``SOCK_SEQPACKET`` sockets, worker 0 played by a
+    socket listening at its address: the agent learns that a worker died only when a send on
+    its link fails (it reads nothing there). By then the replacement may listen: the records
+    for the shard go to it on a new link (a broadcast another node took, here), not to
+    ``undeliverable``, which would name a worker that is up missing; a reply to the dead
+    process's request is not resent (request ids start again in the replacement)."""
+    node = (1 << 22) + os.getpid()  # above any pid (pid_max is at most 2**22): no node's
+    undeliverable: list[int] = []
+    opened: list[socket.socket] = []
+
+    def worker() -> socket.socket:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        opened.append(listener)
+        listener.bind(address(node, 0))
+        listener.listen(4)
+        return listener
+
+    def link_from(listener: socket.socket) -> socket.socket:
+        listener.setblocking(False)
+        try:
+            link, _ = listener.accept()
+        except BlockingIOError:
+            raise AssertionError(f"the agent never linked: {undeliverable}") from None
+        opened.append(link)
+        link.settimeout(5)
+        return link
+
+    def kinds(link: socket.socket) -> list[int]:
+        return [kind for kind, _ in iter_records(link.recv(RECV_SIZE))]
+
+    async def main() -> None:
+        mesh = AgentMesh(node, 1, lambda *_: None,
+                         lambda _worker, kind, _body: undeliverable.append(kind))
+        try:
+            first = worker()
+            mesh.send(0, records.BCAST, records.broadcast(1, b"", b"one"))
+            mesh.flush()
+            assert kinds(link_from(first)) == [records.BCAST]
+            for sock in opened:  # the worker dies
+                sock.close()
+            replacement = worker()
+            mesh.send(0, records.ROUTED, records.routed(7, 0))  # the dead one's reply
+            mesh.send(0, records.BCAST, records.broadcast(2, b"", b"two"))
+            mesh.flush()
+            assert kinds(link_from(replacement)) == [records.BCAST]
+            assert undeliverable == [records.ROUTED]
+        finally:
+            mesh.close()
+            for sock in opened:
+                sock.close()
+
+    asyncio.run(main())
+
+
+def respawned(node, restarts: int) -> bool:
+    """The master reaped a worker since it counted ``restarts`` and every worker is up again
+    (``/stats`` fails or lists fewer workers while one boots)."""
+    try:
+        doc = stats(node)
+    except OSError:
+        return False
+    master = doc["master"]
+    return (master["worker_restarts"] == restarts + 1 and master["workers_up"] == 2
+            and len(doc["workers"]) == 2)
 
 
 def test_with_its_agent_down_a_node_reaches_its_own_devices_and_says_others_were_not_asked(

@@ -10,6 +10,16 @@ yet waits in a ``SendQueue``, written out when asyncio reports the socket writab
 A record that cannot reach its worker (the worker is being respawned, its link broke) is handed
 to ``undeliverable(worker, kind, body)``: the agent puts a routed push back into Redis rather
 than lose it.
+
+The agent reads nothing on its outbound links, so it learns that a worker died only when a send
+on the link fails (``EPIPE``). By then the master may have respawned the worker (a first death
+is respawned at once, in ~0.2 s): the records for the worker's shard that the dead link did not
+take (``records.FOR_THE_SHARD``: a routed push, a broadcast, ...) go once more on a new link, to
+the replacement, and are undeliverable only if nothing listens yet. Replies to the dead
+process's requests are not resent: its request ids start again in the replacement, where one
+could match another request. Without that second try, a broadcast in the second after a
+respawn named the replacement missing (its streams left without the event) unless the agent's
+once-a-second beacon had found the dead link first.
 """
 
 from __future__ import annotations
@@ -19,8 +29,9 @@ import logging
 import socket
 from typing import Callable
 
+from rawsse.cluster.records import FOR_THE_SHARD
 from rawsse.node import peercred
-from rawsse.node.sendqueue import SendQueue
+from rawsse.node.sendqueue import SendQueue, Unsent
 from rawsse.node.wire import RECV_SIZE, address, iter_records, pack_messages, record, sender_of
 
 log = logging.getLogger(__name__)
@@ -65,7 +76,7 @@ class WorkerLink:
         try:
             full = self.out.send(message)
         except OSError:
-            self.close()  # hands this message back too
+            self._relink()  # this message with what waited before it
             return
         if full:
             asyncio.get_running_loop().add_writer(self.out.sock.fileno(), self._drain)
@@ -76,22 +87,55 @@ class WorkerLink:
         try:
             drained = self.out.flush()
         except OSError:
-            self.close()
+            self._relink()
             return
         if drained:
             asyncio.get_running_loop().remove_writer(self.out.sock.fileno())
 
-    def close(self) -> None:
-        if self.sock is None or self.out is None:
+    def _relink(self) -> None:
+        """The link failed: its worker died. The records for its shard that the link did not
+        take go on a new link, to the worker's replacement if it listens already (module
+        docstring); once only: a new link that fails too hands them to ``undeliverable``, as it
+        does the replies the dead worker waited for."""
+        unsent = self._unlink()
+        if not self.connect() or self.out is None:
+            self._give_up(unsent)
             return
+        kept = []
+        for message, _fds in unsent:
+            for kind, body in iter_records(message):
+                if kind in FOR_THE_SHARD:
+                    kept.append((record(kind, bytes(body)), -1))
+                else:
+                    self.mesh.undeliverable(self.worker, kind, bytes(body))
+        for message, _fds in pack_messages(self.mesh.workers, kept):
+            self.out.push(message)
+        try:
+            drained = self.out.flush()
+        except OSError:
+            self.close()
+            return
+        if not drained:
+            asyncio.get_running_loop().add_writer(self.out.sock.fileno(), self._drain)
+
+    def close(self) -> None:
+        self._give_up(self._unlink())
+
+    def _unlink(self) -> Unsent:
+        """Close the socket; what the kernel never took, oldest first."""
+        if self.sock is None or self.out is None:
+            return []
         try:
             asyncio.get_running_loop().remove_writer(self.sock.fileno())
         except RuntimeError:
             pass
         self.sock.close()
-        lost = self.out.close()
+        unsent = self.out.close()
         self.sock = self.out = None
-        for message, _fds in lost:
+        return unsent
+
+    def _give_up(self, unsent: Unsent) -> None:
+        for message, _fds in unsent:
             self._undeliverable(message)
 
     def _undeliverable(self, message: bytes) -> None:

@@ -170,8 +170,9 @@ class Broadcasts:
         self._resolve(rid, (written, refused))
 
     def undeliverable(self, body: bytes) -> None:
-        """A ``BCAST`` its worker could not take (being respawned): its streams died with it,
-        and the reply names it, as a single node names a worker that is down."""
+        """A ``BCAST`` its worker could not take (dead, its replacement not listening yet, so
+        ``agent_mesh`` could not send it again): its streams died with it, and the reply names
+        it at once, as a single node names a worker that is down."""
         rid = records.parse_broadcast(memoryview(body))[0]
         self._resolve(rid, None)
 

@@ -40,6 +40,10 @@ from rawsse.node.wire import (
 
 STATS = NODE_STATS  # the agent's STATS; the workers' own STATS (wire.STATS) is another kind
 
+# agent → worker records meant for the worker's shard, not replies to one process's request: a
+# worker's replacement takes them when its predecessor died before it read them (agent_mesh.py)
+FOR_THE_SHARD = frozenset({DELIVER, EVICT, STATE, BCAST, ASK})
+
 # ROUTE modes → the script's storing mode (scripts.ROUTE_LUA)
 MODE_PUSH = 0  # a new push: newest wins (SET … GET)
 MODE_REQUEUE = 1  # given back by an ended stream: never overwrites a newer one (SET … NX)

@@ -40,11 +40,12 @@ report (JSON): sent, accepted, per_second (accepted/s), statuses {"200": n, "400
   86,400 samples neighbours merge in pairs); latency_histogram (mergeable): `rawsse report`'s.
 progress line (stderr, each second): sent, accepted (/s), rejected (non-200s by status and
   reason), in-flight (--http2: /streams the connections up allow), errors by kind
-  (connect_refused, lost_timeout, ...), p99 (--broadcast: streams, refused, missing nodes), ETA:
-  the --duration left, or the --count left at the last 5 s's rate ("ETA ?" before anything is
-  answered; "ETA ≤0:42" when only the --duration bound is known). At the end a summary table
-  (not under --quiet): sent, 200s, each other status, errors by kind, pushes/s (--broadcast:
-  streams, each missing node), latency p50/p90/p99/max.
+  (connect_refused, lost_timeout, ...), p99 (--broadcast: streams, refused, missing nodes and
+  workers), ETA: the --duration left, or the --count left at the last 5 s's rate ("ETA ?"
+  before anything is answered; "ETA ≤0:42" when only the --duration bound is known). At the
+  end a summary table (not under --quiet): sent, 200s, each other status, errors by kind,
+  pushes/s (--broadcast: streams, a row per missing node or worker, "worker nb/1 missing  3
+  broadcasts"), latency p50/p90/p99/max.
 exit codes:
   0         the run ended and enough pushes were answered 200 (see --fail-under)
   1         too few 200s: a share under --fail-under or, without it, not one 200; or

@@ -68,14 +68,17 @@ def push_rows(report: dict[str, Any]) -> list[Row]:
 
 
 def broadcast_rows(report: dict[str, Any]) -> list[Row]:
-    """--broadcast: streams written and refused over the run, and each node missing from its
-    answers (Redis mode) with how many broadcasts named it."""
+    """--broadcast: streams written and refused over the run, each node missing from its
+    answers (Redis mode) and each worker its answers named in ``missing_workers`` (``3``, in
+    Redis mode ``nb/3``: worker 3 of node nb), with how many broadcasts named it."""
     if report.get("mode") != "broadcast":
         return []
     rows: list[Row] = [("streams written", count(report["streams"]), ""),
                        ("streams refused", count(report["refused"]), "")]
     rows += [(f"node {node} missing", count(n), "broadcasts")
              for node, n in report["missing"].items()]
+    rows += [(f"worker {worker} missing", count(n), "broadcasts")
+             for worker, n in report["missing_workers"].items()]
     return rows
 
 
