@@ -334,3 +334,10 @@ def test_a_peers_broadcast_read_in_the_turn_of_a_forwarded_push_comes_after_it(p
     link.handle_events(select.EPOLLIN)  # ...then the BCAST, both before the turn's flush
     pair.procs[1].worker.loop.run_once()  # the turn they were read in ends (nothing is ready)
     assert_broadcast_after_the_push(pair, 0)
+
+
+def test_each_workers_request_ids_start_at_random(pair):
+    """A reply meant for a dead worker can reach its replacement over a rebuilt link; ids
+    that started at the same number in every process would match one of its requests."""
+    first = [proc.mesh._new_id() for proc in pair.procs]
+    assert first[0] != first[1]

@@ -34,6 +34,7 @@ could not be reached, or (Redis down) was not asked; ``*`` stands for nodes that
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -110,7 +111,9 @@ class Broadcasts:
         self.worker_wait = worker_wait  # --broadcast-worker-wait: for each worker here
         # BCAST sent to a worker: its (written, refused), or None when it could not take it
         self.waiting: dict[int, asyncio.Future[tuple[int, int] | None]] = {}
-        self._next_id = 0
+        # Ids start at random, as the workers' do (``Mesh``): a worker's reply to a request of
+        # an agent that died must not match one of its replacement's.
+        self._next_id = random.getrandbits(32)
         self._tasks: set[asyncio.Task[None]] = set()
         nodes.answer_with(TOPIC, self.answer)
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 from zlib import crc32
 from functools import partial
@@ -110,7 +111,9 @@ class Mesh:
         self.batches: dict[int, list[tuple[bytes, int]]] = {}
         self._reply_to = -1  # the peer whose message is being handled
         self.flush_scheduled = False
-        self._next_id = 0
+        # Request ids start at random: a reply sent to a dead worker can reach its replacement
+        # (a link rebuilt in between), where it must not match a request of the new process.
+        self._next_id = random.getrandbits(32)
         # request id -> (peer, callback, failure value, deadline); a callback gets the reply, or
         # the failure value when the peer is lost or does not answer in REQUEST_TIMEOUT
         self.waiting: dict[int, tuple[int, Callable[[Any], None], Any, float]] = {}
