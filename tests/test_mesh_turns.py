@@ -11,7 +11,9 @@ what one loop turn sends is what the test sees (rawsse/node/forwarding.py, Ackno
 - a forwarded push's plain 200 counts in pushes_ok; one its owner cannot take is a 503;
 - a forwarded push written at once counts its latency from when it was received;
 - a broadcast sent after a forwarded push's 200 reaches the device after the push, whether
-  the owner takes the broadcast itself or from a peer, in the turn it reads the push."""
+  the owner takes the broadcast itself or from a peer, in the turn it reads the push;
+- a push's owner is computed once, kept here or forwarded; an owner set later takes the
+  worker's own shard; request ids start at random in every worker."""
 
 from __future__ import annotations
 
@@ -19,11 +21,16 @@ import os
 import select
 import socket
 import time
-from typing import Iterator
+import zlib
+from types import SimpleNamespace
+from typing import Any, Iterator
 
 import pytest
 
+from rawsse.apns import routing
+from rawsse.apns.routing import HELD, Accepted
 from rawsse.config import ServeConfig
+from rawsse.node import mesh
 from rawsse.node.forwarding import CREDIT_PUSHES
 from rawsse.node.process import PEERS_GATE, NodeProcess
 from rawsse.node.routing import owner_of
@@ -151,12 +158,17 @@ def token_owned_by(owner: int) -> str:
 
 
 def received(sock: socket.socket) -> bytes:
+    """What ``sock`` holds now, up to the end if its peer closed it (a worker that failed)."""
     chunks = []
     while True:
         try:
-            chunks.append(sock.recv(1 << 20))
+            chunk = sock.recv(1 << 20)
         except BlockingIOError:
-            return b"".join(chunks)
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def waiting_message(link_sock: socket.socket) -> bytes | None:
@@ -270,7 +282,7 @@ def test_a_forwarded_push_submitted_plain_is_counted_ok_or_answered_503_by_the_r
 
 def test_a_forwarded_push_written_at_once_counts_its_latency_from_when_it_was_received(pair):
     """The owner writes a forwarded push to its live stream as the local hot path does
-    (``Registry.write_received``), but dates it from when the receiving worker took it."""
+    (``Delivery.take_plain``), but dates it from when the receiving worker took it."""
     latency = pair.procs[1].worker.stats.latency
     before = list(latency)
     pair.push(0, 1)
@@ -341,3 +353,44 @@ def test_each_workers_request_ids_start_at_random(pair):
     that started at the same number in every process would match one of its requests."""
     first = [proc.mesh._new_id() for proc in pair.procs]
     assert first[0] != first[1]
+
+
+def test_a_push_has_its_owner_computed_once_whether_kept_here_or_forwarded(pair, monkeypatch):
+    """The routes make one call per push (``Router.submit_plain``): the mesh finds the token's
+    owner there, one CRC-32 a push, for this worker's own shard as for a forwarded push."""
+    hashed: list[bytes] = []
+
+    def counting_crc32(data: bytes) -> int:
+        hashed.append(data)
+        return zlib.crc32(data)
+
+    monkeypatch.setattr(mesh, "crc32", counting_crc32)
+    monkeypatch.setattr(routing, "zlib", SimpleNamespace(crc32=counting_crc32))  # owner_of's
+    pair.push(0, 0)  # worker 0's own token: written here
+    pair.push(0, 1)  # worker 1's: forwarded
+    pair.turn(0)
+    assert pair.answers(0) == 2 and pair.pushes_on_device(0) == 1
+    assert sorted(hashed) == sorted(bytes.fromhex(pair.tokens[i]) for i in range(2)), hashed
+
+
+class KeepingOwner:
+    """An owner a prefork worker's router is given while it runs (a cluster node gives its own
+    at start): it keeps the pushes it is given, HELD at once."""
+
+    def __init__(self) -> None:
+        self.taken: list[bytes] = []
+
+    def take_plain(self, token: bytes, frame: bytes, expires: float, received: float,
+                   delay: float, answer: Any, request: Any, apns_id: bytes) -> Accepted:
+        self.taken.append(token)
+        return HELD
+
+
+def test_an_owner_set_on_a_prefork_workers_router_takes_its_own_shards_pushes(pair):
+    owner = KeepingOwner()
+    pair.procs[0].router.owner = owner
+    pair.push(0, 0, count=2)
+    pair.turn(0)
+    assert pair.answers(0) == 2
+    assert owner.taken == [bytes.fromhex(pair.tokens[0])] * 2
+    assert pair.pushes_on_device(0) == 0, "written by the owner set before"

@@ -1,4 +1,4 @@
-"""A push written at once to its device (``Registry.write_received``) and what it skips.
+"""A push written at once to its device (``Delivery.take_plain``) and what it skips.
 
 The worker is real (loop, registry, delivery log) and nothing listens: a device is a socketpair
 whose server end the worker accepted, as ``bench/push_probe.py`` does, and pushes are requests
@@ -15,12 +15,11 @@ import os
 import re
 import socket
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
-from rawsse.apns.registry import Push
-from rawsse.apns.routing import HELD, PushAnswer
+from rawsse.apns.routing import HELD, push_answer
 from rawsse.config import ServeConfig
 from rawsse.server.exchange import Answer, Request
 from rawsse.server.http1_wire import serialize
@@ -120,14 +119,16 @@ def test_a_push_written_at_once_is_counted_logged_and_arrives_whole(worker: Work
 
 class KeepingOwner:
     """An owner swapped into the router after pushes went through (a cluster node does this
-    at start): it keeps what it is given and says HELD."""
+    at start): it keeps what it is given and says HELD through the push's answer, as an owner
+    that asks elsewhere first (Redis) does once it knows."""
 
     def __init__(self) -> None:
         self.taken: list[bytes] = []
 
-    def take(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
+    def take_plain(self, token: bytes, frame: bytes, expires: float, received: float,
+                   delay: float, answer: Any, request: Any, apns_id: bytes) -> None:
         self.taken.append(token)
-        answer(HELD)
+        push_answer(answer, request, apns_id)(HELD)
 
 
 def test_an_owner_swapped_into_the_router_later_gets_the_pushes(worker: Worker) -> None:

@@ -6,6 +6,11 @@ pending store and the pushes waiting out a delivery delay (themselves bounded by
 ``--max-delayed``). Past those bounds the answer is 503 (the sender retries), never a 200 that is
 then dropped.
 
+Every push for a token this worker owns comes in through ``take_plain``: the routes' own
+through the router, a peer's through the mesh. One with no delay whose token has a live stream
+with nothing queued is written at once, with no ``Push`` made for it (the hot path); any other
+is ``accept``ed.
+
 Room reserved for pushes that peers already answered 200 on their way here (``reserved_pushes``,
 ``reserved_bytes``: the mesh's credit, ``rawsse/node/forwarding.py``) counts as taken, so those
 pushes always find their place.
@@ -21,11 +26,15 @@ outlive the drain and the push, answered 200, would be lost.
 from __future__ import annotations
 
 import heapq
-from typing import TYPE_CHECKING, Iterable
+from bisect import bisect_right
+from os import write as _write
+from typing import TYPE_CHECKING, Any, Iterable
 
-from rawsse.apns.deliverylog import DELAYED
-from rawsse.apns.registry import Push, Registry
+from rawsse.apns.deliverylog import DELAYED, DELIVERED
+from rawsse.apns.registry import SAME_TURN, Push, Registry
 from rawsse.apns.routing import HELD, QUEUE_FULL, Accepted
+from rawsse.server.latency import BOUNDS as LATENCY_BOUNDS
+from rawsse.server.stream import STREAM_GONE
 
 if TYPE_CHECKING:
     from rawsse.config import ServeConfig
@@ -122,6 +131,39 @@ class Delivery:
             return QUEUE_FULL
         registry.deliver(token, push)
         return HELD
+
+    def take_plain(self, token: bytes, frame: bytes, expires: float, received: float,
+                   delay: float = 0.0, answer: Any = None, request: Any = None,
+                   apns_id: bytes = b"") -> Accepted:
+        """``LocalOwner.take_plain``, every push for a token this worker owns: with no delay,
+        written to the token's live stream at once with no ``Push`` made (unless part of the
+        frame stays queued), else ``accept``. ``received`` is the loop turn's ``now`` for a
+        push received in it (latency 0: the first bucket), or when a peer received it
+        (``time.monotonic()``, any process's). The answer is the caller's: ``answer``,
+        ``request`` and ``apns_id`` are the ``Owner`` signature's, unused here."""
+        if not delay:
+            registry = self.registry
+            stream = registry.streams.get(token)
+            if stream is not None and stream.out is None:  # no backlog: a write of our own
+                # Stream.send's write of a whole frame, here without a call or a Push.
+                try:
+                    written = _write(stream.fd, frame)
+                except BlockingIOError:
+                    written = 0
+                except STREAM_GONE:  # its device went away: accept's send closes it
+                    written = -1
+                if written >= 0:
+                    stats = registry.stats
+                    stats.delivered_live += 1
+                    now = self.loop.now  # received == now: latency 0, no bisect to find it
+                    stats.latency[SAME_TURN if received == now
+                                  else bisect_right(LATENCY_BOUNDS, now - received)] += 1
+                    if written != len(frame):
+                        stream.keep_rest(frame, written, Push(frame, expires, received))
+                    if registry.log is not None:
+                        registry.log.record(DELIVERED, stream.token, frame, expires)
+                    return HELD
+        return self.accept(token, Push(frame, expires, received), delay)
 
     def _has_room(self, token: bytes, push: Push) -> bool:
         """The pending store is bounded (--max-pending, --max-pending-bytes); pushes already

@@ -18,7 +18,6 @@ decides *whether* a push waits; the store decides *where*.
 from __future__ import annotations
 
 import time
-from os import write as _write
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Iterator, Protocol
 
@@ -27,12 +26,13 @@ from rawsse.apns.deliverylog import (
     DELIVERED, DELIVERED_ON_CONNECT, DISCARDED, EXPIRED, REPLACED, REQUEUED, STORED,
 )
 from rawsse.server.stats import Stats
-from rawsse.server.stream import STREAM_GONE, Stream
+from rawsse.server.stream import Stream
 
 if TYPE_CHECKING:
     from rawsse.apns.deliverylog import DeliveryLog
 
-# The latency bucket of a push written in the loop turn that received it.
+# The latency bucket of a push written in the loop turn that received it
+# (``Delivery.take_plain``).
 SAME_TURN = bisect_right(LATENCY_BOUNDS, 0.0)
 
 
@@ -149,36 +149,6 @@ class Registry:
         # The stream's token, not the request's: the log then keeps no token of its own.
         if stream.send(push.frame, push) and self.log is not None:
             self.log.record(DELIVERED, stream.token, push.frame, push.expires)
-
-    def write_received(self, token: bytes, frame: bytes, expires: float,
-                       received: float = -1.0) -> bool:
-        """``write_live`` for a push received in this loop turn (its latency is 0: the first
-        bucket) or, a forwarded one, at ``received`` (``time.monotonic()``, any process's),
-        with no ``Push`` made unless part of the frame stays queued: the hot path. False, with
-        nothing done, when the token has no stream here or its stream cannot take the frame
-        now (``Delivery.accept`` then)."""
-        stream = self.streams.get(token)
-        if stream is None or stream.out is not None:  # no stream, or a backlog: send's
-            return False
-        # Stream.send's write of a whole frame, here without a call or a Push (one per push).
-        try:
-            written = _write(stream.fd, frame)
-        except BlockingIOError:
-            written = 0
-        except STREAM_GONE:
-            return False  # its device went away: send closes it
-        stats = self.stats
-        stats.delivered_live += 1
-        if received < 0:
-            stats.latency[SAME_TURN] += 1
-            received = self.clock.now
-        else:
-            stats.latency[bisect_right(LATENCY_BOUNDS, self.clock.now - received)] += 1
-        if written != len(frame):
-            stream.keep_rest(frame, written, Push(frame, expires, received))
-        if self.log is not None:
-            self.log.record(DELIVERED, stream.token, frame, expires)
-        return True
 
     def keep(self, token: bytes, push: Push, newly_stored: bool = True) -> None:
         """Hold ``push`` here (newest wins): the local store, and a cluster's fallback (whose

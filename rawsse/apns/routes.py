@@ -20,12 +20,17 @@ Route map:
   /admin/deliveries[/<id>]    what became of pushes (delivery log) operator listener*
   (* the public listener too with --admin-listen public)
 
-The push hot path: a push with no delivery delay, for a token this worker owns, whose router
-hands such pushes to a ``LocalOwner`` (one worker; a prefork worker's own shard), is what
-``LocalOwner.take`` would make of it, without the router, a ``Push`` (unless the stream keeps
-part of the frame, or the push must wait), a partial or a callback: written to the device's live
-stream at once (``Registry.write_received``), else ``Delivery.accept``. Its clock is the loop
-turn's (``loop.now``, and ``wall_offset`` for unix time), not a call per push.
+The push path, one for every push: once checked and its frame made, a push is one call,
+``worker.router.submit_plain``, with its fields (no ``Push`` and, where its 200 is plain: no
+--response-delay, no sandbox id, no partial or callback made for it). The router knows where
+the token lives (``routing.py``). In a one-worker node that call is the owner's
+``take_plain`` itself (``Delivery.take_plain``: written to the device's live stream at once,
+else ``Delivery.accept``); in a prefork worker it is ``Mesh.submit_plain``, which computes
+``owner_of`` once and hands this worker's shard to the same ``take_plain`` or forwards the
+push. What this worker's owner decided is the call's value, answered here at once (a plain
+200 by ``Channel.answer_ok``, no ``Answer``); ``None``: the push went elsewhere and is
+answered once its owner holds it. Its clock is the loop turn's (``loop.now``, and
+``wall_offset`` for unix time), not a call per push.
 
 A new admin route is one entry in ``Routes._operator`` and a handler (see ``operator.py``);
 a new APNs reason is a row in ``apple.REASON_STATUS`` and a check in ``validation.py``.
@@ -42,10 +47,7 @@ from rawsse.apns import answers
 from rawsse.apns.apple import REASON_STATUS
 from rawsse.apns.deliverylog import wall_offset
 from rawsse.apns.operator import OperatorRoutes
-from rawsse.apns.registry import Push
-from rawsse.apns.routing import (
-    HELD, UNREACHABLE, Accepted, LocalOwner, LocalRouter, Owner, Router, owner_of,
-)
+from rawsse.apns.routing import HELD, UNREACHABLE, Accepted
 from rawsse.apns.validation import (
     PushRejected, answer_id, check_push, parse_broadcast_prefix, parse_token,
     payload_limit,
@@ -55,7 +57,6 @@ from rawsse.server.sse import CR, LF, ONE_LINE_EVENT
 from rawsse.server.exchange import Answer, Request
 
 if TYPE_CHECKING:
-    from rawsse.apns.delivery import Delivery
     from rawsse.server.worker import Worker
 
 PUSH_PREFIX = b"/3/device/"
@@ -69,8 +70,7 @@ OTHER_BODY_LIMIT = 1024 * 1024
 
 class Routes:
     __slots__ = ("worker", "config", "stats", "operator", "development", "auth", "answer_now",
-                 "default_delay", "plain_200", "_answered", "wall_offset", "_router", "_owner", "_local",
-                 "_shards", "_shard")
+                 "default_delay", "plain_200", "_answered", "wall_offset")
 
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
@@ -90,12 +90,6 @@ class Routes:
         # Unix time = the loop's monotonic ``now`` + this, reset every tick (``reset_clock``):
         # a push reads the clock of its loop turn, not ``time.time()`` (a call per push).
         self.wall_offset = wall_offset()
-        # Where a push whose token this worker owns goes without the router (``_see``).
-        self._router: Router | None = None
-        self._owner: Owner | None = None
-        self._local: "Delivery | None" = None
-        self._shards = 1
-        self._shard = 0
 
     def reset_clock(self) -> None:
         """Follow the wall clock (NTP slews it, an operator may set it): once a tick."""
@@ -173,42 +167,23 @@ class Routes:
         frame = (ONE_LINE_EVENT % (apns_id, body) if LF not in body and CR not in body
                  else sse.encode_event(apns_id, body))
         distribution = delay_given or self.default_delay
-        router = worker.router
-        if router is not self._router or router.owner is not self._owner:
-            self._see(router)
-        local = self._local
-        if distribution is None and local is not None and (
-                self._shards == 1 or owner_of(token, self._shards) == self._shard):
-            # This worker owns the token and its owner is this worker's queues: what
-            # router.submit would do, with no Push (unless the push must wait), partial or
-            # callback: the hot path.
-            accepted = (HELD if local.registry.write_received(token, frame, expires)
-                        else local.accept(token, Push(frame, expires, received), 0.0))
-            if accepted is HELD and self.plain_200:
+        delay = 0.0 if distribution is None else distribution.sample()
+        # Read, then called: ``router.submit_plain(...)`` is a method call's lookup, which
+        # Python 3.11 does not specialize for an instance attribute (~120 instructions more a
+        # call, callgrind).
+        submit_plain = worker.router.submit_plain
+        if self.plain_200:  # the hot path: one call, no Push, partial or callback made
+            accepted = submit_plain(token, frame, expires, received, delay, self._answered,
+                                    request, apns_id)
+            if accepted is HELD:  # this worker owns the token and holds the push now
                 self.stats.pushes_ok += 1
                 request.channel.answer_ok(request, apns_id)
-            else:
-                self._push_answered(request, apns_id, accepted)
-            return
-        delay = 0.0 if distribution is None else distribution.sample()
-        if self.plain_200:  # no Push, partial or callback where the router can do without
-            router.submit_plain(token, frame, expires, received, delay, self._answered, request,
-                                apns_id)
-            return
-        router.submit(token, Push(frame, expires, received), delay,
-                      partial(self._answered, request, apns_id))
-
-    def _see(self, router: Router) -> None:
-        """The worker's router or its owner is new (a prefork worker's router replaces the
-        first, a cluster node swaps in its owner): a push whose token it would hand to a
-        ``LocalOwner`` here, at once, may skip it. A ``LocalRouter`` owns every token; a
-        prefork worker's router its shard (``owner_of``)."""
-        self._router = router
-        self._owner = owner = router.owner
-        self._local = owner.delivery if type(owner) is LocalOwner else None
-        local_router = isinstance(router, LocalRouter)
-        self._shards = 1 if local_router else self.worker.count
-        self._shard = 0 if local_router else self.worker.index
+                return
+        else:  # --response-delay or the sandbox's unique id: a forwarded push's answer is ours
+            accepted = submit_plain(token, frame, expires, received, delay,
+                                    partial(self._answered, request, apns_id), None, b"")
+        if accepted is not None:  # this worker's owner decided (None: answered when held)
+            self._push_answered(request, apns_id, accepted)
 
     def _simulated(self, request: Request, apns_id: bytes, token: bytes, now: float) -> bool:
         """Answer the push as its token's state or a fault rule says, if one does."""

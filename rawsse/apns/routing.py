@@ -13,9 +13,18 @@ admin change. Three compose the same parts:
   a node of several, where a device may be held by another node, reached through Redis.
 
 The part that differs between a node and a cluster is the ``Owner``: what the worker owning a
-token does with a push for it. ``LocalOwner`` accepts it into this worker's queues
-(``delivery.py``); a cluster's owner writes it here if the device is held here and otherwise
-routes it through Redis. Every answer is an ``Accepted``.
+token does with a push for it. ``LocalOwner`` writes it to the device's live stream at once or
+accepts it into this worker's queues (``Delivery.take_plain``); a cluster's owner does the same
+if the device is held here and otherwise routes it through Redis. Every answer is an
+``Accepted``.
+
+One path for a push: the routes make one call for every push, ``router.submit_plain``, with
+the push's fields (no ``Push`` object, no callback made for it). A ``LocalRouter``'s is its
+owner's ``take_plain`` itself, so a push in a one-worker node costs one call to be written; a
+``MeshRouter``'s computes ``owner_of`` once and either hands the push to its own owner's
+``take_plain`` or forwards it (``rawsse.node.mesh.Mesh.submit_plain``). What this worker's
+owner decides comes back as the call's value, for the routes to answer at once; what goes
+elsewhere is answered when its owner holds it.
 """
 
 from __future__ import annotations
@@ -25,7 +34,6 @@ import zlib
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from rawsse.apns.registry import Push
 from rawsse.server.documents import node_document
 
 if TYPE_CHECKING:
@@ -33,10 +41,9 @@ if TYPE_CHECKING:
     from rawsse.server.worker import Worker
 
 
-
 def owner_of(token: bytes, workers: int) -> int:
     """The worker of a node that owns ``token``: stable across processes and restarts (not
-    ``hash()``). Here, beside the Router, because the routes' hot path asks it too."""
+    ``hash()``). A push's is computed once, by its router (``Mesh.submit_plain`` writes it out)."""
     return zlib.crc32(token) % workers if workers > 1 else 0
 
 class Accepted(enum.IntEnum):
@@ -56,6 +63,19 @@ PushAnswer = Callable[[Accepted], None]
 # How a push submitted plain (``Router.submit_plain``) is answered when it is not a plain 200
 # written by the channel: the routes' ``_push_answered(request, apns_id, accepted)``.
 PlainAnswer = Callable[[Any, bytes, Accepted], None]
+# ``Router.submit_plain`` and ``Owner.take_plain``: (token, frame, expires, received, delay,
+# answer, request, apns_id) -> the Accepted the caller answers, or None once it is answered
+# later. ``answer`` is a ``PlainAnswer`` with a ``request``, else (request None) a
+# ``PushAnswer``: ``push_answer`` makes the one-argument answer of either.
+PlainSubmit = Callable[[bytes, bytes, float, float, float, Any, Any, bytes], "Accepted | None"]
+
+
+def push_answer(answer: Any, request: Any, apns_id: bytes) -> PushAnswer:
+    """The one-argument answer of a push submitted plain, where one is needed (a push asked of
+    its owner, one an owner answers later): ``answer`` itself when ``request`` is None."""
+    return answer if request is None else partial(answer, request, apns_id)
+
+
 # What a broadcast reached: ``{"streams", "refused"}`` for a node, and "missing_workers" when
 # some of its workers gave no count; in Redis mode also "nodes", "missing" and "reasons"
 # (``rawsse.cluster.broadcast``). The answer to POST /broadcast.
@@ -72,28 +92,30 @@ def tally(written: int, refused: int, missing_workers: list[int] | None = None) 
 
 
 class Owner(Protocol):
-    """The owning worker's half of a push."""
+    """The owning worker's half of a push: where every push for a token this worker owns ends,
+    the routes' own or one a peer forwarded."""
 
-    def take(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None: ...
+    def take_plain(self, token: bytes, frame: bytes, expires: float, received: float,
+                   delay: float, answer: Any, request: Any, apns_id: bytes) -> "Accepted | None":
+        """Deliver the push now or after ``delay``, or let it wait (no ``Push`` made for one
+        written at once); the ``Accepted`` returned is the caller's to answer, or None: it is
+        answered later (``push_answer(answer, request, apns_id)``), once an owner that asks
+        elsewhere first (Redis) knows."""
 
 
 class Router(Protocol):
     """What the routes need from the worker's place in the node and the cluster."""
 
-    # The token owner's half, where this worker owns the token (a cluster swaps its own in):
-    # a push for a token this worker owns, with a ``LocalOwner`` here, may skip ``submit``.
+    # The token owner's half, where this worker owns the token: set it (a cluster swaps its
+    # own in) and ``submit_plain`` follows.
     owner: Owner
-
-    def submit(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None:
-        """Hand ``push`` to the token's owner; ``answer`` once it is held or refused."""
-
-    def submit_plain(self, token: bytes, frame: bytes, expires: float, received: float,
-                     delay: float, answer: PlainAnswer, request: Any, apns_id: bytes) -> None:
-        """``submit`` of a push whose 200 is plain (``Channel.answer_ok`` of ``apns_id`` on
-        ``request``, counted in ``pushes_ok``: no --response-delay, no sandbox id), with no
-        ``Push`` or callback made for it where the way to its owner can do without (a
-        forwarded push: ``rawsse.node.forwarding``); anything else is
-        ``answer(request, apns_id, accepted)``."""
+    # The one call the routes make for every push (``PlainSubmit``): written or kept here by
+    # ``owner.take_plain`` when this worker owns the token (its Accepted returned), else sent
+    # to the owner and answered once it holds it (None returned). A 200 the router writes
+    # itself, with a ``request``, is ``Channel.answer_ok(request, apns_id)``, counted in
+    # ``pushes_ok`` (no --response-delay, no sandbox id); anything else it answers is
+    # ``push_answer(answer, request, apns_id)(accepted)``.
+    submit_plain: PlainSubmit
 
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         """A device's ``GET /events`` is answered: its socket goes to the token's owner."""
@@ -115,34 +137,33 @@ class Router(Protocol):
 
 
 class LocalOwner:
-    """Accept into this worker's own queues (``Delivery``)."""
+    """This worker's own queues (``Delivery.take_plain``), called with no frame of ours between."""
 
-    __slots__ = ("delivery",)
+    __slots__ = ("delivery", "take_plain")
 
     def __init__(self, delivery: "Delivery") -> None:
         self.delivery = delivery
-
-    def take(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None:
-        answer(self.delivery.accept(token, push, delay))
+        self.take_plain: PlainSubmit = delivery.take_plain
 
 
 class LocalRouter:
     """One process owns every token: everything happens here, at once."""
 
-    __slots__ = ("worker", "owner")
+    __slots__ = ("worker", "_owner", "submit_plain")
 
     def __init__(self, worker: "Worker", owner: Owner) -> None:
         self.worker = worker
         self.owner = owner
 
-    def submit(self, token: bytes, push: "Push", delay: float, answer: PushAnswer) -> None:
-        self.owner.take(token, push, delay, answer)
+    @property
+    def owner(self) -> Owner:
+        return self._owner
 
-    def submit_plain(self, token: bytes, frame: bytes, expires: float, received: float,
-                     delay: float, answer: PlainAnswer, request: Any, apns_id: bytes) -> None:
-        # Only with an owner that is not a LocalOwner (the routes write those themselves).
-        self.owner.take(token, Push(frame, expires, received), delay,
-                        partial(answer, request, apns_id))
+    @owner.setter
+    def owner(self, owner: Owner) -> None:
+        self._owner = owner
+        # The routes call the owner itself: no router frame on the hot path.
+        self.submit_plain: PlainSubmit = owner.take_plain
 
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         self.worker.open_stream(fd, token, leftover, events)

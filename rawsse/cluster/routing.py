@@ -54,7 +54,9 @@ import orjson
 
 from rawsse.apns import deliverylog
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import HELD, UNREACHABLE, Accepted, BroadcastAnswer, PushAnswer
+from rawsse.apns.routing import (
+    HELD, UNREACHABLE, Accepted, BroadcastAnswer, push_answer,
+)
 from rawsse.cluster import records
 from rawsse.cluster import scripts
 from rawsse.cluster.broadcast import Join
@@ -108,15 +110,18 @@ class ClusterOwner:
     def __init__(self, cluster: "ClusterNode") -> None:
         self.cluster = cluster
 
-    def take(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
+    def take_plain(self, token: bytes, frame: bytes, expires: float, received: float,
+                   delay: float, answer: Any, request: Any, apns_id: bytes) -> Accepted | None:
         cluster = self.cluster
-        if token in cluster.registry.streams:  # held here: no Redis work at all
-            answer(cluster.worker.delivery.accept(token, push, delay))
-            return
+        if token in cluster.registry.streams:  # held here: no Redis work at all, no Push
+            return cluster.worker.delivery.take_plain(token, frame, expires, received, delay)
+        push = Push(frame, expires, received)
+        done = push_answer(answer, request, apns_id)
         taken = cluster.loop.now  # what the delivery log records, whenever Redis answers
         cluster.agent.route(token, push, delay, records.MODE_PUSH,
-                            lambda outcome: answer(cluster.count_route(outcome, token, push,
-                                                                       taken)))
+                            lambda outcome: done(cluster.count_route(outcome, token, push,
+                                                                     taken)))
+        return None  # answered once Redis did
 
 
 class RedisPending:

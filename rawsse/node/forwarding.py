@@ -55,11 +55,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from rawsse.apns.registry import Push
-from rawsse.apns.routing import HELD, UNREACHABLE, Accepted, PushAnswer
+from rawsse.apns.routing import HELD, UNREACHABLE, Accepted
 from rawsse.node.wire import PUSH, framer
 
 if TYPE_CHECKING:
@@ -100,12 +99,6 @@ SEQ, TOKEN, FRAME, EXPIRES, RECEIVED, DELAY, ANSWER, REQUEST, APNS_ID = range(9)
 # None once forgotten (answered 503 after a broken link); ANSWER is None once answered
 Forwarded = list[Any]  # [seq, token, frame | None, expires, received, delay, answer | None,
 #                         request | None, apns_id]
-
-
-def push_answer(answer: Any, request: Any, apns_id: bytes) -> PushAnswer:
-    """The one-argument answer of a push submitted plain, where one is needed (an asked push,
-    one for this worker's own shard): ``answer`` itself when REQUEST is None (see Forwarded)."""
-    return answer if request is None else partial(answer, request, apns_id)
 
 
 def answer_entry(entry: Forwarded, accepted: Accepted) -> bool:

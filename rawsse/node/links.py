@@ -23,8 +23,8 @@ import struct
 from typing import TYPE_CHECKING, Any, Sequence
 
 from rawsse.node import peercred
-from rawsse.apns.routing import QUEUE_FULL, UNREACHABLE
-from rawsse.node.forwarding import Outbox, frame_push, push_answer
+from rawsse.apns.routing import QUEUE_FULL, UNREACHABLE, push_answer
+from rawsse.node.forwarding import Outbox, frame_push
 from rawsse.node.sendqueue import SendQueue
 from rawsse.node.wire import (
     ANCILLARY_SIZE, HEADER, SENDER, TAKEN, TRUNCATED, address, decoder, iter_records,

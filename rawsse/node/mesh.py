@@ -9,14 +9,19 @@ push or a device can land anywhere; the mesh moves it to the owner:
 - a device's socket is handed to the owner with ``SCM_RIGHTS`` once its ``GET /events`` is
   parsed (``HANDOFF``); the owner writes the head and any pending push, so every stream of a
   token lives in exactly one process and "newest wins" stays a local decision;
-- a push is forwarded to the owner (``PUSH``). Within the credit the owner granted, the
-  receiving worker answers 200 as soon as the kernel took the message carrying it, and keeps the
-  push until the owner's cumulative acknowledgement (``TAKEN``) covers it; a broken link sends
-  what is kept again to the owner's replacement. Without credit it waits for the owner's
-  ``ACK``. Either way a 200 means the push is held by its owner or in the owner's socket queue
-  (it survives a ``kill -9`` of the worker that took the request); a full owner queue is a 503
-  before any 200, never a drop after one; an owner's crash loses what it held, no more
-  (``forwarding.py`` has the protocol);
+- a push is one call, ``submit_plain``, whatever its token (the routes' one call for every
+  push): its owner is computed there, once. One for this worker's own shard goes to its
+  owner's ``take_plain`` at once, no ``Push`` made (written to the live stream, else kept in
+  this worker's queues), and the routes answer what it returns; any other is forwarded to the
+  owner (``PUSH``), with no ``Push`` or callback made either. Within the credit the owner
+  granted, the receiving worker answers 200 as soon as the kernel took the message carrying
+  it, and keeps the push until the owner's cumulative acknowledgement (``TAKEN``) covers it; a
+  broken link sends what is kept again to the owner's replacement. Without credit it waits for
+  the owner's ``ACK``. The owner takes what it receives with the same ``take_plain``. Either
+  way a 200 means the push is held by its owner or in the owner's socket queue (it survives a
+  ``kill -9`` of the worker that took the request); a full owner queue is a 503 before any
+  200, never a drop after one; an owner's crash loses what it held, no more (``forwarding.py``
+  has the protocol);
 - a push sender's connection may move, after its first read, to the worker holding the fewest
   (``CONNECTION``, ``balance.py``): sent at once (``send_now``), so it either left with the
   kernel's word or stays, never waiting in a queue that could close it;
@@ -64,11 +69,9 @@ import orjson
 
 from rawsse.apns.registry import Push
 from rawsse.apns.routing import (
-    HELD, UNREACHABLE, Accepted, LocalOwner, Owner, PushAnswer,
+    HELD, UNREACHABLE, Accepted, LocalOwner, Owner, PlainSubmit, PushAnswer,
 )
-from rawsse.node.forwarding import (
-    LOW_CREDIT, LOW_CREDIT_BYTES, Decoded, Ledgers, first_sequence, push_answer,
-)
+from rawsse.node.forwarding import LOW_CREDIT, LOW_CREDIT_BYTES, Decoded, Ledgers, first_sequence
 from rawsse.node import peer_requests
 from rawsse.node.links import MAX_QUEUED, InLink, MeshListener, OutLink, close_fds
 from rawsse.node.wire import (
@@ -104,8 +107,9 @@ class Mesh:
         self.index = worker.index
         self.count = worker.count
         self.stats = worker.stats
-        # What takes a push for this worker's own shard (``submit``): set by ``MeshRouter``.
-        self.take_own: Callable[[bytes, Push, float, PushAnswer], None] = _no_owner
+        # What takes a push for this worker's own shard (``submit_plain``): the owner's
+        # ``take_plain``, set by ``MeshRouter``.
+        self.take_own: PlainSubmit = _no_owner
         self.links = {peer: OutLink(self, peer) for peer in range(self.count) if peer != self.index}
         # peer -> records (bytes, fd or -1) queued during this loop turn
         self.batches: dict[int, list[tuple[bytes, int]]] = {}
@@ -324,21 +328,18 @@ class Mesh:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def submit(self, token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
-        """``Router.submit`` with peers: ``submit_plain`` of the push's fields."""
-        self.submit_plain(token, push.frame, push.expires, push.received, delay, answer, None, b"")
-
     def submit_plain(self, token: bytes, frame: bytes, expires: float, received: float,
-                     delay: float, answer: Any, request: Any, apns_id: bytes) -> None:
-        """``Router.submit_plain`` with peers: own shard to ``take_own``, else forwarded,
-        answered (``forwarding.Forwarded``) HELD within credit once the kernel took it, else
-        as the owner's ACK says, QUEUE_FULL or UNREACHABLE. Routing and the promise
-        (``Outbox``) in one call, no other when the link is up: once per push."""
+                     delay: float, answer: Any, request: Any, apns_id: bytes) -> Accepted | None:
+        """``Router.submit_plain`` with peers, every push the routes take: its owner computed
+        once; this worker's own shard to ``take_own`` (the owner's ``take_plain``, whose answer
+        it returns), else forwarded and None returned: answered (``forwarding.Forwarded``) HELD
+        within credit once the kernel took it, else as the owner's ACK says, QUEUE_FULL or
+        UNREACHABLE. Routing and the promise (``Outbox``) in one call, no other when the link
+        is up: once per push."""
         peer = crc32(token) % self.count  # routing.owner_of, written out
         if peer == self.index:
-            self.take_own(token, Push(frame, expires, received), delay,
-                          push_answer(answer, request, apns_id))
-            return
+            take_own = self.take_own  # read, then called: see Routes.push
+            return take_own(token, frame, expires, received, delay, answer, request, apns_id)
         self.stats.forwarded += 1
         link = self.links[peer]
         out = link.out
@@ -348,7 +349,7 @@ class Mesh:
                 or size > outbox.credit_bytes:
             if not link.out_of_credit(token, frame, expires, received, delay, answer, request,
                                       apns_id):
-                return
+                return None
         # Promised: kept until a TAKEN covers it, answered by ``Outbox.sent``; a list, no call.
         outbox.credit -= 1
         outbox.credit_bytes -= size
@@ -369,6 +370,7 @@ class Mesh:
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.worker.loop.call_first(self.flush)
+        return None
 
     def hand_off(self, peer: int, fd: int, token: bytes, leftover: bytes) -> bool:
         """Queue ``fd`` for ``peer``; False (the caller still owns the fd) when it cannot go."""
@@ -462,32 +464,30 @@ class Mesh:
         ledgers = self.ledgers
         assert ledgers is not None
         delivery = ledgers.delivery
-        accept = delivery.accept
-        # A push with no delay to a live stream: written as the local hot path writes one.
-        write_received = delivery.registry.write_received
+        # The owner's one call, as for a push received here: written at once when it can be.
+        take_plain = delivery.take_plain
         taking, self.taking = self.taking, []
         for sender, fresh, count, size in taking:
             delivery.reserved_pushes -= count  # the room ``Ledgers.arrived`` kept is theirs
             delivery.reserved_bytes -= size
             try:
                 for rid, _seq, expires, received, delay, token, frame in fresh:
-                    if not delay and write_received(token, frame, expires, received):
-                        if rid:
-                            self.reply(sender, ACK, _encode_ack(rid, HELD))
-                        continue
-                    push = Push(frame, expires, received)
-                    accepted = accept(token, push, delay)
+                    accepted = take_plain(token, frame, expires, received, delay)
                     if rid:
                         self.reply(sender, ACK, _encode_ack(rid, accepted))
                     elif accepted is not HELD:
-                        ledgers.hold_over_limit(token, push)
+                        ledgers.hold_over_limit(token, Push(frame, expires, received))
             except Exception:
                 log.exception("mesh pushes from worker %d failed", sender)
 
     def _take_asked(self, sender: int, pushes: list[Decoded]) -> None:
-        # A closure per push, in Redis mode only: its answer comes after a Redis round trip.
+        # A closure per push, in Redis mode only: its answer may come after a Redis round trip.
+        take_plain = self.owner.take_plain
         for rid, _seq, expires, received, delay, token, frame in pushes:
-            self.owner.take(token, Push(frame, expires, received), delay, self._acknowledge(sender, rid))
+            accepted = take_plain(token, frame, expires, received, delay,
+                                  self._acknowledge(sender, rid), None, b"")
+            if accepted is not None:  # decided here, at once
+                self.reply(sender, ACK, _encode_ack(rid, accepted))
 
     def _acknowledge(self, peer: int, rid: int) -> PushAnswer:
         def answer(accepted: Accepted) -> None:
@@ -573,6 +573,7 @@ class Mesh:
             entry[1](value)
 
 
-def _no_owner(token: bytes, push: Push, delay: float, answer: PushAnswer) -> None:
-    answer(UNREACHABLE)  # until a router binds an owner
+def _no_owner(token: bytes, frame: bytes, expires: float, received: float, delay: float,
+              answer: Any, request: Any, apns_id: bytes) -> Accepted:
+    return UNREACHABLE  # until a router binds an owner
 

@@ -3,9 +3,10 @@
 Each worker owns a hash shard of tokens (``owner_of``: CRC-32 of the raw token, modulo the
 worker count), stable across processes and restarts. The kernel's SO_REUSEPORT hash decides
 which worker accepts a connection, so a push or a device can land anywhere; this router sends
-it to the owner: a push is forwarded (``Mesh.submit``, which routes it too) and answered once the owner holds
-it; a device's socket is handed over (``Mesh.hand_off``). What the owner then does with a push is
-its ``Owner``'s business (``rawsse.apns.routing``): the same router serves a node of a Redis
+it to the owner: a push goes through ``Mesh.submit_plain``, which computes its owner once and
+hands it to this worker's owner or forwards it, answered once the owner holds it; a device's
+socket is handed over (``Mesh.hand_off``). What the owner then does with a push is its
+``Owner``'s business (``rawsse.apns.routing``): the same router serves a node of a Redis
 cluster with a cluster owner.
 """
 
@@ -16,8 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
-from rawsse.apns.registry import Push
-from rawsse.apns.routing import BroadcastAnswer, Owner, PushAnswer, owner_of, tally
+from rawsse.apns.routing import BroadcastAnswer, Owner, PlainSubmit, owner_of, tally
 from rawsse.node.wire import DELIVERIES, STATS
 from rawsse.server.documents import node_document
 
@@ -37,12 +37,10 @@ class MeshRouter:
         self.worker = worker
         self.mesh = mesh
         self.index, self.count, self.stats = worker.index, worker.count, worker.stats
-        # ``Router.submit``: a worker with no peer owns every token, and the count never
+        # ``Router.submit_plain``: a worker with no peer owns every token, and the count never
         # changes while the node runs (the master refuses TTIN/TTOU; a respawn keeps it): its
         # pushes go straight to the owner, no routing call (``bind_owner`` binds it).
-        self.submit: Callable[[bytes, Push, float, PushAnswer], None] = mesh.submit
-        self.submit_plain = mesh.submit_plain
-        self.owner: Owner = owner  # a plain attribute: the routes read it per push
+        self.submit_plain: PlainSubmit = mesh.submit_plain
         self.bind_owner(owner)
         self.share_with_master = share_with_master
         self.master_info: Document = {}  # the master's last word on the node, for /stats
@@ -58,13 +56,21 @@ class MeshRouter:
         mesh.serve(DELIVERIES, lambda query: orjson.dumps(
             worker.deliveries_answer(orjson.loads(query))))
 
+    @property
+    def owner(self) -> Owner:
+        return self._owner
+
+    @owner.setter
+    def owner(self, owner: Owner) -> None:
+        self.bind_owner(owner)
+
     def bind_owner(self, owner: Owner) -> None:
         """What this worker does with a push for its own shard from now on (a cluster sets its
         own): here and in the mesh."""
-        self.owner = owner
+        self._owner = owner
         self.mesh.owner = owner
-        self.mesh.take_own = owner.take
-        self.submit = owner.take if self.count == 1 else self.mesh.submit
+        self.mesh.take_own = owner.take_plain
+        self.submit_plain = owner.take_plain if self.count == 1 else self.mesh.submit_plain
 
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
         worker = self.worker

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 # Errors that mean "the device went away": counted, never logged (tornado's errno sets).
 _GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
-STREAM_GONE = _GONE  # for a write made outside (Registry.write_received, the push's hot path)
+STREAM_GONE = _GONE  # for a write made outside (Delivery.take_plain, the push's hot path)
 
 _DISCARD_SIZE = 4096
 
