@@ -1,4 +1,5 @@
-"""Which device is online here, and where a push waits while its device is not. No I/O.
+"""Which device is online here, and where a push waits while its device is not. Its only I/O
+is the streams' own: a push written live goes through ``Stream.send``.
 
 Rules (APNs store-and-forward: Apple, "Sending notification requests to APNs", apns-expiration;
 the same as Fleet's mock, fleetdm/fleet cmd/apple-apns-mock):
