@@ -16,6 +16,11 @@ Result = dict[str, Any]
 # The headline targets, written into every result as ``targets``: ``rawsse report`` draws
 # ``latency_p99_ms`` (the broadcast fan-out p99 at 18k streams) on the latency CDF.
 TARGETS = {"latency_p99_ms": 75, "rss_bytes_per_stream": 400, "cpu_us_per_push": 15}
+# A variant's ``host_cpu`` keys (``hostcpu.phase``), in the order they run: (key, label, name).
+HOST_PHASES = (("memory", "mem", "memory ramp"), ("fanout", "bcast", "broadcast fan-out"),
+               ("connect", "connect", "connect rate"), ("targeted", "push", "targeted pushes"))
+# Over this share of stolen CPU a phase's figures are the hypervisor's as much as ours.
+STEAL_WARNING_PCT = 5.0
 
 
 def dig(data: Any, *path: str) -> Any:
@@ -87,6 +92,28 @@ def fmt_worker_writes(workers: Any) -> str:
     return text
 
 
+def fmt_host_cpu(host: Any) -> str:
+    """``mem 0.3 % / 71 %, bcast 0.1 % / 95 %, ...``: per phase, the CPU time the hypervisor stole
+    and the whole machine's busy time, each as % of the phase's wall time × CPUs."""
+    if not isinstance(host, dict):
+        return "—"
+    return ", ".join(f"{label} {host[key]['steal_pct']:.1f} % / {host[key]['busy_pct']:.0f} %"
+                     for key, label, _ in HOST_PHASES if key in host) or "—"
+
+
+def steal_warnings(result: Result) -> list[str]:
+    """One line per variant and phase whose stolen CPU share is over ``STEAL_WARNING_PCT``."""
+    lines = []
+    for variant_name, variant in result.get("variants", {}).items():
+        for key, _, name in HOST_PHASES:
+            shares = dig(variant, "host_cpu", key)
+            if shares and shares["steal_pct"] > STEAL_WARNING_PCT:
+                lines.append(f"warning: {variant_name}, {name} phase: the hypervisor stole "
+                             f"{shares['steal_pct']:.1f} % of the CPUs' time (machine busy "
+                             f"{shares['busy_pct']:.0f} %): read that phase's figures with care")
+    return lines
+
+
 def total_per_stream(variant: Result) -> float | None:
     user = dig(variant, "memory", "slopes", "anon_pss", "bytes_per_conn")
     kernel = dig(variant, "memory", "slopes", "socket_caches_total")
@@ -130,6 +157,7 @@ ROWS: list[tuple[str, Callable[[Result], str]]] = [
     ("Targeted events received / accepted",
      lambda v: fmt_delivery(dig(v, "targeted", "events"), dig(v, "targeted", "accepted"))),
     ("Connect rate (unpaced)", lambda v: fmt_rate(dig(v, "targeted", "connect_rate_per_s"))),
+    ("Host: CPU stolen / machine busy, per phase", lambda v: fmt_host_cpu(v.get("host_cpu"))),
 ]
 
 
@@ -176,6 +204,7 @@ def write_outputs(result: Result, out_dir: str, stem: str) -> dict[str, str]:
     with open(paths["markdown"], "w") as f:
         f.write(f"# rawsse bench: {stem}\n\n{describe_run(result)}\n\n{table}\n\n"
                 f"{headline(result)}\n")
+        f.writelines(f"\n{line}\n" for line in steal_warnings(result))
     paths.update(write_plots(result, out_dir, stem))
     return paths
 

@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown_table(result))
     print()
     print(report.headline(result))
+    for line in report.steal_warnings(result):
+        print(line)
     print("\nwritten: " + ", ".join(paths.values()) + f"\nlogs: {log_dir}")
     return 1 if any("error" in v for v in result["variants"].values()) else 0
 

@@ -21,7 +21,7 @@ import time
 import urllib.request
 from typing import Any
 
-from . import load, memory, procs
+from . import hostcpu, load, memory, procs
 
 PUSH_BODY = b'{"mdm":"bench"}'
 # Events per second the devices read in all, low side (18k events took ~0.2 s with one device
@@ -59,7 +59,8 @@ class PhaseSettings:
 def run_variant(spec: VariantSpec, settings: PhaseSettings, log_dir: str) -> dict[str, Any]:
     """Start the server, run the phases, stop everything this started. Errors are recorded in the
     result (and the phases after them skipped) so one broken variant does not lose the others."""
-    result: dict[str, Any] = {"kind": spec.kind, "workers": spec.workers}
+    host: dict[str, Any] = {}  # per phase, the whole machine's stolen and busy CPU shares
+    result: dict[str, Any] = {"kind": spec.kind, "workers": spec.workers, "host_cpu": host}
     holder, port = procs.reserve_port()
     # Keepalive comments off: they are not push cost, and 18k of them landing inside a push run
     # would add ~2 µs to every push's CPU figure. Memory per stream does not depend on them.
@@ -73,17 +74,20 @@ def run_variant(spec: VariantSpec, settings: PhaseSettings, log_dir: str) -> dic
     started = time.monotonic()
     try:
         server.wait_ready()
-        result["memory"], devices = memory_phase(server, spec, settings, log_dir)
+        with hostcpu.phase(host, "memory"):
+            result["memory"], devices = memory_phase(server, spec, settings, log_dir)
         try:
             if spec.fanout:
-                result["fanout"] = fanout_phase(server, settings, result["memory"]["top_connections"],
-                                                procs.process_tree(devices.pid))
+                tree = procs.process_tree(devices.pid)
+                with hostcpu.phase(host, "fanout"):
+                    result["fanout"] = fanout_phase(server, settings,
+                                                    result["memory"]["top_connections"], tree)
         finally:
             result["memory"]["devices_report"] = stop_devices(devices)
         if spec.fanout:
             attach_device_report(result["fanout"], result["memory"]["devices_report"])
         if spec.targeted:
-            result["targeted"] = targeted_phase(server, spec, settings, log_dir)
+            result["targeted"] = targeted_phase(server, spec, settings, log_dir, host)
     except Exception as exc:  # recorded, shown under the table; the other variants still run
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["server_log_tail"] = server.output_tail(1500)
@@ -242,7 +246,9 @@ def attach_device_report(fanout: dict[str, Any], report: dict[str, Any]) -> None
 # ---- phase 3: targeted pushes ----
 
 def targeted_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSettings,
-                   log_dir: str) -> dict[str, Any]:
+                   log_dir: str, host: dict[str, Any]) -> dict[str, Any]:
+    """The connect rate, then the push runs; ``host`` gets the host's CPU shares over each
+    (``connect``, ``targeted``)."""
     count = min(settings.targeted_devices, spec.levels[-1])
     base_fds = load.wait_fds_steady(server.pids)
     report = f"{log_dir}/{spec.name}-targeted-devices.json"
@@ -252,14 +258,17 @@ def targeted_phase(server: procs.Server, spec: VariantSpec, settings: PhaseSetti
                           log_dir, report_path=report, root=spec.root)
     result: dict[str, Any] = {"devices": count}
     try:
-        started = time.monotonic()
-        held = load.wait_for_connections(server.pids, base_fds, count, timeout=120,
-                                         alive=devices.running)
-        result["connected"] = held
-        result["connect_rate_per_s_server"] = held / max(1e-6, time.monotonic() - started)
+        with hostcpu.phase(host, "connect"):
+            started = time.monotonic()
+            held = load.wait_for_connections(server.pids, base_fds, count, timeout=120,
+                                             alive=devices.running)
+            result["connected"] = held
+            result["connect_rate_per_s_server"] = held / max(1e-6, time.monotonic() - started)
         load.wait_settled(server.pids, base_fds)
-        result["keepalive"] = push_run(server, spec, settings, count, 1, log_dir)
-        result["pipelined"] = push_run(server, spec, settings, count, settings.pipeline, log_dir)
+        with hostcpu.phase(host, "targeted"):
+            result["keepalive"] = push_run(server, spec, settings, count, 1, log_dir)
+            result["pipelined"] = push_run(server, spec, settings, count, settings.pipeline,
+                                           log_dir)
         time.sleep(1.0)  # the last events reach the devices before they stop
     finally:
         device_report = stop_devices(devices)
