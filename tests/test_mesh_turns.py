@@ -17,6 +17,7 @@ what one loop turn sends is what the test sees (rawsse/node/forwarding.py, Ackno
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -394,3 +395,32 @@ def test_an_owner_set_on_a_prefork_workers_router_takes_its_own_shards_pushes(pa
     assert pair.answers(0) == 2
     assert owner.taken == [bytes.fromhex(pair.tokens[0])] * 2
     assert pair.pushes_on_device(0) == 0, "written by the owner set before"
+
+
+def test_a_request_id_is_never_0_which_on_a_push_means_promised(pair):
+    """Id 0 on a PUSH asks for no ACK (wire.py): an asked push given it would be written by
+    its owner and never answered, then 503 after the timeout, then sent again by the sender."""
+    mesh = pair.procs[0].mesh
+    mesh._next_id = 0xFFFFFFFF
+    assert mesh._new_id() == 1
+
+
+def test_a_broadcast_whose_write_fails_names_the_worker_and_is_still_answered(pair):
+    """Writing to one worker's streams raises (logged): the sender still gets its answer, with
+    that worker in ``missing_workers`` and the other worker's streams counted."""
+    def fail(frame: bytes, prefix: str) -> tuple[int, int]:
+        raise OSError("writing failed")
+
+    pair.procs[1].worker.broadcast_local = fail
+    pair.senders[1].send(BROADCAST)
+    answer = b""
+    for _ in range(10):
+        pair.turn(1, 0.05)
+        pair.turn(0, 0.05)
+        answer += received(pair.senders[1])
+        if answer:
+            break
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    doc = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert doc["streams"] == 1 and doc["missing_workers"] == [1], doc
+    assert b"data: everyone" in received(pair.devices[0])

@@ -7,7 +7,8 @@ pending store and the pushes waiting out a delivery delay (themselves bounded by
 then dropped.
 
 Every push for a token this worker owns comes in through ``take_plain``: the routes' own
-through the router, a peer's through the mesh. One with no delay whose token has a live stream
+through the router, a peer's through the mesh (in Redis mode a push routed in from another node
+is ``accept``ed: ``rawsse/cluster/routing.py``). One with no delay whose token has a live stream
 with nothing queued is written at once, with no ``Push`` made for it (the hot path); any other
 is ``accept``ed.
 

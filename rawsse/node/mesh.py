@@ -137,7 +137,7 @@ class Mesh:
         self.taking: list[tuple[int, list[Decoded], int, int]] = []
         self.inbound: set[InLink] = set()  # the peers' links to us
         # broadcasts to write at the end of this turn, after the peers' pushes (peer_requests)
-        self.broadcasts_due: list[tuple[bytes, str, Callable[[tuple[int, int]], None]]] = []
+        self.broadcasts_due: list[tuple[bytes, str, Callable[[tuple[int, int] | None], None]]] = []
         self.receive_buffer = bytearray(RECV_SIZE)  # every inbound link reads into it
         self.receive_view = memoryview(self.receive_buffer)
         self.receive_buffers = [self.receive_view]
@@ -189,7 +189,8 @@ class Mesh:
     # -- sending ------------------------------------------------------------------------------
 
     def _new_id(self) -> int:
-        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        """A request id, never 0: on a PUSH, id 0 means promised, no ACK wanted (``wire.py``)."""
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
         return self._next_id
 
     def can_send(self, peer: int) -> bool:
@@ -520,8 +521,9 @@ class Mesh:
         else:
             log.error("unknown mesh record %d", kind)
 
-    def _broadcast_done(self, peer: int, rid: int, counts: tuple[int, int]) -> None:
-        self.reply(peer, BCAST_DONE, encode(BCAST_DONE, rid, *counts))
+    def _broadcast_done(self, peer: int, rid: int, counts: tuple[int, int] | None) -> None:
+        if counts is not None:  # None: the write failed (logged); the asker names us missing
+            self.reply(peer, BCAST_DONE, encode(BCAST_DONE, rid, *counts))
 
     def _snapshot_json(self) -> bytes:
         """This worker's snapshot, made once per loop turn however many peers' STATS records

@@ -15,6 +15,7 @@ flush, after their ``TAKEN``), and the push arrived after the broadcast sent aft
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -24,6 +25,8 @@ from rawsse.node.wire import ADMIN, BCAST, encode
 
 if TYPE_CHECKING:
     from rawsse.node.mesh import Mesh
+
+log = logging.getLogger(__name__)
 
 
 def broadcast(mesh: "Mesh", frame: bytes, prefix: str,
@@ -35,7 +38,7 @@ def broadcast(mesh: "Mesh", frame: bytes, prefix: str,
 
     The requests leave before this worker writes its own streams, so every worker writes
     at once (queued for the end of the turn, they waited for this worker's whole loop)."""
-    waited = {peer for peer in range(mesh.count) if peer != mesh.index}
+    waited = set(range(mesh.count))  # each worker, this one too, until its part arrives
     tally = [0, 0]  # written, refused
 
     def reply(peer: int, part: tuple[int, int] | None) -> None:
@@ -60,9 +63,10 @@ def broadcast(mesh: "Mesh", frame: bytes, prefix: str,
 
 
 def broadcast_here(mesh: "Mesh", frame: bytes, prefix: str,
-                   done: Callable[[tuple[int, int]], None]) -> None:
+                   done: Callable[[tuple[int, int] | None], None]) -> None:
     """Write ``frame`` to this worker's streams at the end of this loop turn, after the pushes
-    the peers sent before it (``write_broadcasts``); ``done((written, refused))``."""
+    the peers sent before it (``write_broadcasts``); ``done((written, refused))``, or
+    ``done(None)`` if writing failed (logged): the worker is then missing from the answer."""
     mesh.broadcasts_due.append((frame, prefix, done))
     if len(mesh.broadcasts_due) == 1:
         mesh.worker.loop.call_first(mesh.write_broadcasts)
@@ -71,14 +75,20 @@ def broadcast_here(mesh: "Mesh", frame: bytes, prefix: str,
 def write_broadcasts(mesh: "Mesh") -> None:
     """Read every peer's link to the end and write the pushes found there, then the due
     broadcasts. Run from the loop (``call_first``), never inside a link's read: a read nested
-    in another would take the next message before the rest of the one being handled."""
+    in another would take the next message before the rest of the one being handled. The links are read past their per-turn budget
+    (``InLink.handle_events``): the order needs all of it, and a broadcast is rare."""
     while mesh.broadcasts_due:
         due, mesh.broadcasts_due = mesh.broadcasts_due, []
         for link in list(mesh.inbound):
             link.read_all()
         mesh.flush()
         for frame, prefix, done in due:
-            done(mesh.worker.broadcast_local(frame, prefix))
+            counts: tuple[int, int] | None = None
+            try:
+                counts = mesh.worker.broadcast_local(frame, prefix)
+            except Exception:
+                log.exception("broadcast to this worker's streams failed")
+            done(counts)
     if mesh.batches:  # the replies (BCAST_DONE) leave this turn, not the next
         mesh.flush()
 
