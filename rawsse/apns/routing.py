@@ -46,6 +46,7 @@ def owner_of(token: bytes, workers: int) -> int:
     ``hash()``). A push's is computed once, by its router (``Mesh.submit_plain`` writes it out)."""
     return zlib.crc32(token) % workers if workers > 1 else 0
 
+
 class Accepted(enum.IntEnum):
     """What became of a submitted push; the values are also its mesh wire encoding."""
 

@@ -276,7 +276,7 @@ class ClusterNode:
         self.unclaimed: set[bytes] = set()
         self._last_stats = 0.0
         owner = ClusterOwner(self)
-        process.router.bind_owner(owner)
+        process.router.owner = owner
         process.router.finish_document = self.with_cluster
         process.router.broadcast_to = self.broadcast
         process.router.finish_deliveries = self.with_other_nodes

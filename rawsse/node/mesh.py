@@ -61,8 +61,8 @@ import logging
 import os
 import random
 import socket
-from zlib import crc32
 from functools import partial
+from zlib import crc32
 from typing import Any, Callable
 
 import orjson
@@ -108,7 +108,7 @@ class Mesh:
         self.count = worker.count
         self.stats = worker.stats
         # What takes a push for this worker's own shard (``submit_plain``): the owner's
-        # ``take_plain``, set by ``MeshRouter``.
+        # ``take_plain``, bound by the ``owner`` setter.
         self.take_own: PlainSubmit = _no_owner
         self.links = {peer: OutLink(self, peer) for peer in range(self.count) if peer != self.index}
         # peer -> records (bytes, fd or -1) queued during this loop turn
@@ -154,6 +154,7 @@ class Mesh:
     @owner.setter
     def owner(self, owner: Owner) -> None:
         self._owner = owner
+        self.take_own = owner.take_plain
         self.ledgers = Ledgers(owner.delivery, self.count) if isinstance(owner, LocalOwner) \
             else None
 

@@ -75,8 +75,9 @@ def broadcast_here(mesh: "Mesh", frame: bytes, prefix: str,
 def write_broadcasts(mesh: "Mesh") -> None:
     """Read every peer's link to the end and write the pushes found there, then the due
     broadcasts. Run from the loop (``call_first``), never inside a link's read: a read nested
-    in another would take the next message before the rest of the one being handled. The links are read past their per-turn budget
-    (``InLink.handle_events``): the order needs all of it, and a broadcast is rare."""
+    in another would take the next message before the rest of the one being handled. The
+    links are read past their per-turn budget (``InLink.handle_events``): the order needs all
+    of it, and a broadcast is rare."""
     while mesh.broadcasts_due:
         due, mesh.broadcasts_due = mesh.broadcasts_due, []
         for link in list(mesh.inbound):

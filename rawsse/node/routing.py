@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 Document = dict[str, Any]
 
 
-
 class MeshRouter:
     """Routes between the workers of one node."""
 
@@ -39,9 +38,9 @@ class MeshRouter:
         self.index, self.count, self.stats = worker.index, worker.count, worker.stats
         # ``Router.submit_plain``: a worker with no peer owns every token, and the count never
         # changes while the node runs (the master refuses TTIN/TTOU; a respawn keeps it): its
-        # pushes go straight to the owner, no routing call (``bind_owner`` binds it).
+        # pushes go straight to the owner, no routing call (the ``owner`` setter binds it).
         self.submit_plain: PlainSubmit = mesh.submit_plain
-        self.bind_owner(owner)
+        self.owner = owner
         self.share_with_master = share_with_master
         self.master_info: Document = {}  # the master's last word on the node, for /stats
         # The last step of /stats: the node document as is, or (Redis mode) with the cluster.
@@ -58,18 +57,14 @@ class MeshRouter:
 
     @property
     def owner(self) -> Owner:
+        """What this worker does with a push for its own shard (a cluster sets its own): set
+        here, it holds in the mesh too."""
         return self._owner
 
     @owner.setter
     def owner(self, owner: Owner) -> None:
-        self.bind_owner(owner)
-
-    def bind_owner(self, owner: Owner) -> None:
-        """What this worker does with a push for its own shard from now on (a cluster sets its
-        own): here and in the mesh."""
         self._owner = owner
         self.mesh.owner = owner
-        self.mesh.take_own = owner.take_plain
         self.submit_plain = owner.take_plain if self.count == 1 else self.mesh.submit_plain
 
     def place_stream(self, fd: int, token: bytes, leftover: bytes, events: int) -> None:
